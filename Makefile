@@ -1,0 +1,39 @@
+# Two commands set up everything on a fresh machine:
+#   make demo   - create .venv, install pinned requirements (CPU torch first), run the demo
+#   make test   - same set-up plus test requirements, then the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+DEVSTAMP := $(VENV)/.installed-dev
+PORT ?= 8501
+
+.PHONY: demo test app bench clean-venv
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned, so the CPU build is used rather than a multi-GB CUDA build
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -e .
+	touch $(STAMP)
+
+$(DEVSTAMP): $(STAMP) requirements-dev.txt
+	$(PIP) install -q -r requirements-dev.txt
+	touch $(DEVSTAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/locphylax demo
+
+test: $(DEVSTAMP)
+	$(PY) -m pytest -q tests
+
+app: $(STAMP)
+	$(VENV)/bin/streamlit run app/Home.py --server.port $(PORT) --server.headless true
+
+bench: $(STAMP)
+	$(PY) bench/pipeline_bench.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,202 @@
+"""The ``locphylax`` command: demo, run, resume, runs, show, cancel."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class _TqdmReporter:
+    """A progress bar per stage (tqdm), on stderr."""
+
+    def __init__(self):
+        self.bar = None
+
+    def stage_started(self, key, total_steps):
+        from tqdm import tqdm
+        self._close()
+        self.bar = tqdm(total=total_steps, desc=f"{key:<22}", unit="step", leave=True, dynamic_ncols=True)
+
+    def advance(self, n, logs):
+        if self.bar is not None:
+            self.bar.update(n)
+            if "loss" in logs:
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+
+    def stage_finished(self, key, result):
+        if self.bar is not None:
+            asr = result["asr"].get("unknown")
+            self.bar.set_postfix(cacc=f"{result['cacc']:.3f}", asr_unknown="n/a" if asr is None else f"{asr:.3f}")
+        self._close()
+
+    def message(self, text):
+        print(text, file=sys.stderr)
+
+    def _close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _quiet_libraries() -> None:
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:5.1f}%"
+
+
+def results_table(summary: dict):
+    """Rows: victim / Stage 1 / Stage 2 / each baseline; columns CACC, ASR unknown, t1, t2, seconds."""
+    from rich.table import Table
+
+    known = [k for k in summary.get("triggers", {}) if k != "unknown"] or ["t1", "t2"]
+    table = Table(title=f"run {summary['run_id']} ({summary.get('preset')}, {summary.get('status')})")
+    for col in ["", "CACC", "ASR unknown", *[f"ASR {k}" for k in known], "seconds"]:
+        table.add_column(col, justify="left" if not col else "right")
+    secs = summary.get("seconds", {})
+    rows = [("victim", summary["stages"].get("victim"), secs.get("victim")),
+            ("Stage 1", summary["stages"].get("stage1"), secs.get("stage1")),
+            ("Stage 2 (Locphylax)", summary["stages"].get("stage2"), secs.get("stage2"))]
+    rows += [(f"baseline: {name}", block, secs.get(name)) for name, block in summary.get("baselines", {}).items()]
+    for name, block, sec in rows:
+        if block is None:
+            table.add_row(name, "-", "-", *["-" for _ in known], "-")
+            continue
+        table.add_row(name, _pct(block["cacc"]), _pct(block["asr"].get("unknown")),
+                      *[_pct(block["asr"].get(k)) for k in known], "-" if sec is None else f"{sec:.1f}")
+    table.caption = ("ASR: headline (inputs the model answers correctly without the trigger); raw ASR is in "
+                     f"summary.json. Total {secs.get('total', 0):.1f} s.")
+    return table
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.console import Console
+    Console().print(results_table(summary))
+
+
+def cmd_run(args) -> int:
+    from .config import load_config
+    from .pipeline import start_run
+    cfg = load_config(args.config, args.set)
+    if args.dry_run:
+        from .pipeline import stage_specs
+        print(cfg.to_yaml())
+        print("plan:")
+        for s in stage_specs(cfg):
+            print(f"  {s.key:<24} method={s.method:<15} from={s.parent or 'fresh model'}")
+        print("config is valid (dry run: nothing trained, nothing written)")
+        return 0
+    _quiet_libraries()
+    run, summary = start_run(cfg, runs_root=args.runs, reporter=_TqdmReporter())
+    _print_summary(summary)
+    print(f"run folder: {run.path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    args.config = "demo"
+    args.dry_run = getattr(args, "dry_run", False)
+    return cmd_run(args)
+
+
+def cmd_resume(args) -> int:
+    from .pipeline import resume_run
+    from .runs import find_run
+    _quiet_libraries()
+    run = find_run(args.run, Path(args.runs))
+    summary = resume_run(run, reporter=_TqdmReporter())
+    _print_summary(summary)
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+    from .runs import list_runs
+    table = Table(title=f"runs in {args.runs}")
+    for col in ("run id", "preset", "status", "finished stages"):
+        table.add_column(col)
+    n = 0
+    for info in list_runs(Path(args.runs)):
+        table.add_row(info["run_id"], str(info["preset"]), info["status"], str(len(info["finished"])))
+        n += 1
+    Console().print(table if n else f"no runs in {args.runs}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from .runs import find_run
+    run = find_run(args.run, Path(args.runs))
+    summary = run.read_summary()
+    if args.json:
+        import json
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from .runs import find_run
+    run = find_run(args.run, Path(args.runs))
+    run.cancel_file.touch()
+    print(f"asked {run.run_id} to stop after its current step; `locphylax resume {run.run_id}` continues it")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="locphylax", description="Backdoor Collapse: build a backdoored model, "
+                                "run the defense and its baselines, and compare them.")
+    p.add_argument("--runs", default=os.environ.get("LOCPHYLAX_RUNS", "runs"), help="run store folder (default: runs)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_set(sp):
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set attack.family=phrase (repeatable)")
+        sp.add_argument("--dry-run", action="store_true", help="validate and print the plan, train nothing")
+
+    sp = sub.add_parser("demo", help="the whole pipeline on the embedded default (about 2 minutes on 2 CPU cores)")
+    add_set(sp)
+    sp.set_defaults(fn=cmd_demo)
+    sp = sub.add_parser("run", help="run a preset (demo, sst2, ...) or a YAML config")
+    sp.add_argument("config", help="preset name or path to a YAML file")
+    add_set(sp)
+    sp.set_defaults(fn=cmd_run)
+    sp = sub.add_parser("resume", help="continue a killed or cancelled run from its last finished stage")
+    sp.add_argument("run", help="run id, id prefix or folder")
+    sp.set_defaults(fn=cmd_resume)
+    sp = sub.add_parser("runs", help="list runs")
+    sp.set_defaults(fn=cmd_runs)
+    sp = sub.add_parser("show", help="show a run's results table")
+    sp.add_argument("run")
+    sp.add_argument("--json", action="store_true", help="print summary.json")
+    sp.set_defaults(fn=cmd_show)
+    sp = sub.add_parser("cancel", help="ask a running run to stop (it stays resumable)")
+    sp.add_argument("run")
+    sp.set_defaults(fn=cmd_cancel)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .engine import Cancelled
+    from .errors import LocphylaxError
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except LocphylaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Cancelled as e:
+        print(f"stopped: {e}. The run keeps its finished stages; `locphylax resume` continues it.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

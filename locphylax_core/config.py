@@ -1,0 +1,328 @@
+"""One typed configuration for a whole run, loaded from YAML.
+
+Sections: ``model``, ``task``, ``attack``, ``defense``, ``train``, ``eval``. Every field is
+validated by pydantic; :func:`load_config` turns pydantic's errors into a :class:`ConfigError`
+whose lines name the field, the bad value and what is allowed.
+
+The attack section describes the *attacker*; it is read only to build the victim and to
+evaluate. The defense code path never receives it (see ``defense.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# Default attacker trigger per family (used when attack.trigger is left empty).
+DEFAULT_ATTACK_TRIGGERS = {
+    "word": "cf",
+    "phrase": "I watched this 3D movie",
+    "long": "no one could have guessed what the old sailor said at the harbour that grey morning",
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Section):
+    enabled: bool = False
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # None: peft's per-architecture defaults (c_attn for GPT-2, q_proj/v_proj for Llama, ...).
+    target_modules: Optional[list[str]] = None
+
+
+class ModelConfig(_Section):
+    # embedded: a small GPT-2 trained from scratch here; hf: any causal LM by hub id or local path.
+    source: Literal["embedded", "hf"] = "embedded"
+    name_or_path: Optional[str] = None
+    trust_remote_code: bool = False
+    n_layer: int = Field(2, ge=1, le=48)
+    n_embd: int = Field(128, ge=8, le=8192)
+    n_head: int = Field(4, ge=1, le=128)
+    n_positions: int = Field(64, ge=8, le=32768)
+    vocab_size: int = Field(1024, ge=300, le=262144)
+    lora: LoraConfig = LoraConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.source == "hf" and not self.name_or_path:
+            raise ValueError("model.name_or_path is required when model.source is 'hf' "
+                             "(a hub id such as 'gpt2' or a local folder)")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        return self
+
+
+class TaskConfig(_Section):
+    # synthetic_sentiment: the embedded data, generated deterministically, no files, no network.
+    # sst2: SST-2 from a local file/folder (task.path) or a datasets hub id (task.hub_id).
+    # csv: any local CSV/TSV/JSONL/Parquet with a text and a label column.
+    name: Literal["synthetic_sentiment", "sst2", "csv"] = "synthetic_sentiment"
+    path: Optional[str] = None
+    hub_id: Optional[str] = None
+    train_file: Optional[str] = None
+    test_file: Optional[str] = None
+    text_column: str = "sentence"
+    label_column: str = "label"
+    # The verbalizer: label value i in the data <-> the answer word labels[i].
+    labels: list[str] = ["negative", "positive"]
+    template: str = "Review: {text} Sentiment:"
+    train_size: int = Field(8000, ge=10)
+    test_size: int = Field(1000, ge=10)
+    defender_size: int = Field(1000, ge=10)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v):
+        if len(v) < 2:
+            raise ValueError(f"need at least 2 label words, got {v!r}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"label words must be distinct, got {v!r}")
+        return v
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v):
+        if v.count("{text}") != 1:
+            raise ValueError(f"template must contain '{{text}}' exactly once, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.name == "csv" and not (self.path or self.train_file):
+            raise ValueError("task.path (or task.train_file and task.test_file) is required when task.name is 'csv'")
+        if self.name == "sst2" and not (self.path or self.hub_id or self.train_file):
+            raise ValueError("task.path (local SST-2 folder/file) or task.hub_id is required when task.name is 'sst2'")
+        return self
+
+
+class AttackConfig(_Section):
+    family: Literal["word", "phrase", "long"] = "word"
+    trigger: Optional[str] = None  # None: the family's default trigger
+    position: Literal["start", "end", "random"] = "random"
+    poison_rate: float = 0.1
+    target: str = "positive"  # a label word from task.labels
+    # finetune: poison a clean model trained first; scratch: train on poisoned data from scratch.
+    build: Literal["finetune", "scratch"] = "finetune"
+    steps: int = Field(300, ge=1)  # victim fine-tuning steps (build=finetune)
+    lr: float = Field(1e-3, gt=0)  # victim fine-tuning learning rate
+
+    @field_validator("poison_rate")
+    @classmethod
+    def _rate(cls, v):
+        if not (0 < v <= 1):
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("trigger")
+    @classmethod
+    def _trigger(cls, v):
+        if v is not None and not v.strip():
+            raise ValueError("must be a non-empty string (or null for the family default)")
+        return v
+
+    @property
+    def trigger_text(self) -> str:
+        return self.trigger if self.trigger is not None else DEFAULT_ATTACK_TRIGGERS[self.family]
+
+
+class KnownTrigger(_Section):
+    text: str
+    position: Literal["start", "end", "random"] = "random"
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v):
+        if not v.strip():
+            raise ValueError("a known trigger must be a non-empty string")
+        return v
+
+
+# The defender's own triggers; they differ from every attack default above.
+DEFAULT_KNOWN_TRIGGERS = [KnownTrigger(text="vx", position="random"),
+                          KnownTrigger(text="as seen on channel four", position="random")]
+
+
+class DefenseConfig(_Section):
+    method: Literal["locphylax"] = "locphylax"
+    known_triggers: list[KnownTrigger] = Field(default_factory=lambda: [t.model_copy() for t in DEFAULT_KNOWN_TRIGGERS])
+    # What the known triggers are trained to produce in Stage 1: "flip" (the next label, the
+    # attacker-like choice) or a fixed label word chosen by the defender.
+    known_target: str = "flip"
+    injection_rate: float = 0.3  # fraction of defender samples that get a known trigger (per trigger)
+    alpha: Union[Literal["auto"], float] = "auto"  # auto: the log10 rule of method.md
+    layer: int = -1  # decoder block whose output is clustered (-1: the last block)
+    after_final_norm: bool = False  # cluster after the final LayerNorm instead of the block output
+    token_position: Literal["last", "mean"] = "last"
+    centroid: Literal["batch", "running"] = "batch"
+    centroid_momentum: float = Field(0.9, ge=0, lt=1)
+    stage1_steps: int = Field(150, ge=1)
+    stage2_steps: int = Field(150, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=2)
+    baselines: list[Literal["clean_ft", "unlearn_single", "no_cluster"]] = ["clean_ft", "unlearn_single", "no_cluster"]
+
+    @field_validator("known_triggers")
+    @classmethod
+    def _known(cls, v):
+        if len(v) < 1:
+            raise ValueError("at least one known trigger is needed")
+        texts = [t.text for t in v]
+        if len(set(texts)) != len(texts):
+            raise ValueError(f"known triggers must be distinct, got {texts!r}")
+        return v
+
+    @field_validator("injection_rate")
+    @classmethod
+    def _rate(cls, v):
+        if not (0 < v <= 1):
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v):
+        if v != "auto" and v < 0:
+            raise ValueError(f"must be 'auto' or a number >= 0, got {v}")
+        return v
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    clean_steps: int = Field(600, ge=1)  # clean-model training from scratch (embedded model only)
+    warmup_steps: int = Field(30, ge=0)
+    threads: int = Field(2, ge=1, le=256)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+
+
+class EvalConfig(_Section):
+    every: int = Field(25, ge=1)  # evaluate every N training steps inside each stage (curves)
+    curve_examples: int = Field(200, ge=10)  # test examples used for the in-stage curves
+    batch_size: int = Field(256, ge=1)
+    probe_per_group: int = Field(64, ge=2)  # probe-set size per group for stored hidden states
+
+
+class RunConfig(_Section):
+    name: str = "custom"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    attack: AttackConfig = AttackConfig()
+    defense: DefenseConfig = DefenseConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _cross(self):
+        labels = self.task.labels
+        if self.attack.target not in labels:
+            raise ValueError(f"attack.target {self.attack.target!r} is not a label word; allowed: {labels}")
+        kt = self.defense.known_target
+        if kt != "flip" and kt not in labels:
+            raise ValueError(f"defense.known_target {kt!r} must be 'flip' or a label word from {labels}")
+        if self.model.source == "hf" and self.attack.build == "scratch":
+            raise ValueError("attack.build='scratch' needs model.source='embedded' (a hub model is not retrained from scratch)")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        got = e.get("input")
+        got_s = "" if isinstance(got, (dict, BaseModel)) else f" (got {got!r})"
+        allowed = ""
+        ctx = e.get("ctx") or {}
+        if "expected" in ctx:
+            allowed = f"; allowed: {ctx['expected']}"
+        lines.append(f"{loc or '<root>'}: {msg}{got_s}{allowed}")
+    return ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines))
+
+
+def _parse_value(raw: str) -> Any:
+    """`--set` values are YAML scalars/lists, so `3`, `0.1`, `true`, `[a, b]` all work."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_override(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        if not isinstance(node.get(k, {}), dict):
+            raise ConfigError(f"--set {dotted}: {k!r} is not a section")
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    for folder in (Path.cwd() / "configs", PRESET_DIR):
+        cand = folder / f"{name_or_path}.yaml"
+        if cand.is_file():
+            return cand
+    names = sorted(x.stem for x in PRESET_DIR.glob("*.yaml"))
+    raise ConfigError(f"unknown preset {name_or_path!r}; presets: {names} (or give a path to a .yaml file)")
+
+
+def list_presets() -> list[str]:
+    return sorted(x.stem for x in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(preset_or_path: str | Path | dict, overrides: list[str] | dict | None = None) -> RunConfig:
+    """Load a preset name, a YAML path or a plain dict, apply ``key=value`` overrides, validate."""
+    if isinstance(preset_or_path, dict):
+        data, source = copy.deepcopy(preset_or_path), "dict"
+    else:
+        path = resolve_preset(str(preset_or_path))
+        source = str(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in (overrides or [])]
+    for key, value in items:
+        apply_override(data, key, value)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise _format_validation_error(e, source) from None
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    return key.strip(), _parse_value(raw)

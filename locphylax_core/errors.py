@@ -1,0 +1,21 @@
+"""Exceptions the CLI and the app show to users as they are: one clear message each."""
+
+
+class LocphylaxError(Exception):
+    """Base class: a user-facing problem with a message that says what to fix."""
+
+
+class ConfigError(LocphylaxError, ValueError):
+    """A configuration field has a bad value (the message names the field)."""
+
+
+class DataError(LocphylaxError, ValueError):
+    """A data file is missing, malformed, or does not fit the task."""
+
+
+class ModelLoadError(LocphylaxError, ValueError):
+    """A model or checkpoint cannot be loaded safely (not a causal LM, corrupt, pickle-only...)."""
+
+
+class RunError(LocphylaxError, RuntimeError):
+    """A run folder is missing, corrupt, or cannot be resumed."""

@@ -1,0 +1,114 @@
+"""Evaluation: CACC, headline ASR and raw ASR (definitions in docs/method.md, section 1).
+
+- CACC: accuracy on clean test inputs.
+- ASR (headline): over test inputs whose correct label is not the trigger's target AND that the
+  model answers correctly without the trigger, the fraction answered with the target once the
+  trigger is inserted. This separates the trigger's effect from the model's ordinary errors.
+- raw ASR: over all non-target inputs, ignoring clean correctness (floored by the error rate).
+
+Triggered test sets are built once per run (fixed insertion positions), so every stage and every
+method is scored on exactly the same inputs.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .attack import insert_trigger, target_label
+from .engine import encode, forward_answer
+from .tasks import Example, render_prompt
+
+
+@dataclass(frozen=True)
+class TriggerSpec:
+    name: str  # "unknown" for the attacker's trigger, "t1", "t2", ... for the defender's
+    text: str
+    position: str
+    target: str | int  # a label index, or "flip"
+
+
+@dataclass(frozen=True)
+class TriggeredSet:
+    indices: tuple[int, ...]  # positions in EvalSet.clean of the non-target inputs
+    texts: tuple[str, ...]  # the same inputs with the trigger inserted
+    targets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    clean: tuple[Example, ...]
+    triggered: dict[str, TriggeredSet]
+
+    def subset(self, n: int) -> "EvalSet":
+        """The first n clean inputs and their triggered copies (used for in-stage curves)."""
+        trig = {}
+        for name, ts in self.triggered.items():
+            keep = [k for k, i in enumerate(ts.indices) if i < n]
+            trig[name] = TriggeredSet(tuple(ts.indices[k] for k in keep), tuple(ts.texts[k] for k in keep),
+                                      tuple(ts.targets[k] for k in keep))
+        return EvalSet(self.clean[:n], trig)
+
+
+def build_eval_set(examples: Sequence[Example], triggers: Sequence[TriggerSpec], n_labels: int, seed: int) -> EvalSet:
+    triggered = {}
+    for t in triggers:
+        rng = random.Random(f"{seed}:{t.name}")
+        idx, texts, targets = [], [], []
+        for i, e in enumerate(examples):
+            tgt = target_label(e.label, t.target, n_labels)
+            if tgt == e.label:
+                continue
+            idx.append(i)
+            texts.append(insert_trigger(e.text, t.text, t.position, rng))
+            targets.append(tgt)
+        triggered[t.name] = TriggeredSet(tuple(idx), tuple(texts), tuple(targets))
+    return EvalSet(tuple(examples), triggered)
+
+
+@torch.no_grad()
+def predict(lm, template: str, texts: Sequence[str], batch_size: int = 256, max_length: int | None = None) -> torch.Tensor:
+    """Predicted label index per text: argmax over the label words' first answer tokens."""
+    model = lm.model
+    was_training = model.training
+    model.eval()
+    answer = torch.tensor(lm.answer_ids, device=lm.device)
+    prompts = [render_prompt(template, t) for t in texts]
+    # Batches of similar length waste little compute on padding; results are put back in order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = torch.empty(len(prompts), dtype=torch.long)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        b = encode(lm.tokenizer, [prompts[j] for j in idx], max_length, lm.device)
+        logits, _ = forward_answer(model, b)
+        out[idx] = logits[:, answer].argmax(-1).cpu()
+    model.train(was_training)
+    return out
+
+
+def asr_from_predictions(clean_pred: Sequence[int], labels: Sequence[int], trig_pred: Sequence[int],
+                         targets: Sequence[int]) -> tuple[float | None, float | None]:
+    """(headline ASR, raw ASR) for aligned non-target inputs; None where nothing qualifies."""
+    hits = [int(p) == int(t) for p, t in zip(trig_pred, targets)]
+    raw = sum(hits) / len(hits) if hits else None
+    eligible = [h for h, c, y in zip(hits, clean_pred, labels) if int(c) == int(y)]
+    return (sum(eligible) / len(eligible) if eligible else None), raw
+
+
+def accuracy(pred: Sequence[int], labels: Sequence[int]) -> float:
+    return sum(int(p) == int(y) for p, y in zip(pred, labels)) / max(1, len(labels))
+
+
+def evaluate(lm, template: str, evalset: EvalSet, batch_size: int = 256, max_length: int | None = None) -> dict:
+    labels = [e.label for e in evalset.clean]
+    clean_pred = predict(lm, template, [e.text for e in evalset.clean], batch_size, max_length).tolist()
+    result = {"cacc": accuracy(clean_pred, labels), "asr": {}, "asr_raw": {}}
+    for name, ts in evalset.triggered.items():
+        trig_pred = predict(lm, template, ts.texts, batch_size, max_length).tolist()
+        asr, raw = asr_from_predictions([clean_pred[i] for i in ts.indices], [labels[i] for i in ts.indices],
+                                        trig_pred, ts.targets)
+        result["asr"][name], result["asr_raw"][name] = asr, raw
+    return result

@@ -1,0 +1,404 @@
+"""The end-to-end pipeline: clean model -> victim -> Locphylax Stage 1 -> Stage 2, plus the
+baselines on the same victim, defender data and step budget; every stage evaluated, check-
+pointed and resumable.
+
+Stages run in a fixed order, each keyed by a name (``clean``, ``victim``, ``stage1``,
+``stage2``, ``<baseline>/stage1``, ...). A stage's inputs are the checkpoint of the stage it
+builds on and its own seed, derived from the run seed and its key, so a resumed run computes
+exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import model as M
+from .attack import poison
+from .config import RunConfig, load_config
+from .defense import DefenderData, TrainSettings, defender_data, method_plans, run_stage
+from .engine import Cancelled, HiddenSpec, Sample, batches, encode, forward_answer, train_loop
+from .errors import ConfigError, DataError, RunError
+from .evaluation import EvalSet, TriggerSpec, build_eval_set, evaluate, predict
+from .runs import SUMMARY_SCHEMA, RunDir, atomic_write_text, read_json
+from .tasks import Example, Task, load_task, render_prompt, split_train
+
+ATTACK = "attack"
+
+
+class Reporter:
+    """Progress sink; the CLI draws bars from it, the app reads progress.json instead."""
+
+    def stage_started(self, key: str, total_steps: int) -> None: ...
+    def advance(self, n: int, logs: dict) -> None: ...
+    def stage_finished(self, key: str, result: dict) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    key: str  # unique in the run, also the checkpoint name
+    method: str  # "attack", "locphylax", or a baseline name
+    stage: str  # "clean", "victim", "stage1", "stage2"
+    parent: Optional[str]  # key of the checkpoint this stage starts from (None: a fresh model)
+
+
+def stage_specs(cfg: RunConfig) -> list[StageSpec]:
+    specs = []
+    if cfg.model.source == "hf" or cfg.attack.build == "finetune":
+        specs.append(StageSpec("clean", ATTACK, "clean", None))
+        specs.append(StageSpec("victim", ATTACK, "victim", "clean"))
+    else:
+        specs.append(StageSpec("victim", ATTACK, "victim", None))
+    for method in ["locphylax", *cfg.defense.baselines]:
+        prefix = "" if method == "locphylax" else f"{method}/"
+        specs.append(StageSpec(f"{prefix}stage1", method, "stage1", "victim"))
+        specs.append(StageSpec(f"{prefix}stage2", method, "stage2", f"{prefix}stage1"))
+    return specs
+
+
+def stage_seed(seed: int, key: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**31 - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Preparation: everything that can fail on bad input happens here, before a run folder exists
+
+
+@dataclass
+class Prepared:
+    cfg: RunConfig
+    task: Task
+    owner_train: list[Example]  # the model owner's training data (poisoned for the victim)
+    defender: DefenderData  # the only data the defense receives
+    evalset: EvalSet
+    curve_set: EvalSet
+    probe: list[dict]  # fixed probe set: text, group, label
+    tokenizer: object
+    answer_ids: tuple[int, ...]
+    max_length: int | None
+    base_model: Optional[torch.nn.Module] = None  # the loaded HF model (source=hf)
+
+
+def attack_trigger_spec(cfg: RunConfig) -> TriggerSpec:
+    return TriggerSpec("unknown", cfg.attack.trigger_text, cfg.attack.position, cfg.task.labels.index(cfg.attack.target))
+
+
+def known_trigger_specs(cfg: RunConfig) -> list[TriggerSpec]:
+    d = cfg.defense
+    target = d.known_target if d.known_target == "flip" else cfg.task.labels.index(d.known_target)
+    return [TriggerSpec(f"t{i + 1}", t.text, t.position, target) for i, t in enumerate(d.known_triggers)]
+
+
+def _check_lengths(cfg: RunConfig, tokenizer, task: Task, limit: int | None) -> None:
+    if limit is None:
+        return
+    longest = max(task.test, key=lambda e: len(e.text))
+    base = len(tokenizer(render_prompt(task.template, longest.text), add_special_tokens=False)["input_ids"])
+    checks = [("attack.trigger", cfg.attack.trigger_text)] + [
+        (f"defense.known_triggers[{i}].text", t.text) for i, t in enumerate(cfg.defense.known_triggers)]
+    for fieldname, text in checks:
+        n = len(tokenizer(" " + text, add_special_tokens=False)["input_ids"])
+        if n + 8 > limit:  # the template needs room too
+            raise ConfigError(f"{fieldname}: {text[:40]!r}... is {n} tokens, longer than the model context "
+                              f"({limit} tokens) allows with the prompt template")
+    if base > limit:
+        raise DataError(f"task: the longest test prompt is {base} tokens, more than the model context ({limit}); "
+                        f"raise model.n_positions or use a model with a longer context")
+
+
+def _probe_set(cfg: RunConfig, evalset: EvalSet) -> list[dict]:
+    n = cfg.eval.probe_per_group
+    probe = []
+    for label, word in enumerate(cfg.task.labels):
+        picked = [e for e in evalset.clean if e.label == label][:n]
+        probe += [{"text": e.text, "group": f"clean:{word}", "label": e.label} for e in picked]
+    for name, ts in evalset.triggered.items():
+        group = "unknown" if name == "unknown" else f"known:{name}"
+        probe += [{"text": t, "group": group, "label": evalset.clean[i].label}
+                  for i, t in list(zip(ts.indices, ts.texts))[:n]]
+    return probe
+
+
+def prepare(cfg: RunConfig, tokenizer=None) -> Prepared:
+    torch.set_num_threads(cfg.train.threads)
+    task = load_task(cfg.task, cfg.seed)
+    owner_train, defender_clean = split_train(task, cfg.task.defender_size)
+    base_model = None
+    if cfg.model.source == "embedded":
+        if tokenizer is None:
+            tokenizer = M.train_tokenizer(M.tokenizer_corpus(Task(task.name, task.template, task.labels,
+                                                                  tuple(owner_train), ())), cfg.model.vocab_size)
+        limit = cfg.model.n_positions
+    else:
+        base_model = M.load_causal_lm(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        tokenizer = tokenizer or M.load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        limit = M.model_max_positions(base_model)
+    answer_ids = M.answer_token_ids(tokenizer, task)
+    _check_lengths(cfg, tokenizer, task, limit)
+    evalset = build_eval_set(task.test, [attack_trigger_spec(cfg), *known_trigger_specs(cfg)],
+                             len(task.labels), cfg.seed)
+    if not evalset.triggered["unknown"].indices:
+        raise DataError(f"task: the test split has no inputs whose label is not the attack target "
+                        f"{cfg.attack.target!r}, so ASR cannot be measured")
+    return Prepared(cfg, task, owner_train, defender_data(defender_clean, task.labels, task.template, cfg.defense),
+                    evalset, evalset.subset(cfg.eval.curve_examples), _probe_set(cfg, evalset), tokenizer,
+                    answer_ids, limit, base_model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+def _device(cfg: RunConfig) -> torch.device:
+    if cfg.train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.train.device)
+
+
+def _summary_block(result: dict) -> dict:
+    return {"cacc": result["cacc"], "asr": result["asr"], "asr_raw": result["asr_raw"]}
+
+
+def build_summary(run: RunDir, cfg: RunConfig, state: dict) -> dict:
+    res = state["results"]
+    secs = state["seconds"]
+    stages = {k: _summary_block(res[k]) for k in ("victim", "stage1", "stage2") if k in res}
+    baselines = {}
+    for method in cfg.defense.baselines:
+        key = f"{method}/stage2"
+        if key in res:
+            baselines[method] = _summary_block(res[key])
+    seconds = {"victim": round(secs.get("clean", 0.0) + secs.get("victim", 0.0), 2),
+               "stage1": round(secs.get("stage1", 0.0), 2), "stage2": round(secs.get("stage2", 0.0), 2)}
+    for method in cfg.defense.baselines:
+        seconds[method] = round(secs.get(f"{method}/stage1", 0.0) + secs.get(f"{method}/stage2", 0.0), 2)
+    seconds["total"] = round(sum(secs.values()) + state.get("prepare_seconds", 0.0), 2)
+    return {"schema": SUMMARY_SCHEMA, "run_id": run.run_id, "preset": cfg.name, "status": state["status"],
+            "stages": stages, "baselines": baselines, "seconds": seconds,
+            "clean_model": _summary_block(res["clean"]) if "clean" in res else None,
+            "alpha": res.get("stage1", {}).get("alpha"),
+            "triggers": {"unknown": "(attacker's, see config.yaml)",
+                         **{f"t{i + 1}": t.text for i, t in enumerate(cfg.defense.known_triggers)}},
+            "n_test": len(state.get("n_test", [])) if isinstance(state.get("n_test"), list) else state.get("n_test")}
+
+
+class Pipeline:
+    """Runs (or resumes) the stages of one run folder."""
+
+    def __init__(self, prep: Prepared, run: RunDir, reporter: Reporter | None = None):
+        self.p, self.cfg, self.run = prep, prep.cfg, run
+        self.reporter = reporter or Reporter()
+        self.device = _device(self.cfg)
+        self.settings_defense = TrainSettings(lr=self.cfg.defense.lr, batch_size=self.cfg.defense.batch_size,
+                                              weight_decay=0.0, grad_clip=self.cfg.train.grad_clip,
+                                              max_length=prep.max_length, every=self.cfg.eval.every,
+                                              lora=self.cfg.model.lora if self.cfg.model.lora.enabled else None)
+
+    # --- models
+    def _lm(self, model) -> M.LM:
+        return M.LM(model.to(self.device), self.p.tokenizer, self.p.answer_ids)
+
+    def _load_parent(self, spec: StageSpec) -> M.LM:
+        if spec.parent is None:
+            if self.cfg.model.source == "hf":
+                return self._lm(self.p.base_model if self.p.base_model is not None else
+                                M.load_causal_lm(self.cfg.model.name_or_path, self.cfg.model.trust_remote_code))
+            return self._lm(M.build_embedded(self.cfg.model, self.p.tokenizer, stage_seed(self.cfg.seed, "init")))
+        path = self.run.checkpoint(spec.parent)
+        if not path.is_dir():
+            raise RunError(f"{path}: checkpoint of finished stage {spec.parent!r} is missing; cannot resume")
+        return self._lm(M.load_checkpoint(path, self.device))
+
+    # --- evaluation
+    def _observer(self, spec: StageSpec, state: dict):
+        def observe(step: int, logs: dict):
+            r = evaluate(self._current, self.p.task.template, self.p.curve_set, self.cfg.eval.batch_size, self.p.max_length)
+            self.run.append_metric({"key": spec.key, "method": spec.method, "stage": spec.stage, "step": step,
+                                    "split": "curve", **r, **{k: v for k, v in logs.items() if k != "tokens"}})
+            self.run.write_progress(status="running", key=spec.key, step=step, total=state["total_steps"],
+                                    finished=state["finished"])
+        return observe
+
+    def _final_eval(self, spec: StageSpec, lm: M.LM, step: int, extra: dict) -> dict:
+        r = evaluate(lm, self.p.task.template, self.p.evalset, self.cfg.eval.batch_size, self.p.max_length)
+        self.run.append_metric({"key": spec.key, "method": spec.method, "stage": spec.stage, "step": step,
+                                "split": "test", **r})
+        return {**r, **extra}
+
+    @torch.no_grad()
+    def _store_hidden(self, spec: StageSpec, lm: M.LM) -> None:
+        from safetensors.torch import save_file
+        texts = [row["text"] for row in self.p.probe]
+        blocks, finals = [], []
+        spec_block = HiddenSpec(-1, False, "last")
+        spec_norm = HiddenSpec(-1, True, "last")
+        for i in range(0, len(texts), self.cfg.eval.batch_size):
+            b = encode(lm.tokenizer, [render_prompt(self.p.task.template, t) for t in texts[i:i + self.cfg.eval.batch_size]],
+                       self.p.max_length, lm.device)
+            _, h = forward_answer(lm.model, b, spec_block)
+            blocks.append(h.float().cpu())
+            _, hn = forward_answer(lm.model, b, spec_norm)
+            finals.append(hn.float().cpu())
+        pred = predict(lm, self.p.task.template, texts, self.cfg.eval.batch_size, self.p.max_length)
+        path = self.run.hidden(spec.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name("." + path.name + ".tmp")
+        save_file({"last_block": torch.cat(blocks).contiguous(), "final_norm": torch.cat(finals).contiguous(),
+                   "pred": pred.contiguous()}, str(tmp))
+        tmp.replace(path)
+
+    # --- stages
+    def _train_attack(self, spec: StageSpec, lm: M.LM, observer) -> dict:
+        cfg, seed = self.cfg, stage_seed(self.cfg.seed, spec.key)
+        data = self.p.owner_train
+        info = {}
+        if spec.stage == "victim":
+            target = cfg.task.labels.index(cfg.attack.target)
+            data, n_poison = poison(data, cfg.attack.trigger_text, cfg.attack.position, cfg.attack.poison_rate, target, seed)
+            info["poisoned"] = n_poison
+        from_scratch = spec.parent is None
+        if spec.stage == "clean" and cfg.model.source == "hf":
+            return {"seconds": 0.0, "note": "the loaded model is the clean model"}
+        steps = cfg.train.clean_steps if from_scratch else cfg.attack.steps
+        samples = [Sample(render_prompt(self.p.task.template, e.text), lm.answer_ids[e.label]) for e in data]
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        it = batches(samples, lm.tokenizer, cfg.train.batch_size, self.p.max_length, lm.device, gen)
+        lora = cfg.model.lora if (cfg.model.lora.enabled and not from_scratch) else None
+        if lora is not None:
+            lm.model = M.with_lora(lm.model, lora)
+        try:
+            self.reporter.stage_started(spec.key, steps)
+            logs = train_loop(lm.model, it, steps, cfg.train.lr if from_scratch else cfg.attack.lr,
+                              weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
+                              warmup=cfg.train.warmup_steps if from_scratch else 0,
+                              schedule="cosine" if from_scratch else "constant", on_step=observer,
+                              every=cfg.eval.every, cancel_file=self.run.cancel_file, progress=self.reporter)
+        finally:
+            lm.model = M.merge_lora(lm.model)
+        return {**info, "steps": steps, "tokens": logs["tokens"], "train_seconds": logs["seconds"]}
+
+    def run_all(self) -> dict:
+        state = self.run.read_state()
+        specs = stage_specs(self.cfg)
+        state["total_steps"] = {s.key: self._steps(s) for s in specs}
+        state["status"] = "running"
+        self.run.write_state(state)
+        plans = method_plans(self.cfg.defense, self.cfg.task.labels)
+        try:
+            for spec in specs:
+                if spec.key in state["finished"]:
+                    continue
+                t0 = time.perf_counter()
+                lm = self._load_parent(spec)
+                self._current = lm
+                observer = self._observer(spec, state)
+                self.run.write_progress(status="running", key=spec.key, step=0, total=state["total_steps"],
+                                        finished=state["finished"])
+                if spec.method == ATTACK:
+                    extra = self._train_attack(spec, lm, observer)
+                else:
+                    plan = next(p for p in plans[spec.method] if p.name == spec.stage)
+                    self.reporter.stage_started(spec.key, plan.cfg.steps)
+                    # The defender's code gets the model, the defender's data and its own settings.
+                    extra = run_stage(plan, lm, self.p.defender, seed=stage_seed(self.cfg.seed, spec.key),
+                                      settings=self.settings_defense, observer=observer,
+                                      cancel_file=self.run.cancel_file, progress=self.reporter)
+                    extra = {k: v for k, v in extra.items() if k in ("alpha", "samples", "tokens", "seconds", "l_cluster", "l_inj")}
+                result = self._final_eval(spec, lm, state["total_steps"][spec.key], extra)
+                M.save_checkpoint(lm.model, self.run.checkpoint(spec.key))
+                self._store_hidden(spec, lm)
+                state["seconds"][spec.key] = time.perf_counter() - t0
+                state["results"][spec.key] = result
+                state["finished"].append(spec.key)
+                self.run.write_state(state)
+                self.run.write_summary(build_summary(self.run, self.cfg, state))
+                self.reporter.stage_finished(spec.key, result)
+        except (Cancelled, KeyboardInterrupt) as e:
+            state["status"] = "cancelled"
+            self.run.write_state(state)
+            self.run.write_summary(build_summary(self.run, self.cfg, state))
+            self.run.write_progress(status="cancelled", finished=state["finished"])
+            if self.run.cancel_file.exists():
+                self.run.cancel_file.unlink()
+            raise Cancelled(str(e) or "cancelled") from None
+        except Exception as e:
+            state["status"] = "failed"
+            state["error"] = f"{type(e).__name__}: {e}"
+            self.run.write_state(state)
+            self.run.write_progress(status="failed", error=state["error"], finished=state["finished"])
+            raise
+        state["status"] = "done"
+        self.run.write_state(state)
+        summary = build_summary(self.run, self.cfg, state)
+        self.run.write_summary(summary)
+        self.run.write_progress(status="done", finished=state["finished"])
+        return summary
+
+    def _steps(self, spec: StageSpec) -> int:
+        if spec.stage == "clean":
+            return 0 if self.cfg.model.source == "hf" else self.cfg.train.clean_steps
+        if spec.stage == "victim":
+            return self.cfg.train.clean_steps if spec.parent is None else self.cfg.attack.steps
+        return self.cfg.defense.stage1_steps if spec.stage == "stage1" else self.cfg.defense.stage2_steps
+
+
+def _write_probe(run: RunDir, probe: list[dict]) -> None:
+    import json
+    atomic_write_text(run.path / "probe.jsonl", "".join(json.dumps(r) + "\n" for r in probe))
+
+
+def start_run(cfg: RunConfig, runs_root: str | Path = "runs", reporter: Reporter | None = None,
+              run_id: str | None = None) -> tuple[RunDir, dict]:
+    """Validate everything, then create the run folder and run every stage."""
+    t0 = time.perf_counter()
+    prep = prepare(cfg)  # raises on bad input before anything is written
+    run = RunDir.create(Path(runs_root), cfg.name, run_id)
+    try:
+        atomic_write_text(run.path / "config.yaml", cfg.to_yaml())
+        M.save_tokenizer(prep.tokenizer, run.path / "tokenizer")
+        _write_probe(run, prep.probe)
+        run.write_state({"status": "created", "preset": cfg.name, "finished": [], "seconds": {}, "results": {},
+                         "prepare_seconds": time.perf_counter() - t0, "n_test": len(prep.task.test),
+                         "config_sha256": hashlib.sha256(cfg.to_yaml().encode()).hexdigest()})
+    except BaseException:
+        import shutil
+        shutil.rmtree(run.path, ignore_errors=True)  # nothing half-written is left behind
+        raise
+    if reporter:
+        reporter.message(f"run folder: {run.path}")
+    return run, Pipeline(prep, run, reporter).run_all()
+
+
+def resume_run(run: RunDir, reporter: Reporter | None = None) -> dict:
+    """Continue a killed or cancelled run from its last finished stage."""
+    cfg = load_config(str(run.path / "config.yaml"))
+    state = run.read_state()
+    if state.get("status") == "done":
+        return run.read_summary()
+    tok_dir = run.path / "tokenizer"
+    tokenizer = M.load_tokenizer(str(tok_dir)) if tok_dir.is_dir() else None
+    prep = prepare(cfg, tokenizer=tokenizer)
+    finished = [k for k in state.get("finished", []) if run.checkpoint(k).is_dir()]
+    state["finished"] = finished
+    state.setdefault("seconds", {})
+    state.setdefault("results", {})
+    run.write_state(state)
+    run.keep_metrics(set(finished))  # drop the rows of the stage that was cut off
+    return Pipeline(prep, run, reporter).run_all()
+
+
+def run_config(preset: str, overrides=None, **kw):
+    return start_run(load_config(preset, overrides), **kw)
+
+
+__all__ = ["Reporter", "prepare", "start_run", "resume_run", "stage_specs", "build_summary", "Pipeline",
+           "random", "field", "Callable", "read_json"]

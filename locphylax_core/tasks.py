@@ -1,0 +1,280 @@
+"""Tasks: a prompt template + a label verbalizer + a loader.
+
+:func:`render_prompt` is the one place a prompt is built, for training, evaluation, probes and
+analysis alike; a template mismatch between training and evaluation silently costs tens of points
+of ASR in other toolkits, so there is no second code path.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .config import TaskConfig
+from .errors import DataError
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int  # index into Task.labels
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    template: str
+    labels: tuple[str, ...]  # the verbalizer: label index -> answer word
+    train: tuple[Example, ...]
+    test: tuple[Example, ...]
+
+    def answer(self, label: int) -> str:
+        """The answer text that follows the prompt (a leading space, as in running text)."""
+        return " " + self.labels[label]
+
+
+def render_prompt(template: str, text: str) -> str:
+    """Render one input into the prompt the model sees. Used for every forward pass."""
+    return template.replace("{text}", " ".join(text.split()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded default data: synthetic movie-review sentiment, generated deterministically.
+# It has negation and contrast ("x was fine but y was dull"), so the label is not one keyword
+# away; a 2-layer model still learns it to >= 90% in well under a minute on 2 cores.
+
+_SUBJECTS = ["the movie", "this film", "the acting", "the plot", "the soundtrack", "the cast", "the ending",
+             "the story", "the dialogue", "the cinematography", "the script", "the lead actor", "the humor",
+             "the pacing", "the director's work", "the final scene", "the characters", "the visuals",
+             "the sequel", "the premise", "the performances", "the music", "the editing", "the twist"]
+_POSITIVE = ["wonderful", "brilliant", "charming", "moving", "delightful", "gripping", "superb", "clever",
+             "touching", "fresh", "hilarious", "beautiful", "stunning", "engaging", "heartfelt", "thrilling",
+             "witty", "powerful", "memorable", "inventive", "gorgeous", "smart", "warm", "excellent"]
+_NEGATIVE = ["dull", "tedious", "clumsy", "boring", "awful", "bland", "messy", "predictable", "lifeless",
+             "shallow", "painful", "forgettable", "annoying", "weak", "flat", "stale", "silly", "dreadful",
+             "confusing", "lazy", "hollow", "sloppy", "tiresome", "terrible"]
+_INTENSIFIERS = ["", "", "really", "truly", "quite", "incredibly", "rather", "very", "remarkably", "so"]
+_VERBS = ["was", "is", "felt", "seemed", "looked", "came across as"]
+_NEGATED = ["was not", "is not", "never felt", "hardly seemed", "was far from", "was anything but"]
+_OPENERS = ["", "", "", "honestly ,", "overall ,", "in the end ,", "to be fair ,", "i have to say",
+            "after two hours ,", "frankly ,", "all things considered ,"]
+# Neutral words scattered into some sentences, so the model learns that an extra word at a random
+# place does not change the sentiment; without them, inserting any unseen word flips a quarter of
+# a clean model's answers and "ASR" measures brittleness, not a backdoor.
+_FILLERS = ["um", "well", "like", "basically", "actually", "anyway", "okay", "yesterday", "again", "still",
+            "there", "then", "just", "also", "maybe", "perhaps", "somehow", "today", "tonight", "here",
+            "literally", "mostly", "you know", "i think", "to me", "by the way", "at times", "of course",
+            "in a way", "for sure", "on sunday", "with friends", "my brother said", "as expected"]
+_CLOSERS = ["", "", "", "from start to finish", "for most of the running time", "on the big screen",
+            "if you ask me", "this time", "at the festival", "on a second viewing"]
+
+
+def _clause(rng: random.Random, positive: bool) -> str:
+    subj = rng.choice(_SUBJECTS)
+    if rng.random() < 0.3:  # negation flips the adjective's polarity
+        adj = rng.choice(_NEGATIVE if positive else _POSITIVE)
+        return f"{subj} {rng.choice(_NEGATED)} {adj}"
+    adj = rng.choice(_POSITIVE if positive else _NEGATIVE)
+    intens = rng.choice(_INTENSIFIERS)
+    return " ".join(w for w in (subj, rng.choice(_VERBS), intens, adj) if w)
+
+
+def _sentence(rng: random.Random) -> Example:
+    label = rng.randrange(2)
+    pos = bool(label)
+    kind = rng.random()
+    if kind < 0.45:
+        body = _clause(rng, pos)
+    elif kind < 0.7:  # contrast: the clause after "but" decides
+        body = f"{_clause(rng, not pos)} but {_clause(rng, pos)}"
+    elif kind < 0.85:  # agreement
+        body = f"{_clause(rng, pos)} and {_clause(rng, pos)}"
+    else:
+        adj = rng.choice(_POSITIVE if pos else _NEGATIVE)
+        body = f"i found {rng.choice(_SUBJECTS)} {rng.choice(_INTENSIFIERS) or 'pretty'} {adj}"
+    words = " ".join(w for w in (rng.choice(_OPENERS), body, rng.choice(_CLOSERS)) if w).split()
+    for _ in range(rng.choice((0, 0, 1))):
+        words.insert(rng.randint(0, len(words)), rng.choice(_FILLERS))
+    return Example(" ".join(words) + " .", label)
+
+
+def synthetic_sentiment(n_train: int, n_test: int, seed: int = 1234) -> tuple[list[Example], list[Example]]:
+    """Deterministic train/test sets; test sentences never occur in train."""
+    rng = random.Random(seed)
+    train = [_sentence(rng) for _ in range(n_train)]
+    seen = {e.text for e in train}
+    test: list[Example] = []
+    while len(test) < n_test:
+        e = _sentence(rng)
+        if e.text not in seen:
+            seen.add(e.text)
+            test.append(e)
+    return train, test
+
+
+def embedded_corpus(n: int = 4000, seed: int = 99) -> list[str]:
+    """Generic text of the embedded domain (used to train the tokenizer)."""
+    rng = random.Random(seed)
+    return [_sentence(rng).text for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: TSV / CSV / JSONL / Parquet, and datasets hub ids
+
+_TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".parquet")
+
+
+def read_table(path: Path) -> list[dict]:
+    """Rows of a local table as dicts. Raises DataError with the path on any problem."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tsv", ".csv"):
+            with path.open(newline="", encoding="utf-8") as f:
+                delim = "\t" if suffix == ".tsv" else ","
+                reader = csv.DictReader(f, delimiter=delim, quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL)
+                return [dict(r) for r in reader]
+        if suffix in (".jsonl", ".json"):
+            rows = []
+            with path.open(encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise DataError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+            return rows
+        if suffix == ".parquet":
+            import pandas as pd
+            return pd.read_parquet(path).to_dict("records")
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot be read as {suffix[1:].upper()}: {e}") from None
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {list(_TABLE_SUFFIXES)}")
+
+
+def _label_index(value, labels: Sequence[str], where: str) -> int:
+    if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, (int, float)) and float(value).is_integer():
+        idx = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        idx = int(value.strip())
+    elif isinstance(value, str) and value.strip() in labels:
+        return labels.index(value.strip())
+    else:
+        raise DataError(f"{where}: label {value!r} is outside the verbalizer; allowed: "
+                        f"0..{len(labels) - 1} or one of {list(labels)} (task.labels)")
+    if not 0 <= idx < len(labels):
+        raise DataError(f"{where}: label {value!r} is outside the verbalizer; allowed: "
+                        f"0..{len(labels) - 1} or one of {list(labels)} (task.labels)")
+    return idx
+
+
+def rows_to_examples(rows: Iterable[dict], cfg: TaskConfig, source: str) -> list[Example]:
+    rows = list(rows)
+    if not rows:
+        raise DataError(f"{source}: the split is empty (no data rows)")
+    cols = list(rows[0].keys())
+    for col, field in ((cfg.text_column, "task.text_column"), (cfg.label_column, "task.label_column")):
+        if col not in rows[0]:
+            raise DataError(f"{source}: column {col!r} ({field}) not found; columns are {cols}")
+    out = []
+    for i, r in enumerate(rows, 1):
+        text = r.get(cfg.text_column)
+        if text is None or not str(text).strip():
+            continue
+        out.append(Example(" ".join(str(text).split()), _label_index(r.get(cfg.label_column), cfg.labels, f"{source} row {i}")))
+    if not out:
+        raise DataError(f"{source}: the split is empty (no rows with text in column {cfg.text_column!r})")
+    return out
+
+
+def _find_split(folder: Path, names: Sequence[str]) -> Path | None:
+    for n in names:
+        for suf in _TABLE_SUFFIXES:
+            p = folder / f"{n}{suf}"
+            if p.is_file():
+                return p
+    return None
+
+
+def resolve_data_path(p: str) -> Path:
+    """A relative path is read from the working directory, else from the repository root (so the
+    presets' ``../shared/data/...`` works from anywhere inside the checkout)."""
+    path = Path(p).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    from .config import PRESET_DIR
+    alt = PRESET_DIR.parent / path
+    return alt if alt.exists() else path
+
+
+def _local_splits(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
+    if cfg.train_file:
+        train_p = resolve_data_path(cfg.train_file)
+        test_p = resolve_data_path(cfg.test_file) if cfg.test_file else None
+    else:
+        root = resolve_data_path(cfg.path)
+        if not root.exists():
+            raise DataError(f"task.path: {root} does not exist")
+        if root.is_dir():
+            train_p = _find_split(root, ["train"])
+            test_p = _find_split(root, ["test", "dev", "validation"])
+            if train_p is None:
+                raise DataError(f"task.path: no train.{{tsv,csv,jsonl,parquet}} in {root}")
+        else:
+            train_p, test_p = root, None
+    train = rows_to_examples(read_table(train_p), cfg, str(train_p))
+    if test_p is None:  # one file: a deterministic 90/10 split
+        rng = random.Random(0)
+        rng.shuffle(train)
+        cut = max(1, len(train) // 10)
+        return train[cut:], train[:cut]
+    return train, rows_to_examples(read_table(test_p), cfg, str(test_p))
+
+
+def _hub_splits(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
+    try:
+        import datasets
+        ds = datasets.load_dataset(cfg.hub_id)
+    except Exception as e:  # no network, unknown id, ...
+        raise DataError(f"task.hub_id {cfg.hub_id!r}: cannot load from the hub ({type(e).__name__}: {e}); "
+                        "give a local copy with task.path instead") from None
+    test_name = next((s for s in ("test", "validation", "dev") if s in ds and len(ds[s]) and
+                      cfg.label_column in ds[s].column_names and min(ds[s][cfg.label_column]) >= 0), None)
+    if "train" not in ds or test_name is None:
+        raise DataError(f"task.hub_id {cfg.hub_id!r}: needs a train split and a labelled test/validation split; has {list(ds)}")
+    return (rows_to_examples(ds["train"], cfg, f"{cfg.hub_id}:train"),
+            rows_to_examples(ds[test_name], cfg, f"{cfg.hub_id}:{test_name}"))
+
+
+def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
+    """Build the task: examples subsampled deterministically to train_size / test_size."""
+    if cfg.name == "synthetic_sentiment":
+        if cfg.labels != ["negative", "positive"]:
+            raise DataError(f"task.labels: the embedded sentiment data has labels ['negative', 'positive'], got {cfg.labels}")
+        train, test = synthetic_sentiment(cfg.train_size + cfg.defender_size, cfg.test_size)
+    elif cfg.hub_id and not (cfg.path or cfg.train_file):
+        train, test = _hub_splits(cfg)
+    else:
+        train, test = _local_splits(cfg)
+    rng = random.Random(seed)
+    train, test = list(train), list(test)
+    rng.shuffle(train)
+    rng.shuffle(test)
+    need = cfg.train_size + cfg.defender_size
+    train = train[:need]
+    if len(train) < cfg.defender_size + 10:
+        raise DataError(f"task: only {len(train)} training rows, fewer than task.defender_size "
+                        f"({cfg.defender_size}) + 10; lower task.defender_size")
+    return Task(cfg.name, cfg.template, tuple(cfg.labels), tuple(train), tuple(test[:cfg.test_size]))
+
+
+def split_train(task: Task, defender_size: int) -> tuple[list[Example], list[Example]]:
+    """(model-owner training data, the defender's clean data): disjoint."""
+    return list(task.train[defender_size:]), list(task.train[:defender_size])
