@@ -30,6 +30,7 @@ test: $(DEVSTAMP)
 	$(PY) -m pytest -q tests
 
 app: $(STAMP)
+	@test -f app/Home.py || { echo "The Streamlit app is not built yet (see app/README.md)."; exit 1; }
 	$(VENV)/bin/streamlit run app/Home.py --server.port $(PORT) --server.headless true
 
 bench: $(STAMP)

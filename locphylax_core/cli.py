@@ -19,7 +19,8 @@ class _TqdmReporter:
     def stage_started(self, key, total_steps):
         from tqdm import tqdm
         self._close()
-        self.bar = tqdm(total=total_steps, desc=f"{key:<22}", unit="step", leave=True, dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, desc=f"{key:<22}", unit="step", leave=True,
+                        dynamic_ncols=True, mininterval=0.5)
 
     def advance(self, n, logs):
         if self.bar is not None:

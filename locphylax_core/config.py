@@ -204,6 +204,8 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     clean_steps: int = Field(600, ge=1)  # clean-model training from scratch (embedded model only)
+    # weight of the next-token loss on prompt tokens while training from scratch (0: answer loss only)
+    lm_loss_weight: float = Field(1.0, ge=0)
     warmup_steps: int = Field(30, ge=0)
     threads: int = Field(2, ge=1, le=256)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -211,6 +213,7 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     every: int = Field(25, ge=1)  # evaluate every N training steps inside each stage (curves)
+    clean_every: int = Field(100, ge=1)  # the same while training the clean model from scratch (long, less watched)
     curve_examples: int = Field(200, ge=10)  # test examples used for the in-stage curves
     batch_size: int = Field(256, ge=1)
     probe_per_group: int = Field(64, ge=2)  # probe-set size per group for stored hidden states

@@ -147,6 +147,25 @@ def answer_loss(model, batch: Batch, _step: int):
     return loss, {"loss": loss.item()}
 
 
+def answer_and_lm_loss(lm_weight: float) -> StepLoss:
+    """Answer cross-entropy plus ``lm_weight`` x next-token loss on the prompt tokens. Used to
+    train the embedded model from scratch: the dense language-modelling signal gets a tiny
+    model off the "always one label" plateau that the one-token answer loss alone can sit on
+    for hundreds of steps."""
+
+    def step_loss(model, batch: Batch, _step: int):
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids, use_cache=False)
+        logits = out.logits.float()
+        l_answer = F.cross_entropy(logits[:, -1], batch.targets)
+        nxt = batch.input_ids[:, 1:].masked_fill(batch.attention_mask[:, 1:] == 0, -100)
+        l_lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), nxt.reshape(-1), ignore_index=-100)
+        loss = l_answer + lm_weight * l_lm
+        return loss, {"loss": loss.item(), "l_answer": l_answer.item(), "l_lm": l_lm.item()}
+
+    return step_loss
+
+
 def train_loop(model, data: Iterator[Batch], steps: int, lr: float, *, step_loss: StepLoss = answer_loss,
                weight_decay: float = 0.0, grad_clip: float = 1.0, warmup: int = 0, schedule: str = "constant",
                on_step: Callable[[int, dict], None] | None = None, every: int = 0,

@@ -13,6 +13,7 @@ method is scored on exactly the same inputs.
 from __future__ import annotations
 
 import random
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -76,17 +77,38 @@ def predict(lm, template: str, texts: Sequence[str], batch_size: int = 256, max_
     was_training = model.training
     model.eval()
     answer = torch.tensor(lm.answer_ids, device=lm.device)
-    prompts = [render_prompt(template, t) for t in texts]
-    # Batches of similar length waste little compute on padding; results are put back in order.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out = torch.empty(len(prompts), dtype=torch.long)
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        b = encode(lm.tokenizer, [prompts[j] for j in idx], max_length, lm.device)
+    out = torch.empty(len(texts), dtype=torch.long)
+    for idx, b in encoded_batches(lm.tokenizer, template, texts, batch_size, max_length, lm.device):
         logits, _ = forward_answer(model, b)
         out[idx] = logits[:, answer].argmax(-1).cpu()
     model.train(was_training)
     return out
+
+
+_ENCODED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def encoded_batches(tokenizer, template: str, texts: Sequence[str], batch_size: int, max_length, device):
+    """Length-sorted, tokenized batches of the rendered prompts, as (original indices, Batch).
+
+    Sorting by length wastes little compute on padding. The evaluation sets of a run are fixed
+    and scored dozens of times (every curve point of every stage), so their encodings are kept
+    (a small bounded cache keyed by the tokenizer, template and texts)."""
+    per_tok = _ENCODED.setdefault(tokenizer, {})  # weak keys: dies with its tokenizer, never reused
+    key = (template, tuple(texts), batch_size, max_length, str(device))
+    hit = per_tok.get(key)
+    if hit is not None:
+        return hit
+    prompts = [render_prompt(template, t) for t in texts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    result = []
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        result.append((idx, encode(tokenizer, [prompts[j] for j in idx], max_length, device)))
+    if len(per_tok) > 32:
+        per_tok.clear()
+    per_tok[key] = result
+    return result
 
 
 def asr_from_predictions(clean_pred: Sequence[int], labels: Sequence[int], trig_pred: Sequence[int],

@@ -120,7 +120,8 @@ def check_local_checkpoint(path: Path) -> None:
             raise ModelLoadError(f"{s}: corrupt safetensors file ({e})") from None
 
 
-def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, dtype=None) -> torch.nn.Module:
+def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, dtype=None,
+                   attn_implementation: str | None = None) -> torch.nn.Module:
     """Any HF causal LM from a hub id or a local folder, weights from safetensors only."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -136,7 +137,8 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, dtype=Non
                              "language model (AutoModelForCausalLM has no class for it)")
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, config=conf, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code, dtype=dtype)
+                                                     trust_remote_code=trust_remote_code, dtype=dtype,
+                                                     attn_implementation=attn_implementation)
     except Exception as e:
         raise ModelLoadError(f"model.name_or_path {name_or_path!r}: cannot load safetensors weights "
                              f"({type(e).__name__}: {e})") from None
@@ -187,7 +189,8 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
 
 
 def load_checkpoint(folder: Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    model = load_causal_lm(str(folder))
+    # eager attention, as when the embedded model was built: the analyses hook attention patterns
+    model = load_causal_lm(str(folder), attn_implementation="eager")
     return model.to(device).eval()
 
 

@@ -24,7 +24,8 @@ from . import model as M
 from .attack import poison
 from .config import RunConfig, load_config
 from .defense import DefenderData, TrainSettings, defender_data, method_plans, run_stage
-from .engine import Cancelled, HiddenSpec, Sample, batches, encode, forward_answer, train_loop
+from .engine import (Cancelled, HiddenSpec, Sample, answer_and_lm_loss, answer_loss, batches, capture_output,
+                     decoder_blocks, encode, final_norm, forward_answer, train_loop)
 from .errors import ConfigError, DataError, RunError
 from .evaluation import EvalSet, TriggerSpec, build_eval_set, evaluate, predict
 from .runs import SUMMARY_SCHEMA, RunDir, atomic_write_text, read_json
@@ -143,6 +144,9 @@ def prepare(cfg: RunConfig, tokenizer=None) -> Prepared:
         limit = M.model_max_positions(base_model)
     answer_ids = M.answer_token_ids(tokenizer, task)
     _check_lengths(cfg, tokenizer, task, limit)
+    n_blocks = cfg.model.n_layer if base_model is None else len(decoder_blocks(base_model))
+    if not -n_blocks <= cfg.defense.layer < n_blocks:
+        raise ConfigError(f"defense.layer: {cfg.defense.layer} is out of range for a model with {n_blocks} blocks")
     evalset = build_eval_set(task.test, [attack_trigger_spec(cfg), *known_trigger_specs(cfg)],
                              len(task.labels), cfg.seed)
     if not evalset.triggered["unknown"].indices:
@@ -238,16 +242,17 @@ class Pipeline:
         from safetensors.torch import save_file
         texts = [row["text"] for row in self.p.probe]
         blocks, finals = [], []
-        spec_block = HiddenSpec(-1, False, "last")
-        spec_norm = HiddenSpec(-1, True, "last")
+        answer = torch.tensor(lm.answer_ids, device=lm.device)
+        preds = []
         for i in range(0, len(texts), self.cfg.eval.batch_size):
             b = encode(lm.tokenizer, [render_prompt(self.p.task.template, t) for t in texts[i:i + self.cfg.eval.batch_size]],
                        self.p.max_length, lm.device)
-            _, h = forward_answer(lm.model, b, spec_block)
+            with capture_output(final_norm(lm.model)) as normed:  # both states from one forward pass
+                logits, h = forward_answer(lm.model, b, HiddenSpec(-1, False, "last"))
             blocks.append(h.float().cpu())
-            _, hn = forward_answer(lm.model, b, spec_norm)
-            finals.append(hn.float().cpu())
-        pred = predict(lm, self.p.task.template, texts, self.cfg.eval.batch_size, self.p.max_length)
+            finals.append(normed["out"][:, -1].float().cpu())
+            preds.append(logits[:, answer].argmax(-1).cpu())
+        pred = torch.cat(preds)
         path = self.run.hidden(spec.key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name("." + path.name + ".tmp")
@@ -281,7 +286,10 @@ class Pipeline:
                               weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
                               warmup=cfg.train.warmup_steps if from_scratch else 0,
                               schedule="cosine" if from_scratch else "constant", on_step=observer,
-                              every=cfg.eval.every, cancel_file=self.run.cancel_file, progress=self.reporter)
+                              step_loss=answer_and_lm_loss(cfg.train.lm_loss_weight)
+                              if from_scratch and cfg.train.lm_loss_weight > 0 else answer_loss,
+                              every=cfg.eval.clean_every if from_scratch else cfg.eval.every,
+                              cancel_file=self.run.cancel_file, progress=self.reporter)
         finally:
             lm.model = M.merge_lora(lm.model)
         return {**info, "steps": steps, "tokens": logs["tokens"], "train_seconds": logs["seconds"]}
@@ -380,6 +388,8 @@ def start_run(cfg: RunConfig, runs_root: str | Path = "runs", reporter: Reporter
 
 def resume_run(run: RunDir, reporter: Reporter | None = None) -> dict:
     """Continue a killed or cancelled run from its last finished stage."""
+    if not (run.path / "config.yaml").is_file():
+        raise RunError(f"{run.path}: no config.yaml, so this is not a resumable run folder")
     cfg = load_config(str(run.path / "config.yaml"))
     state = run.read_state()
     if state.get("status") == "done":

@@ -145,9 +145,13 @@ def read_table(path: Path) -> list[dict]:
                 for i, line in enumerate(f, 1):
                     if line.strip():
                         try:
-                            rows.append(json.loads(line))
+                            row = json.loads(line)
                         except json.JSONDecodeError as e:
                             raise DataError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+                        if not isinstance(row, dict):
+                            raise DataError(f"{path}: line {i} is not a JSON object; expected JSON Lines, "
+                                            f"one object per line, got a {type(row).__name__}")
+                        rows.append(row)
             return rows
         if suffix == ".parquet":
             import pandas as pd

@@ -1,0 +1,103 @@
+"""Shared fixtures: one finished `micro` run for the whole session, helpers for subprocess CLI calls.
+
+Every run is written under pytest's tmp_path_factory, never into the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SST2_DIR = (REPO / ".." / "shared" / "data" / "sst2").resolve()
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _quiet():
+    try:
+        import transformers
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - transformers is a hard dependency
+        pass
+
+
+_quiet()
+
+
+class MicroRun:
+    """A finished micro run: its RunDir, summary and configuration."""
+
+    def __init__(self, run, summary, cfg, root: Path):
+        self.run = run
+        self.summary = summary
+        self.cfg = cfg
+        self.root = root
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory) -> MicroRun:
+    """The reference uninterrupted micro run (default micro config), shared by many tests.
+    Tests must only read from it."""
+    from locphylax_core import load_config, start_run
+    root = tmp_path_factory.mktemp("shared_runs")
+    cfg = load_config("micro")
+    run, summary = start_run(cfg, runs_root=root)
+    return MicroRun(run, summary, cfg, root)
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env.pop("LOCPHYLAX_RUNS", None)
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["COLUMNS"] = "200"  # rich tables: no truncated cells
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m locphylax_core.cli ARGS` from the repository root."""
+    return subprocess.run([sys.executable, "-m", "locphylax_core.cli", *args], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def numbers(summary: dict) -> dict:
+    """The metric part of a summary (everything except ids, status and timings)."""
+    return {"stages": summary["stages"], "baselines": summary["baselines"], "alpha": summary.get("alpha"),
+            "clean_model": summary.get("clean_model"), "n_test": summary.get("n_test")}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def load_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+@pytest.fixture(scope="session")
+def micro_prepared():
+    """`pipeline.prepare` on the micro preset: task, trained tokenizer, answer ids, eval sets."""
+    from locphylax_core import load_config
+    from locphylax_core.pipeline import prepare
+    return prepare(load_config("micro"))
+
+
+@pytest.fixture()
+def tiny_lm(micro_prepared):
+    """A fresh (untrained) micro-size embedded GPT-2 with the micro tokenizer, as an LM."""
+    from locphylax_core import model as M
+    cfg = micro_prepared.cfg
+    net = M.build_embedded(cfg.model, micro_prepared.tokenizer, seed=0).eval()
+    return M.LM(net, micro_prepared.tokenizer, micro_prepared.answer_ids)
