@@ -34,7 +34,7 @@ app: $(STAMP)
 	$(VENV)/bin/streamlit run app/Home.py --server.port $(PORT) --server.headless true
 
 bench: $(STAMP)
-	$(PY) bench/pipeline_bench.py
+	$(PY) bench/pipeline_bench.py --presets sst2 demo --seeds 0 1 2
 
 clean-venv:
 	rm -rf $(VENV)

@@ -98,6 +98,34 @@ def cmd_run(args) -> int:
     run, summary = start_run(cfg, runs_root=args.runs, reporter=_TqdmReporter())
     _print_summary(summary)
     print(f"run folder: {run.path}")
+    if not args.no_analyze:
+        _analyze(run)
+    return 0
+
+
+def _analyze(run, export: str | None = None, heads: bool = True, casd: bool = True) -> None:
+    import time
+
+    from .analysis.run_analysis import analyze_run, export_figures
+    t0 = time.perf_counter()
+    result = analyze_run(run, heads=heads, casd=casd, progress=lambda m: print(f"analysis: {m} ...", file=sys.stderr))
+    agg = result["aggregation"]
+    print(f"analysis written to {run.path / 'analysis.json'} in {time.perf_counter() - t0:.1f} s "
+          f"({', '.join(f'{k} {v:.1f} s' for k, v in result['seconds'].items() if k != 'total')})")
+    for key in ("victim", "stage1", "stage2"):
+        if key in agg:
+            score = agg[key].get("aggregation_score")
+            print(f"  aggregation score {key:<7}: {'n/a' if score is None else f'{score:.3f}'}")
+    if export is not None:
+        files = export_figures(run, export or None)
+        print(f"figures: {len(files)} files in {files[0].parent if files else export}")
+
+
+def cmd_analyze(args) -> int:
+    from .runs import find_run
+    _quiet_libraries()
+    run = find_run(args.run, Path(args.runs))
+    _analyze(run, export=args.export, heads=not args.no_heads, casd=not args.no_casd)
     return 0
 
 
@@ -114,6 +142,8 @@ def cmd_resume(args) -> int:
     run = find_run(args.run, Path(args.runs))
     summary = resume_run(run, reporter=_TqdmReporter())
     _print_summary(summary)
+    if not args.no_analyze:
+        _analyze(run)
     return 0
 
 
@@ -162,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set attack.family=phrase (repeatable)")
         sp.add_argument("--dry-run", action="store_true", help="validate and print the plan, train nothing")
+        sp.add_argument("--no-analyze", action="store_true", help="skip the analyses after the run (see `analyze`)")
 
     sp = sub.add_parser("demo", help="the whole pipeline on the embedded default (about 2 minutes on 2 CPU cores)")
     add_set(sp)
@@ -172,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_run)
     sp = sub.add_parser("resume", help="continue a killed or cancelled run from its last finished stage")
     sp.add_argument("run", help="run id, id prefix or folder")
+    sp.add_argument("--no-analyze", action="store_true", help="skip the analyses after the run")
     sp.set_defaults(fn=cmd_resume)
     sp = sub.add_parser("runs", help="list runs")
     sp.set_defaults(fn=cmd_runs)
@@ -179,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run")
     sp.add_argument("--json", action="store_true", help="print summary.json")
     sp.set_defaults(fn=cmd_show)
+    sp = sub.add_parser("analyze", help="compute the aggregation, head-ablation, CASD and projection analyses")
+    sp.add_argument("run")
+    sp.add_argument("--no-heads", action="store_true", help="skip the head-ablation sweep")
+    sp.add_argument("--no-casd", action="store_true", help="skip CASD")
+    sp.add_argument("--export", nargs="?", const="", default=None, metavar="DIR",
+                    help="also write every figure as HTML + CSV (default folder: RUN/analysis/figures)")
+    sp.set_defaults(fn=cmd_analyze)
     sp = sub.add_parser("cancel", help="ask a running run to stop (it stays resumable)")
     sp.add_argument("run")
     sp.set_defaults(fn=cmd_cancel)

@@ -11,12 +11,11 @@ exactly what an uninterrupted one would.
 from __future__ import annotations
 
 import hashlib
-import random
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -27,8 +26,8 @@ from .defense import DefenderData, TrainSettings, defender_data, method_plans, r
 from .engine import (Cancelled, HiddenSpec, Sample, answer_and_lm_loss, answer_loss, batches, capture_output,
                      decoder_blocks, encode, final_norm, forward_answer, train_loop)
 from .errors import ConfigError, DataError, RunError
-from .evaluation import EvalSet, TriggerSpec, build_eval_set, evaluate, predict
-from .runs import SUMMARY_SCHEMA, RunDir, atomic_write_text, read_json
+from .evaluation import EvalSet, TriggerSpec, build_eval_set, evaluate
+from .runs import SUMMARY_SCHEMA, RunDir, atomic_write_text
 from .tasks import Example, Task, load_task, render_prompt, split_train
 
 ATTACK = "attack"
@@ -285,7 +284,7 @@ class Pipeline:
             logs = train_loop(lm.model, it, steps, cfg.train.lr if from_scratch else cfg.attack.lr,
                               weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
                               warmup=cfg.train.warmup_steps if from_scratch else 0,
-                              schedule="cosine" if from_scratch else "constant", on_step=observer,
+                              schedule="cosine", on_step=observer,  # decay: poisoning must not cost CACC
                               step_loss=answer_and_lm_loss(cfg.train.lm_loss_weight)
                               if from_scratch and cfg.train.lm_loss_weight > 0 else answer_loss,
                               every=cfg.eval.clean_every if from_scratch else cfg.eval.every,
@@ -410,5 +409,4 @@ def run_config(preset: str, overrides=None, **kw):
     return start_run(load_config(preset, overrides), **kw)
 
 
-__all__ = ["Reporter", "prepare", "start_run", "resume_run", "stage_specs", "build_summary", "Pipeline",
-           "random", "field", "Callable", "read_json"]
+__all__ = ["Reporter", "prepare", "start_run", "resume_run", "stage_specs", "build_summary", "Pipeline"]

@@ -42,7 +42,7 @@ def _same_weights(run_a: RunDir, run_b: RunDir, key: str) -> bool:
 def test_resume_after_sigkill(micro_run, tmp_path):
     root = tmp_path / "runs"
     log = (tmp_path / "run.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "locphylax_core.cli", "--runs", str(root), "run", "micro"],
+    proc = subprocess.Popen([sys.executable, "-m", "locphylax_core.cli", "--runs", str(root), "run", "micro", "--no-analyze"],
                             cwd=REPO, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
     folder = None
     try:
@@ -71,7 +71,7 @@ def test_resume_after_sigkill(micro_run, tmp_path):
     listed = {i["run_id"]: i for i in list_runs(root)}
     assert listed[folder.name]["status"] == "running"  # killed: it never got to write anything else
 
-    res = cli("--runs", str(root), "resume", folder.name)
+    res = cli("--runs", str(root), "resume", folder.name, "--no-analyze")
     assert res.returncode == 0, res.stderr
     assert "Stage 2 (Locphylax)" in res.stdout
 
@@ -93,7 +93,7 @@ def test_resume_after_sigkill(micro_run, tmp_path):
     assert sorted(curve) == sorted(ref_curve)
 
     # resuming a finished run (by id prefix) changes nothing
-    assert cli_mod.main(["--runs", str(root), "resume", folder.name[:-3]]) == 0
+    assert cli_mod.main(["--runs", str(root), "resume", folder.name[:-3], "--no-analyze"]) == 0
     assert run.read_summary() == summary
 
 

@@ -1,0 +1,180 @@
+"""``locphylax analyze RUN``: every analysis of a run, stored with it.
+
+Writes ``runs/<id>/analysis.json`` (atomically, last) and the arrays it refers to under
+``runs/<id>/analysis/``::
+
+    analysis.json
+      schema: 1
+      stages: [stage keys analysed]
+      aggregation: {stage: {centroid_distance, unknown_nearest_known, unknown_nearest_known_same_pred,
+                            silhouette, davies_bouldin, aggregation_score, ...}}
+      head_ablation: {stage: {delta_asr: {trigger: [[...]]}, delta_cacc: [[...]], base, critical_heads,
+                              critical_layers, n_layers, n_heads, file}}
+      casd: {labels, matrix, metric, shifts_norm}
+      projections: {method: {file, stages, seconds}}
+      seconds: {aggregation, projections, head_ablation, casd, total}
+    analysis/projection_<method>.safetensors   one [n_probe, 2] array per stage
+    analysis/heads_<stage>.safetensors         delta_asr_<trigger>, delta_cacc  [layer, head]
+
+The head arrays are small and also inline in the JSON; projections are only in the files.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import RunError
+from ..runs import RunDir, atomic_write_json
+
+ANALYSIS_SCHEMA = 1
+HEAD_KEYS = ("victim", "stage1", "stage2")
+
+
+def _safe(key: str) -> str:
+    return key.replace("/", "__")
+
+
+def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+    return load_file(str(path))
+
+
+def analysed_stages(run: RunDir) -> list[str]:
+    """Finished stages with stored probe states, in run order, without the clean model."""
+    state = run.read_state()
+    return [k for k in state.get("finished", []) if k != "clean" and run.hidden(k).is_file()]
+
+
+def analyze_run(run: RunDir | str | Path, methods: Sequence[str] = ("pca", "tsne", "umap"), heads: bool = True,
+                casd: bool = True, n_probe_heads: int = 200, seed: int = 0,
+                progress: Callable[[str], None] | None = None) -> dict:
+    from .metrics import aggregation_metrics
+    from .representations import load_probe, project, stage_predictions, stage_states
+
+    run = run if isinstance(run, RunDir) else RunDir(Path(run))
+    say = progress or (lambda _msg: None)
+    t_all = time.perf_counter()
+    stages = analysed_stages(run)
+    if not stages:
+        raise RunError(f"{run.path}: no finished stage with stored probe states to analyse")
+    probe = load_probe(run)
+    groups = [r["group"] for r in probe]
+    out: dict = {"schema": ANALYSIS_SCHEMA, "run_id": run.run_id, "stages": stages, "seconds": {}}
+
+    say("aggregation metrics")
+    t0 = time.perf_counter()
+    states = {k: stage_states(run, k) for k in stages}
+    preds = {k: stage_predictions(run, k) for k in stages}
+    out["aggregation"] = {k: aggregation_metrics(states[k], groups, preds[k]) for k in stages}
+    out["seconds"]["aggregation"] = round(time.perf_counter() - t0, 3)
+
+    out["projections"] = {}
+    t0 = time.perf_counter()
+    for method in methods:
+        say(f"projection: {method}")
+        t1 = time.perf_counter()
+        coords = project(states, method, seed=seed)
+        rel = f"analysis/projection_{method}.safetensors"
+        _save_arrays(run.path / rel, {_safe(k): v.astype(np.float32) for k, v in coords.items()})
+        out["projections"][method] = {"file": rel, "stages": stages, "seconds": round(time.perf_counter() - t1, 3)}
+    out["seconds"]["projections"] = round(time.perf_counter() - t0, 3)
+
+    out["head_ablation"] = {}
+    if heads:
+        keys = [k for k in HEAD_KEYS if k in stages]
+        say(f"head ablation: {', '.join(keys)}")
+        from .heads import run_head_ablation
+        t0 = time.perf_counter()
+        results = run_head_ablation(run, keys=keys, n_probe=n_probe_heads) if keys else {}
+        for key, r in results.items():
+            rel = f"analysis/heads_{_safe(key)}.safetensors"
+            arrays = {"delta_cacc": np.asarray(r["delta_cacc"], np.float32),
+                      **{f"delta_asr_{n}": np.asarray(a, np.float32) for n, a in r["delta_asr"].items()}}
+            _save_arrays(run.path / rel, arrays)
+            out["head_ablation"][key] = {
+                "delta_asr": {n: np.asarray(a).tolist() for n, a in r["delta_asr"].items()},
+                "delta_cacc": np.asarray(r["delta_cacc"]).tolist(), "base": r["base"],
+                "critical_heads": r["critical_heads"], "critical_layers": r["critical_layers"],
+                "n_layers": r["n_layers"], "n_heads": r["n_heads"], "n_eligible": r.get("n_eligible"),
+                "file": rel, "seconds": r.get("seconds")}
+        out["seconds"]["head_ablation"] = round(time.perf_counter() - t0, 3)
+
+    out["casd"] = None
+    if casd:
+        say("CASD")
+        from .casd import run_casd
+        t0 = time.perf_counter()
+        c = run_casd(run)
+        out["casd"] = {"labels": c["labels"], "matrix": np.asarray(c["matrix"]).tolist(), "metric": c["metric"],
+                       "shifts_norm": c["shifts_norm"]}
+        out["seconds"]["casd"] = round(time.perf_counter() - t0, 3)
+
+    out["seconds"]["total"] = round(time.perf_counter() - t_all, 3)
+    atomic_write_json(run.path / "analysis.json", _jsonable(out))
+    return out
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def export_figures(run: RunDir | str | Path, folder: str | Path | None = None, method: str = "tsne") -> list[Path]:
+    """Write every figure of an analysed run as standalone HTML + CSV (default: analysis/figures/)."""
+    import json
+
+    from . import figures as F
+    from ..config import load_config
+    from .representations import load_probe, stage_predictions
+
+    run = run if isinstance(run, RunDir) else RunDir(Path(run))
+    a = json.loads((run.path / "analysis.json").read_text())
+    folder = Path(folder) if folder else run.path / "analysis" / "figures"
+    labels = load_config(run.path / "config.yaml").task.labels
+    probe = load_probe(run)
+    written: list[Path] = []
+    if method in a["projections"]:
+        arrays = load_arrays(run.path / a["projections"][method]["file"])
+        coords = {k: arrays[_safe(k)] for k in a["projections"][method]["stages"]}
+        preds = {k: stage_predictions(run, k) for k in coords}
+        written += F.export(F.projection_figure(coords, probe, preds, labels, method),
+                            F.projection_table(coords, probe, preds, labels), folder / f"projection_{method}")
+    ha = a.get("head_ablation") or {}
+    if "victim" in ha and "stage2" in ha:
+        # None in the JSON = undefined (no eligible input): NaN in the arrays
+        before = np.array(ha["victim"]["delta_asr"]["unknown"], dtype=float)
+        after = np.array(ha["stage2"]["delta_asr"]["unknown"], dtype=float)
+        written += F.export(F.head_heatmaps(before, after), F.head_table({"victim": before, "stage2": after,
+                                                                          "difference": after - before}),
+                            folder / "heads_unknown")
+    rows = run.read_metrics()
+    methods = ["locphylax", *[m for m in ("clean_ft", "unlearn_single", "no_cluster")
+                              if any(r.get("method") == m for r in rows)]]
+    import pandas as pd
+    written += F.export(F.curves_figure(rows, methods),
+                        pd.concat([F.curve_table(rows, m) for m in methods], ignore_index=True), folder / "curves")
+    if a.get("casd"):
+        written += F.export(F.casd_figure(a["casd"]["labels"], a["casd"]["matrix"], a["casd"]["metric"]),
+                            F.casd_table(a["casd"]["labels"], a["casd"]["matrix"]), folder / "casd")
+    return written

@@ -1,0 +1,342 @@
+"""Head ablation (locphylax_core.analysis.heads): the ablation definition, the TransformerLens
+bridge against our own forward pass, a planted critical head, batched == naive sweeps, and the
+run-level entry point on the shared micro run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from locphylax_core import model as M
+from locphylax_core.analysis import heads as H
+from locphylax_core.engine import encode, forward_answer
+from locphylax_core.tasks import render_prompt
+
+
+def _snapshot(model: torch.nn.Module):
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            [(n, type(m).__name__) for n, m in model.named_modules()])
+
+
+def _assert_unchanged(model: torch.nn.Module, snap) -> None:
+    state, mods = snap
+    now = model.state_dict()
+    assert set(now) == set(state)
+    for k, v in state.items():
+        assert torch.equal(now[k], v), k
+    assert [(n, type(m).__name__) for n, m in model.named_modules()] == mods
+
+
+def _prompts(prep, n=12):
+    # mixed lengths, so the batch is left-padded; a few triggered inputs among them
+    texts = [e.text for e in prep.evalset.clean[:n]] + list(prep.evalset.triggered["unknown"].texts[:4])
+    return [render_prompt(prep.task.template, t) for t in texts]
+
+
+@pytest.fixture(scope="module")
+def tiny2x2(micro_prepared):
+    """An untrained 2-layer, 2-head GPT-2 with sharpened attention (random init gives nearly
+    uniform patterns, which would make the ablation tests weak)."""
+    cfg = micro_prepared.cfg.model.model_copy(update={"n_layer": 2, "n_head": 2, "n_embd": 32})
+    net = M.build_embedded(cfg, micro_prepared.tokenizer, seed=1).eval()
+    with torch.no_grad():
+        for block in net.transformer.h:
+            block.attn.c_attn.weight.mul_(30.0)
+    return net
+
+
+# ----------------------------------------------------------------------------------------------
+# The ablation definition
+
+
+def test_uniform_pattern_is_uniform_over_visible_prefix():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    u = H.uniform_pattern(mask)
+    assert u.shape == (3, 5, 5)
+    for b in range(3):
+        for q in range(5):
+            visible = [k for k in range(5) if k <= q and mask[b, k]]
+            if not mask[b, q]:
+                assert torch.all(u[b, q] == 0)  # a left pad sees nothing
+                continue
+            assert u[b, q].sum().item() == pytest.approx(1.0, abs=1e-7)
+            for k in range(5):
+                expected = 1.0 / len(visible) if k in visible else 0.0
+                assert u[b, q, k].item() == pytest.approx(expected, abs=1e-7)
+
+
+def test_bridge_logits_match_engine_forward_answer(tiny2x2, micro_prepared, micro_run):
+    prompts = _prompts(micro_prepared)
+    victim = M.load_checkpoint(micro_run.run.checkpoint("victim"))
+    for net in (tiny2x2, victim):
+        bridge, tok = H.boot_bridge(net, micro_prepared.tokenizer)
+        batch = encode(tok, prompts, micro_prepared.max_length, "cpu")
+        assert (batch.attention_mask == 0).any(), "the batch should be left-padded"
+        ref, _ = forward_answer(net, batch)
+        got = H.bridge_answer_logits(bridge, batch)
+        diff = (got - ref).abs().max().item()
+        assert diff < 1e-4, diff
+        # the same inputs one at a time (no padding at all) agree too
+        single = torch.cat([H.bridge_answer_logits(bridge, encode(tok, [p], None, "cpu")) for p in prompts])
+        assert (single - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("layer,head", [(0, 0), (0, 1), (1, 0), (1, 1)])
+def test_ablation_changes_exactly_that_head(tiny2x2, micro_prepared, layer, head):
+    bridge, tok = H.boot_bridge(tiny2x2, micro_prepared.tokenizer)
+    batch = encode(tok, _prompts(micro_prepared), micro_prepared.max_length, "cpu")
+    mask = batch.attention_mask.bool()
+
+    def run(heads):
+        store = {}
+
+        def cap(name):
+            def hook(x, hook=None):
+                store[name] = x.detach().clone()
+                return x
+            return hook
+
+        extra = []
+        for l in range(2):
+            extra += [(f"blocks.{l}.attn.hook_pattern", cap(f"p{l}")), (f"blocks.{l}.attn.hook_z", cap(f"z{l}"))]
+        logits = H.bridge_answer_logits(bridge, batch, heads, extra_hooks=extra)
+        return logits, store
+
+    logits0, s0 = run([])
+    logits1, s1 = run([(layer, head)])
+    other = 1 - head
+    z0, z1 = s0[f"z{layer}"], s1[f"z{layer}"]  # [B, S, H, d_head]
+    assert z0.shape[2] == 2
+    # layers before the ablated one are untouched
+    for l in range(layer):
+        assert torch.equal(s0[f"z{l}"], s1[f"z{l}"])
+    # at the ablated layer only the ablated head's output changes
+    assert torch.allclose(z1[:, :, other], z0[:, :, other], atol=1e-6, rtol=0)
+    assert (z1[:, :, head] - z0[:, :, head])[mask].abs().max().item() > 1e-3
+    # the pattern: the other head's unchanged, the ablated one exactly uniform over the visible prefix
+    p0, p1 = s0[f"p{layer}"], s1[f"p{layer}"]  # [B, H, Q, K]
+    assert torch.equal(p1[:, other], p0[:, other])
+    pat = p1[:, head]
+    s = pat.shape[-1]
+    future = torch.ones(s, s, dtype=torch.bool).triu(1)
+    for b in range(pat.shape[0]):
+        real = mask[b]
+        rows = pat[b][real]  # real query positions
+        assert torch.allclose(rows.sum(-1), torch.ones(rows.shape[0]), atol=1e-6)
+        assert torch.all(pat[b][:, ~real] == 0)  # no weight on pad keys
+        assert torch.all(pat[b][future] == 0)  # no weight on future keys
+        for q in torch.nonzero(real).flatten().tolist():
+            vis = real.clone()
+            vis[q + 1:] = False
+            assert torch.allclose(pat[b, q, vis], torch.full((int(vis.sum()),), 1.0 / int(vis.sum())), atol=1e-7)
+    # the hooks were temporary: the bridge is back to the unablated model
+    logits2, _ = run([])
+    assert torch.equal(logits2, logits0)
+
+
+# ----------------------------------------------------------------------------------------------
+# A planted critical head
+
+
+def _word_tokenizer(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<|endoftext|>", "<pad>", "<unk>", "review", ":", "answer", "cf", "good", "bad", "film", "the", "was",
+             "negative", "positive", "very", "plot"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<unk>", pad_token="<pad>", padding_side="left")
+    fast.save_pretrained(str(folder))
+    return {w: i for i, w in enumerate(words)}
+
+
+def _planted_model(vocab) -> torch.nn.Module:
+    """2 layers x 2 heads, d_model 16. Head (1, 1) attends sharply to the trigger token "cf" and
+    writes a "positive" feature; the answer is "negative" (a bias) unless that feature is there.
+    With a uniform pattern the trigger's value is diluted ~1/n and the answer stays negative.
+    The other heads are random distractors with small outputs."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    d, dh = 16, 8
+    conf = GPT2Config(vocab_size=len(vocab), n_positions=32, n_embd=d, n_layer=2, n_head=2, tie_word_embeddings=False,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=vocab["<pad>"])
+    conf._attn_implementation = "eager"
+    net = GPT2LMHeadModel(conf).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        for name, p in net.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.fill_(1.0)
+        wte = net.transformer.wte.weight
+        wte[:, 2], wte[:, 3] = 1.0, -1.0  # every token: "ordinary"
+        t = vocab["cf"]
+        wte[t].zero_()
+        wte[t, 0], wte[t, 1] = 1.0, -1.0  # the trigger: its own direction
+        # distractors: heads (0, 0), (0, 1), (1, 0) get random q/k/v and small outputs into dims 7..15
+        for l, h in [(0, 0), (0, 1), (1, 0)]:
+            attn = net.transformer.h[l].attn
+            for part in range(3):
+                cols = slice(part * d + h * dh, part * d + (h + 1) * dh)
+                attn.c_attn.weight[:, cols] = torch.randn(d, dh, generator=g)
+            attn.c_proj.weight[h * dh:(h + 1) * dh, 7:] = 0.02 * torch.randn(dh, d - 7, generator=g)
+        # the critical head (1, 1): constant query, key and value read the trigger direction (dim 0)
+        attn = net.transformer.h[1].attn
+        c = 1 * dh  # first dimension of head 1
+        attn.c_attn.bias[c] = 5.0  # q
+        attn.c_attn.weight[0, d + c] = 5.0  # k: score 25 on the trigger, 0 elsewhere
+        attn.c_attn.weight[0, 2 * d + c] = 1.0  # v
+        attn.c_proj.weight[c, 4], attn.c_proj.weight[c, 5] = 1.0, -1.0  # "positive" feature
+        net.transformer.ln_f.bias[6] = 1.0
+        net.lm_head.weight[vocab["negative"], 6] = 3.0  # answer "negative" by default (logit 3)
+        net.lm_head.weight[vocab["positive"], 4] = 2.0  # "positive" when the feature is there
+    return net
+
+
+def test_planted_critical_head_is_ranked_first(tmp_path):
+    vocab = _word_tokenizer(tmp_path / "tok")
+    net = _planted_model(vocab)
+    snap = _snapshot(net)
+    template = "review : {text} answer :"
+    clean = ["the film was good", "the plot was bad", "the film was very good", "bad film", "the plot was very bad",
+             "good plot", "the film", "very very good film"]
+    labels = [0] * len(clean)  # the planted model answers "negative" to every clean input
+    trig = [c.split() for c in clean]
+    trig_texts = [" ".join(w[:1 + i % len(w)] + ["cf"] + w[1 + i % len(w):]) for i, w in enumerate(trig)]
+    other = [c + " plot" for c in clean]  # a "known" trigger the model ignores
+    answer_ids = (vocab["negative"], vocab["positive"])
+    triggered = {"unknown": (trig_texts, [1] * len(clean), list(range(len(clean)))),
+                 "t1": (other, [1] * len(clean), list(range(len(clean))))}
+    r = H.head_ablation(net, tmp_path / "tok", template, clean, labels, triggered, answer_ids, top_k=4)
+    assert r["base"]["cacc"] == 1.0
+    assert r["base"]["asr"] == {"unknown": 1.0, "t1": 0.0}
+    assert r["critical_heads"][0] == [1, 1, -1.0]
+    assert all(abs(v) < 1e-12 for _, _, v in r["critical_heads"][1:])
+    expected = np.zeros((2, 2))
+    expected[1, 1] = -1.0
+    np.testing.assert_array_equal(r["delta_asr"]["unknown"], expected)
+    np.testing.assert_array_equal(r["delta_asr"]["t1"], np.zeros((2, 2)))
+    np.testing.assert_array_equal(r["delta_cacc"], np.zeros((2, 2)))
+    assert [l for l, _ in r["critical_layers"]] == [1, 0]
+    assert r["critical_layers"][0][1] == pytest.approx(1.0)
+    _assert_unchanged(net, snap)
+    # the naive sweep agrees
+    r2 = H.head_ablation(net, tmp_path / "tok", template, clean, labels, triggered, answer_ids, batched=False, top_k=4)
+    np.testing.assert_array_equal(r2["delta_asr"]["unknown"], r["delta_asr"]["unknown"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched == naive, and the run-level entry point
+
+
+def test_batched_sweep_equals_naive(tiny2x2, micro_prepared):
+    bridge, tok = H.boot_bridge(tiny2x2, micro_prepared.tokenizer)
+    texts = [e.text for e in micro_prepared.evalset.clean[:20]]
+    batches = H._encode_sorted(tok, micro_prepared.task.template, texts, 8, micro_prepared.max_length, "cpu")
+    heads = [(l, h) for l in range(2) for h in range(2)]
+    base_n, naive = H.sweep_logits(bridge, batches, len(texts), micro_prepared.answer_ids, heads, batched=False)
+    for k in (None, 3, 4):  # all at once, uneven chunks (3 + 1), one chunk per layer pair
+        base_b, batched = H.sweep_logits(bridge, batches, len(texts), micro_prepared.answer_ids, heads,
+                                         batched=True, heads_per_pass=k)
+        np.testing.assert_allclose(base_b, base_n, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(batched, naive, atol=1e-5, rtol=0)
+    assert np.abs(naive - base_n[None]).max() > 1e-4  # the ablations do change the logits
+
+
+def _same(a, b):
+    return a == b or (isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b))
+
+
+def test_batched_equals_naive_on_micro_victim(micro_run):
+    from locphylax_core.config import load_config
+    from locphylax_core.pipeline import prepare
+    run = micro_run.run
+    tok_dir = run.path / "tokenizer"
+    prep = prepare(load_config(str(run.path / "config.yaml")), tokenizer=M.load_tokenizer(str(tok_dir)))
+    clean_texts, clean_labels, triggered = H.probe_inputs(prep.evalset)
+    victim = M.load_checkpoint(run.checkpoint("victim"))
+    snap = _snapshot(victim)
+    args = (victim, tok_dir, prep.task.template, clean_texts, clean_labels, triggered, prep.answer_ids)
+    rb = H.head_ablation(*args, batched=True, max_length=prep.max_length)
+    rn = H.head_ablation(*args, batched=False, max_length=prep.max_length)
+    for name in triggered:
+        np.testing.assert_array_equal(rb["delta_asr"][name], rn["delta_asr"][name])  # NaN where nothing qualifies
+        np.testing.assert_array_equal(rb["delta_asr_raw"][name], rn["delta_asr_raw"][name])
+    np.testing.assert_array_equal(rb["delta_cacc"], rn["delta_cacc"])
+    assert rb["base"] == rn["base"]
+    assert all(all(_same(x, y) for x, y in zip(a, b)) for a, b in zip(rb["critical_heads"], rn["critical_heads"]))
+    assert rb["critical_layers"] == rn["critical_layers"]
+    # and the logits themselves, on every probe input
+    bridge, tok = H.boot_bridge(victim, tok_dir)
+    texts = clean_texts + [t for ts in triggered.values() for t in ts[0]]
+    batches = H._encode_sorted(tok, prep.task.template, texts, 64, prep.max_length, "cpu")
+    heads = [(0, 0), (0, 1)]
+    base_n, naive = H.sweep_logits(bridge, batches, len(texts), prep.answer_ids, heads, batched=False)
+    base_b, batched = H.sweep_logits(bridge, batches, len(texts), prep.answer_ids, heads, batched=True)
+    np.testing.assert_allclose(batched, naive, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(base_b, base_n, atol=1e-6, rtol=0)
+    assert np.abs(naive - base_n[None]).max() > 1e-4
+    _assert_unchanged(victim, snap)
+
+
+def test_run_head_ablation_on_micro_run(micro_run):
+    from locphylax_core.evaluation import evaluate
+    from locphylax_core.config import load_config
+    from locphylax_core.pipeline import prepare
+    run, cfg = micro_run.run, micro_run.cfg
+    tok = M.load_tokenizer(str(run.path / "tokenizer"))
+    prep = prepare(load_config(str(run.path / "config.yaml")), tokenizer=tok)
+    victim = M.load_checkpoint(run.checkpoint("victim"))
+    snap = _snapshot(victim)
+    prompts = [render_prompt(prep.task.template, e.text) for e in prep.evalset.clean[:16]]
+    before, _ = forward_answer(victim, encode(tok, prompts, prep.max_length, "cpu"))
+
+    n_probe = 40
+    res = H.run_head_ablation(run, n_probe=n_probe, top_k=2)
+    assert list(res) == ["victim", "stage1", "stage2"]
+    sub = prep.evalset.subset(n_probe)
+    for key, r in res.items():
+        assert set(r) >= {"delta_asr", "delta_cacc", "base", "critical_heads", "critical_layers"}
+        shape = (cfg.model.n_layer, cfg.model.n_head)
+        assert r["delta_cacc"].shape == shape and isinstance(r["delta_cacc"], np.ndarray)
+        assert set(r["delta_asr"]) == {"unknown", "t1", "t2"}
+        for a in r["delta_asr"].values():
+            assert a.shape == shape and isinstance(a, np.ndarray)
+        assert len(r["critical_heads"]) == 2 and all(len(c) == 3 for c in r["critical_heads"])
+        assert sorted(l for l, _ in r["critical_layers"]) == list(range(cfg.model.n_layer))
+        assert r["n_clean"] == len(sub.clean)
+        # the unablated numbers are the pipeline's own evaluation of that checkpoint on the probe set
+        lm = M.LM(M.load_checkpoint(run.checkpoint(key)), tok, prep.answer_ids)
+        ev = evaluate(lm, prep.task.template, sub, max_length=prep.max_length)
+        assert r["base"]["cacc"] == pytest.approx(ev["cacc"])
+        for name, v in ev["asr"].items():
+            assert r["base"]["asr"][name] == (pytest.approx(v) if v is not None else None)
+        # ablated rates stay rates
+        assert np.all(r["delta_cacc"] + r["base"]["cacc"] >= -1e-12)
+        assert np.all(r["delta_cacc"] + r["base"]["cacc"] <= 1 + 1e-12)
+    # the checkpoint model is untouched and gives the same outputs after the sweep
+    after, _ = forward_answer(victim, encode(tok, prompts, prep.max_length, "cpu"))
+    assert torch.equal(before, after)
+    _assert_unchanged(victim, snap)
+
+
+def test_model_outputs_unchanged_after_sweep(tiny2x2, micro_prepared):
+    snap = _snapshot(tiny2x2)
+    batch = encode(micro_prepared.tokenizer, _prompts(micro_prepared), micro_prepared.max_length, "cpu")
+    before, _ = forward_answer(tiny2x2, batch)
+    clean_texts, clean_labels, triggered = H.probe_inputs(micro_prepared.evalset.subset(20))
+    r = H.head_ablation(tiny2x2, micro_prepared.tokenizer, micro_prepared.task.template, clean_texts, clean_labels,
+                        triggered, micro_prepared.answer_ids)
+    assert r["delta_cacc"].shape == (2, 2)
+    after, _ = forward_answer(tiny2x2, batch)
+    assert torch.equal(before, after)
+    _assert_unchanged(tiny2x2, snap)
+    assert type(tiny2x2.transformer.h[0].attn).__name__ == "GPT2Attention"
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError):
+        H.ablation_hooks([(0, 0), (0, 1)], torch.ones(3, 4))
+    assert H.ablation_hooks([], torch.ones(3, 4)) == []
