@@ -58,7 +58,7 @@ def analysed_stages(run: RunDir) -> list[str]:
 
 
 def analyze_run(run: RunDir | str | Path, methods: Sequence[str] = ("pca", "tsne", "umap"), heads: bool = True,
-                casd: bool = True, n_probe_heads: int = 200, seed: int = 0,
+                casd: bool = True, n_probe_heads: int = 200, seed: int = 0, batched_heads: bool = False,
                 progress: Callable[[str], None] | None = None) -> dict:
     from .metrics import aggregation_metrics
     from .representations import load_probe, project, stage_predictions, stage_states
@@ -97,7 +97,9 @@ def analyze_run(run: RunDir | str | Path, methods: Sequence[str] = ("pca", "tsne
         say(f"head ablation: {', '.join(keys)}")
         from .heads import run_head_ablation
         t0 = time.perf_counter()
-        results = run_head_ablation(run, keys=keys, n_probe=n_probe_heads) if keys else {}
+        # Naive (one forward per head) on CPU: bench/results/head_ablation.md measured the batched
+        # sweep at 0.7x its speed there (stacking copies saves no FLOPs on a compute-bound CPU).
+        results = run_head_ablation(run, keys=keys, n_probe=n_probe_heads, batched=batched_heads) if keys else {}
         for key, r in results.items():
             rel = f"analysis/heads_{_safe(key)}.safetensors"
             arrays = {"delta_cacc": np.asarray(r["delta_cacc"], np.float32),
