@@ -161,31 +161,28 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 # Checkpoints: one folder each (config.json + model.safetensors), written atomically
 
 
-def save_checkpoint(model: torch.nn.Module, folder: Path) -> None:
+def _write_folder_atomically(folder: Path, write) -> None:
+    """``write(tmp)`` fills a temporary sibling folder, which then replaces ``folder`` in one
+    rename: a reader or a crash never sees half a checkpoint."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        write(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_checkpoint(model: torch.nn.Module, folder: Path) -> None:
+    _write_folder_atomically(folder, lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
-    folder = Path(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    _write_folder_atomically(folder, tokenizer.save_pretrained)
 
 
 def load_checkpoint(folder: Path, device: str | torch.device = "cpu") -> torch.nn.Module:
