@@ -190,7 +190,7 @@ def build_summary(run: RunDir, cfg: RunConfig, state: dict) -> dict:
             "alpha": res.get("stage1", {}).get("alpha"),
             "triggers": {"unknown": "(attacker's, see config.yaml)",
                          **{f"t{i + 1}": t.text for i, t in enumerate(cfg.defense.known_triggers)}},
-            "n_test": len(state.get("n_test", [])) if isinstance(state.get("n_test"), list) else state.get("n_test")}
+            "n_test": state.get("n_test")}
 
 
 class Pipeline:
@@ -221,9 +221,10 @@ class Pipeline:
         return self._lm(M.load_checkpoint(path, self.device))
 
     # --- evaluation
-    def _observer(self, spec: StageSpec, state: dict):
+    def _observer(self, spec: StageSpec, state: dict, lm: M.LM):
         def observe(step: int, logs: dict):
-            r = evaluate(self._current, self.p.task.template, self.p.curve_set, self.cfg.eval.batch_size, self.p.max_length)
+            # lm.model at call time: a LoRA stage swaps in its wrapped model while it trains
+            r = evaluate(lm, self.p.task.template, self.p.curve_set, self.cfg.eval.batch_size, self.p.max_length)
             self.run.append_metric({"key": spec.key, "method": spec.method, "stage": spec.stage, "step": step,
                                     "split": "curve", **r, **{k: v for k, v in logs.items() if k != "tokens"}})
             self.run.write_progress(status="running", key=spec.key, step=step, total=state["total_steps"],
@@ -306,8 +307,7 @@ class Pipeline:
                     continue
                 t0 = time.perf_counter()
                 lm = self._load_parent(spec)
-                self._current = lm
-                observer = self._observer(spec, state)
+                observer = self._observer(spec, state, lm)
                 self.run.write_progress(status="running", key=spec.key, step=0, total=state["total_steps"],
                                         finished=state["finished"])
                 if spec.method == ATTACK:
@@ -403,10 +403,6 @@ def resume_run(run: RunDir, reporter: Reporter | None = None) -> dict:
     run.write_state(state)
     run.keep_metrics(set(finished))  # drop the rows of the stage that was cut off
     return Pipeline(prep, run, reporter).run_all()
-
-
-def run_config(preset: str, overrides=None, **kw):
-    return start_run(load_config(preset, overrides), **kw)
 
 
 __all__ = ["Reporter", "prepare", "start_run", "resume_run", "stage_specs", "build_summary", "Pipeline"]
