@@ -24,9 +24,9 @@ from .attack import poison
 from .config import RunConfig, load_config
 from .defense import DefenderData, TrainSettings, defender_data, method_plans, run_stage
 from .engine import (Cancelled, HiddenSpec, Sample, answer_and_lm_loss, answer_loss, batches, capture_output,
-                     decoder_blocks, encode, final_norm, forward_answer, train_loop)
+                     decoder_blocks, final_norm, forward_answer, train_loop)
 from .errors import ConfigError, DataError, RunError
-from .evaluation import EvalSet, TriggerSpec, build_eval_set, evaluate
+from .evaluation import EvalSet, TriggerSpec, build_eval_set, encoded_batches, evaluate
 from .runs import SUMMARY_SCHEMA, RunDir, atomic_write_text
 from .tasks import Example, Task, load_task, render_prompt, split_train
 
@@ -241,23 +241,21 @@ class Pipeline:
     def _store_hidden(self, spec: StageSpec, lm: M.LM) -> None:
         from safetensors.torch import save_file
         texts = [row["text"] for row in self.p.probe]
-        blocks, finals = [], []
+        d = lm.model.config.hidden_size
+        block, final = torch.empty(len(texts), d), torch.empty(len(texts), d)
+        pred = torch.empty(len(texts), dtype=torch.long)
         answer = torch.tensor(lm.answer_ids, device=lm.device)
-        preds = []
-        for i in range(0, len(texts), self.cfg.eval.batch_size):
-            b = encode(lm.tokenizer, [render_prompt(self.p.task.template, t) for t in texts[i:i + self.cfg.eval.batch_size]],
-                       self.p.max_length, lm.device)
+        for idx, b in encoded_batches(lm.tokenizer, self.p.task.template, texts, self.cfg.eval.batch_size,
+                                      self.p.max_length, lm.device):
             with capture_output(final_norm(lm.model)) as normed:  # both states from one forward pass
                 logits, h = forward_answer(lm.model, b, HiddenSpec(-1, False, "last"))
-            blocks.append(h.float().cpu())
-            finals.append(normed["out"][:, -1].float().cpu())
-            preds.append(logits[:, answer].argmax(-1).cpu())
-        pred = torch.cat(preds)
+            block[idx] = h.float().cpu()
+            final[idx] = normed["out"][:, -1].float().cpu()
+            pred[idx] = logits[:, answer].argmax(-1).cpu()
         path = self.run.hidden(spec.key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name("." + path.name + ".tmp")
-        save_file({"last_block": torch.cat(blocks).contiguous(), "final_norm": torch.cat(finals).contiguous(),
-                   "pred": pred.contiguous()}, str(tmp))
+        save_file({"last_block": block, "final_norm": final, "pred": pred}, str(tmp))
         tmp.replace(path)
 
     # --- stages

@@ -11,6 +11,7 @@ import torch
 from locphylax_core import model as M
 from locphylax_core.analysis import heads as H
 from locphylax_core.engine import encode, forward_answer
+from locphylax_core.evaluation import encoded_batches
 from locphylax_core.tasks import render_prompt
 
 
@@ -234,7 +235,7 @@ def test_planted_critical_head_is_ranked_first(tmp_path):
 def test_batched_sweep_equals_naive(tiny2x2, micro_prepared):
     bridge, tok = H.boot_bridge(tiny2x2, micro_prepared.tokenizer)
     texts = [e.text for e in micro_prepared.evalset.clean[:20]]
-    batches = H._encode_sorted(tok, micro_prepared.task.template, texts, 8, micro_prepared.max_length, "cpu")
+    batches = encoded_batches(tok, micro_prepared.task.template, texts, 8, micro_prepared.max_length, "cpu")
     heads = [(l, h) for l in range(2) for h in range(2)]
     base_n, naive = H.sweep_logits(bridge, batches, len(texts), micro_prepared.answer_ids, heads, batched=False)
     for k in (None, 3, 4):  # all at once, uneven chunks (3 + 1), one chunk per layer pair
@@ -271,7 +272,7 @@ def test_batched_equals_naive_on_micro_victim(micro_run):
     # and the logits themselves, on every probe input
     bridge, tok = H.boot_bridge(victim, tok_dir)
     texts = clean_texts + [t for ts in triggered.values() for t in ts[0]]
-    batches = H._encode_sorted(tok, prep.task.template, texts, 64, prep.max_length, "cpu")
+    batches = encoded_batches(tok, prep.task.template, texts, 64, prep.max_length, "cpu")
     heads = [(0, 0), (0, 1)]
     base_n, naive = H.sweep_logits(bridge, batches, len(texts), prep.answer_ids, heads, batched=False)
     base_b, batched = H.sweep_logits(bridge, batches, len(texts), prep.answer_ids, heads, batched=True)

@@ -61,11 +61,10 @@ import numpy as np
 import torch
 
 from .. import model as M
-from ..engine import Batch, encode
+from ..engine import Batch
 from ..errors import ConfigError, RunError
-from ..evaluation import accuracy
+from ..evaluation import accuracy, encoded_batches
 from ..runs import RunDir
-from ..tasks import render_prompt
 
 DEFAULT_KEYS = ("victim", "stage1", "stage2")
 MAX_ROWS_PER_PASS = 1024  # batch rows x stacked copies per forward pass in the batched sweep
@@ -187,14 +186,6 @@ def bridge_answer_logits(bridge, batch: Batch, heads: Sequence[tuple[int, int]] 
 # Sweeps
 
 
-def _encode_sorted(tokenizer, template: str, texts: Sequence[str], batch_size: int, max_length, device):
-    prompts = [render_prompt(template, t) for t in texts]
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-    return [(order[i:i + batch_size], encode(tokenizer, [prompts[j] for j in order[i:i + batch_size]], max_length, device))
-            for i in range(0, len(order), batch_size)]
-
-
 def _all_heads(bridge) -> list[tuple[int, int]]:
     return [(l, h) for l in range(bridge.cfg.n_layers) for h in range(bridge.cfg.n_heads)]
 
@@ -287,7 +278,7 @@ def head_ablation(model: torch.nn.Module, tokenizer_dir_or_tokenizer, template: 
     if max_length is None:  # as the pipeline does: keep the end (the answer position) of an over-long prompt
         max_length = M.model_max_positions(model.get_base_model() if hasattr(model, "get_base_model") else model)
     t1 = time.perf_counter()
-    batches = _encode_sorted(tokenizer, template, texts, batch_size, max_length, device)
+    batches = encoded_batches(tokenizer, template, texts, batch_size, max_length, device)
     heads = _all_heads(bridge)
     base_logits, abl_logits = sweep_logits(bridge, batches, n_items, answer_ids, heads, batched, heads_per_pass)
     t_sweep = time.perf_counter() - t1
