@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -27,6 +27,15 @@ DEFAULT_ATTACK_TRIGGERS = {
     "phrase": "I watched this 3D movie",
     "long": "no one could have guessed what the old sailor said at the harbour that grey morning",
 }
+
+
+def _in_unit_interval(v: float) -> float:
+    if not (0 < v <= 1):
+        raise ValueError("must be in (0, 1]")  # the error formatter adds the value
+    return v
+
+
+Rate = Annotated[float, AfterValidator(_in_unit_interval)]  # a fraction in (0, 1]
 
 
 class _Section(BaseModel):
@@ -111,19 +120,12 @@ class AttackConfig(_Section):
     family: Literal["word", "phrase", "long"] = "word"
     trigger: Optional[str] = None  # None: the family's default trigger
     position: Literal["start", "end", "random"] = "random"
-    poison_rate: float = 0.1
+    poison_rate: Rate = 0.1
     target: str = "positive"  # a label word from task.labels
     # finetune: poison a clean model trained first; scratch: train on poisoned data from scratch.
     build: Literal["finetune", "scratch"] = "finetune"
     steps: int = Field(300, ge=1)  # victim fine-tuning steps (build=finetune)
     lr: float = Field(1e-3, gt=0)  # victim fine-tuning learning rate
-
-    @field_validator("poison_rate")
-    @classmethod
-    def _rate(cls, v):
-        if not (0 < v <= 1):
-            raise ValueError(f"must be in (0, 1], got {v}")
-        return v
 
     @field_validator("trigger")
     @classmethod
@@ -160,7 +162,7 @@ class DefenseConfig(_Section):
     # What the known triggers are trained to produce in Stage 1: "flip" (the next label, the
     # attacker-like choice) or a fixed label word chosen by the defender.
     known_target: str = "flip"
-    injection_rate: float = 0.3  # fraction of defender samples that get a known trigger (per trigger)
+    injection_rate: Rate = 0.3  # fraction of defender samples that get a known trigger (per trigger)
     alpha: Union[Literal["auto"], float] = "auto"  # auto: the log10 rule of method.md
     layer: int = -1  # decoder block whose output is clustered (-1: the last block)
     after_final_norm: bool = False  # cluster after the final LayerNorm instead of the block output
@@ -183,18 +185,11 @@ class DefenseConfig(_Section):
             raise ValueError(f"known triggers must be distinct, got {texts!r}")
         return v
 
-    @field_validator("injection_rate")
-    @classmethod
-    def _rate(cls, v):
-        if not (0 < v <= 1):
-            raise ValueError(f"must be in (0, 1], got {v}")
-        return v
-
     @field_validator("alpha")
     @classmethod
     def _alpha(cls, v):
         if v != "auto" and v < 0:
-            raise ValueError(f"must be 'auto' or a number >= 0, got {v}")
+            raise ValueError("must be 'auto' or a number >= 0")
         return v
 
 
