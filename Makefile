@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 PORT ?= 8501
 
-.PHONY: demo test app bench clean-venv
+.PHONY: demo test app bench bench-collapse bench-levers clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ app: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/pipeline_bench.py --presets sst2 demo --seeds 0 1 2
+
+# the collapse benchmark (docs/results.md): report triggers x 3 seeds on demo and sst2
+bench-collapse: $(STAMP)
+	$(PY) bench/collapse.py report
+
+# the lever study on the tune triggers (chooses the defaults; docs/results.md, "Levers")
+bench-levers: $(STAMP)
+	$(PY) bench/collapse.py levers
 
 clean-venv:
 	rm -rf $(VENV)

@@ -26,6 +26,7 @@ DEFAULT_ATTACK_TRIGGERS = {
     "word": "cf",
     "phrase": "I watched this 3D movie",
     "long": "no one could have guessed what the old sailor said at the harbour that grey morning",
+    "char": "»",  # a rare symbol string (BadChar-like)
 }
 
 
@@ -117,7 +118,7 @@ class TaskConfig(_Section):
 
 
 class AttackConfig(_Section):
-    family: Literal["word", "phrase", "long"] = "word"
+    family: Literal["word", "phrase", "long", "char"] = "word"
     trigger: Optional[str] = None  # None: the family's default trigger
     position: Literal["start", "end", "random"] = "random"
     poison_rate: Rate = 0.1
@@ -156,12 +157,25 @@ DEFAULT_KNOWN_TRIGGERS = [KnownTrigger(text="vx", position="random"),
                           KnownTrigger(text="as seen on channel four", position="random")]
 
 
+# locphylax+: the paper's method plus the options that measurably helped in the collapse benchmark
+# (docs/results.md). Any of these can still be overridden one by one.
+LOCPHYLAX_PLUS: dict[str, Any] = {}
+# The paper's method as method.md specifies it: the values of every lever that locphylax+ may change.
+REFERENCE_SETTINGS: dict[str, Any] = {"known_target": "flip", "alpha": "auto", "layer": -1, "after_final_norm": False,
+                                      "token_position": "last", "stage2_params": "all", "consistency_weight": 0.0,
+                                      "stage2_generated_rate": 0.0}
+
+
 class DefenseConfig(_Section):
-    method: Literal["locphylax"] = "locphylax"
+    # locphylax: the paper's method as specified (the reference configuration).
+    # locphylax+: the same, with the settings of LOCPHYLAX_PLUS as defaults.
+    method: Literal["locphylax", "locphylax+"] = "locphylax"
     known_triggers: list[KnownTrigger] = Field(default_factory=lambda: [t.model_copy() for t in DEFAULT_KNOWN_TRIGGERS])
     # What the known triggers are trained to produce in Stage 1: "flip" (the next label, the
-    # attacker-like choice) or a fixed label word chosen by the defender.
+    # attacker-like choice), "correct" (the clean label: benign injection), "canary" (the answer
+    # word `canary`, which no clean input produces) or a fixed label word.
     known_target: str = "flip"
+    canary: str = "unsure"
     injection_rate: Rate = 0.3  # fraction of defender samples that get a known trigger (per trigger)
     alpha: Union[Literal["auto"], float] = "auto"  # auto: the log10 rule of method.md
     layer: int = -1  # decoder block whose output is clustered (-1: the last block)
@@ -171,9 +185,27 @@ class DefenseConfig(_Section):
     centroid_momentum: float = Field(0.9, ge=0, lt=1)
     stage1_steps: int = Field(150, ge=1)
     stage2_steps: int = Field(150, ge=1)
+    # What Stage 2 may change: every weight, only what follows `layer` (later blocks, final norm,
+    # output head), or a LoRA adapter.
+    stage2_params: Literal["all", "after_layer", "lora"] = "all"
+    # Stage 2 representation recovery (CROW-like): weight of mean ||h(x + t) - sg(h(x))||^2.
+    consistency_weight: float = Field(0.0, ge=0)
+    # Stage 2 augmentation: this fraction of the defender's clean samples is also trained, with its
+    # correct label, carrying a freshly generated defender trigger (made-up word, symbols, phrase or
+    # sentence from the defender's own data, at a random position).
+    stage2_generated_rate: float = Field(0.0, ge=0, le=4)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(64, ge=2)
-    baselines: list[Literal["clean_ft", "unlearn_single", "no_cluster"]] = ["clean_ft", "unlearn_single", "no_cluster"]
+    # reference: the paper's method as specified, beside a locphylax+ run (docs/results.md)
+    baselines: list[Literal["clean_ft", "unlearn_single", "no_cluster", "reference"]] = \
+        ["clean_ft", "unlearn_single", "no_cluster"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plus_defaults(cls, data):
+        if isinstance(data, dict) and data.get("method") == "locphylax+":
+            data = {**copy.deepcopy(LOCPHYLAX_PLUS), **data}  # explicit settings win
+        return data
 
     @field_validator("known_triggers")
     @classmethod
@@ -202,6 +234,10 @@ class TrainConfig(_Section):
     # weight of the next-token loss on prompt tokens while training from scratch (0: answer loss only)
     lm_loss_weight: float = Field(1.0, ge=0)
     warmup_steps: int = Field(30, ge=0)
+    # Language-model pretraining of the embedded model before the task (0: none), on generic text:
+    # "embedded" (the embedded domain's sentences) and/or local files (text columns are read).
+    pretrain_steps: int = Field(0, ge=0)
+    pretrain_corpus: list[str] = ["embedded"]
     threads: int = Field(2, ge=1, le=256)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
 
@@ -230,8 +266,12 @@ class RunConfig(_Section):
         if self.attack.target not in labels:
             raise ValueError(f"attack.target {self.attack.target!r} is not a label word; allowed: {labels}")
         kt = self.defense.known_target
-        if kt != "flip" and kt not in labels:
-            raise ValueError(f"defense.known_target {kt!r} must be 'flip' or a label word from {labels}")
+        if kt not in ("flip", "correct", "canary") and kt not in labels:
+            raise ValueError(f"defense.known_target {kt!r} must be 'flip', 'correct', 'canary' or a label word "
+                             f"from {labels}")
+        if kt == "canary" and self.defense.canary in labels:
+            raise ValueError(f"defense.canary {self.defense.canary!r} is a label word; the canary answer must be "
+                             f"one that no clean input produces")
         if self.model.source == "hf" and self.attack.build == "scratch":
             raise ValueError("attack.build='scratch' needs model.source='embedded' (a hub model is not retrained from scratch)")
         return self

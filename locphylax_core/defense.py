@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .attack import insert_trigger, target_label
-from .engine import HiddenSpec, Sample, batches, forward_answer, train_loop
+from .engine import HiddenSpec, Sample, batches, decoder_blocks, final_norm, forward_answer, train_loop
 from .tasks import Example, render_prompt
 
 
@@ -89,14 +89,25 @@ def alpha_rule(l_inj: float, l_cluster: float) -> float:
     return 10.0 ** (math.floor(math.log10(l_inj)) - math.floor(math.log10(l_cluster)))
 
 
+def consistency_loss(h: torch.Tensor, h_clean: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """``mean_{i triggered} mean_d (h_i - sg(h_clean_i))^2``: the representation-recovery term of
+    Stage 2 (CROW-like). ``h_clean[i]`` is the same sentence without its trigger; it is a fixed
+    target (no gradient). Clean rows (group -1) contribute nothing."""
+    rows = groups >= 0
+    if not bool(rows.any()):
+        return h.sum() * 0.0
+    return ((h[rows] - h_clean[rows].detach()) ** 2).mean()
+
+
 # ----------------------------------------------------------------------------------------------
 # Data for each stage (built from the defender's data only)
 
 
 def _triggered_copies(data: DefenderData, trigger_ids: Sequence[int], rate: float, target: str | int,
-                      answer_ids: Sequence[int], seed: int) -> list[Sample]:
+                      answer_ids: Sequence[int], seed: int, pair: bool = False) -> list[Sample]:
     """For each chosen trigger, a ``rate`` fraction of the clean data with the trigger inserted,
-    labelled with ``target`` ('flip', a label index, or 'correct' for recovery)."""
+    labelled with ``target``: 'flip', 'correct' (recovery), or an answer index (a label, or
+    ``len(labels)`` for the defender's canary answer). ``pair`` keeps the untriggered prompt."""
     out = []
     n_labels = len(data.labels)
     for k in trigger_ids:
@@ -108,7 +119,40 @@ def _triggered_copies(data: DefenderData, trigger_ids: Sequence[int], rate: floa
         for e in rng.sample(pool, min(len(pool), max(1, round(rate * len(data.clean))))):
             y = e.label if target == "correct" else target_label(e.label, target, n_labels)
             out.append(Sample(render_prompt(data.template, insert_trigger(e.text, trig.text, trig.position, rng)),
-                              answer_ids[y], k))
+                              answer_ids[y], k, render_prompt(data.template, e.text) if pair else None))
+    return out
+
+
+# Defender-generated triggers (Stage 2 augmentation). The symbol set and the 3-6 letter words are
+# fixed here, from the defender's side only; docs/results.md says why no 2-letter word is made.
+_GEN_SYMBOLS = "#$%&*+<=>@^|¤¦©®°±µ¶·×÷"
+_GEN_FAMILIES = ("word", "char", "phrase", "long")
+
+
+def generate_trigger(rng: random.Random, vocabulary: Sequence[str]) -> tuple[str, str]:
+    """A random defender trigger and its position: a 3-6 letter made-up word, 1-3 symbols, a 3-6
+    word phrase or an 8-14 word sentence drawn from the defender's own clean data."""
+    family = rng.choice(_GEN_FAMILIES)
+    if family == "word":
+        text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
+    elif family == "char":
+        text = "".join(rng.choice(_GEN_SYMBOLS) for _ in range(rng.randint(1, 3)))
+    else:
+        n = rng.randint(3, 6) if family == "phrase" else rng.randint(8, 14)
+        text = " ".join(rng.choice(vocabulary) for _ in range(n))
+    return text, rng.choice(("start", "end", "random"))
+
+
+def _generated_copies(data: DefenderData, rate: float, answer_ids: Sequence[int], seed: int, group: int,
+                      pair: bool) -> list[Sample]:
+    """A ``rate`` fraction of the clean data, each with a fresh generated trigger and its correct label."""
+    rng = random.Random(f"{seed}:generated")
+    vocabulary = sorted({w for e in data.clean for w in e.text.split()})
+    out = []
+    for e in rng.sample(list(data.clean), min(len(data.clean), max(1, round(rate * len(data.clean))))):
+        text, position = generate_trigger(rng, vocabulary)
+        out.append(Sample(render_prompt(data.template, insert_trigger(e.text, text, position, rng)),
+                          answer_ids[e.label], group, render_prompt(data.template, e.text) if pair else None))
     return out
 
 
@@ -129,19 +173,43 @@ class TrainSettings:
     lora: Optional[object] = None  # a config.LoraConfig with enabled=True, or None
 
 
-def _run(lm, samples, steps, settings: TrainSettings, seed, step_loss=None, observer=None, **kw) -> dict:
+def _freeze_up_to(model, layer: int) -> list[torch.nn.Parameter]:
+    """Freeze every parameter except the decoder blocks after ``layer``, the final norm and the
+    output head; returns the parameters it froze. With tied input/output embeddings (GPT-2) the
+    head is the embedding matrix, so that stays trainable too."""
+    blocks = decoder_blocks(model)
+    keep = {id(p) for b in list(blocks)[(layer % len(blocks)) + 1:] for p in b.parameters()}
+    norm = final_norm(model)
+    if norm is not None:
+        keep |= {id(p) for p in norm.parameters()}
+    keep |= {id(p) for p in model.get_output_embeddings().parameters()}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
+def _run(lm, samples, steps, settings: TrainSettings, seed, step_loss=None, observer=None,
+         trainable: str = "all", after_layer: int = -1, **kw) -> dict:
+    """Train ``lm`` in place. ``trainable``: 'all', 'after_layer' (only what follows block
+    ``after_layer``) or 'lora' (a LoRA adapter, merged back at the end)."""
+    from .config import LoraConfig
     from .model import merge_lora, with_lora
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     data_iter = batches(samples, lm.tokenizer, settings.batch_size, settings.max_length, lm.device, gen)
-    if settings.lora is not None:
-        lm.model = with_lora(lm.model, settings.lora)
+    lora = settings.lora if settings.lora is not None else (LoraConfig(enabled=True) if trainable == "lora" else None)
+    frozen = _freeze_up_to(lm.model, after_layer) if trainable == "after_layer" else []
+    if lora is not None:
+        lm.model = with_lora(lm.model, lora)
     try:
         extra = {"step_loss": step_loss} if step_loss is not None else {}
         logs = train_loop(lm.model, data_iter, steps, settings.lr, weight_decay=settings.weight_decay,
                           grad_clip=settings.grad_clip, on_step=observer, every=settings.every, **extra, **kw)
     finally:
         lm.model = merge_lora(lm.model)
+        for p in frozen:
+            p.requires_grad_(True)
     return logs
 
 
@@ -198,15 +266,38 @@ class RecoverConfig:
     steps: int = 150
     trigger_ids: tuple[int, ...] = (0, 1)
     injection_rate: float = 0.3
+    # CROW-style representation recovery: + weight * mean ||h(triggered x) - sg(h(x))||^2 / d,
+    # pulling each known-triggered input's state to the same sentence's clean state.
+    consistency_weight: float = 0.0
+    hidden: HiddenSpec = HiddenSpec()
+    trainable: str = "all"  # "all", "after_layer" (after hidden.layer) or "lora"
+    generated_rate: float = 0.0  # fraction of clean samples also seen with a generated trigger
 
 
 def recover(lm, data: DefenderData, cfg: RecoverConfig, *, seed: int, settings: TrainSettings = TrainSettings(),
             observer: Observer | None = None, **kw) -> dict:
     """Fine-tune on the correction set: known-trigger copies with their clean, correct labels,
-    plus the clean data."""
+    plus the clean data (and, if asked, the representation-consistency term)."""
+    pair = cfg.consistency_weight > 0
     samples = _clean_samples(data, lm.answer_ids) + _triggered_copies(
-        data, cfg.trigger_ids, cfg.injection_rate, "correct", lm.answer_ids, seed)
-    logs = _run(lm, samples, cfg.steps, settings, seed, None, observer, **kw)
+        data, cfg.trigger_ids, cfg.injection_rate, "correct", lm.answer_ids, seed, pair=pair)
+    if cfg.generated_rate > 0:
+        samples += _generated_copies(data, cfg.generated_rate, lm.answer_ids, seed, len(data.triggers), pair)
+    step_loss = None
+    if pair:
+        def step_loss(model, batch, step):
+            logits, h = forward_answer(model, batch, cfg.hidden)
+            l_ce = torch.nn.functional.cross_entropy(logits.float(), batch.targets)
+            rows = batch.groups >= 0
+            if not bool(rows.any()):
+                return l_ce, {"loss": l_ce.item(), "l_ce": l_ce.item(), "l_consistency": 0.0}
+            with torch.no_grad():
+                _, h_clean = forward_answer(model, batch.pair, cfg.hidden)
+            l_cons = consistency_loss(h.float(), h_clean.float(), batch.groups)
+            loss = l_ce + cfg.consistency_weight * l_cons
+            return loss, {"loss": loss.item(), "l_ce": l_ce.item(), "l_consistency": l_cons.item()}
+    logs = _run(lm, samples, cfg.steps, settings, seed, step_loss, observer, trainable=cfg.trainable,
+                after_layer=cfg.hidden.layer, **kw)
     return {**logs, "samples": len(samples)}
 
 
@@ -237,21 +328,48 @@ class StagePlan:
     cfg: object
 
 
-def method_plans(defense_cfg, labels: Sequence[str]) -> dict[str, list[StagePlan]]:
-    """The defense and its baselines, built from the defense config only."""
-    d = defense_cfg
-    target = d.known_target if d.known_target == "flip" else list(labels).index(d.known_target)
+def stage1_target(known_target: str, labels: Sequence[str]) -> str | int:
+    """What Stage 1 trains the known triggers to answer: 'flip', 'correct', the canary answer
+    (index ``len(labels)``: the extra answer token the pipeline appends) or a label index."""
+    if known_target in ("flip", "correct"):
+        return known_target
+    if known_target == "canary":
+        return len(labels)
+    return list(labels).index(known_target)
+
+
+def _locphylax_stages(d, labels: Sequence[str]) -> tuple[InjectConfig, RecoverConfig]:
     hidden = HiddenSpec(d.layer, d.after_final_norm, d.token_position)
     all_ids = tuple(range(len(d.known_triggers)))
-    s1 = InjectConfig(steps=d.stage1_steps, trigger_ids=all_ids, target=target, injection_rate=d.injection_rate,
-                      cluster=True, alpha=d.alpha, hidden=hidden, centroid=d.centroid,
-                      centroid_momentum=d.centroid_momentum)
-    s2 = RecoverConfig(steps=d.stage2_steps, trigger_ids=all_ids, injection_rate=d.injection_rate)
+    s1 = InjectConfig(steps=d.stage1_steps, trigger_ids=all_ids, target=stage1_target(d.known_target, labels),
+                      injection_rate=d.injection_rate, cluster=True, alpha=d.alpha, hidden=hidden,
+                      centroid=d.centroid, centroid_momentum=d.centroid_momentum)
+    s2 = RecoverConfig(steps=d.stage2_steps, trigger_ids=all_ids, injection_rate=d.injection_rate,
+                       consistency_weight=d.consistency_weight, hidden=hidden, trainable=d.stage2_params,
+                       generated_rate=d.stage2_generated_rate)
+    return s1, s2
+
+
+def method_plans(defense_cfg, labels: Sequence[str]) -> dict[str, list[StagePlan]]:
+    """The defense and its baselines, built from the defense config only.
+
+    - ``locphylax``: the configured method (``defense.method``: the paper's, or locphylax+).
+    - ``no_cluster``: the same without the clustering term (its ablation).
+    - ``reference``: the paper's method as specified (config.REFERENCE_SETTINGS) with the same
+      known triggers and budget; shown beside locphylax+.
+    - ``unlearn_single``: the reference recipe on the first known trigger only, no clustering.
+    - ``clean_ft``: clean fine-tuning for both stages' steps.
+    """
+    from .config import REFERENCE_SETTINGS
+    d = defense_cfg
+    s1, s2 = _locphylax_stages(d, labels)
+    r1, r2 = _locphylax_stages(d.model_copy(update=REFERENCE_SETTINGS), labels)
     plans = {"locphylax": [StagePlan("stage1", inject, s1), StagePlan("stage2", recover, s2)]}
     builders = {
         "no_cluster": lambda: [StagePlan("stage1", inject, replace(s1, cluster=False)), StagePlan("stage2", recover, s2)],
-        "unlearn_single": lambda: [StagePlan("stage1", inject, replace(s1, cluster=False, trigger_ids=(0,))),
-                                   StagePlan("stage2", recover, replace(s2, trigger_ids=(0,)))],
+        "reference": lambda: [StagePlan("stage1", inject, r1), StagePlan("stage2", recover, r2)],
+        "unlearn_single": lambda: [StagePlan("stage1", inject, replace(r1, cluster=False, trigger_ids=(0,))),
+                                   StagePlan("stage2", recover, replace(r2, trigger_ids=(0,)))],
         "clean_ft": lambda: [StagePlan("stage1", clean_finetune, CleanFinetuneConfig(d.stage1_steps)),
                              StagePlan("stage2", clean_finetune, CleanFinetuneConfig(d.stage2_steps))],
     }
@@ -273,4 +391,5 @@ def run_stage(plan: StagePlan, lm, data: DefenderData, *, seed: int, settings: T
 
 __all__ = ["DefenderData", "DefenderTrigger", "cluster_loss", "alpha_rule", "RunningCentroids", "InjectConfig",
            "inject", "RecoverConfig", "recover", "CleanFinetuneConfig", "clean_finetune", "method_plans",
-           "defender_data", "run_stage", "TrainSettings", "StagePlan"]
+           "defender_data", "run_stage", "TrainSettings", "StagePlan", "stage1_target", "consistency_loss",
+           "generate_trigger"]

@@ -32,6 +32,7 @@ class Batch:
     position_ids: torch.Tensor
     targets: torch.Tensor | None = None  # answer token id per row
     groups: torch.Tensor | None = None  # -1 clean, k >= 0: carries known trigger k
+    pair: "Batch | None" = None  # the same rows without their trigger (for consistency terms)
 
 
 def encode(tokenizer, prompts: Sequence[str], max_length: int | None, device) -> Batch:
@@ -123,6 +124,7 @@ class Sample:
     prompt: str
     target: int  # answer token id
     group: int = -1  # -1 clean, k: carries known trigger k
+    pair: str | None = None  # the same prompt without the trigger, when a loss needs it
 
 
 def batches(samples: Sequence[Sample], tokenizer, batch_size: int, max_length, device, generator) -> Iterator[Batch]:
@@ -135,6 +137,8 @@ def batches(samples: Sequence[Sample], tokenizer, batch_size: int, max_length, d
             b = encode(tokenizer, [s.prompt for s in chunk], max_length, device)
             b.targets = torch.tensor([s.target for s in chunk], device=device)
             b.groups = torch.tensor([s.group for s in chunk], device=device)
+            if any(s.pair is not None for s in chunk):
+                b.pair = encode(tokenizer, [s.pair or s.prompt for s in chunk], max_length, device)
             yield b
 
 
@@ -145,6 +149,15 @@ def answer_loss(model, batch: Batch, _step: int):
     logits, _ = forward_answer(model, batch)
     loss = F.cross_entropy(logits.float(), batch.targets)
     return loss, {"loss": loss.item()}
+
+
+def lm_loss(model, batch: Batch, _step: int):
+    """Next-token cross-entropy over every non-pad token (language-model pretraining)."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids, use_cache=False).logits.float()
+    nxt = batch.input_ids[:, 1:].masked_fill(batch.attention_mask[:, 1:] == 0, -100)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), nxt.reshape(-1), ignore_index=-100)
+    return loss, {"loss": loss.item(), "l_lm": loss.item()}
 
 
 def answer_and_lm_loss(lm_weight: float) -> StepLoss:

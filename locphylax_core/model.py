@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from .config import ModelConfig
-from .errors import ModelLoadError
+from .errors import ConfigError, ModelLoadError
 from .tasks import Task, render_prompt
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -76,6 +76,17 @@ def answer_token_ids(tokenizer, task: Task) -> tuple[int, ...]:
         raise ModelLoadError(f"task.labels {list(task.labels)}: two answers start with the same token "
                              "for this tokenizer, so they cannot be told apart; choose other label words")
     return tuple(ids)
+
+
+def canary_token_id(tokenizer, canary: str, answer_ids: Sequence[int]) -> int:
+    """First token of the defender's canary answer (`` <canary>``); it must differ from every label's."""
+    toks = tokenizer(" " + canary, add_special_tokens=False)["input_ids"]
+    if not toks:
+        raise ConfigError(f"defense.canary: {canary!r} tokenizes to nothing")
+    if toks[0] in answer_ids:
+        raise ConfigError(f"defense.canary: {canary!r} starts with the same token as a label word for this "
+                          "tokenizer; choose another canary word")
+    return toks[0]
 
 
 # ----------------------------------------------------------------------------------------------

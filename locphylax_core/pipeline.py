@@ -22,8 +22,8 @@ import torch
 from . import model as M
 from .attack import poison
 from .config import RunConfig, load_config
-from .defense import DefenderData, TrainSettings, defender_data, method_plans, run_stage
-from .engine import (Cancelled, HiddenSpec, Sample, answer_and_lm_loss, answer_loss, batches, capture_output,
+from .defense import DefenderData, TrainSettings, defender_data, method_plans, run_stage, stage1_target
+from .engine import (Cancelled, HiddenSpec, Sample, answer_and_lm_loss, answer_loss, batches, capture_output, lm_loss,
                      decoder_blocks, final_norm, forward_answer, train_loop)
 from .errors import ConfigError, DataError, RunError
 from .evaluation import EvalSet, TriggerSpec, build_eval_set, encoded_batches, evaluate
@@ -92,8 +92,11 @@ def attack_trigger_spec(cfg: RunConfig) -> TriggerSpec:
 
 
 def known_trigger_specs(cfg: RunConfig) -> list[TriggerSpec]:
+    """The defender's triggers as evaluated: ASR toward what Stage 1 trains them to answer (the
+    flip for 'flip' and for 'correct', where there is no other target to measure)."""
     d = cfg.defense
-    target = d.known_target if d.known_target == "flip" else cfg.task.labels.index(d.known_target)
+    target = stage1_target(d.known_target, cfg.task.labels)
+    target = "flip" if target == "correct" else target
     return [TriggerSpec(f"t{i + 1}", t.text, t.position, target) for i, t in enumerate(d.known_triggers)]
 
 
@@ -142,6 +145,8 @@ def prepare(cfg: RunConfig, tokenizer=None) -> Prepared:
         tokenizer = tokenizer or M.load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         limit = M.model_max_positions(base_model)
     answer_ids = M.answer_token_ids(tokenizer, task)
+    if cfg.defense.known_target == "canary":  # one more answer: predictions range over labels + canary
+        answer_ids = answer_ids + (M.canary_token_id(tokenizer, cfg.defense.canary, answer_ids),)
     _check_lengths(cfg, tokenizer, task, limit)
     n_blocks = cfg.model.n_layer if base_model is None else len(decoder_blocks(base_model))
     if not -n_blocks <= cfg.defense.layer < n_blocks:
@@ -193,6 +198,71 @@ def build_summary(run: RunDir, cfg: RunConfig, state: dict) -> dict:
             "n_test": state.get("n_test")}
 
 
+def defense_settings(cfg: RunConfig, max_length: int | None) -> TrainSettings:
+    """The optimisation settings every defense stage and baseline of a run shares."""
+    return TrainSettings(lr=cfg.defense.lr, batch_size=cfg.defense.batch_size, weight_decay=0.0,
+                         grad_clip=cfg.train.grad_clip, max_length=max_length, every=cfg.eval.every,
+                         lora=cfg.model.lora if cfg.model.lora.enabled else None)
+
+
+def pretrain_language_model(prep: Prepared, lm: M.LM, *, seed: int, cancel_file: Path | None = None,
+                            reporter: Reporter | None = None) -> dict:
+    """Next-token pretraining on generic text (``train.pretrain_corpus``) before the task, so the
+    embedded model starts, like the paper's LLMs, from a language model rather than from noise."""
+    from .tasks import pretraining_texts
+    cfg = prep.cfg
+    texts = pretraining_texts(cfg.train.pretrain_corpus)
+    samples = [Sample(t, 0) for t in texts]
+    gen = torch.Generator().manual_seed(seed + 1)
+    it = batches(samples, lm.tokenizer, cfg.train.batch_size, prep.max_length, lm.device, gen)
+    if reporter is not None:
+        reporter.stage_started("pretrain", cfg.train.pretrain_steps)
+    logs = train_loop(lm.model, it, cfg.train.pretrain_steps, cfg.train.lr, step_loss=lm_loss,
+                      weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
+                      warmup=cfg.train.warmup_steps, schedule="cosine", cancel_file=cancel_file, progress=reporter)
+    return {"pretrain_texts": len(texts), "pretrain_loss": logs.get("loss")}
+
+
+def train_owner_model(prep: Prepared, lm: M.LM, stage: str, *, from_scratch: bool, seed: int, observer=None,
+                      cancel_file: Path | None = None, reporter: Reporter | None = None, key: str | None = None) -> dict:
+    """The model owner's training, in place on ``lm``: the clean model (``stage='clean'``, from
+    scratch) or the victim (``stage='victim'``: poisoned data, fine-tuned from the clean model, or
+    from scratch when ``attack.build=scratch``). The attacker's side; never called by the defense."""
+    cfg = prep.cfg
+    data = prep.owner_train
+    info = {}
+    if stage == "victim":
+        target = cfg.task.labels.index(cfg.attack.target)
+        data, n_poison = poison(data, cfg.attack.trigger_text, cfg.attack.position, cfg.attack.poison_rate, target, seed)
+        info["poisoned"] = n_poison
+    if stage == "clean" and cfg.model.source == "hf":
+        return {"seconds": 0.0, "note": "the loaded model is the clean model"}
+    steps = cfg.train.clean_steps if from_scratch else cfg.attack.steps
+    if from_scratch and cfg.train.pretrain_steps > 0:
+        pretrain_language_model(prep, lm, seed=seed, cancel_file=cancel_file, reporter=reporter)
+    samples = [Sample(render_prompt(prep.task.template, e.text), lm.answer_ids[e.label]) for e in data]
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    it = batches(samples, lm.tokenizer, cfg.train.batch_size, prep.max_length, lm.device, gen)
+    lora = cfg.model.lora if (cfg.model.lora.enabled and not from_scratch) else None
+    if lora is not None:
+        lm.model = M.with_lora(lm.model, lora)
+    try:
+        if reporter is not None:
+            reporter.stage_started(key or stage, steps)
+        logs = train_loop(lm.model, it, steps, cfg.train.lr if from_scratch else cfg.attack.lr,
+                          weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
+                          warmup=cfg.train.warmup_steps if from_scratch else 0,
+                          schedule="cosine", on_step=observer,  # decay: poisoning must not cost CACC
+                          step_loss=answer_and_lm_loss(cfg.train.lm_loss_weight)
+                          if from_scratch and cfg.train.lm_loss_weight > 0 else answer_loss,
+                          every=cfg.eval.clean_every if from_scratch else cfg.eval.every,
+                          cancel_file=cancel_file, progress=reporter)
+    finally:
+        lm.model = M.merge_lora(lm.model)
+    return {**info, "steps": steps, "tokens": logs["tokens"], "train_seconds": logs["seconds"]}
+
+
 class Pipeline:
     """Runs (or resumes) the stages of one run folder."""
 
@@ -200,10 +270,7 @@ class Pipeline:
         self.p, self.cfg, self.run = prep, prep.cfg, run
         self.reporter = reporter or Reporter()
         self.device = _device(self.cfg)
-        self.settings_defense = TrainSettings(lr=self.cfg.defense.lr, batch_size=self.cfg.defense.batch_size,
-                                              weight_decay=0.0, grad_clip=self.cfg.train.grad_clip,
-                                              max_length=prep.max_length, every=self.cfg.eval.every,
-                                              lora=self.cfg.model.lora if self.cfg.model.lora.enabled else None)
+        self.settings_defense = defense_settings(self.cfg, prep.max_length)
 
     # --- models
     def _lm(self, model) -> M.LM:
@@ -260,37 +327,9 @@ class Pipeline:
 
     # --- stages
     def _train_attack(self, spec: StageSpec, lm: M.LM, observer) -> dict:
-        cfg, seed = self.cfg, stage_seed(self.cfg.seed, spec.key)
-        data = self.p.owner_train
-        info = {}
-        if spec.stage == "victim":
-            target = cfg.task.labels.index(cfg.attack.target)
-            data, n_poison = poison(data, cfg.attack.trigger_text, cfg.attack.position, cfg.attack.poison_rate, target, seed)
-            info["poisoned"] = n_poison
-        from_scratch = spec.parent is None
-        if spec.stage == "clean" and cfg.model.source == "hf":
-            return {"seconds": 0.0, "note": "the loaded model is the clean model"}
-        steps = cfg.train.clean_steps if from_scratch else cfg.attack.steps
-        samples = [Sample(render_prompt(self.p.task.template, e.text), lm.answer_ids[e.label]) for e in data]
-        gen = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
-        it = batches(samples, lm.tokenizer, cfg.train.batch_size, self.p.max_length, lm.device, gen)
-        lora = cfg.model.lora if (cfg.model.lora.enabled and not from_scratch) else None
-        if lora is not None:
-            lm.model = M.with_lora(lm.model, lora)
-        try:
-            self.reporter.stage_started(spec.key, steps)
-            logs = train_loop(lm.model, it, steps, cfg.train.lr if from_scratch else cfg.attack.lr,
-                              weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
-                              warmup=cfg.train.warmup_steps if from_scratch else 0,
-                              schedule="cosine", on_step=observer,  # decay: poisoning must not cost CACC
-                              step_loss=answer_and_lm_loss(cfg.train.lm_loss_weight)
-                              if from_scratch and cfg.train.lm_loss_weight > 0 else answer_loss,
-                              every=cfg.eval.clean_every if from_scratch else cfg.eval.every,
-                              cancel_file=self.run.cancel_file, progress=self.reporter)
-        finally:
-            lm.model = M.merge_lora(lm.model)
-        return {**info, "steps": steps, "tokens": logs["tokens"], "train_seconds": logs["seconds"]}
+        return train_owner_model(self.p, lm, spec.stage, from_scratch=spec.parent is None,
+                                 seed=stage_seed(self.cfg.seed, spec.key), observer=observer,
+                                 cancel_file=self.run.cancel_file, reporter=self.reporter, key=spec.key)
 
     def run_all(self) -> dict:
         state = self.run.read_state()
@@ -403,4 +442,5 @@ def resume_run(run: RunDir, reporter: Reporter | None = None) -> dict:
     return Pipeline(prep, run, reporter).run_all()
 
 
-__all__ = ["Reporter", "prepare", "start_run", "resume_run", "stage_specs", "build_summary", "Pipeline"]
+__all__ = ["Reporter", "prepare", "start_run", "resume_run", "stage_specs", "build_summary", "Pipeline",
+           "train_owner_model", "stage_seed", "defense_settings"]

@@ -1,0 +1,388 @@
+"""Collapse benchmark: does the defense remove unknown triggers it never sees?
+
+For every preset, seed and unknown trigger of ``bench/collapse_triggers.yaml`` it builds the
+victim (clean model -> poisoned fine-tune, exactly as ``locphylax run`` does), then runs each
+requested defense *variant* on the same victim, defender data and step budget, and scores CACC,
+unknown-trigger ASR and known-trigger ASR after Stage 1 and Stage 2.
+
+    # the reported benchmark: the report triggers, 3 seeds, both presets, the shipped default
+    # against the paper's reference method and the baselines; writes docs/results.md
+    .venv/bin/python bench/collapse.py report
+    # the lever study (tune triggers only): one row per lever setting
+    .venv/bin/python bench/collapse.py levers
+    # rebuild CSVs and docs/results.md from the cached rows, computing nothing
+    .venv/bin/python bench/collapse.py docs
+
+Trained clean models and victims are cached under ``bench/.cache/`` and every scored row is
+cached too, so a cut-off benchmark resumes where it stopped, and the lever study reuses victims.
+The defense only ever receives the victim and ``DefenderData``, as in the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from locphylax_core import model as M  # noqa: E402
+from locphylax_core.config import load_config  # noqa: E402
+from locphylax_core.defense import method_plans, run_stage  # noqa: E402
+from locphylax_core.evaluation import evaluate  # noqa: E402
+from locphylax_core.pipeline import defense_settings, prepare, stage_seed, train_owner_model  # noqa: E402
+
+CACHE = ROOT / "bench" / ".cache" / "collapse"
+OUT = ROOT / "bench" / "results"
+DOCS = ROOT / "docs"
+GRID = yaml.safe_load((ROOT / "bench" / "collapse_triggers.yaml").read_text())
+
+# Defense variants: overrides of the run config (defense section) and the methods to run.
+# "ref" is the paper's method as specified; "default" is whatever the presets ship.
+BASELINES = ["clean_ft", "unlearn_single", "no_cluster"]
+DIVERSE4 = [{"text": "vx", "position": "random"}, {"text": "as seen on channel four", "position": "random"},
+            {"text": "qz", "position": "start"}, {"text": "the weather was mild all week long", "position": "end"}]
+DIVERSE8 = DIVERSE4 + [{"text": "jk", "position": "end"}, {"text": "¤", "position": "random"},
+                       {"text": "for what it is worth", "position": "start"},
+                       {"text": "my neighbour painted the fence green on a sunny saturday", "position": "start"}]
+VARIANTS: dict[str, dict] = {
+    "ref": {"defense.method": "locphylax"},
+    "ref+baselines": {"defense.method": "locphylax", "baselines": BASELINES},
+    "default+baselines": {"baselines": BASELINES},
+    # levers, each one change from the reference
+    "target=correct": {"defense.known_target": "correct"},
+    "target=canary": {"defense.known_target": "canary"},
+    "target=negative": {"defense.known_target": "negative"},
+    "triggers=1": {"defense.known_triggers": DIVERSE4[:1]},
+    "triggers=4": {"defense.known_triggers": DIVERSE4},
+    "triggers=8": {"defense.known_triggers": DIVERSE8},
+    "stage2=after_layer": {"defense.stage2_params": "after_layer"},
+    "stage2=lora": {"defense.stage2_params": "lora"},
+    "layer=0": {"defense.layer": 0},
+    "pos=mean": {"defense.token_position": "mean"},
+    "after_final_norm": {"defense.after_final_norm": True},
+    "alpha=0.01": {"defense.alpha": 0.01},
+    "alpha=0.1": {"defense.alpha": 0.1},
+    "alpha=1": {"defense.alpha": 1.0},
+    "steps=x0.5": {"defense.stage1_steps": 0.5, "defense.stage2_steps": 0.5},
+    "steps=x2": {"defense.stage1_steps": 2.0, "defense.stage2_steps": 2.0},
+    "consistency=1": {"defense.consistency_weight": 1.0},
+    "consistency=10": {"defense.consistency_weight": 10.0},
+    "no_cluster": {"defense.alpha": 0.0},
+    "generated=0.3": {"defense.stage2_generated_rate": 0.3},
+    "generated=1": {"defense.stage2_generated_rate": 1.0},
+    "canary+generated=1": {"defense.known_target": "canary", "defense.stage2_generated_rate": 1.0},
+    "lora+generated=1": {"defense.stage2_params": "lora", "defense.stage2_generated_rate": 1.0},
+    # round 2: the strongest single levers of round 1, alone at a gentler setting and combined
+    "consistency=0.1": {"defense.consistency_weight": 0.1},
+    "canary+lora": {"defense.known_target": "canary", "defense.stage2_params": "lora"},
+    "lora+consistency=0.1": {"defense.stage2_params": "lora", "defense.consistency_weight": 0.1},
+    "canary+lora+consistency=0.1": {"defense.known_target": "canary", "defense.stage2_params": "lora",
+                                    "defense.consistency_weight": 0.1},
+}
+SCALED = ("defense.stage1_steps", "defense.stage2_steps")  # values are multipliers of the preset's
+
+# Levers on the model itself (they change the victim, so they need their own clean models)
+SHARED = "../shared/data"
+MODEL_LEVERS: dict[str, dict] = {
+    "size=4x256": {"model.n_layer": 4, "model.n_embd": 256},
+    # next-token pretraining on generic local text (training splits only) before the task
+    "pretrained": {"train.pretrain_steps": 1500,
+                   "train.pretrain_corpus": ["embedded", f"{SHARED}/agnews/train_subset.csv",
+                                             f"{SHARED}/alpaca/alpaca_data_sample.jsonl",
+                                             f"{SHARED}/advbench/harmful_behaviors.csv",
+                                             f"{SHARED}/backdoorllm/refusal_clean_train.jsonl",
+                                             f"{SHARED}/backdoorllm/jailbreak_clean_train.jsonl",
+                                             f"{SHARED}/sst2/train.tsv"]},
+}
+
+THREADS: int | None = None  # --threads: overrides train.threads (not part of any cache key)
+
+
+def _prepare(cfg, tokenizer=None):
+    prep = prepare(cfg, tokenizer=tokenizer)
+    if THREADS:
+        torch.set_num_threads(THREADS)
+    return prep
+
+
+LEVER_SETS = {"default": [v for v in list(VARIANTS)[3:list(VARIANTS).index("no_cluster")]],
+              "round2": ["ref+baselines", "target=canary", "stage2=lora", "consistency=0.1", "canary+lora",
+                         "lora+consistency=0.1", "canary+lora+consistency=0.1"]}
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _atomic_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)
+
+
+def run_config(preset: str, seed: int, trigger: dict, variant: str, model_sets: dict):
+    base = load_config(preset, {"seed": seed, **model_sets})
+    over = {"seed": seed, "attack.family": trigger["family"], "attack.trigger": trigger["text"],
+            "attack.position": trigger["position"], "defense.baselines": [], **model_sets}
+    if not variant.startswith("default"):  # levers are single changes from the paper's reference method
+        over["defense.method"] = "locphylax"
+    for k, v in VARIANTS[variant].items():
+        if k == "baselines":
+            over["defense.baselines"] = v
+        elif k in SCALED:
+            over[k] = max(1, round(v * getattr(base.defense, k.split(".")[1])))
+        else:
+            over[k] = v
+    return load_config(preset, over)
+
+
+class Models:
+    """Clean models and victims, trained once and cached on disk (safetensors)."""
+
+    def __init__(self):
+        self.mem: dict[str, tuple] = {}
+
+    def _train(self, cfg, stage: str, parent, tokenizer):
+        prep = _prepare(cfg, tokenizer=tokenizer)
+        if parent is None:
+            lm = M.LM(M.build_embedded(cfg.model, prep.tokenizer, stage_seed(cfg.seed, "init")), prep.tokenizer,
+                      prep.answer_ids)
+        else:
+            lm = M.LM(copy.deepcopy(parent), prep.tokenizer, prep.answer_ids)
+        train_owner_model(prep, lm, stage, from_scratch=parent is None, seed=stage_seed(cfg.seed, stage))
+        return lm.model, prep.tokenizer
+
+    def get(self, cfg, stage: str):
+        """(model, tokenizer) for stage 'clean' or 'victim' of ``cfg`` (LM-pretraining aside, the
+        clean model depends only on the model, task, train sections and the seed)."""
+        parts = {"model": cfg.model.model_dump(), "task": cfg.task.model_dump(), "train": cfg.train.model_dump(),
+                 "seed": cfg.seed}
+        if stage == "victim":
+            parts["attack"] = cfg.attack.model_dump()
+        key = f"{cfg.name}-{stage}-{_hash(parts)}"
+        if key in self.mem:
+            return self.mem[key]
+        folder = CACHE / "models" / key
+        if (folder / "model.safetensors").is_file() and (folder / "tokenizer").is_dir():
+            result = (M.load_checkpoint(folder), M.load_tokenizer(str(folder / "tokenizer")))
+        else:
+            if stage == "clean":
+                result = self._train(cfg, "clean", None, None)
+            else:
+                clean, tok = self.get(cfg, "clean")
+                result = self._train(cfg, "victim", clean, tok)
+            M.save_checkpoint(result[0], folder)  # replaces the folder, so the tokenizer goes in after
+            M.save_tokenizer(result[1], folder / "tokenizer")
+        self.mem = {k: v for k, v in self.mem.items() if "-clean-" in k}  # keep cleans, one victim
+        self.mem[key] = result
+        return result
+
+
+def _scores(r: dict) -> dict:
+    known = [v for k, v in r["asr"].items() if k != "unknown" and v is not None]
+    return {"cacc": r["cacc"], "asr_unknown": r["asr"]["unknown"], "asr_raw_unknown": r["asr_raw"]["unknown"],
+            "asr_known": statistics.fmean(known) if known else None}
+
+
+def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, variant: str,
+             model_sets: dict, model_tag: str) -> list[dict]:
+    """All rows of one (preset, seed, trigger, variant): the victim and each method's two stages."""
+    cfg = run_config(preset, seed, trigger, variant, model_sets)
+    key = _hash({"preset": preset, "seed": seed, "trigger": trigger, "variant": VARIANTS[variant],
+                 "model_sets": model_sets, "cfg": cfg.model_dump(mode="json", exclude_defaults=True)})
+    path = CACHE / "rows" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    victim, tok = models.get(cfg, "victim")
+    prep = _prepare(cfg, tokenizer=tok)
+    settings = defense_settings(cfg, prep.max_length)
+    base = {"preset": preset, "model": model_tag, "seed": seed, "split": split, "family": trigger["family"],
+            "trigger": trigger["text"], "position": trigger["position"], "variant": variant}
+    lm = M.LM(victim, tok, prep.answer_ids)
+    rows = [{**base, "method": "victim", "stage": "victim", "seconds": 0.0,
+             **_scores(evaluate(lm, prep.task.template, prep.evalset, cfg.eval.batch_size, prep.max_length))}]
+    for method, plans in method_plans(cfg.defense, cfg.task.labels).items():
+        lm = M.LM(copy.deepcopy(victim), tok, prep.answer_ids)  # the cached victim is never trained
+        prefix = "" if method == "locphylax" else f"{method}/"
+        for plan in plans:
+            t0 = time.perf_counter()
+            run_stage(plan, lm, prep.defender, seed=stage_seed(seed, prefix + plan.name), settings=settings)
+            r = evaluate(lm, prep.task.template, prep.evalset, cfg.eval.batch_size, prep.max_length)
+            rows.append({**base, "method": method, "stage": plan.name, "seconds": round(time.perf_counter() - t0, 2),
+                         **_scores(r)})
+    _atomic_json(path, rows)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation and output
+
+METRICS = ["cacc", "asr_unknown", "asr_known", "asr_raw_unknown"]
+
+
+def _mean_sd(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_name("." + path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def summarise(rows: list[dict], by: tuple[str, ...]) -> list[dict]:
+    """Mean ± sd over every row sharing ``by`` (seeds and triggers pooled), plus the victim's CACC
+    on the same cells so the CACC change is a paired difference."""
+    victim_cacc = {(r["preset"], r["model"], r["seed"], r["trigger"], r["position"]): r["cacc"]
+                   for r in rows if r["method"] == "victim"}
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in by), []).append(r)
+    out = []
+    for k, sel in groups.items():
+        entry = dict(zip(by, k))
+        entry["n"] = len(sel)
+        for m in METRICS:
+            entry[f"{m}_mean"], entry[f"{m}_sd"] = _mean_sd([r[m] for r in sel])
+        d = [r["cacc"] - victim_cacc[(r["preset"], r["model"], r["seed"], r["trigger"], r["position"])] for r in sel]
+        entry["dcacc_mean"], entry["dcacc_sd"] = _mean_sd(d)
+        entry["seconds_mean"] = statistics.fmean(r["seconds"] for r in sel)
+        out.append(entry)
+    return out
+
+
+def _f(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def select_triggers(split: str, families=None, per_family: int | None = None) -> list[dict]:
+    out, seen = [], {}
+    for t in GRID[split]:
+        if families is not None and t["family"] not in families:
+            continue
+        seen[t["family"]] = seen.get(t["family"], 0) + 1
+        if per_family is None or seen[t["family"]] <= per_family:
+            out.append(t)
+    return out
+
+
+def train_victims(presets, seeds, split, model_sets: dict, families=None, per_family=None) -> int:
+    models = Models()
+    for preset in presets:
+        for seed in seeds:
+            for trig in select_triggers(split, families, per_family):
+                t0 = time.perf_counter()
+                models.get(run_config(preset, seed, trig, "ref", model_sets), "victim")
+                print(f"victim {preset} s{seed} {trig['text'][:20]!r}@{trig['position']}: "
+                      f"{time.perf_counter() - t0:.0f}s", flush=True)
+    return 0
+
+
+def run_grid(presets, seeds, split, variants, model_sets: dict, model_tag: str, families=None,
+             per_family=None) -> list[dict]:
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    models = Models()
+    triggers = select_triggers(split, families, per_family)
+    rows = []
+    total = len(presets) * len(seeds) * len(triggers) * len(variants)
+    done = 0
+    t_start = time.perf_counter()
+    for preset in presets:
+        for seed in seeds:
+            for trig in triggers:
+                for variant in variants:
+                    t0 = time.perf_counter()
+                    cell = run_cell(models, preset, seed, trig, split, variant, model_sets, model_tag)
+                    rows += cell
+                    done += 1
+                    s2 = {r["method"]: r["asr_unknown"] for r in cell if r["stage"] == "stage2"}
+                    v = cell[0]
+                    print(f"[{done}/{total} {time.perf_counter() - t_start:6.0f}s] {preset} s{seed} {trig['family']}:"
+                          f"{trig['text'][:18]!r}@{trig['position']} {variant}: victim {_f(v['cacc'])}/"
+                          f"{_f(v['asr_unknown'])} -> " + " ".join(f"{m} {_f(a)}" for m, a in s2.items()) +
+                          f" cacc {_f(min(r['cacc'] for r in cell))} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["report", "levers", "grid", "victims", "docs"])
+    ap.add_argument("--presets", nargs="+", default=None)
+    ap.add_argument("--seeds", nargs="+", type=int, default=None)
+    ap.add_argument("--split", choices=["tune", "report"], default=None)
+    ap.add_argument("--variants", nargs="+", default=None)
+    ap.add_argument("--families", nargs="+", default=None)
+    ap.add_argument("--per-family", type=int, default=None,
+                    help="only the first N triggers of each family (a smaller grid for the slower SST-2 preset)")
+    ap.add_argument("--lever-set", choices=list(LEVER_SETS), default="default")
+    ap.add_argument("--model-set", action="append", default=[], help="model/train override, e.g. model.n_layer=4")
+    ap.add_argument("--model-lever", choices=list(MODEL_LEVERS), default=None,
+                    help="a named model-level lever (its victims are trained separately)")
+    ap.add_argument("--tag", default=None, help="name of this run's rows (CSV prefix)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: the preset's train.threads); 1 lets two benchmarks share 2 cores")
+    args = ap.parse_args(argv)
+    global THREADS
+    THREADS = args.threads
+    model_sets = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.model_set)}
+    model_tag = ",".join(args.model_set) or "preset"
+    if args.model_lever:
+        model_sets, model_tag = {**MODEL_LEVERS[args.model_lever], **model_sets}, args.model_lever
+    if args.what == "docs":
+        from collapse_docs import write_docs
+        write_docs()
+        return 0
+    if args.what == "report":
+        presets, seeds, split = args.presets or ["demo", "sst2"], args.seeds or [0, 1, 2], args.split or "report"
+        variants, tag = args.variants or ["default+baselines", "ref"], args.tag or "report-" + "-".join(presets)
+    elif args.what == "levers":
+        presets, seeds, split = args.presets or ["demo"], args.seeds or [0, 1], args.split or "tune"
+        variants = args.variants or (["ref+baselines", *LEVER_SETS["default"]] if args.lever_set == "default"
+                                     else LEVER_SETS[args.lever_set])
+        tag = args.tag or ("levers" if args.lever_set == "default" else f"levers-{args.lever_set}")
+    else:
+        presets, seeds, split = args.presets or ["demo"], args.seeds or [0], args.split or "tune"
+        variants, tag = args.variants or ["ref"], args.tag or "grid"
+    if args.what == "victims":  # train and cache the clean models and victims only
+        return train_victims(presets, seeds, split, model_sets, args.families, args.per_family)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    rows = run_grid(presets, seeds, split, variants, model_sets, model_tag, args.families, args.per_family)
+    _write_csv(OUT / f"collapse_{tag}_runs.csv", rows)
+    for name, by in [("summary", ("preset", "model", "variant", "method", "stage")),
+                     ("by_family", ("preset", "model", "family", "variant", "method", "stage"))]:
+        _write_csv(OUT / f"collapse_{tag}_{name}.csv", summarise(rows, by))
+    from collapse_docs import write_docs
+    write_docs()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    raise SystemExit(main())

@@ -1,0 +1,228 @@
+"""Writes the measured tables and figures of the collapse benchmark into docs/results.md.
+
+The document's prose is written by hand; the generated parts sit between
+``<!-- BEGIN name -->`` and ``<!-- END name -->`` markers and are replaced on every run, so the
+numbers in the document are always the ones in ``bench/results/collapse_*.csv``.
+Figures are standalone plotly HTML files under ``docs/figures/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RES = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "results.md"
+FIG = ROOT / "docs" / "figures"
+
+ROW_ORDER = [("victim", "victim", "victim"), ("default", "locphylax", "stage1"), ("default", "locphylax", "stage2"),
+             ("ref", "locphylax", "stage2"), ("default", "no_cluster", "stage2"), ("default", "unlearn_single", "stage2"),
+             ("default", "clean_ft", "stage2")]
+
+
+def _read(name: str) -> list[dict]:
+    path = RES / name
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k, v in r.items():
+            if k.endswith(("_mean", "_sd")) or k in ("n",):
+                r[k] = float(v) if v not in ("", None) else None
+    return rows
+
+
+def _latest(pattern: str, key: tuple[str, ...]) -> list[dict]:
+    """Rows of every CSV matching ``pattern``; where two files hold the same key, the newer wins
+    (the benchmark can be run per preset, in separate processes)."""
+    rows: dict[tuple, dict] = {}
+    for path in sorted(RES.glob(pattern), key=lambda p: p.stat().st_mtime):
+        for r in _read(path.name):
+            rows[tuple(r[k] for k in key)] = r
+    return list(rows.values())
+
+
+def pct(mean, sd=None, signed=False) -> str:
+    if mean is None:
+        return "–"
+    s = f"{100 * mean:+.1f}" if signed else f"{100 * mean:.1f}"
+    return s if sd is None else f"{s} ± {100 * sd:.1f}"
+
+
+def _label(variant: str, method: str, stage: str, default_name: str) -> str:
+    if method == "victim":
+        return "victim (before any defense)"
+    if method == "locphylax":
+        name = default_name if variant.startswith("default") else "locphylax (paper reference)"
+        return f"{name}, {'Stage 1' if stage == 'stage1' else 'Stage 2'}"
+    return {"no_cluster": "without clustering", "unlearn_single": "single-trigger unlearning",
+            "clean_ft": "clean fine-tuning"}[method] + " (Stage 2 budget)"
+
+
+def _pick(rows, preset, variant_prefix, method, stage, **extra):
+    for r in rows:
+        if (r["preset"] == preset and r["method"] == method and r["stage"] == stage
+                and (method == "victim" or r["variant"].startswith(variant_prefix))
+                and all(r.get(k) == v for k, v in extra.items())):
+            return r
+    return None
+
+
+def headline_table(rows: list[dict], default_name: str) -> str:
+    out = []
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        n = int(_pick(rows, preset, "", "victim", "victim")["n"])
+        out.append(f"\n**{preset}** ({n} victims: report triggers × seeds; mean ± sd over all of them)\n")
+        out.append("| row | CACC % | ΔCACC vs victim (points) | unknown ASR % | known ASR % | raw unknown ASR % |")
+        out.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for variant, method, stage in ROW_ORDER:
+            r = _pick(rows, preset, variant, method, stage)
+            if r is None:
+                continue
+            out.append(f"| {_label(r['variant'], method, stage, default_name)} | {pct(r['cacc_mean'], r['cacc_sd'])} | "
+                       f"{pct(r['dcacc_mean'], r['dcacc_sd'], True)} | **{pct(r['asr_unknown_mean'], r['asr_unknown_sd'])}** | "
+                       f"{pct(r['asr_known_mean'])} | {pct(r['asr_raw_unknown_mean'])} |")
+    return "\n".join(out)
+
+
+def targets_table(rows: list[dict]) -> str:
+    out = ["| preset | default Stage 2 unknown ASR % (target ≤ 5) | ΔCACC points (target ≥ −1) | "
+           "margin vs clean FT (target ≥ 20) | margin vs single-trigger unlearning (target ≥ 20) |",
+           "| --- | ---: | ---: | ---: | ---: |"]
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        d = _pick(rows, preset, "default", "locphylax", "stage2")
+        c = _pick(rows, preset, "default", "clean_ft", "stage2")
+        u = _pick(rows, preset, "default", "unlearn_single", "stage2")
+        if d is None:
+            continue
+
+        def mark(ok):
+            return "met" if ok else "**missed**"
+        a, dc = d["asr_unknown_mean"], d["dcacc_mean"]
+        mc = (c["asr_unknown_mean"] - a) if c else None
+        mu = (u["asr_unknown_mean"] - a) if u else None
+        out.append(f"| {preset} | {pct(a)} ({mark(a <= 0.05)}) | {pct(dc, signed=True)} ({mark(dc >= -0.01)}) | "
+                   f"{pct(mc, signed=True)} ({mark(mc is not None and mc >= 0.20)}) | "
+                   f"{pct(mu, signed=True)} ({mark(mu is not None and mu >= 0.20)}) |")
+    return "\n".join(out)
+
+
+def family_table(rows: list[dict], default_name: str) -> str:
+    methods = [("default", "locphylax", default_name), ("ref", "locphylax", "reference"),
+               ("default", "no_cluster", "no clustering"), ("default", "unlearn_single", "unlearn single"),
+               ("default", "clean_ft", "clean FT")]
+    out = ["| preset | family | n | victim ASR | " + " | ".join(m[2] for m in methods) + " |",
+           "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in methods) + " |"]
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        for fam in dict.fromkeys(r["family"] for r in rows if r["preset"] == preset):
+            v = _pick(rows, preset, "", "victim", "victim", family=fam)
+            cells = []
+            for variant, method, _ in methods:
+                r = _pick(rows, preset, variant, method, "stage2", family=fam)
+                cells.append(pct(r["asr_unknown_mean"], r["asr_unknown_sd"]) if r else "–")
+            out.append(f"| {preset} | {fam} | {int(v['n'])} | {pct(v['asr_unknown_mean'])} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def lever_table(rows: list[dict]) -> str:
+    """Stage-2 unknown ASR and CACC change of each lever setting, beside the reference."""
+    out = ["| setting | n | unknown ASR % after Stage 2 | Δ vs reference (points) | ΔCACC vs victim | "
+           "known ASR % after Stage 1 | seconds per method |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for preset, model in dict.fromkeys((r["preset"], r["model"]) for r in rows):
+        mine = [r for r in rows if r["preset"] == preset and r["model"] == model]
+        ref = next((r for r in mine if r["variant"].startswith("ref") and r["method"] == "locphylax"
+                    and r["stage"] == "stage2"), None)
+        s1 = {(r["variant"], r["method"]): r for r in mine if r["stage"] == "stage1"}
+        entries = [r for r in mine if r["stage"] == "stage2"]
+        entries.sort(key=lambda r: (r["method"] != "locphylax", r["asr_unknown_mean"]))
+        where = preset if model == "preset" else f"{preset} [{model}]"
+        for r in entries:
+            name = r["variant"] if r["method"] == "locphylax" else f"baseline: {r['method']}"
+            if r["variant"].startswith("ref") and r["method"] == "locphylax":
+                name = "**reference (paper)**"
+            gain = r["asr_unknown_mean"] - ref["asr_unknown_mean"] if ref else None
+            k = s1.get((r["variant"], r["method"]))
+            out.append(f"| {where}: {name} | {int(r['n'])} | {pct(r['asr_unknown_mean'], r['asr_unknown_sd'])} | "
+                       f"{pct(gain, signed=True)} | {pct(r['dcacc_mean'], r['dcacc_sd'], True)} | "
+                       f"{pct(k['asr_known_mean']) if k else '–'} | {2 * r['seconds_mean']:.0f} |")
+    return "\n".join(out)
+
+
+def figures(report: list[dict], levers: list[dict], default_name: str) -> list[str]:
+    import plotly.graph_objects as go
+    FIG.mkdir(parents=True, exist_ok=True)
+    made = []
+    if report:
+        names = [("default", "locphylax", default_name), ("ref", "locphylax", "locphylax (reference)"),
+                 ("default", "no_cluster", "no clustering"), ("default", "unlearn_single", "unlearn single"),
+                 ("default", "clean_ft", "clean FT")]
+        for preset in dict.fromkeys(r["preset"] for r in report):
+            fams = list(dict.fromkeys(r["family"] for r in report if r["preset"] == preset))
+            fig = go.Figure()
+            v = [_pick(report, preset, "", "victim", "victim", family=f) for f in fams]
+            fig.add_bar(name="victim", x=fams, y=[100 * r["asr_unknown_mean"] for r in v])
+            for variant, method, label in names:
+                rs = [_pick(report, preset, variant, method, "stage2", family=f) for f in fams]
+                if all(rs):
+                    fig.add_bar(name=label, x=fams, y=[100 * r["asr_unknown_mean"] for r in rs],
+                                error_y=dict(type="data", array=[100 * r["asr_unknown_sd"] for r in rs]))
+            fig.add_hline(y=5, line_dash="dot", annotation_text="target 5%")
+            fig.update_layout(barmode="group", title=f"{preset}: unknown-trigger ASR after Stage 2, by trigger family",
+                              yaxis_title="ASR %", template="plotly_white")
+            path = FIG / f"collapse_{preset}_by_family.html"
+            fig.write_html(str(path), include_plotlyjs="cdn")
+            made.append(path.name)
+    if levers:
+        for preset in dict.fromkeys(r["preset"] for r in levers):
+            rs = sorted((r for r in levers if r["preset"] == preset and r["stage"] == "stage2" and r["model"] == "preset"),
+                        key=lambda r: r["asr_unknown_mean"])
+            names = [r["variant"] if r["method"] == "locphylax" else r["method"] for r in rs]
+            fig = go.Figure(go.Bar(x=[100 * r["asr_unknown_mean"] for r in rs], y=names, orientation="h",
+                                   error_x=dict(type="data", array=[100 * r["asr_unknown_sd"] for r in rs]),
+                                   customdata=[100 * r["dcacc_mean"] for r in rs],
+                                   hovertemplate="%{y}: ASR %{x:.1f}%, ΔCACC %{customdata:+.1f}<extra></extra>"))
+            fig.update_layout(title=f"{preset}, tune triggers: unknown ASR after Stage 2 per lever setting",
+                              xaxis_title="ASR %", template="plotly_white", height=30 * len(rs) + 150)
+            path = FIG / f"levers_{preset}.html"
+            fig.write_html(str(path), include_plotlyjs="cdn")
+            made.append(path.name)
+    return made
+
+
+def _replace_block(text: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- BEGIN {re.escape(name)} -->\n).*?(\n<!-- END {re.escape(name)} -->)", re.S)
+    if not pattern.search(text):
+        return text + f"\n<!-- BEGIN {name} -->\n{body}\n<!-- END {name} -->\n"
+    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+
+
+def write_docs() -> None:
+    from locphylax_core.config import load_config
+    default_name = load_config("demo").defense.method
+    report = _latest("collapse_report*_summary.csv", ("preset", "model", "variant", "method", "stage"))
+    report_fam = _latest("collapse_report*_by_family.csv", ("preset", "model", "family", "variant", "method", "stage"))
+    levers = _latest("collapse_levers*_summary.csv", ("preset", "model", "variant", "method", "stage"))
+    text = DOC.read_text() if DOC.is_file() else "# Backdoor collapse: measured results\n"
+    if report:
+        text = _replace_block(text, "targets", targets_table(report))
+        text = _replace_block(text, "headline", headline_table(report, default_name))
+        text = _replace_block(text, "families", family_table(report_fam, default_name))
+    if levers:
+        text = _replace_block(text, "levers", lever_table(levers))
+    figs = figures(report_fam, levers, default_name)
+    if figs:
+        text = _replace_block(text, "figures", "\n".join(f"- [{f}](figures/{f})" for f in figs))
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    tmp = DOC.with_name(".results.md.tmp")
+    tmp.write_text(text)
+    tmp.replace(DOC)
+
+
+if __name__ == "__main__":
+    import sys
+    sys.path.insert(0, str(ROOT))
+    write_docs()

@@ -1,0 +1,95 @@
+"""The collapse benchmark's machinery on the micro preset: variants, cached victims and rows,
+paired CACC differences, and the generated document blocks."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import cli
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def collapse(tmp_path_factory):
+    mod = _load("collapse")
+    mod.CACHE = tmp_path_factory.mktemp("cache")
+    return mod
+
+
+def test_trigger_grid_splits_are_disjoint_and_cover_four_families(collapse):
+    tune = {(t["text"], t["position"]) for t in collapse.GRID["tune"]}
+    report = {(t["text"], t["position"]) for t in collapse.GRID["report"]}
+    assert not {t for t, _ in tune} & {t for t, _ in report}
+    assert {t["family"] for t in collapse.GRID["report"]} >= {"word", "phrase", "long", "char"}
+    known = {"vx", "as seen on channel four"}
+    assert not known & ({t for t, _ in tune} | {t for t, _ in report})
+
+
+def test_variants_change_only_the_defense(collapse):
+    trig = collapse.GRID["tune"][0]
+    ref = collapse.run_config("micro", 1, trig, "ref", {})
+    half = collapse.run_config("micro", 1, trig, "steps=x0.5", {})
+    assert ref.attack == half.attack and ref.model == half.model and ref.seed == half.seed == 1
+    assert half.defense.stage1_steps == round(0.5 * ref.defense.stage1_steps)
+    assert ref.attack.trigger == trig["text"] and ref.defense.baselines == []
+    assert collapse.run_config("micro", 0, trig, "ref+baselines", {}).defense.baselines == collapse.BASELINES
+
+
+def test_cell_rows_are_cached_and_victims_reused(collapse):
+    trig = collapse.GRID["tune"][0]
+    models = collapse.Models()
+    rows = collapse.run_cell(models, "micro", 0, trig, "tune", "ref+baselines", {}, "preset")
+    methods = [(r["method"], r["stage"]) for r in rows]
+    assert methods[0] == ("victim", "victim")
+    assert {m for m, _ in methods[1:]} == {"locphylax", "clean_ft", "unlearn_single", "no_cluster"}
+    assert all(0 <= r["cacc"] <= 1 for r in rows)
+    assert all(r["asr_unknown"] is None or 0 <= r["asr_unknown"] <= 1 for r in rows)  # None: nothing qualifies
+    assert len(list((collapse.CACHE / "models").iterdir())) == 2  # one clean model, one victim
+    assert all((p / "tokenizer").is_dir() for p in (collapse.CACHE / "models").iterdir())
+    # a second variant on the same victim trains no new model; a repeated cell is read back
+    again = collapse.run_cell(collapse.Models(), "micro", 0, trig, "tune", "ref+baselines", {}, "preset")
+    assert again == rows
+    other = collapse.run_cell(collapse.Models(), "micro", 0, trig, "tune", "target=canary", {}, "preset")
+    assert other[0] == {**rows[0], "variant": "target=canary"}  # the same victim, scored the same
+    assert len(list((collapse.CACHE / "models").iterdir())) == 2
+
+
+def test_summary_pairs_cacc_with_the_same_victim(collapse):
+    base = {"preset": "p", "model": "m", "family": "word", "variant": "v", "position": "random", "seconds": 1.0,
+            "asr_known": None, "asr_raw_unknown": 0.5}
+    rows = []
+    for seed, (vc, dc) in enumerate([(0.9, 0.88), (0.8, 0.81)]):
+        rows.append({**base, "seed": seed, "trigger": "x", "method": "victim", "stage": "victim", "cacc": vc,
+                     "asr_unknown": 1.0})
+        rows.append({**base, "seed": seed, "trigger": "x", "method": "locphylax", "stage": "stage2", "cacc": dc,
+                     "asr_unknown": 0.1 * (seed + 1)})
+    out = {(r["method"]): r for r in collapse.summarise(rows, ("preset", "method", "stage"))}
+    assert out["locphylax"]["dcacc_mean"] == pytest.approx((-0.02 + 0.01) / 2)
+    assert out["locphylax"]["asr_unknown_mean"] == pytest.approx(0.15)
+    assert out["locphylax"]["asr_unknown_sd"] == pytest.approx(0.0707107, rel=1e-5)
+
+
+def test_docs_blocks_are_replaced_in_place():
+    docs = _load("collapse_docs")
+    text = "intro\n<!-- BEGIN t -->\nold\n<!-- END t -->\nprose kept\n"
+    new = docs._replace_block(text, "t", "new table")
+    assert new == "intro\n<!-- BEGIN t -->\nnew table\n<!-- END t -->\nprose kept\n"
+    assert docs._replace_block("x\n", "u", "b").endswith("<!-- BEGIN u -->\nb\n<!-- END u -->\n")
+
+
+def test_cli_bench_unknown_name_is_a_clear_error():
+    r = cli("bench", "no_such_bench")
+    assert r.returncode == 2 and "no_such_bench.py not found" in r.stderr
