@@ -85,6 +85,15 @@ VARIANTS: dict[str, dict] = {
     "generated=1": {"defense.stage2_generated_rate": 1.0},
     "canary+generated=1": {"defense.known_target": "canary", "defense.stage2_generated_rate": 1.0},
     "lora+generated=1": {"defense.stage2_params": "lora", "defense.stage2_generated_rate": 1.0},
+    # the learning-rate schedule shared by every method of a run (not a locphylax+ setting)
+    "cosine": {"defense.schedule": "cosine"},
+    "cosine+baselines": {"defense.schedule": "cosine", "baselines": BASELINES},
+    "cosine+canary": {"defense.schedule": "cosine", "defense.known_target": "canary"},
+    "cosine+canary+consistency=0.1": {"defense.schedule": "cosine", "defense.known_target": "canary",
+                                      "defense.consistency_weight": 0.1},
+    "cosine+generated=1": {"defense.schedule": "cosine", "defense.stage2_generated_rate": 1.0},
+    "cosine+canary+generated=1": {"defense.schedule": "cosine", "defense.known_target": "canary",
+                                  "defense.stage2_generated_rate": 1.0},
     # round 2: the strongest single levers of round 1, alone at a gentler setting and combined
     "consistency=0.1": {"defense.consistency_weight": 0.1},
     "canary+lora": {"defense.known_target": "canary", "defense.stage2_params": "lora"},
@@ -119,8 +128,8 @@ def _prepare(cfg, tokenizer=None):
 
 
 LEVER_SETS = {"default": [v for v in list(VARIANTS)[3:list(VARIANTS).index("no_cluster")]],
-              "round2": ["ref+baselines", "target=canary", "stage2=lora", "consistency=0.1", "canary+lora",
-                         "lora+consistency=0.1", "canary+lora+consistency=0.1"]}
+              "round2": ["cosine+baselines", "cosine+canary", "cosine+generated=1", "cosine+canary+generated=1",
+                         "cosine+canary+consistency=0.1"]}
 
 
 def _hash(obj) -> str:
@@ -198,6 +207,26 @@ def _scores(r: dict) -> dict:
             "asr_known": statistics.fmean(known) if known else None}
 
 
+TRIGGER_MAJOR = False  # --trigger-major: every seed of a trigger before the next trigger
+CACHED_ONLY = False  # --cached-only: tables from the rows already computed, training nothing
+
+
+def _cached_rows() -> dict[tuple, list[dict]]:
+    """Every cached cell by (preset, model, seed, trigger, position, variant); the newest wins."""
+    global _CACHED
+    if _CACHED is None:
+        _CACHED = {}
+        for f in sorted((CACHE / "rows").glob("*.json"), key=lambda p: p.stat().st_mtime):
+            cell = json.loads(f.read_text())
+            if cell:
+                r = cell[0]
+                _CACHED[(r["preset"], r["model"], r["seed"], r["trigger"], r["position"], r["variant"])] = cell
+    return _CACHED
+
+
+_CACHED = None
+
+
 def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, variant: str,
              model_sets: dict, model_tag: str) -> list[dict]:
     """All rows of one (preset, seed, trigger, variant): the victim and each method's two stages."""
@@ -207,6 +236,8 @@ def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, 
     path = CACHE / "rows" / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if CACHED_ONLY:  # by content: keys of rows computed before a config field was added differ
+        return _cached_rows().get((preset, model_tag, seed, trigger["text"], trigger["position"], variant), [])
     victim, tok = models.get(cfg, "victim")
     prep = _prepare(cfg, tokenizer=tok)
     settings = defense_settings(cfg, prep.max_length)
@@ -312,20 +343,29 @@ def run_grid(presets, seeds, split, variants, model_sets: dict, model_tag: str, 
     total = len(presets) * len(seeds) * len(triggers) * len(variants)
     done = 0
     t_start = time.perf_counter()
-    for preset in presets:
-        for seed in seeds:
-            for trig in triggers:
-                for variant in variants:
-                    t0 = time.perf_counter()
-                    cell = run_cell(models, preset, seed, trig, split, variant, model_sets, model_tag)
-                    rows += cell
-                    done += 1
-                    s2 = {r["method"]: r["asr_unknown"] for r in cell if r["stage"] == "stage2"}
-                    v = cell[0]
-                    print(f"[{done}/{total} {time.perf_counter() - t_start:6.0f}s] {preset} s{seed} {trig['family']}:"
-                          f"{trig['text'][:18]!r}@{trig['position']} {variant}: victim {_f(v['cacc'])}/"
-                          f"{_f(v['asr_unknown'])} -> " + " ".join(f"{m} {_f(a)}" for m, a in s2.items()) +
-                          f" cacc {_f(min(r['cacc'] for r in cell))} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    if TRIGGER_MAJOR:  # families round-robin, every seed of a trigger together: a cut-off run keeps both
+        by_family: dict[str, list] = {}
+        for t in triggers:
+            by_family.setdefault(t["family"], []).append(t)
+        rounds = max(len(v) for v in by_family.values())
+        interleaved = [v[i] for i in range(rounds) for v in by_family.values() if i < len(v)]
+        order = [(p, s, t) for p in presets for t in interleaved for s in seeds]
+    else:
+        order = [(p, s, t) for p in presets for s in seeds for t in triggers]
+    for preset, seed, trig in order:
+        for variant in variants:
+            t0 = time.perf_counter()
+            cell = run_cell(models, preset, seed, trig, split, variant, model_sets, model_tag)
+            rows += cell
+            done += 1
+            if not cell:
+                continue
+            s2 = {r["method"]: r["asr_unknown"] for r in cell if r["stage"] == "stage2"}
+            v = cell[0]
+            print(f"[{done}/{total} {time.perf_counter() - t_start:6.0f}s] {preset} s{seed} {trig['family']}:"
+                  f"{trig['text'][:18]!r}@{trig['position']} {variant}: victim {_f(v['cacc'])}/"
+                  f"{_f(v['asr_unknown'])} -> " + " ".join(f"{m} {_f(a)}" for m, a in s2.items()) +
+                  f" cacc {_f(min(r['cacc'] for r in cell))} ({time.perf_counter() - t0:.0f}s)", flush=True)
     return rows
 
 
@@ -344,11 +384,15 @@ def main(argv=None) -> int:
     ap.add_argument("--model-lever", choices=list(MODEL_LEVERS), default=None,
                     help="a named model-level lever (its victims are trained separately)")
     ap.add_argument("--tag", default=None, help="name of this run's rows (CSV prefix)")
+    ap.add_argument("--trigger-major", action="store_true",
+                    help="run every seed of one trigger before the next (a cut-off run then has all seeds)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="write the tables from the rows already cached; cells not yet computed are left out")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: the preset's train.threads); 1 lets two benchmarks share 2 cores")
     args = ap.parse_args(argv)
-    global THREADS
-    THREADS = args.threads
+    global THREADS, CACHED_ONLY, TRIGGER_MAJOR
+    THREADS, CACHED_ONLY, TRIGGER_MAJOR = args.threads, args.cached_only, args.trigger_major
     model_sets = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.model_set)}
     model_tag = ",".join(args.model_set) or "preset"
     if args.model_lever:

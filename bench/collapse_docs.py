@@ -127,29 +127,49 @@ def family_table(rows: list[dict], default_name: str) -> str:
     return "\n".join(out)
 
 
-def lever_table(rows: list[dict]) -> str:
-    """Stage-2 unknown ASR and CACC change of each lever setting, beside the reference."""
-    out = ["| setting | n | unknown ASR % after Stage 2 | Δ vs reference (points) | ΔCACC vs victim | "
-           "known ASR % after Stage 1 | seconds per method |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for preset, model in dict.fromkeys((r["preset"], r["model"]) for r in rows):
-        mine = [r for r in rows if r["preset"] == preset and r["model"] == model]
-        ref = next((r for r in mine if r["variant"].startswith("ref") and r["method"] == "locphylax"
-                    and r["stage"] == "stage2"), None)
-        s1 = {(r["variant"], r["method"]): r for r in mine if r["stage"] == "stage1"}
-        entries = [r for r in mine if r["stage"] == "stage2"]
-        entries.sort(key=lambda r: (r["method"] != "locphylax", r["asr_unknown_mean"]))
-        where = preset if model == "preset" else f"{preset} [{model}]"
+LEVER_ROUNDS = [  # (file tag, title, the variant whose locphylax row is that round's reference)
+    ("levers", "Round 1: every single lever, seed 0, constant learning rate", "ref+baselines"),
+    ("levers-generated", "Round 1b: generated-trigger augmentation, seed 0, constant learning rate", None),
+    ("levers-round2", "Round 2: seeds 0 and 1, cosine learning-rate schedule for every method", "cosine+baselines"),
+    ("levers-pretrained", "Model lever: LM-pretrained model (word and phrase tune triggers, seed 0)", "ref+baselines"),
+    ("levers-size", "Model lever: 4 layers x 256 (word and phrase tune triggers, seed 0)", "ref+baselines"),
+]
+
+
+def lever_table(rounds: list[tuple[str, list[dict], dict | None]]) -> str:
+    """Per round: Stage-2 unknown ASR and CACC change of each setting, beside that round's
+    reference (the paper's method on the same victims)."""
+    out = []
+    for title, rows, ref in rounds:
+        out += [f"\n**{title}**\n", "| setting | n | unknown ASR % after Stage 2 | Δ vs reference (points) | "
+                "ΔCACC vs victim | known ASR % after Stage 1 |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        s1 = {(r["variant"], r["method"]): r for r in rows if r["stage"] == "stage1"}
+        entries = sorted((r for r in rows if r["stage"] == "stage2"),
+                         key=lambda r: (r["method"] != "locphylax", r["asr_unknown_mean"]))
         for r in entries:
             name = r["variant"] if r["method"] == "locphylax" else f"baseline: {r['method']}"
-            if r["variant"].startswith("ref") and r["method"] == "locphylax":
-                name = "**reference (paper)**"
+            if ref is not None and r is ref:
+                name = "**reference: the paper's method**"
             gain = r["asr_unknown_mean"] - ref["asr_unknown_mean"] if ref else None
             k = s1.get((r["variant"], r["method"]))
-            out.append(f"| {where}: {name} | {int(r['n'])} | {pct(r['asr_unknown_mean'], r['asr_unknown_sd'])} | "
+            out.append(f"| {name} | {int(r['n'])} | {pct(r['asr_unknown_mean'], r['asr_unknown_sd'])} | "
                        f"{pct(gain, signed=True)} | {pct(r['dcacc_mean'], r['dcacc_sd'], True)} | "
-                       f"{pct(k['asr_known_mean']) if k else '–'} | {2 * r['seconds_mean']:.0f} |")
+                       f"{pct(k['asr_known_mean']) if k else '–'} |")
     return "\n".join(out)
+
+
+def _lever_rounds() -> list:
+    rounds, round1_ref = [], None
+    for tag, title, ref_variant in LEVER_ROUNDS:
+        rows = _read(f"collapse_{tag}_summary.csv")
+        if not rows:
+            continue
+        ref = next((r for r in rows if r["variant"] == ref_variant and r["method"] == "locphylax"
+                    and r["stage"] == "stage2"), None) if ref_variant else round1_ref
+        if tag == "levers":
+            round1_ref = ref
+        rounds.append((title, rows, ref))
+    return rounds
 
 
 def figures(report: list[dict], levers: list[dict], default_name: str) -> list[str]:
@@ -205,14 +225,15 @@ def write_docs() -> None:
     default_name = load_config("demo").defense.method
     report = _latest("collapse_report*_summary.csv", ("preset", "model", "variant", "method", "stage"))
     report_fam = _latest("collapse_report*_by_family.csv", ("preset", "model", "family", "variant", "method", "stage"))
-    levers = _latest("collapse_levers*_summary.csv", ("preset", "model", "variant", "method", "stage"))
+    levers = _read("collapse_levers_summary.csv")
     text = DOC.read_text() if DOC.is_file() else "# Backdoor collapse: measured results\n"
     if report:
         text = _replace_block(text, "targets", targets_table(report))
         text = _replace_block(text, "headline", headline_table(report, default_name))
         text = _replace_block(text, "families", family_table(report_fam, default_name))
-    if levers:
-        text = _replace_block(text, "levers", lever_table(levers))
+    rounds = _lever_rounds()
+    if rounds:
+        text = _replace_block(text, "levers", lever_table(rounds))
     figs = figures(report_fam, levers, default_name)
     if figs:
         text = _replace_block(text, "figures", "\n".join(f"- [{f}](figures/{f})" for f in figs))

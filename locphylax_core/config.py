@@ -159,7 +159,10 @@ DEFAULT_KNOWN_TRIGGERS = [KnownTrigger(text="vx", position="random"),
 
 # locphylax+: the paper's method plus the options that measurably helped in the collapse benchmark
 # (docs/results.md). Any of these can still be overridden one by one.
-LOCPHYLAX_PLUS: dict[str, Any] = {}
+# Chosen on the tune triggers only (docs/results.md, "Levers"): the canary target had the lowest
+# unknown ASR after Stage 2 with the smallest clean-accuracy cost among the single levers.
+LOCPHYLAX_PLUS: dict[str, Any] = {"known_target": "canary"}
+DEFAULT_METHOD = "locphylax+"
 # The paper's method as method.md specifies it: the values of every lever that locphylax+ may change.
 REFERENCE_SETTINGS: dict[str, Any] = {"known_target": "flip", "alpha": "auto", "layer": -1, "after_final_norm": False,
                                       "token_position": "last", "stage2_params": "all", "consistency_weight": 0.0,
@@ -169,7 +172,7 @@ REFERENCE_SETTINGS: dict[str, Any] = {"known_target": "flip", "alpha": "auto", "
 class DefenseConfig(_Section):
     # locphylax: the paper's method as specified (the reference configuration).
     # locphylax+: the same, with the settings of LOCPHYLAX_PLUS as defaults.
-    method: Literal["locphylax", "locphylax+"] = "locphylax"
+    method: Literal["locphylax", "locphylax+"] = DEFAULT_METHOD
     known_triggers: list[KnownTrigger] = Field(default_factory=lambda: [t.model_copy() for t in DEFAULT_KNOWN_TRIGGERS])
     # What the known triggers are trained to produce in Stage 1: "flip" (the next label, the
     # attacker-like choice), "correct" (the clean label: benign injection), "canary" (the answer
@@ -195,15 +198,18 @@ class DefenseConfig(_Section):
     # sentence from the defender's own data, at a random position).
     stage2_generated_rate: float = Field(0.0, ge=0, le=4)
     lr: float = Field(1e-3, gt=0)
+    # learning-rate schedule of every defense stage and baseline alike (cosine: decay to 10%)
+    schedule: Literal["constant", "cosine"] = "constant"
     batch_size: int = Field(64, ge=2)
     # reference: the paper's method as specified, beside a locphylax+ run (docs/results.md)
-    baselines: list[Literal["clean_ft", "unlearn_single", "no_cluster", "reference"]] = \
+    # augment_ft: clean fine-tuning with generated-trigger augmentation, no injection
+    baselines: list[Literal["clean_ft", "unlearn_single", "no_cluster", "reference", "augment_ft"]] = \
         ["clean_ft", "unlearn_single", "no_cluster"]
 
     @model_validator(mode="before")
     @classmethod
     def _plus_defaults(cls, data):
-        if isinstance(data, dict) and data.get("method") == "locphylax+":
+        if isinstance(data, dict) and data.get("method", DEFAULT_METHOD) == "locphylax+":
             data = {**copy.deepcopy(LOCPHYLAX_PLUS), **data}  # explicit settings win
         return data
 

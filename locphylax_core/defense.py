@@ -171,6 +171,7 @@ class TrainSettings:
     max_length: Optional[int] = None
     every: int = 25
     lora: Optional[object] = None  # a config.LoraConfig with enabled=True, or None
+    schedule: str = "constant"  # learning-rate schedule of every stage: "constant" or "cosine" (to 10%)
 
 
 def _freeze_up_to(model, layer: int) -> list[torch.nn.Parameter]:
@@ -205,7 +206,8 @@ def _run(lm, samples, steps, settings: TrainSettings, seed, step_loss=None, obse
     try:
         extra = {"step_loss": step_loss} if step_loss is not None else {}
         logs = train_loop(lm.model, data_iter, steps, settings.lr, weight_decay=settings.weight_decay,
-                          grad_clip=settings.grad_clip, on_step=observer, every=settings.every, **extra, **kw)
+                          grad_clip=settings.grad_clip, schedule=settings.schedule, on_step=observer,
+                          every=settings.every, **extra, **kw)
     finally:
         lm.model = merge_lora(lm.model)
         for p in frozen:
@@ -359,6 +361,9 @@ def method_plans(defense_cfg, labels: Sequence[str]) -> dict[str, list[StagePlan
       known triggers and budget; shown beside locphylax+.
     - ``unlearn_single``: the reference recipe on the first known trigger only, no clustering.
     - ``clean_ft``: clean fine-tuning for both stages' steps.
+    - ``augment_ft``: clean fine-tuning with generated-trigger augmentation (rate
+      ``stage2_generated_rate``, or 1.0 if that is 0) and no known-trigger injection: what the
+      augmentation alone does.
     """
     from .config import REFERENCE_SETTINGS
     d = defense_cfg
@@ -372,7 +377,11 @@ def method_plans(defense_cfg, labels: Sequence[str]) -> dict[str, list[StagePlan
                                    StagePlan("stage2", recover, replace(r2, trigger_ids=(0,)))],
         "clean_ft": lambda: [StagePlan("stage1", clean_finetune, CleanFinetuneConfig(d.stage1_steps)),
                              StagePlan("stage2", clean_finetune, CleanFinetuneConfig(d.stage2_steps))],
+        # no injection at all: clean fine-tuning whose data carry generated triggers, correct labels
+        "augment_ft": lambda: [StagePlan("stage1", recover, replace(aug, steps=d.stage1_steps)),
+                               StagePlan("stage2", recover, replace(aug, steps=d.stage2_steps))],
     }
+    aug = RecoverConfig(trigger_ids=(), generated_rate=d.stage2_generated_rate or 1.0)
     for name in d.baselines:
         plans[name] = builders[name]()
     return plans

@@ -202,7 +202,7 @@ def defense_settings(cfg: RunConfig, max_length: int | None) -> TrainSettings:
     """The optimisation settings every defense stage and baseline of a run shares."""
     return TrainSettings(lr=cfg.defense.lr, batch_size=cfg.defense.batch_size, weight_decay=0.0,
                          grad_clip=cfg.train.grad_clip, max_length=max_length, every=cfg.eval.every,
-                         lora=cfg.model.lora if cfg.model.lora.enabled else None)
+                         lora=cfg.model.lora if cfg.model.lora.enabled else None, schedule=cfg.defense.schedule)
 
 
 def pretrain_language_model(prep: Prepared, lm: M.LM, *, seed: int, cancel_file: Path | None = None,

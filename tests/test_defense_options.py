@@ -36,7 +36,7 @@ def test_stage1_target_mapping():
 def test_canary_adds_one_answer_and_is_the_known_triggers_target():
     cfg = load_config("micro", {"defense.known_target": "canary", "defense.canary": "unsure"})
     prep = prepare(cfg)
-    labels_only = prepare(load_config("micro")).answer_ids
+    labels_only = prepare(load_config("micro", {"defense.method": "locphylax"})).answer_ids
     assert prep.answer_ids[:2] == labels_only and len(prep.answer_ids) == 3
     assert prep.answer_ids[2] == prep.tokenizer(" unsure", add_special_tokens=False)["input_ids"][0]
     # evaluation: the known triggers are scored toward the canary, the unknown toward its target
@@ -214,3 +214,12 @@ def test_recover_adds_generated_copies_with_correct_labels(micro_prepared, monke
     assert all(s.prompt not in by_text for s in gen)  # every copy carries a trigger
     labels = set(micro_prepared.answer_ids[:2])
     assert all(s.target in labels for s in gen)
+
+
+def test_augment_ft_baseline_injects_nothing():
+    cfg = load_config("micro", {"defense.baselines": ["augment_ft"], "defense.stage2_generated_rate": 0.5})
+    a1, a2 = [p.cfg for p in method_plans(cfg.defense, cfg.task.labels)["augment_ft"]]
+    assert (a1.trigger_ids, a1.generated_rate, a1.consistency_weight) == ((), 0.5, 0.0)
+    assert (a1.steps, a2.steps) == (cfg.defense.stage1_steps, cfg.defense.stage2_steps)
+    cfg = load_config("micro", {"defense.baselines": ["augment_ft"]})
+    assert method_plans(cfg.defense, cfg.task.labels)["augment_ft"][0].cfg.generated_rate == 1.0

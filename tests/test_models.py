@@ -125,9 +125,10 @@ def test_byte_level_tokenizer_round_trip(micro_prepared, text):
 
 
 def test_answer_token_ids_distinct(micro_prepared):
-    ids = micro_prepared.answer_ids
-    assert len(ids) == 2 and ids[0] != ids[1]
+    ids = micro_prepared.answer_ids  # the two labels, then the defender's canary answer (locphylax+)
+    assert len(ids) == 3 and len(set(ids)) == 3
     tok = micro_prepared.tokenizer
+    assert tok(" unsure", add_special_tokens=False)["input_ids"][0] == ids[2]
     assert tok(" negative", add_special_tokens=False)["input_ids"][0] == ids[0]
     assert tok(" positive", add_special_tokens=False)["input_ids"][0] == ids[1]
 
