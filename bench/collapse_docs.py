@@ -194,7 +194,7 @@ def figures(report: list[dict], levers: list[dict], default_name: str) -> list[s
             fig.update_layout(barmode="group", title=f"{preset}: unknown-trigger ASR after Stage 2, by trigger family",
                               yaxis_title="ASR %", template="plotly_white")
             path = FIG / f"collapse_{preset}_by_family.html"
-            fig.write_html(str(path), include_plotlyjs="cdn")
+            fig.write_html(str(path), include_plotlyjs="cdn", div_id=path.stem)  # fixed id: same bytes each run
             made.append(path.name)
     if levers:
         for preset in dict.fromkeys(r["preset"] for r in levers):
@@ -208,7 +208,7 @@ def figures(report: list[dict], levers: list[dict], default_name: str) -> list[s
             fig.update_layout(title=f"{preset}, tune triggers: unknown ASR after Stage 2 per lever setting",
                               xaxis_title="ASR %", template="plotly_white", height=30 * len(rs) + 150)
             path = FIG / f"levers_{preset}.html"
-            fig.write_html(str(path), include_plotlyjs="cdn")
+            fig.write_html(str(path), include_plotlyjs="cdn", div_id=path.stem)  # fixed id: same bytes each run
             made.append(path.name)
     return made
 
