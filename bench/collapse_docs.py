@@ -131,8 +131,8 @@ LEVER_ROUNDS = [  # (file tag, title, the variant whose locphylax row is that ro
     ("levers", "Round 1: every single lever, seed 0, constant learning rate", "ref+baselines"),
     ("levers-generated", "Round 1b: generated-trigger augmentation, seed 0, constant learning rate", None),
     ("levers-round2", "Round 2: seeds 0 and 1, cosine learning-rate schedule for every method", "cosine+baselines"),
-    ("levers-pretrained", "Model lever: LM-pretrained model (word and phrase tune triggers, seed 0)", "ref+baselines"),
-    ("levers-size", "Model lever: 4 layers x 256 (word and phrase tune triggers, seed 0)", "ref+baselines"),
+    ("levers-pretrained", "Model lever: LM-pretrained model (tune trigger `cf`, seed 0; the clean model stayed at chance)", "ref+baselines"),
+    ("levers-size", "Model lever: 4 layers x 256 (tune trigger `cf`, seed 0)", "ref+baselines"),
 ]
 
 
