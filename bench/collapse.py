@@ -43,6 +43,10 @@ from locphylax_core.config import load_config  # noqa: E402
 from locphylax_core.defense import method_plans, run_stage  # noqa: E402
 from locphylax_core.evaluation import evaluate  # noqa: E402
 from locphylax_core.pipeline import defense_settings, prepare, stage_seed, train_owner_model  # noqa: E402
+from locphylax_core.runs import atomic_write_text  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline_bench import _mean_sd  # noqa: E402  (one mean ± sd for every benchmark)
 
 CACHE = ROOT / "bench" / ".cache" / "collapse"
 OUT = ROOT / "bench" / "results"
@@ -134,13 +138,6 @@ LEVER_SETS = {"default": [v for v in list(VARIANTS)[3:list(VARIANTS).index("no_c
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _atomic_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(path)
 
 
 def run_config(preset: str, seed: int, trigger: dict, variant: str, model_sets: dict):
@@ -255,7 +252,7 @@ def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, 
             r = evaluate(lm, prep.task.template, prep.evalset, cfg.eval.batch_size, prep.max_length)
             rows.append({**base, "method": method, "stage": plan.name, "seconds": round(time.perf_counter() - t0, 2),
                          **_scores(r)})
-    _atomic_json(path, rows)
+    atomic_write_text(path, json.dumps(rows))
     return rows
 
 
@@ -263,13 +260,6 @@ def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, 
 # Aggregation and output
 
 METRICS = ["cacc", "asr_unknown", "asr_known", "asr_raw_unknown"]
-
-
-def _mean_sd(xs):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

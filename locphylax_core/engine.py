@@ -151,12 +151,17 @@ def answer_loss(model, batch: Batch, _step: int):
     return loss, {"loss": loss.item()}
 
 
+def _next_token_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of each position's prediction of the next non-pad token."""
+    nxt = batch.input_ids[:, 1:].masked_fill(batch.attention_mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), nxt.reshape(-1), ignore_index=-100)
+
+
 def lm_loss(model, batch: Batch, _step: int):
     """Next-token cross-entropy over every non-pad token (language-model pretraining)."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                    position_ids=batch.position_ids, use_cache=False).logits.float()
-    nxt = batch.input_ids[:, 1:].masked_fill(batch.attention_mask[:, 1:] == 0, -100)
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), nxt.reshape(-1), ignore_index=-100)
+    loss = _next_token_loss(logits, batch)
     return loss, {"loss": loss.item(), "l_lm": loss.item()}
 
 
@@ -171,8 +176,7 @@ def answer_and_lm_loss(lm_weight: float) -> StepLoss:
                     position_ids=batch.position_ids, use_cache=False)
         logits = out.logits.float()
         l_answer = F.cross_entropy(logits[:, -1], batch.targets)
-        nxt = batch.input_ids[:, 1:].masked_fill(batch.attention_mask[:, 1:] == 0, -100)
-        l_lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), nxt.reshape(-1), ignore_index=-100)
+        l_lm = _next_token_loss(logits, batch)
         loss = l_answer + lm_weight * l_lm
         return loss, {"loss": loss.item(), "l_answer": l_answer.item(), "l_lm": l_lm.item()}
 
