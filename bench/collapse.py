@@ -300,10 +300,12 @@ def _f(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def select_triggers(split: str, families=None, per_family: int | None = None) -> list[dict]:
+def select_triggers(split: str, families=None, per_family: int | None = None, texts=None) -> list[dict]:
     out, seen = [], {}
     for t in GRID[split]:
         if families is not None and t["family"] not in families:
+            continue
+        if texts is not None and t["text"] not in texts:
             continue
         seen[t["family"]] = seen.get(t["family"], 0) + 1
         if per_family is None or seen[t["family"]] <= per_family:
@@ -311,11 +313,11 @@ def select_triggers(split: str, families=None, per_family: int | None = None) ->
     return out
 
 
-def train_victims(presets, seeds, split, model_sets: dict, families=None, per_family=None) -> int:
+def train_victims(presets, seeds, split, model_sets: dict, families=None, per_family=None, texts=None) -> int:
     models = Models()
     for preset in presets:
         for seed in seeds:
-            for trig in select_triggers(split, families, per_family):
+            for trig in select_triggers(split, families, per_family, texts):
                 t0 = time.perf_counter()
                 models.get(run_config(preset, seed, trig, "ref", model_sets), "victim")
                 print(f"victim {preset} s{seed} {trig['text'][:20]!r}@{trig['position']}: "
@@ -324,11 +326,13 @@ def train_victims(presets, seeds, split, model_sets: dict, families=None, per_fa
 
 
 def run_grid(presets, seeds, split, variants, model_sets: dict, model_tag: str, families=None,
-             per_family=None) -> list[dict]:
+             per_family=None, texts=None) -> list[dict]:
     import transformers
     transformers.utils.logging.set_verbosity_error()
     models = Models()
-    triggers = select_triggers(split, families, per_family)
+    triggers = select_triggers(split, families, per_family, texts)
+    if not triggers:
+        raise SystemExit(f"no trigger of split {split!r} matches families={families} triggers={texts}")
     rows = []
     total = len(presets) * len(seeds) * len(triggers) * len(variants)
     done = 0
@@ -369,6 +373,8 @@ def main(argv=None) -> int:
     ap.add_argument("--families", nargs="+", default=None)
     ap.add_argument("--per-family", type=int, default=None,
                     help="only the first N triggers of each family (a smaller grid for the slower SST-2 preset)")
+    ap.add_argument("--triggers", nargs="+", default=None,
+                    help="only these trigger texts of the split (one cell per process, to spread a grid over cores)")
     ap.add_argument("--lever-set", choices=list(LEVER_SETS), default="default")
     ap.add_argument("--model-set", action="append", default=[], help="model/train override, e.g. model.n_layer=4")
     ap.add_argument("--model-lever", choices=list(MODEL_LEVERS), default=None,
@@ -403,11 +409,12 @@ def main(argv=None) -> int:
         presets, seeds, split = args.presets or ["demo"], args.seeds or [0], args.split or "tune"
         variants, tag = args.variants or ["ref"], args.tag or "grid"
     if args.what == "victims":  # train and cache the clean models and victims only
-        return train_victims(presets, seeds, split, model_sets, args.families, args.per_family)
+        return train_victims(presets, seeds, split, model_sets, args.families, args.per_family, args.triggers)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-    rows = run_grid(presets, seeds, split, variants, model_sets, model_tag, args.families, args.per_family)
+    rows = run_grid(presets, seeds, split, variants, model_sets, model_tag, args.families, args.per_family,
+                    args.triggers)
     _write_csv(OUT / f"collapse_{tag}_runs.csv", rows)
     for name, by in [("summary", ("preset", "model", "variant", "method", "stage")),
                      ("by_family", ("preset", "model", "family", "variant", "method", "stage"))]:

@@ -38,6 +38,14 @@ def test_trigger_grid_splits_are_disjoint_and_cover_four_families(collapse):
     assert not known & ({t for t, _ in tune} | {t for t, _ in report})
 
 
+def test_trigger_selection_by_family_count_and_text(collapse):
+    sel = collapse.select_triggers
+    assert [t["family"] for t in sel("report", per_family=1)] == ["word", "phrase", "long", "char"]
+    assert [t["text"] for t in sel("report", families=["char"])] == ["~~", "§"]
+    assert [t["text"] for t in sel("report", texts=["tq", "§", "not a trigger"])] == ["tq", "§"]
+    assert sel("report", families=["word"], texts=["§"]) == []
+
+
 def test_variants_change_only_the_defense(collapse):
     trig = collapse.GRID["tune"][0]
     ref = collapse.run_config("micro", 1, trig, "ref", {})
