@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 PORT ?= 8501
 
-.PHONY: demo test app bench bench-collapse bench-levers clean-venv
+.PHONY: demo test app browser bench bench-app bench-collapse bench-levers clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,12 +26,27 @@ $(DEVSTAMP): $(STAMP) requirements-dev.txt
 demo: $(STAMP)
 	$(VENV)/bin/locphylax demo
 
-test: $(DEVSTAMP)
+test: $(DEVSTAMP) browser
 	$(PY) -m pytest -q tests
 
+# Debian's chromium for the app's end-to-end browser test (installed when missing and we may use
+# apt-get; otherwise that one test is skipped and says why)
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium fonts-noto-color-emoji >/dev/null; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null && command -v apt-get >/dev/null; then \
+	    sudo apt-get update -q >/dev/null && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium fonts-noto-color-emoji >/dev/null; \
+	  else echo "note: /usr/bin/chromium is absent and cannot be installed here; the browser test will be skipped"; fi; \
+	fi
+
+# the Streamlit app on $(PORT) (default 8501); the Live demo page offers one click to compute the demo run
 app: $(STAMP)
-	@test -f app/Home.py || { echo "The Streamlit app is not built yet (see app/README.md)."; exit 1; }
-	$(VENV)/bin/streamlit run app/Home.py --server.port $(PORT) --server.headless true
+	$(VENV)/bin/streamlit run app/Home.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
+
+# how fast a stored run's pages render (bench/results/app_render.md); needs an analysed demo run
+bench-app: $(DEVSTAMP) browser
+	$(PY) bench/app_render.py --screenshots docs/screenshots
 
 bench: $(STAMP)
 	$(PY) bench/pipeline_bench.py --presets sst2 demo --seeds 0 1 2

@@ -5,6 +5,8 @@ The public interface (what the app, the notebooks and scripts use):
 - configuration: :func:`load_config`, :class:`RunConfig`, :func:`list_presets`
 - running: :func:`start_run`, :func:`resume_run`, :class:`Reporter`
 - the run store: :class:`RunDir`, :func:`list_runs`, :func:`find_run`
+- background jobs (what the app starts): :mod:`.jobs` (``launch``, ``job_status``, ``list_jobs``, ``cancel``)
+- a read-only view of a run for display: :mod:`.runview` (``open_run``, ``results_table``, ...)
 - errors: :class:`LocphylaxError` and its subclasses
 
 This package never imports Streamlit.

@@ -304,7 +304,10 @@ def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
         if "expected" in ctx:
             allowed = f"; allowed: {ctx['expected']}"
         lines.append(f"{loc or '<root>'}: {msg}{got_s}{allowed}")
-    return ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines))
+    out = ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines))
+    # per-field messages, so a form can show each one beside its own widget
+    out.fields = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in lines}
+    return out
 
 
 def _parse_value(raw: str) -> Any:

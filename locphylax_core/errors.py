@@ -6,7 +6,10 @@ class LocphylaxError(Exception):
 
 
 class ConfigError(LocphylaxError, ValueError):
-    """A configuration field has a bad value (the message names the field)."""
+    """A configuration field has a bad value (the message names the field). ``fields`` maps each
+    bad field's dotted name to its message, where the error came from validation."""
+
+    fields: dict[str, str] = {}
 
 
 class DataError(LocphylaxError, ValueError):

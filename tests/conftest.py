@@ -101,3 +101,18 @@ def tiny_lm(micro_prepared):
     cfg = micro_prepared.cfg
     net = M.build_embedded(cfg.model, micro_prepared.tokenizer, seed=0).eval()
     return M.LM(net, micro_prepared.tokenizer, micro_prepared.answer_ids)
+
+
+@pytest.fixture(scope="session")
+def analysed_root(micro_run, tmp_path_factory) -> Path:
+    """A run store holding one copy of the micro run, analysed (PCA + t-SNE, small head sweep), for
+    the app and run-view tests. Tests must only read from it; copy it to change anything."""
+    import shutil
+
+    from locphylax_core import RunDir
+    from locphylax_core.analysis import analyze_run
+    root = tmp_path_factory.mktemp("app_runs")
+    dst = root / micro_run.run.run_id
+    shutil.copytree(micro_run.run.path, dst)
+    analyze_run(RunDir(dst), methods=("pca", "tsne"), n_probe_heads=40)
+    return root

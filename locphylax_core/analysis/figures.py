@@ -51,9 +51,11 @@ def projection_table(coords: Mapping[str, np.ndarray], probe: Sequence[dict],
 
 
 def projection_figure(coords: Mapping[str, np.ndarray], probe: Sequence[dict], preds: Mapping[str, np.ndarray],
-                      label_words: Sequence[str], method: str = "tsne", groups: Sequence[str] | None = None) -> go.Figure:
+                      label_words: Sequence[str], method: str = "tsne", groups: Sequence[str] | None = None,
+                      active: str | None = None) -> go.Figure:
     """Scatter of the probe set, one frame per stage with a slider and a play button. Hover shows
-    the input text, its group and the model's answer. ``groups`` limits the groups drawn."""
+    the input text, its group and the model's answer. ``groups`` limits the groups drawn;
+    ``active`` is the stage shown first (default: the first)."""
     df = projection_table(coords, probe, preds, label_words)
     if groups is not None:
         df = df[df["group"].isin(list(groups))]
@@ -75,14 +77,15 @@ def projection_figure(coords: Mapping[str, np.ndarray], probe: Sequence[dict], p
                 hovertemplate="%{customdata[0]}<br>group: %{customdata[1]}<br>answer: %{customdata[2]}<extra></extra>"))
         return out
 
-    fig = go.Figure(data=traces(stages[0]), frames=[go.Frame(data=traces(s), name=s) for s in stages])
+    first = stages.index(active) if active in stages else 0
+    fig = go.Figure(data=traces(stages[first]), frames=[go.Frame(data=traces(s), name=s) for s in stages])
     pad = 0.05 * max(1e-9, float(np.ptp(df["x"])) if len(df) else 1.0)
     fig.update_layout(
         title=f"Probe-set hidden states ({method.upper()}, aligned across stages)",
         xaxis=dict(range=[df["x"].min() - pad, df["x"].max() + pad] if len(df) else None, title=f"{method}-1"),
         yaxis=dict(range=[df["y"].min() - pad, df["y"].max() + pad] if len(df) else None, title=f"{method}-2"),
         legend_title="group", template="plotly_white",
-        sliders=[dict(active=0, currentvalue=dict(prefix="stage: "), steps=[
+        sliders=[dict(active=first, currentvalue=dict(prefix="stage: "), steps=[
             dict(label=stage_title(s), method="animate",
                  args=[[s], dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))])
             for s in stages])],

@@ -1,0 +1,179 @@
+"""What every page shares: the run store's location, cached loaders, the run picker, and the live
+job panel. Pages talk to the core only through ``locphylax_core``'s public modules (config, jobs,
+runview, analysis.figures); cached objects are returned as copies (``st.cache_data``) or are
+read-only by contract (``st.cache_resource`` models, never trained here).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import streamlit as st
+
+from locphylax_core import jobs, list_runs, load_config
+from locphylax_core import runview as R
+from locphylax_core.analysis import figures as F
+
+PRESET_NAMES = {"demo": "Live demo (embedded, ~2 min)", "sst2": "SST-2 (real data, ~7 min)",
+                "micro": "Micro (seconds; numbers meaningless)"}
+STATUS_ICONS = {"done": "✅", "running": "⏳", "cancelled": "⏹️", "failed": "❌", "incomplete": "⚠️",
+                "corrupt": "⚠️", "starting": "⏳", "training": "⏳", "analyzing": "⏳", "stopped": "⏹️"}
+
+
+def runs_root() -> Path:
+    return Path(os.environ.get("LOCPHYLAX_RUNS", "runs"))
+
+
+def preset_label(name: str) -> str:
+    return PRESET_NAMES.get(name, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cached loaders, keyed by the run's path and a stamp of its files' times, so a growing run
+# refreshes and a finished one is read once.
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _view(path: str, stamp: tuple) -> R.RunView:
+    return R.open_run(path)
+
+
+def load_view(path: str | Path) -> R.RunView:
+    return _view(str(path), R.run_stamp(path))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _projection(path: str, stamp: tuple, method: str):
+    return R.projection(R.open_run(path), method)
+
+
+def projection(view: R.RunView, method: str):
+    return _projection(view.path, R.run_stamp(view.path), method)
+
+
+@st.cache_resource(show_spinner="Loading the stage's model...", max_entries=12)
+def stage_model(path: str, stage: str, stamp: tuple):
+    """A stage checkpoint for answering typed sentences; shared across sessions and never trained."""
+    return R.load_stage_model(R.open_run(path), stage)
+
+
+def answer(view: R.RunView, stage: str, texts: list[str]) -> list[str]:
+    return R.answer(view, stage_model(view.path, stage, R.run_stamp(view.path)), texts)
+
+
+def all_runs() -> list[dict]:
+    return list(list_runs(runs_root()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The selected run: the URL's ?run= (so a refresh or a shared link keeps it), else this session's
+# last choice, else the newest finished run.
+
+
+def selected_run_id() -> str | None:
+    rid = st.query_params.get("run") or st.session_state.get("run_id")
+    return rid
+
+
+def select_run(run_id: str) -> None:
+    st.session_state["run_id"] = run_id
+    st.query_params["run"] = run_id
+
+
+def pick_run(where=None, need_analysis: bool = False) -> R.RunView | None:
+    """A run selector (sidebar by default); returns the chosen run's view, or None with a message."""
+    where = where or st.sidebar
+    runs = all_runs()
+    if not runs:
+        st.info("No runs yet. Start one on the **Live demo** or **Run** page.")
+        return None
+    ids = [r["run_id"] for r in runs]
+    current = selected_run_id()
+    if current not in ids:
+        done = [r["run_id"] for r in runs if r["status"] == "done"]
+        current = done[0] if done else ids[0]
+    labels = {r["run_id"]: f"{STATUS_ICONS.get(r['status'], '•')} {r['run_id']}" for r in runs}
+    rid = where.selectbox("Run", ids, index=ids.index(current), format_func=lambda i: labels[i], key="run_picker")
+    if rid != st.query_params.get("run"):
+        select_run(rid)
+    view = load_view(runs_root() / rid)
+    show_health(view)
+    if need_analysis and view.health in ("done", "cancelled", "running") and not view.analysed:
+        st.warning(f"Run `{view.run_id}` has no analysis yet (it is computed at the end of a run from the app, "
+                   f"or with `locphylax analyze {view.run_id}`).")
+    return view
+
+
+def show_health(view: R.RunView) -> None:
+    if view.health == "done":
+        return
+    if view.health in ("corrupt", "incomplete"):
+        st.error(f"Run `{view.run_id}` is {view.health}: " + "; ".join(view.problems or ("no stage finished",))
+                 + ". Its pages show what can still be read.")
+    elif view.health == "running":
+        st.info(f"Run `{view.run_id}` is still running: {len(view.finished)} stages finished so far.")
+    elif view.health in ("cancelled", "failed"):
+        err = view.state.get("error")
+        st.warning(f"Run `{view.run_id}` was {view.health}" + (f": {err}" if err else "")
+                   + ". It keeps its finished stages; it can be resumed from the Run page.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Jobs
+
+
+def start_job(cfg, resume: str | None = None) -> str:
+    run_id = jobs.launch(cfg, runs_root(), resume=resume)
+    select_run(run_id)
+    st.session_state["job"] = run_id
+    return run_id
+
+
+def preset_config(name: str):
+    return load_config(name)
+
+
+def job_panel(run_id: str, key: str, curves: bool = True, caption: str | None = None) -> jobs.JobStatus:
+    """Progress of one job (overall and per stage), its live curves, and a Cancel button."""
+    status = jobs.job_status(runs_root(), run_id)
+    icon = STATUS_ICONS.get(status.phase, "•")
+    head = f"{icon} **{run_id}**: {status.phase}"
+    if status.phase == "training" and status.stage:
+        head += f" — stage `{status.stage}`, step {status.step}/{status.stage_steps}"
+    if status.phase == "analyzing":
+        head += f" — {status.analysis_part or 'analyses'}"
+    st.markdown(head)
+    st.progress(min(1.0, status.fraction), text=f"{100 * status.fraction:.0f}% of the run")
+    if status.stage_totals:
+        cols = st.columns(min(4, len(status.stage_totals)))
+        for i, (stage, total) in enumerate(status.stage_totals.items()):
+            if stage in status.finished:
+                frac, label = 1.0, "done"
+            elif stage == status.stage and status.live:
+                frac, label = (min(1.0, status.step / total) if total else 0.0), f"{status.step}/{total}"
+            else:
+                frac, label = 0.0, "waiting" if status.live else "not run"
+            cols[i % len(cols)].progress(frac, text=f"{stage}: {label}")
+    if status.error and status.phase in ("failed", "stopped"):
+        st.error(status.error)
+    if status.live:
+        if st.button("Cancel", key=f"cancel-{key}-{run_id}", type="secondary"):
+            with st.spinner("Stopping the job..."):
+                jobs.cancel(runs_root(), run_id)
+            st.rerun()
+    if curves and (runs_root() / run_id / "metrics.jsonl").is_file():
+        view = load_view(runs_root() / run_id)
+        if view.metrics:
+            if caption:
+                st.caption(caption)
+            st.plotly_chart(F.curves_figure(R.curve_rows(view), ["locphylax"]), key=f"curves-{key}-{run_id}")
+    return status
+
+
+def live_jobs() -> list[jobs.JobStatus]:
+    return [j for j in jobs.list_jobs(runs_root()) if j.live]
+
+
+def fmt_pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"

@@ -1,0 +1,319 @@
+"""Background jobs: a run (and its analysis) in a separate process that writes to its run folder.
+
+The app never trains inside its own process. :func:`launch` starts ``python -m
+locphylax_core.jobs`` in a new process session and returns at once; the job is recorded in
+``<runs>/.jobs/<run_id>.json`` so any later page load, browser tab or second app process finds
+it again (:func:`list_jobs`, :func:`job_status`). :func:`cancel` really stops it: it asks the
+pipeline to stop after its current step (the run keeps its finished stages and stays resumable),
+and kills the process group if it has not exited within a grace period.
+
+Layout of ``<runs>/.jobs/`` (``list_runs`` skips dot folders)::
+
+    <run_id>.json        the job record: pid, command, started, config file, log file
+    <run_id>.yaml        the configuration the job runs
+    <run_id>.log         the job's stdout and stderr
+    <run_id>.exit.json   written by the job as it ends: return code and phase
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import RunConfig
+from .runs import RunDir, atomic_write_json, atomic_write_text, new_run_id
+
+JOBS_DIR = ".jobs"
+LIVE_PHASES = ("starting", "training", "analyzing")
+
+
+def jobs_dir(runs_root: str | Path) -> Path:
+    return Path(runs_root) / JOBS_DIR
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What a job is doing now, read from its record, its run folder and its process."""
+
+    run_id: str
+    phase: str  # starting | training | analyzing | done | cancelled | failed | stopped | missing
+    alive: bool
+    stage: str | None = None  # the stage being trained
+    step: int = 0
+    stage_steps: int = 0
+    finished: tuple[str, ...] = ()
+    stage_totals: dict = field(default_factory=dict)  # steps per stage key, in run order
+    analysis_part: str | None = None
+    error: str | None = None
+    started: str | None = None
+    log_tail: str = ""
+
+    @property
+    def live(self) -> bool:
+        return self.phase in LIVE_PHASES
+
+    @property
+    def fraction(self) -> float:
+        """Share of all training steps done (analysis counts as the last 10%)."""
+        if self.phase == "done":
+            return 1.0
+        total = sum(self.stage_totals.values())
+        if not total:
+            return 0.0
+        done = sum(v for k, v in self.stage_totals.items() if k in self.finished)
+        if self.stage and self.stage not in self.finished:
+            done += min(self.step, self.stage_totals.get(self.stage, 0))
+        return 0.9 * done / total + (0.05 if self.phase == "analyzing" else 0.0)
+
+
+def _pid_alive(pid: int, token: str) -> bool:
+    """True when ``pid`` runs and is our job (its command line holds the run id), not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    proc = Path(f"/proc/{pid}")
+    if proc.is_dir():
+        try:
+            if proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+            return token in proc.joinpath("cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError):
+            return False
+    return True
+
+
+def launch(cfg: RunConfig, runs_root: str | Path = "runs", *, analyze: bool = True, resume: str | None = None,
+           threads: int | None = None) -> str:
+    """Start a run (or resume the run ``resume``) in a separate process; return its run id at once.
+
+    When other jobs are live, the new one gets one torch thread (two processes with a full thread
+    count each on a small CPU slow both by an order of magnitude) unless ``threads`` is given."""
+    root = Path(runs_root)
+    jd = jobs_dir(root)
+    jd.mkdir(parents=True, exist_ok=True)
+    if threads is None and any(j.live for j in list_jobs(root)):
+        threads = 1
+    if threads is not None:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"threads": int(threads)})})
+    run_id = resume or new_run_id(cfg.name)
+    cfg_path = jd / f"{run_id}.yaml"
+    log_path = jd / f"{run_id}.log"
+    atomic_write_text(cfg_path, cfg.to_yaml())
+    for stale in (jd / f"{run_id}.exit.json",):
+        stale.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "locphylax_core.jobs", "--runs", str(root.resolve()), "--run-id", run_id,
+           "--config", str(cfg_path.resolve())]
+    if not analyze:
+        cmd.append("--no-analyze")
+    if resume:
+        cmd.append("--resume")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True, cwd=os.getcwd())
+    # reap the child when it ends, so it never lingers as a zombie that looks alive
+    threading.Thread(target=proc.wait, daemon=True).start()
+    atomic_write_json(jd / f"{run_id}.json", {"run_id": run_id, "pid": proc.pid, "command": cmd,
+                                             "started": _dt.datetime.now().isoformat(timespec="seconds"),
+                                             "config": str(cfg_path), "log": str(log_path), "resume": bool(resume)})
+    return run_id
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        v = json.loads(path.read_text(encoding="utf-8"))
+        return v if isinstance(v, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: Path, n: int = 2000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - n))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def job_status(runs_root: str | Path, run_id: str) -> JobStatus:
+    root = Path(runs_root)
+    jd = jobs_dir(root)
+    rec = _read(jd / f"{run_id}.json")
+    run_path = root / run_id
+    if rec is None and not run_path.is_dir():
+        return JobStatus(run_id, "missing", False, error=f"no job or run {run_id!r} under {root}")
+    alive = bool(rec) and _pid_alive(int(rec.get("pid", -1)), run_id)
+    state = _read(run_path / "state.json") or {}
+    progress = _read(run_path / "progress.json") or {}
+    exit_rec = _read(jd / f"{run_id}.exit.json")
+    totals = state.get("total_steps") or {}
+    finished = tuple(state.get("finished", []))
+    status = state.get("status")
+    error = state.get("error") or progress.get("error")
+    if alive:
+        if not run_path.is_dir() or not state:
+            phase = "starting"
+        elif progress.get("status") == "analyzing" or (progress.get("status") == "done" and status == "done"):
+            # the pipeline has finished; the analyses run (or the process is writing its last files)
+            phase = "analyzing"
+        else:
+            phase = "training"
+    elif exit_rec is not None:
+        phase = exit_rec.get("phase", "failed")
+        error = error or exit_rec.get("error")
+    elif status in ("done", "cancelled", "failed"):
+        phase = status
+    else:  # the process is gone without an exit record: killed from outside (or the machine stopped)
+        phase = "stopped"
+        error = error or "the job's process is gone (killed?); the run can be resumed from its last finished stage"
+    return JobStatus(run_id=run_id, phase=phase, alive=alive, stage=progress.get("key"),
+                     step=int(progress.get("step") or 0), stage_steps=int(totals.get(progress.get("key"), 0) or 0),
+                     finished=finished, stage_totals=dict(totals), analysis_part=progress.get("part"),
+                     error=error, started=(rec or {}).get("started"),
+                     log_tail=_tail(jd / f"{run_id}.log") if rec else "")
+
+
+def list_jobs(runs_root: str | Path) -> list[JobStatus]:
+    """Every job recorded under ``runs_root``, newest first."""
+    jd = jobs_dir(runs_root)
+    if not jd.is_dir():
+        return []
+    ids = sorted((p.name[:-5] for p in jd.glob("*.json") if not p.name.endswith(".exit.json")), reverse=True)
+    return [job_status(runs_root, i) for i in ids]
+
+
+def cancel(runs_root: str | Path, run_id: str, grace: float = 10.0) -> JobStatus:
+    """Stop a job: ask the pipeline to stop after its current step (CANCEL file and SIGTERM, both of
+    which leave a resumable run marked ``cancelled``), then kill its process group if it is still
+    there after ``grace`` seconds. Returns the status afterwards."""
+    root = Path(runs_root)
+    rec = _read(jobs_dir(root) / f"{run_id}.json")
+    run_path = root / run_id
+    if run_path.is_dir():
+        RunDir(run_path).cancel_file.touch()
+    if rec is not None and _pid_alive(int(rec["pid"]), run_id):
+        pid = int(rec["pid"])
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _pid_alive(pid, run_id):
+            time.sleep(0.1)
+        if _pid_alive(pid, run_id):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and _pid_alive(pid, run_id):
+                time.sleep(0.05)
+            _write_exit(root, run_id, 137, "cancelled", "killed after the grace period")
+    return job_status(root, run_id)
+
+
+def _write_exit(root: Path, run_id: str, rc: int, phase: str, error: str | None = None) -> None:
+    atomic_write_json(jobs_dir(root) / f"{run_id}.exit.json",
+                      {"rc": rc, "phase": phase, "error": error,
+                       "ended": _dt.datetime.now().isoformat(timespec="seconds")})
+
+
+class _ProgressReporter:
+    """Writes the current step to progress.json, at most twice a second (the observer writes it at
+    every evaluation point too; this adds the steps in between)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.key, self.step, self.last = run_dir, None, 0, 0.0
+
+    def stage_started(self, key, total_steps):
+        self.key, self.step = key, 0
+        self._write(force=True)
+
+    def advance(self, n, logs):
+        self.step += n
+        self._write()
+
+    def stage_finished(self, key, result):
+        pass
+
+    def message(self, text):
+        print(text, flush=True)
+
+    def _write(self, force: bool = False):
+        now = time.monotonic()
+        if (force or now - self.last > 0.5) and self.run_dir.is_dir():
+            self.last = now
+            RunDir(self.run_dir).write_progress(status="running", key=self.key, step=self.step)
+
+
+def _sigterm(_signo, _frame):
+    raise KeyboardInterrupt("stopped by a cancel request")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The job process: run (or resume) the pipeline, then the analyses, writing progress as it goes."""
+    ap = argparse.ArgumentParser(prog="python -m locphylax_core.jobs")
+    ap.add_argument("--runs", required=True)
+    ap.add_argument("--run-id", required=True)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--no-analyze", action="store_true")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    root = Path(args.runs)
+    from .cli import _quiet_libraries
+    from .config import load_config
+    from .engine import Cancelled
+    from .errors import LocphylaxError
+    from .pipeline import resume_run, start_run
+    _quiet_libraries()
+    run_dir = root / args.run_id
+    reporter = _ProgressReporter(run_dir)
+    phase, rc, error = "failed", 1, None
+    try:
+        if args.resume:
+            resume_run(RunDir(run_dir), reporter=reporter)
+        else:
+            start_run(load_config(args.config), runs_root=root, reporter=reporter, run_id=args.run_id)
+        if not args.no_analyze:
+            from .analysis.run_analysis import analyze_run
+            run = RunDir(run_dir)
+
+            def say(part: str) -> None:
+                print(f"analysis: {part}", flush=True)
+                run.write_progress(status="analyzing", part=part)
+            analyze_run(run, progress=say)
+            run.write_progress(status="done", part=None)
+        phase, rc = "done", 0
+    except (Cancelled, KeyboardInterrupt) as e:
+        phase, rc, error = "cancelled", 130, str(e) or "cancelled"
+        if run_dir.is_dir() and (run_dir / "state.json").is_file():
+            RunDir(run_dir).write_progress(status="cancelled")
+    except LocphylaxError as e:
+        phase, rc, error = "failed", 2, str(e)
+        print(f"error: {e}", flush=True)
+    except Exception as e:  # noqa: BLE001 - reported to the app, with the traceback in the log
+        import traceback
+        traceback.print_exc()
+        phase, rc, error = "failed", 1, f"{type(e).__name__}: {e}"
+    finally:
+        _write_exit(root, args.run_id, rc, phase, error)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""A read-only, typed view of one run folder: what the app shows, and nothing it could mutate.
+
+:func:`open_run` never raises for a bad folder. A missing, half-written or corrupt file becomes a
+``problems`` entry and an empty part of the view, so every page can say what is wrong instead of
+crashing. Heavy arrays (projections, head-ablation grids) are read on demand by the functions
+below, which return fresh numpy arrays and DataFrames on every call.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from .runs import SUMMARY_SCHEMA
+
+STAGE_ROWS = (("victim", "victim"), ("stage1", "Locphylax Stage 1"), ("stage2", "Locphylax Stage 2"))
+BASELINE_NAMES = {"clean_ft": "clean fine-tuning", "unlearn_single": "single-trigger unlearning",
+                  "no_cluster": "Locphylax without clustering", "reference": "Locphylax (paper reference)",
+                  "augment_ft": "augmented fine-tuning"}
+HEALTHY = ("done",)
+
+
+@dataclass(frozen=True)
+class RunView:
+    """Everything small about a run, read once. ``health`` is one of: done, running, cancelled,
+    failed, incomplete, corrupt."""
+
+    run_id: str
+    path: str
+    health: str
+    problems: tuple[str, ...] = ()
+    status: str | None = None
+    preset: str | None = None
+    config: dict = field(default_factory=dict)
+    config_yaml: str = ""
+    summary: dict | None = None
+    state: dict = field(default_factory=dict)
+    metrics: tuple[dict, ...] = ()
+    analysis: dict | None = None
+    probe: tuple[dict, ...] = ()
+
+    @property
+    def label_words(self) -> list[str]:
+        """Answer words indexed like predictions: the task's labels, then the canary if any."""
+        task = self.config.get("task", {})
+        words = list(task.get("labels", []))
+        defense = self.config.get("defense", {})
+        if defense.get("known_target") == "canary":
+            words.append(defense.get("canary", "canary"))
+        return words
+
+    @property
+    def attack_trigger(self) -> str | None:
+        """The attacker's trigger text (for display and evaluation only; the defense never gets it)."""
+        from .config import DEFAULT_ATTACK_TRIGGERS
+        attack = self.config.get("attack", {})
+        return attack.get("trigger") or DEFAULT_ATTACK_TRIGGERS.get(attack.get("family"))
+
+    @property
+    def finished(self) -> list[str]:
+        return list(self.state.get("finished", []))
+
+    @property
+    def analysed(self) -> bool:
+        return self.analysis is not None
+
+    @property
+    def methods(self) -> list[str]:
+        """locphylax first, then the baselines that have any row."""
+        seen = {r.get("method") for r in self.metrics}
+        return ["locphylax"] + [m for m in self.config.get("defense", {}).get("baselines", []) if m in seen]
+
+
+def _load_json(path: Path, problems: list[str], required: bool = True):
+    if not path.is_file():
+        if required:
+            problems.append(f"{path.name} is missing")
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        problems.append(f"{path.name} is corrupt ({type(e).__name__})")
+        return None
+
+
+def open_run(path: str | Path) -> RunView:
+    """Read a run folder into a :class:`RunView`; never raises for a bad folder."""
+    p = Path(path)
+    problems: list[str] = []
+    if not p.is_dir():
+        return RunView(p.name, str(p), "corrupt", (f"{p} is not a folder",))
+    config, config_yaml = {}, ""
+    try:
+        config_yaml = (p / "config.yaml").read_text(encoding="utf-8")
+        config = yaml.safe_load(config_yaml) or {}
+        if not isinstance(config, dict):
+            problems.append("config.yaml is not a mapping")
+            config = {}
+    except FileNotFoundError:
+        problems.append("config.yaml is missing")
+    except (OSError, yaml.YAMLError) as e:
+        problems.append(f"config.yaml is corrupt ({type(e).__name__})")
+    state = _load_json(p / "state.json", problems) or {}
+    if not isinstance(state, dict):
+        problems.append("state.json is not a mapping")
+        state = {}
+    summary = _load_json(p / "summary.json", problems, required=bool(state.get("finished")))
+    if summary is not None and (not isinstance(summary, dict) or summary.get("schema") != SUMMARY_SCHEMA):
+        problems.append("summary.json has an unknown schema")
+        summary = None
+    analysis = _load_json(p / "analysis.json", problems, required=False)
+    if analysis is not None and not isinstance(analysis, dict):
+        problems.append("analysis.json is not a mapping")
+        analysis = None
+    metrics = []
+    if (p / "metrics.jsonl").is_file():
+        for line in (p / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                if isinstance(row, dict):
+                    metrics.append(row)
+            except ValueError:
+                continue  # a line cut by a kill mid-write
+    probe = []
+    if (p / "probe.jsonl").is_file():
+        try:
+            probe = [json.loads(x) for x in (p / "probe.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+        except ValueError:
+            problems.append("probe.jsonl is corrupt")
+            probe = []
+    status = state.get("status")
+    if any("corrupt" in x or "not a mapping" in x or "unknown schema" in x for x in problems):
+        health = "corrupt"
+    elif "config.yaml is missing" in problems or "state.json is missing" in problems:
+        health = "incomplete"
+    elif status in ("done", "running", "cancelled", "failed"):
+        health = status
+    else:
+        health = "incomplete"
+    return RunView(run_id=p.name, path=str(p), health=health, problems=tuple(problems), status=status,
+                   preset=state.get("preset") or config.get("name"), config=config, config_yaml=config_yaml,
+                   summary=summary, state=state, metrics=tuple(metrics), analysis=analysis, probe=tuple(probe))
+
+
+def run_stamp(path: str | Path) -> tuple:
+    """Modification times and sizes of the files a view reads: a cache key that changes when the
+    run does (a growing metrics.jsonl, a new analysis.json)."""
+    p = Path(path)
+    out = []
+    for name in ("state.json", "summary.json", "metrics.jsonl", "analysis.json", "config.yaml", "progress.json"):
+        try:
+            st = (p / name).stat()
+            out.append((name, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((name, None, None))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+
+def _pct(x) -> float | None:
+    return None if x is None else round(100.0 * float(x), 1)
+
+
+def results_table(view: RunView) -> pd.DataFrame:
+    """One row per finished stage and baseline: CACC and ASR (unknown, known triggers) in %, seconds."""
+    s = view.summary or {}
+    rows = []
+    secs = s.get("seconds", {})
+    entries = [(label, s.get("stages", {}).get(key), secs.get(key), key) for key, label in STAGE_ROWS]
+    entries += [(BASELINE_NAMES.get(m, m), r, secs.get(m), m) for m, r in (s.get("baselines") or {}).items()]
+    for label, r, sec, key in entries:
+        if not r:
+            continue
+        row = {"run": view.run_id, "row": label, "key": key, "CACC %": _pct(r.get("cacc"))}
+        for trig, v in (r.get("asr") or {}).items():
+            row[f"ASR {trig} %"] = _pct(v)
+        row["seconds"] = sec
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def compare_table(views: Sequence[RunView]) -> pd.DataFrame:
+    """The results tables of several runs stacked, with each run's preset and attack trigger."""
+    parts = []
+    for v in views:
+        t = results_table(v)
+        if t.empty:
+            continue
+        attack = v.config.get("attack", {})
+        t.insert(1, "preset", v.preset)
+        t.insert(2, "attack", f"{attack.get('family', '?')}: {v.attack_trigger}")
+        t.insert(3, "method", v.config.get("defense", {}).get("method", "locphylax"))
+        parts.append(t)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def aggregation_table(view: RunView) -> pd.DataFrame:
+    """Per analysed stage: the headline aggregation score and the centroid distances."""
+    agg = (view.analysis or {}).get("aggregation") or {}
+    rows = []
+    for stage, m in agg.items():
+        if not isinstance(m, dict):
+            continue
+        row = {"stage": stage, **{k: v for k, v in m.items() if isinstance(v, (int, float)) or v is None}}
+        row.update({f"distance {pair}": d for pair, d in (m.get("centroid_distance") or {}).items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Arrays, read on demand
+
+
+def _arrays(view: RunView, rel: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+    return dict(load_file(str(Path(view.path) / rel)))
+
+
+def projection(view: RunView, method: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(coords, predictions) per analysed stage for ``method`` (pca, tsne, umap)."""
+    from safetensors.numpy import load_file
+    info = ((view.analysis or {}).get("projections") or {}).get(method)
+    if not info:
+        raise KeyError(f"no {method} projection in this run's analysis")
+    arrays = _arrays(view, info["file"])
+    coords = {k: arrays[k.replace("/", "__")] for k in info["stages"]}
+    preds = {}
+    for k in info["stages"]:
+        path = Path(view.path) / "hidden" / (k.replace("/", "__") + ".safetensors")
+        if path.is_file():
+            preds[k] = load_file(str(path))["pred"].astype(np.int64)
+    return coords, preds
+
+
+def head_grids(view: RunView, stage: str) -> dict[str, np.ndarray]:
+    """``[layer, head]`` arrays of one stage's head ablation: ``delta_cacc`` and ``delta_asr_<trigger>``
+    (NaN where no input qualified)."""
+    ha = ((view.analysis or {}).get("head_ablation") or {}).get(stage)
+    if not ha:
+        raise KeyError(f"no head ablation for stage {stage!r}")
+    out = {"delta_cacc": np.array(ha["delta_cacc"], dtype=float)}
+    for trig, grid in ha["delta_asr"].items():
+        out[f"delta_asr_{trig}"] = np.array(grid, dtype=float)
+    return out
+
+
+def critical_heads(view: RunView, stage: str, top: int = 5, trigger: str = "unknown") -> pd.DataFrame:
+    """The heads whose ablation moves ``trigger``'s ASR most (largest |ΔASR|), with ΔASR and ΔCACC in
+    points. Heads with no qualifying input (NaN) are left out."""
+    grids = head_grids(view, stage)
+    asr_col = f"ΔASR {trigger} (points)"
+    asr = grids.get(f"delta_asr_{trigger}")
+    rows = []
+    if asr is not None:
+        flat = [(layer, head, asr[layer, head], grids["delta_cacc"][layer, head])
+                for layer in range(asr.shape[0]) for head in range(asr.shape[1]) if np.isfinite(asr[layer, head])]
+        flat.sort(key=lambda t: -abs(t[2]))
+        rows = [{"layer": a, "head": b, asr_col: round(100 * c, 1), "ΔCACC (points)": round(100 * d, 1)}
+                for a, b, c, d in flat[:top]]
+    return pd.DataFrame(rows, columns=["layer", "head", asr_col, "ΔCACC (points)"])
+
+
+def curve_rows(view: RunView) -> list[dict]:
+    """metrics.jsonl rows (a fresh list each call: callers may not share or change them)."""
+    return [dict(r) for r in view.metrics]
+
+
+# ----------------------------------------------------------------------------------------------
+# A stage's model, to answer sentences typed by the user
+
+
+def load_stage_model(view: RunView, stage: str):
+    """The checkpoint of ``stage`` as an ``LM`` ready to answer (eval mode, CPU). Loaded from
+    safetensors only; the caller must treat it as read-only."""
+    import torch
+
+    from . import model as M
+    from .tasks import Task
+    ckpt = Path(view.path) / "checkpoints" / stage.replace("/", "__")
+    tokenizer = M.load_tokenizer(str(Path(view.path) / "tokenizer"))
+    task_cfg = view.config.get("task", {})
+    task = Task(task_cfg.get("name", "task"), task_cfg.get("template", "{text}"), tuple(task_cfg.get("labels", [])),
+                (), ())
+    ids = M.answer_token_ids(tokenizer, task)
+    defense = view.config.get("defense", {})
+    if defense.get("known_target") == "canary":
+        ids = ids + (M.canary_token_id(tokenizer, defense.get("canary", "unsure"), ids),)
+    model = M.load_checkpoint(ckpt, "cpu").eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        return M.LM(model, tokenizer, ids)
+
+
+def answer(view: RunView, lm, texts: Sequence[str]) -> list[str]:
+    """The answer word ``lm`` gives to each text, with the run's own prompt template."""
+    import torch
+
+    from .evaluation import predict
+    template = view.config.get("task", {}).get("template", "{text}")
+    with torch.no_grad():
+        pred = predict(lm, template, list(texts))
+    words = view.label_words
+    return [words[int(i)] for i in pred]
+
+
+__all__ = ["RunView", "open_run", "run_stamp", "results_table", "compare_table", "aggregation_table", "projection",
+           "head_grids", "critical_heads", "curve_rows", "load_stage_model", "answer", "HEALTHY"]

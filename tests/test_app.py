@@ -1,0 +1,253 @@
+"""Every page of the Streamlit app, driven by streamlit.testing's AppTest on a micro run: the
+widgets and the numbers they show, inline validation errors, job start / re-attach / cancel, and
+damaged run folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from locphylax_core import jobs, load_config
+from locphylax_core import runview as R
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+HOME = str(Path(__file__).resolve().parent.parent / "app" / "Home.py")
+
+
+def app(root: Path, monkeypatch, page: str | None = None) -> AppTest:
+    monkeypatch.setenv("LOCPHYLAX_RUNS", str(root))
+    at = AppTest.from_file(HOME, default_timeout=120)
+    at.run()
+    if page:
+        at.switch_page(f"views/{page}.py")
+        at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+@pytest.fixture(scope="module")
+def run_view(analysed_root):
+    (path,) = [p for p in analysed_root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return R.open_run(path)
+
+
+@pytest.fixture()
+def launched(monkeypatch):
+    """Record jobs the pages would start instead of starting them."""
+    calls = []
+
+    def fake_launch(cfg, runs_root, *, analyze=True, resume=None, threads=None):
+        calls.append({"cfg": cfg, "root": Path(runs_root), "resume": resume})
+        return resume or f"fake-{len(calls)}"
+    monkeypatch.setattr(jobs, "launch", fake_launch)
+    return calls
+
+
+def test_live_demo_offers_one_click_when_no_demo_run_is_stored(analysed_root, monkeypatch, launched):
+    at = app(analysed_root, monkeypatch)
+    assert "No demo run is stored yet" in texts(at.info)
+    (button,) = [b for b in at.button if "Run the live demo" in b.label]
+    button.click().run()
+    assert len(launched) == 1 and launched[0]["cfg"].name == "demo"
+    assert launched[0]["root"] == analysed_root
+
+
+@pytest.fixture(scope="module")
+def demo_root(run_view, tmp_path_factory):
+    """The analysed micro run relabelled as a demo run, for the instructor page."""
+    root = tmp_path_factory.mktemp("demo_runs")
+    dst = root / run_view.run_id
+    shutil.copytree(run_view.path, dst)
+    state = json.loads((dst / "state.json").read_text())
+    state["preset"] = "demo"
+    (dst / "state.json").write_text(json.dumps(state))
+    return root
+
+
+def test_live_demo_shows_the_collapse_in_plain_sentences(demo_root, run_view, monkeypatch):
+    at = app(demo_root, monkeypatch)
+    s = run_view.summary
+    metrics = {m.label: m.value for m in at.metric}
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    assert metrics["Hidden trigger works, victim"] == pct(s["stages"]["victim"]["asr"]["unknown"])
+    assert metrics["after Stage 2 (Locphylax)"] == pct(s["stages"]["stage2"]["asr"]["unknown"])
+    assert metrics["plain clean fine-tuning"] == pct(s["baselines"]["clean_ft"]["asr"]["unknown"])
+    sentence = texts(at.markdown)
+    assert f"went from {pct(s['stages']['victim']['cacc'])} to {pct(s['stages']['stage2']['cacc'])}" in sentence
+    assert len(at.get("plotly_chart")) == 3  # curves, projection, heads
+    assert "Each dot is one sentence" in texts(at.caption)
+    # "Try it yourself": one answer per stage, from the run's own label words
+    table = at.table[0].value
+    assert list(table["stage"]) == ["victim", "after Stage 1", "after Stage 2 (Locphylax)"]
+    assert set(table["answer"]) <= set(run_view.label_words)
+
+
+def test_setup_shows_validation_errors_beside_the_field(analysed_root, monkeypatch):
+    at = app(analysed_root, monkeypatch, "setup")
+    at.selectbox(key="setup_preset").set_value("micro").run()
+    at.number_input(key="f-micro-attack-poison_rate").set_value(2.0)
+    at.number_input(key="f-micro-defense-stage1_steps").set_value(0)
+    [b for b in at.button if b.label == "Validate"][0].click().run()
+    errors = texts(at.error)
+    assert "`attack.poison_rate`: must be in (0, 1] (got 2.0)" in errors
+    assert "`defense.stage1_steps`" in errors and "greater than or equal to 1" in errors
+    assert not at.success
+    # fixing the fields gives a valid configuration naming what changed
+    at.number_input(key="f-micro-attack-poison_rate").set_value(0.3)
+    at.number_input(key="f-micro-defense-stage1_steps").set_value(4)
+    [b for b in at.button if b.label == "Validate"][0].click().run()
+    assert not at.error, texts(at.error)
+    ok = texts(at.success)
+    assert "Valid configuration" in ok and "`attack.poison_rate`" in ok and "`defense.stage1_steps`" in ok
+    assert "poison_rate: 0.3" in texts(at.code)
+
+
+def test_setup_starts_the_validated_run(analysed_root, monkeypatch, launched):
+    at = app(analysed_root, monkeypatch, "setup")
+    at.selectbox(key="setup_preset").set_value("micro").run()
+    at.number_input(key="f-micro-seed").set_value(7)
+    [b for b in at.button if b.label == "Validate"][0].click().run()
+    at.button(key="setup_start").click().run()
+    assert len(launched) == 1 and launched[0]["cfg"].seed == 7 and launched[0]["cfg"].name == "micro"
+
+
+def test_run_page_starts_a_job_and_lists_stored_runs(analysed_root, run_view, monkeypatch, launched):
+    at = app(analysed_root, monkeypatch, "run")
+    at.selectbox(key="run_choice").set_value("micro").run()
+    at.button(key="start_run").click().run()
+    assert launched and launched[0]["cfg"] == load_config("micro")
+    stored = at.dataframe[0].value
+    assert run_view.run_id in list(stored["run"])
+
+
+def test_run_page_reattaches_to_a_running_job_and_cancel_stops_it(tmp_path, monkeypatch):
+    cfg = load_config("micro", {"train.clean_steps": 20000, "eval.clean_every": 50})
+    run_id = jobs.launch(cfg, tmp_path, analyze=False)
+    t0 = time.monotonic()
+    while jobs.job_status(tmp_path, run_id).phase != "training" and time.monotonic() - t0 < 60:
+        time.sleep(0.2)
+    try:
+        at = app(tmp_path, monkeypatch, "run")  # a fresh session: no state links it to the job
+        assert f"Running: {run_id}" in texts(at.subheader)
+        assert any("training" in str(m.value) and run_id in str(m.value) for m in at.markdown)
+        (cancel,) = [b for b in at.button if b.label == "Cancel"]
+        cancel.click().run()
+        status = jobs.job_status(tmp_path, run_id)
+        assert status.phase == "cancelled" and not status.alive
+        assert f"Running: {run_id}" not in texts(at.subheader)
+    finally:
+        jobs.cancel(tmp_path, run_id, grace=10)
+
+
+def test_aggregation_page_shows_the_projection_and_metrics(analysed_root, run_view, monkeypatch):
+    at = app(analysed_root, monkeypatch, "aggregation")
+    assert at.radio(key="agg_method").options == ["PCA", "TSNE"]
+    agg = run_view.analysis["aggregation"]
+
+    def score(stage):
+        v = agg[stage]["aggregation_score"]
+        return "n/a" if v is None else f"{v:.3f}"
+    metric = lambda: {m.label: m.value for m in at.metric}["aggregation score"]  # noqa: E731
+    assert metric() == score("stage1")
+    at.select_slider(key="agg_stage").set_value("victim").run()
+    assert metric() == score("victim")
+    at.radio(key="agg_method").set_value("pca").run()
+    at.multiselect(key="agg_groups").set_value(["unknown"]).run()
+    assert not at.exception and len(at.get("plotly_chart")) == 1
+    assert "centroid distance" in texts(at.caption)
+
+
+def test_heads_page_shows_one_head_and_the_critical_list(analysed_root, run_view, monkeypatch):
+    at = app(analysed_root, monkeypatch, "heads")
+    assert len(at.get("plotly_chart")) == 1
+    at.number_input(key="heads_head").set_value(1).run()
+    one = at.dataframe[0].value
+    grid = R.head_grids(run_view, "victim")["delta_asr_t1"]
+    assert one.iloc[0]["ΔASR (t1)"] == pytest.approx(round(100 * grid[0, 1], 1))
+    cacc = R.head_grids(run_view, "victim")["delta_cacc"]
+    assert one.iloc[0]["ΔCACC"] == pytest.approx(round(100 * cacc[0, 1], 1))
+    top = at.dataframe[1].value
+    assert list(top.columns) == ["layer", "head", "ΔASR unknown (points)", "ΔCACC (points)"]
+    at.selectbox(key="heads_quantity").set_value("delta_cacc").run()
+    assert not at.exception
+
+
+def test_compare_page_filters_runs_and_methods(analysed_root, run_view, monkeypatch):
+    at = app(analysed_root, monkeypatch, "compare")
+    table = at.dataframe[0].value
+    assert len(table) == len(R.results_table(run_view))
+    assert len(at.get("plotly_chart")) == 1
+    at.multiselect(key="cmp_rows").set_value(["victim", "clean fine-tuning"]).run()
+    table = at.dataframe[0].value
+    assert list(table["row"]) == ["victim", "clean fine-tuning"]
+    assert table.iloc[0]["CACC %"] == round(100 * run_view.summary["stages"]["victim"]["cacc"], 1)
+
+
+def test_export_page_offers_every_file(analysed_root, run_view, monkeypatch):
+    at = app(analysed_root, monkeypatch, "export")
+    labels = {b.proto.label for b in at.get("download_button")}
+    assert {"projection_pca.html", "projection_tsne.html", "heads.html", "curves.html", "casd.html",
+            "results.csv", "metrics.csv", "projection_tsne.csv", "heads.csv", "aggregation.csv",
+            "summary.json", "config.yaml"} <= labels
+
+
+@pytest.fixture(scope="module")
+def damaged_root(run_view, tmp_path_factory):
+    root = tmp_path_factory.mktemp("damaged_runs")
+    corrupt = root / "20990101-000000-micro-corrupt"
+    shutil.copytree(run_view.path, corrupt)
+    (corrupt / "summary.json").write_text('{"schema": 1, "stages": {')
+    (corrupt / "analysis.json").write_text("{ not json")
+    half = root / "20990101-000001-micro-half"
+    half.mkdir()
+    (half / "config.yaml").write_text("name: micro\n")
+    (half / "metrics.jsonl").write_text('{"key": "vic')
+    return root, corrupt.name, half.name
+
+
+@pytest.mark.parametrize("page", ["live_demo", "setup", "run", "aggregation", "heads", "compare", "export"])
+@pytest.mark.parametrize("which", [1, 2])
+def test_damaged_run_folders_never_crash_a_page(damaged_root, monkeypatch, page, which):
+    root, corrupt, half = damaged_root
+    run_id = (None, corrupt, half)[which]
+    monkeypatch.setenv("LOCPHYLAX_RUNS", str(root))
+    at = AppTest.from_file(HOME, default_timeout=120)
+    at.query_params["run"] = run_id
+    at.run()
+    at.switch_page(f"views/{page}.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    if page in ("aggregation", "heads", "export"):
+        shown = texts(at.error)
+        assert run_id in shown and ("corrupt" in shown or "incomplete" in shown)
+        if which == 1:
+            assert "summary.json is corrupt" in shown
+        else:
+            assert "state.json is missing" in shown
+
+
+def test_cached_views_are_copies(analysed_root, run_view, monkeypatch):
+    """A page that changed what the cache returned would change it for every other session."""
+    monkeypatch.setenv("LOCPHYLAX_RUNS", str(analysed_root))
+    import sys
+    sys.path.insert(0, str(Path(HOME).parent))
+    import support as S
+    a = S.load_view(run_view.path)
+    a.summary["stages"]["victim"]["cacc"] = -1.0
+    b = S.load_view(run_view.path)
+    assert b.summary["stages"]["victim"]["cacc"] == run_view.summary["stages"]["victim"]["cacc"]
+    c1, _ = S.projection(run_view, "pca")
+    next(iter(c1.values()))[:] = np.nan
+    c2, _ = S.projection(run_view, "pca")
+    assert np.isfinite(next(iter(c2.values()))).all()

@@ -1,0 +1,120 @@
+"""Background jobs: a run in a separate process that the app can find again, watch and stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from locphylax_core import jobs, load_config
+
+
+def _wait(root, run_id, until, timeout=240.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        s = jobs.job_status(root, run_id)
+        if until(s):
+            return s
+        time.sleep(0.2)
+    raise AssertionError(f"job {run_id} did not reach the state in {timeout}s: {jobs.job_status(root, run_id)}")
+
+
+def _gone(pid: int, timeout: float = 5.0) -> bool:
+    """The process has exited (a zombie not yet reaped by its parent's reaper thread counts)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            os.kill(pid, 0)
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _slow_micro():
+    # long enough to be caught mid-training, on the micro model
+    return load_config("micro", {"train.clean_steps": 20000, "eval.clean_every": 50})
+
+
+def test_job_runs_to_the_end_in_its_own_process(tmp_path):
+    cfg = load_config("micro")
+    run_id = jobs.launch(cfg, tmp_path, analyze=False)
+    rec = json.loads((tmp_path / ".jobs" / f"{run_id}.json").read_text())
+    assert rec["pid"] != os.getpid() and rec["run_id"] == run_id
+    phases = set()
+    s = _wait(tmp_path, run_id, lambda s: phases.add(s.phase) or not s.live)
+    assert s.phase == "done" and not s.alive and s.fraction == 1.0, s
+    assert phases <= {"starting", "training", "analyzing", "done"}
+    summary = json.loads((tmp_path / run_id / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["run_id"] == run_id
+    assert json.loads((tmp_path / ".jobs" / f"{run_id}.exit.json").read_text())["rc"] == 0
+    assert [j.run_id for j in jobs.list_jobs(tmp_path)] == [run_id]
+
+
+def test_cancel_really_stops_the_process_and_leaves_a_resumable_run(tmp_path):
+    run_id = jobs.launch(_slow_micro(), tmp_path, analyze=False)
+    s = _wait(tmp_path, run_id, lambda s: s.phase == "training" and s.stage == "clean" and s.step > 0)
+    pid = json.loads((tmp_path / ".jobs" / f"{run_id}.json").read_text())["pid"]
+    t0 = time.monotonic()
+    s = jobs.cancel(tmp_path, run_id, grace=15)
+    assert time.monotonic() - t0 < 20
+    assert s.phase == "cancelled" and not s.alive, s
+    assert not Path(f"/proc/{pid}").exists() or _gone(pid)
+    state = json.loads((tmp_path / run_id / "state.json").read_text())
+    assert state["status"] == "cancelled"
+    assert not (tmp_path / run_id / "CANCEL").exists()
+
+
+def test_a_killed_job_is_reported_as_stopped(tmp_path):
+    run_id = jobs.launch(_slow_micro(), tmp_path, analyze=False)
+    _wait(tmp_path, run_id, lambda s: s.phase == "training" and s.step > 0)
+    pid = json.loads((tmp_path / ".jobs" / f"{run_id}.json").read_text())["pid"]
+    os.killpg(pid, signal.SIGKILL)
+    s = _wait(tmp_path, run_id, lambda s: not s.alive, timeout=20)
+    assert s.phase == "stopped" and "resumed" in s.error
+
+
+def test_two_jobs_get_separate_runs_and_the_second_one_thread(tmp_path):
+    cfg = _slow_micro().model_copy(update={"train": _slow_micro().train.model_copy(update={"threads": 2})})
+    first = jobs.launch(cfg, tmp_path, analyze=False)
+    _wait(tmp_path, first, lambda s: s.live)
+    second = jobs.launch(cfg, tmp_path, analyze=False)
+    try:
+        assert first != second
+        threads = [yaml.safe_load((tmp_path / ".jobs" / f"{r}.yaml").read_text())["train"]["threads"]
+                   for r in (first, second)]
+        assert threads == [2, 1]
+        _wait(tmp_path, second, lambda s: s.phase == "training")
+        assert {j.run_id for j in jobs.list_jobs(tmp_path) if j.live} == {first, second}
+        assert (tmp_path / first).is_dir() and (tmp_path / second).is_dir()
+    finally:
+        for r in (first, second):
+            jobs.cancel(tmp_path, r, grace=15)
+    assert not any(j.live for j in jobs.list_jobs(tmp_path))
+
+
+def test_bad_config_file_fails_the_job_with_its_message(tmp_path):
+    run_id = jobs.launch(load_config("micro", {"task.name": "csv", "task.path": str(tmp_path / "nope.csv")}), tmp_path)
+    s = _wait(tmp_path, run_id, lambda s: not s.live and s.phase != "starting")
+    assert s.phase == "failed" and "nope" in (s.error or ""), s
+    assert not (tmp_path / run_id).exists()  # nothing half-made is left
+
+
+def test_unknown_job_is_missing_not_an_exception(tmp_path):
+    s = jobs.job_status(tmp_path, "no-such-run")
+    assert s.phase == "missing" and not s.live
+    assert jobs.list_jobs(tmp_path / "nothing") == []
+
+
+def test_progress_fraction_counts_finished_and_current_steps():
+    s = jobs.JobStatus("r", "training", True, stage="b", step=5, finished=("a",), stage_totals={"a": 10, "b": 10})
+    assert s.fraction == pytest.approx(0.9 * 15 / 20)
+    assert jobs.JobStatus("r", "done", False).fraction == 1.0
+    assert Path(jobs.jobs_dir("x")).name == ".jobs"
