@@ -130,6 +130,17 @@ def browser_side(root: Path, run_id: str, repeats: int, shots: Path | None) -> d
                         page.wait_for_timeout(1500)
                         shots.mkdir(parents=True, exist_ok=True)
                         page.screenshot(path=str(shots / f"{PAGES.index(name) + 1:02d}_{name}.png"), full_page=True)
+                # a fresh browser (new context: empty HTTP cache) pays for Streamlit's and plotly's
+                # JavaScript again; measured apart
+                ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+                fresh = ctx.new_page()
+                t0 = time.perf_counter()
+                fresh.goto(f"{url}/{URLS.get(name, name)}?run={run_id}")
+                fresh.get_by_role("heading", name=TITLES[name]).first.wait_for(timeout=120_000)
+                if name in PLOT_PAGES:
+                    fresh.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=120_000)
+                times.append(time.perf_counter() - t0)
+                ctx.close()
                 out[name] = times
                 print(name, [round(t, 2) for t in times], flush=True)
             browser.close()
@@ -153,8 +164,9 @@ def main() -> int:
     for r in rows:
         t = browser.get(r["page"])
         r["browser_first_load_s"] = round(t[0], 3) if t else None
-        r["browser_median_s"] = round(statistics.median(t[1:]), 3) if t else None
-        r["browser_max_s"] = round(max(t[1:]), 3) if t else None
+        r["browser_median_s"] = round(statistics.median(t[1:-1]), 3) if t else None
+        r["browser_max_s"] = round(max(t[1:-1]), 3) if t else None
+        r["fresh_browser_s"] = round(t[-1], 3) if t else None
     OUT.mkdir(parents=True, exist_ok=True)
     import csv
     with open(OUT / "app_render.csv", "w", newline="") as f:
@@ -162,21 +174,33 @@ def main() -> int:
         w.writeheader()
         w.writerows(rows)
     worst = max(max(r["cached_max_s"], r["browser_max_s"] or 0) for r in rows)
-    lines = [f"# App render times (bench/app_render.py)", "",
+    lines = ["# App render times (bench/app_render.py)", "",
              f"Stored run: `{src.name}` (preset demo), {args.repeats} repeats, this machine "
              f"({os.cpu_count()} CPU cores). Seconds.", "",
              "| page | AppTest first run | AppTest cached, median | cached, max | uncached (baseline), median "
-             "| browser first load | browser load, median | browser, max |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| browser first load | browser load, median | browser, max | fresh browser |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['page']} | {r['first_s']:.2f} | {r['cached_median_s']:.2f} | {r['cached_max_s']:.2f} | "
                      f"{r['uncached_median_s']:.2f} | "
                      + " | ".join("n/a" if r[k] is None else f"{r[k]:.2f}"
-                                  for k in ("browser_first_load_s", "browser_median_s", "browser_max_s")) + " |")
-    lines += ["", f"Slowest cached render, server or browser: **{worst:.2f} s** (target: at most 2 s).", "",
-              "AppTest times one script run on the server. Browser times run from `page.goto` until the "
-              "page's title and (on plot pages) its first plotly chart are drawn, in headless Chromium. "
-              "The uncached baseline clears every Streamlit cache before each run."]
+                                  for k in ("browser_first_load_s", "browser_median_s", "browser_max_s",
+                                            "fresh_browser_s")) + " |")
+    fresh = max((r["fresh_browser_s"] or 0) for r in rows)
+    first = max((r["browser_first_load_s"] or 0) for r in rows)
+    lines += ["", f"Slowest cached render, server or browser, in an open app: **{worst:.2f} s** (target: at most 2 s).",
+              f"Not met on a first visit: the slowest first load in the open tab is {first:.2f} s, and a page "
+              f"opened in a fresh browser (empty cache) takes up to {fresh:.2f} s.",
+              "",
+              "Columns:",
+              "- AppTest times one script run on the server.",
+              "- Browser times run from `page.goto` until the page's title and (on plot pages) its first plotly "
+              "chart are drawn, in headless Chromium.",
+              "- The first load in the tab also fills the app's caches, and the first plot page loads plotly's "
+              "JavaScript.",
+              "- 'fresh browser' is one load in a new browser context, which loads Streamlit's and plotly's "
+              "JavaScript again.",
+              "- The uncached baseline clears every Streamlit cache before each run."]
     (OUT / "app_render.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -153,7 +153,7 @@ def run_stamp(path: str | Path) -> tuple:
     run does (a growing metrics.jsonl, a new analysis.json)."""
     p = Path(path)
     out = []
-    for name in ("state.json", "summary.json", "metrics.jsonl", "analysis.json", "config.yaml", "progress.json"):
+    for name in ("state.json", "summary.json", "metrics.jsonl", "analysis.json", "config.yaml"):
         try:
             st = (p / name).stat()
             out.append((name, st.st_mtime_ns, st.st_size))

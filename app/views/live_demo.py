@@ -1,5 +1,6 @@
 """Instructor mode: one button runs the live demo end to end; each plot gets one plain sentence."""
 
+import numpy as np
 import streamlit as st
 
 import support as S
@@ -35,7 +36,7 @@ if demo is None and not live:
     c2.info("No demo run is stored yet: one click on **Run the live demo** computes it, with progress here.")
 
 
-@st.fragment(run_every=1.0)
+@st.fragment(run_every=2.0)  # a live view costs CPU that the job on a small machine needs
 def progress(run_id: str) -> None:
     status = S.job_panel(run_id, key="demo", caption=(
         "The red line is how often the hidden trigger still works. It stays near 100% while the backdoor "
@@ -70,8 +71,9 @@ if demo is not None:
                 f"data leaves it at {S.fmt_pct(ft_asr)}.")
 
     st.markdown("#### 1. The curves")
-    st.caption("Watch the red line (the hidden trigger's success rate): high after the backdoor is planted, "
-               "then it collapses during Stage 1 while the blue line (clean accuracy) stays up.")
+    st.caption(f"Watch the red line, the hidden trigger's success rate: {S.fmt_pct(v_asr)} once the backdoor "
+               f"is planted, {S.fmt_pct(s1_asr)} at the end of Stage 1 and {S.fmt_pct(s2_asr)} after Stage 2, "
+               f"while the blue line (clean accuracy) ends at {S.fmt_pct(cacc_2)}.")
     st.plotly_chart(F.curves_figure(R.curve_rows(demo), ["locphylax"]), key="demo-curves")
 
     st.markdown("#### 2. Where the triggered sentences sit inside the model")
@@ -82,9 +84,18 @@ if demo is not None:
         stage_keys = [k for k in ("victim", "stage1", "stage2") if k in coords]
         stage = st.select_slider("Stage", stage_keys, value=stage_keys[min(1, len(stage_keys) - 1)],
                                  format_func=F.stage_title, key="demo-stage")
+        agg = (demo.analysis or {}).get("aggregation") or {}
+
+        def to_known(k):  # the unknown trigger's distance to the nearest known trigger's centroid
+            d = (agg.get(k) or {}).get("centroid_distance") or {}
+            vals = [v for pair, v in d.items() if pair.startswith("unknown->known")]
+            return min(vals) if vals else None
+        d_v, d_1 = to_known("victim"), to_known("stage1")
+        moved = ("" if d_v is None or d_1 is None else
+                 f" From the victim to Stage 1 their distance to the defender's nearest trigger group went "
+                 f"from {d_v:.1f} to {d_1:.1f}.")
         st.caption("Each dot is one sentence. Red diamonds carry the hidden trigger, orange and yellow the "
-                   "defender's own triggers. After Stage 1 the red ones have moved in with the defender's: "
-                   "the model now treats the unknown trigger like the known ones, so removing those removes it.")
+                   "defender's own triggers; move the slider to see them gather." + moved)
         st.plotly_chart(F.projection_figure({k: coords[k] for k in stage_keys}, list(demo.probe), preds,
                                             demo.label_words, method, active=stage), key="demo-projection")
 
@@ -93,8 +104,15 @@ if demo is not None:
         st.markdown("#### 3. Which attention heads carried the backdoor")
         before = R.head_grids(demo, "victim")["delta_asr_unknown"]
         after = R.head_grids(demo, "stage2")["delta_asr_unknown"]
-        st.caption("Each square is one attention head. Dark blue on the left means switching that head off "
-                   "breaks the backdoor in the victim; after the defense (middle) no head matters any more.")
+        def strongest(grid):
+            finite = np.where(np.isfinite(grid), np.abs(grid), -1)
+            layer, head = np.unravel_index(int(np.argmax(finite)), grid.shape)
+            return layer, head, grid[layer, head]
+        lv, hv, dv = strongest(before)
+        la, hd, da = strongest(after)
+        st.caption(f"Each square is one attention head; blue means switching it off lowers the hidden trigger's "
+                   f"success. In the victim, head L{lv}.h{hv} matters most ({100 * dv:+.0f} points); after the "
+                   f"defense the strongest head, L{la}.h{hd}, moves it by {100 * da:+.0f} points.")
         st.plotly_chart(F.head_heatmaps(before, after), key="demo-heads")
 
     st.markdown("#### 4. Try it yourself")

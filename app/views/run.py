@@ -28,7 +28,7 @@ if cfg is not None and st.button("Start run", type="primary", key="start_run"):
     st.rerun()
 
 
-@st.fragment(run_every=1.0)
+@st.fragment(run_every=2.0)  # a live view costs CPU that the job on a small machine needs
 def watch(run_id: str) -> None:
     status = S.job_panel(run_id, key="run", caption="CACC and ASR on the in-stage evaluation subset, growing "
                                                       "as metrics.jsonl grows.")
