@@ -59,7 +59,9 @@ def app_demo(root: Path, screenshot: Path | None) -> dict:
             out["result_shown_s"] = time.perf_counter() - t0
             out["sentence"] = page.locator("p", has_text="In one sentence:").first.inner_text()
             if screenshot:
-                page.wait_for_timeout(1500)
+                # the app reruns once more after the job ends; wait until it is idle
+                page.get_by_text("Running...").wait_for(state="hidden", timeout=60_000)
+                page.wait_for_timeout(3000)
                 page.screenshot(path=str(screenshot), full_page=True)
             browser.close()
     finally:
