@@ -11,62 +11,39 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
+sys.path.insert(0, str(REPO / "app"))
+from serve import CHROMIUM, CHROMIUM_FLAGS, streamlit_server  # noqa: E402
 
 
 def app_demo(root: Path, screenshot: Path | None) -> dict:
     from playwright.sync_api import sync_playwright
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "LOCPHYLAX_RUNS": str(root)}
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app" / "Home.py"), "--server.port",
-                             str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
-                             "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     out = {}
-    try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.5)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                        args=["--headless", "--no-sandbox", "--disable-gpu",
-                                              "--disable-background-networking"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
-            page.get_by_text("No demo run is stored yet").wait_for(timeout=120_000)
-            t0 = time.perf_counter()
-            page.get_by_role("button", name="Run the live demo").click()
-            page.get_by_text("% of the run").first.wait_for(timeout=60_000)
-            out["progress_shown_s"] = time.perf_counter() - t0
-            page.get_by_text("In one sentence:").wait_for(timeout=900_000)
-            page.locator(".js-plotly-plot .main-svg").nth(2).wait_for(timeout=60_000)
-            out["result_shown_s"] = time.perf_counter() - t0
-            out["sentence"] = page.locator("p", has_text="In one sentence:").first.inner_text()
-            if screenshot:
-                # the app reruns once more after the job ends; wait until it is idle
-                page.get_by_text("Running...").wait_for(state="hidden", timeout=60_000)
-                page.wait_for_timeout(3000)
-                page.screenshot(path=str(screenshot), full_page=True)
-            browser.close()
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=20)
+    with streamlit_server(root) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.get_by_text("No demo run is stored yet").wait_for(timeout=120_000)
+        t0 = time.perf_counter()
+        page.get_by_role("button", name="Run the live demo").click()
+        page.get_by_text("% of the run").first.wait_for(timeout=60_000)
+        out["progress_shown_s"] = time.perf_counter() - t0
+        page.get_by_text("In one sentence:").wait_for(timeout=900_000)
+        page.locator(".js-plotly-plot .main-svg").nth(2).wait_for(timeout=60_000)
+        out["result_shown_s"] = time.perf_counter() - t0
+        out["sentence"] = page.locator("p", has_text="In one sentence:").first.inner_text()
+        if screenshot:
+            # the app reruns once more after the job ends; wait until it is idle
+            page.get_by_text("Running...").wait_for(state="hidden", timeout=60_000)
+            page.wait_for_timeout(3000)
+            page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
     return out
 
 

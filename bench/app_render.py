@@ -20,23 +20,20 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "results"
 HOME = REPO / "app" / "Home.py"
-PAGES = ["live_demo", "setup", "run", "aggregation", "heads", "compare", "export"]
+sys.path.insert(0, str(REPO / "app"))
+from serve import CHROMIUM, CHROMIUM_FLAGS, PAGE_TITLES, PAGE_URLS, streamlit_server  # noqa: E402
+
+PAGES = list(PAGE_URLS)
 PLOT_PAGES = {"live_demo", "aggregation", "heads", "compare"}
-URLS = {"live_demo": ""}  # the default page lives at the root URL
-TITLES = {"live_demo": "Backdoor collapse, live", "setup": "Setup", "run": "Run", "aggregation": "Aggregation",
-          "heads": "Heads", "compare": "Compare", "export": "Export"}
 
 
 def newest_analysed_demo(root: Path) -> Path:
@@ -86,67 +83,42 @@ def server_side(root: Path, run_id: str, repeats: int) -> list[dict]:
     return rows
 
 
+def _timed_load(page, url: str, name: str, run_id: str) -> float:
+    """Seconds from navigation until the page's title and (on plot pages) its first chart are drawn."""
+    t0 = time.perf_counter()
+    page.goto(f"{url}/{PAGE_URLS[name]}?run={run_id}")
+    page.get_by_role("heading", name=PAGE_TITLES[name]).first.wait_for(timeout=120_000)
+    if name in PLOT_PAGES:
+        page.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=120_000)
+    return time.perf_counter() - t0
+
+
 def browser_side(root: Path, run_id: str, repeats: int, shots: Path | None) -> dict[str, list[float]]:
-    chromium = "/usr/bin/chromium"
-    if not Path(chromium).exists():
-        print(f"{chromium} absent: browser timings skipped")
+    """Per page: ``repeats + 1`` loads in one tab (the first fills the caches), then one load in a
+    fresh browser context (empty HTTP cache: Streamlit's and plotly's JavaScript load again)."""
+    if not Path(CHROMIUM).exists():
+        print(f"{CHROMIUM} absent: browser timings skipped")
         return {}
     from playwright.sync_api import sync_playwright
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "LOCPHYLAX_RUNS": str(root)}
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(HOME), "--server.port", str(port),
-                             "--server.address", "127.0.0.1", "--server.headless", "true",
-                             "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     out: dict[str, list[float]] = {}
-    try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.5)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, headless=True,
-                                        args=["--headless", "--no-sandbox", "--disable-gpu",
-                                              "--disable-background-networking"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{url}/setup")  # warm-up: server imports, first session
-            page.get_by_role("heading", name="Setup").first.wait_for(timeout=120_000)
-            for name in PAGES:
-                times = []
-                for i in range(repeats + 1):  # the first load also fills the caches; it is kept apart
-                    t0 = time.perf_counter()
-                    page.goto(f"{url}/{URLS.get(name, name)}?run={run_id}")
-                    page.get_by_role("heading", name=TITLES[name]).first.wait_for(timeout=120_000)
-                    if name in PLOT_PAGES:
-                        page.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=120_000)
-                    times.append(time.perf_counter() - t0)
-                    if i == 0 and shots is not None:
-                        page.wait_for_timeout(1500)
-                        shots.mkdir(parents=True, exist_ok=True)
-                        page.screenshot(path=str(shots / f"{PAGES.index(name) + 1:02d}_{name}.png"), full_page=True)
-                # a fresh browser (new context: empty HTTP cache) pays for Streamlit's and plotly's
-                # JavaScript again; measured apart
-                ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
-                fresh = ctx.new_page()
-                t0 = time.perf_counter()
-                fresh.goto(f"{url}/{URLS.get(name, name)}?run={run_id}")
-                fresh.get_by_role("heading", name=TITLES[name]).first.wait_for(timeout=120_000)
-                if name in PLOT_PAGES:
-                    fresh.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=120_000)
-                times.append(time.perf_counter() - t0)
-                ctx.close()
-                out[name] = times
-                print(name, [round(t, 2) for t in times], flush=True)
-            browser.close()
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=20)
+    with streamlit_server(root) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        _timed_load(page, url, "setup", run_id)  # warm-up: server imports, first session
+        for name in PAGES:
+            times = []
+            for i in range(repeats + 1):
+                times.append(_timed_load(page, url, name, run_id))
+                if i == 0 and shots is not None:
+                    page.wait_for_timeout(1500)
+                    shots.mkdir(parents=True, exist_ok=True)
+                    page.screenshot(path=str(shots / f"{PAGES.index(name) + 1:02d}_{name}.png"), full_page=True)
+            ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+            times.append(_timed_load(ctx.new_page(), url, name, run_id))
+            ctx.close()
+            out[name] = times
+            print(name, [round(t, 2) for t in times], flush=True)
+        browser.close()
     return out
 
 
