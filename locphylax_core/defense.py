@@ -18,7 +18,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .attack import insert_trigger, target_label
-from .engine import HiddenSpec, Sample, batches, decoder_blocks, final_norm, forward_answer, train_loop
+from .engine import (HiddenSpec, Sample, batches, capture_output, decoder_blocks, final_norm, forward_answer,
+                     train_loop)
 from .tasks import Example, render_prompt
 
 
@@ -320,6 +321,133 @@ def clean_finetune(lm, data: DefenderData, cfg: CleanFinetuneConfig, *, seed: in
 
 
 # ----------------------------------------------------------------------------------------------
+# Baseline: fine-pruning (Liu et al. 2018): prune the MLP units of one block that are least
+# active on clean data, then fine-tune on clean data with the pruned units held at zero
+
+
+@dataclass(frozen=True)
+class FinePruneConfig:
+    steps: int = 150
+    prune_rate: float = 0.0  # fraction of the block's MLP units to prune first (0: keep those already pruned)
+    layer: int = -1  # the decoder block whose MLP is pruned
+    max_examples: int = 512  # clean inputs used to measure activity
+
+
+def _gpt2_mlp(model, layer: int):
+    block = decoder_blocks(model)[layer]
+    mlp = getattr(block, "mlp", None)
+    if mlp is None or not all(hasattr(mlp, n) for n in ("c_fc", "c_proj", "act")):
+        from .errors import ConfigError
+        raise ConfigError("defense.baselines: fine_pruning needs GPT-2-style MLP blocks (mlp.c_fc, mlp.act, "
+                          f"mlp.c_proj); this model's block is {type(block).__name__}")
+    return mlp
+
+
+@torch.no_grad()
+def mlp_unit_activity(lm, data: DefenderData, layer: int = -1, max_examples: int = 512,
+                      batch_size: int = 64, max_length: int | None = None) -> torch.Tensor:
+    """Mean activation of each MLP unit of block ``layer`` over the non-pad tokens of clean prompts."""
+    from .evaluation import encoded_batches
+    mlp = _gpt2_mlp(lm.model, layer)
+    texts = [e.text for e in data.clean[:max_examples]]
+    total, count = None, 0
+    was_training = lm.model.training
+    lm.model.eval()
+    for _, b in encoded_batches(lm.tokenizer, data.template, texts, batch_size, max_length, lm.device):
+        with capture_output(mlp.act) as store:
+            lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                     logits_to_keep=1, use_cache=False)
+        mask = b.attention_mask.unsqueeze(-1).to(store["out"].dtype)
+        s = (store["out"].float() * mask).sum((0, 1))
+        total = s if total is None else total + s
+        count += int(b.attention_mask.sum())
+    lm.model.train(was_training)
+    return total / max(1, count)
+
+
+def _pruned_units(mlp) -> torch.Tensor:
+    """Units whose incoming weights and bias are all zero (pruned by an earlier stage)."""
+    w = mlp.c_fc.weight  # GPT-2 Conv1D: [d_in, n_units]
+    return ((w == 0).all(0) & (mlp.c_fc.bias == 0)).nonzero().flatten()
+
+
+def fine_prune(lm, data: DefenderData, cfg: FinePruneConfig, *, seed: int, settings: TrainSettings = TrainSettings(),
+               observer: Observer | None = None, **kw) -> dict:
+    """Prune (if ``prune_rate`` > 0) the least active MLP units of one block, then fine-tune on
+    the clean data; pruned units stay at zero (their gradients are masked by temporary hooks)."""
+    mlp = _gpt2_mlp(lm.model, cfg.layer)
+    n_units = mlp.c_fc.weight.shape[1]
+    if cfg.prune_rate > 0:
+        activity = mlp_unit_activity(lm, data, cfg.layer, cfg.max_examples, settings.batch_size,
+                                     settings.max_length)
+        k = int(round(cfg.prune_rate * n_units))
+        units = torch.argsort(activity)[:k]
+        with torch.no_grad():
+            mlp.c_fc.weight[:, units] = 0
+            mlp.c_fc.bias[units] = 0
+            mlp.c_proj.weight[units, :] = 0
+    units = _pruned_units(mlp)
+    keep_in = torch.ones(n_units, device=mlp.c_fc.weight.device)
+    keep_in[units] = 0
+    hooks = [mlp.c_fc.weight.register_hook(lambda g: g * keep_in),
+             mlp.c_fc.bias.register_hook(lambda g: g * keep_in),
+             mlp.c_proj.weight.register_hook(lambda g: g * keep_in.unsqueeze(1))]
+    try:
+        logs = _run(lm, _clean_samples(data, lm.answer_ids), cfg.steps, settings, seed, None, observer, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {**logs, "samples": len(data.clean), "pruned": int(len(units)), "units": n_units}
+
+
+# ----------------------------------------------------------------------------------------------
+# Baseline: CROW (Min et al. 2025): fine-tuning on clean data with a layer-to-layer consistency
+# regulariser computed on adversarially perturbed input embeddings
+
+
+@dataclass(frozen=True)
+class CrowConfig:
+    steps: int = 150
+    weight: float = 1.0  # lambda: weight of the consistency term
+    epsilon: float = 0.1  # size of the FGSM perturbation of the input embeddings (per coordinate)
+
+
+def layer_consistency(hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over consecutive layer pairs and non-pad tokens of ``1 - cos(h_l, h_{l+1})``."""
+    mask = attention_mask.float()
+    terms = []
+    for a, b in zip(hidden_states[1:-1], hidden_states[2:]):  # the block outputs (index 0: embeddings)
+        cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+        terms.append(((1 - cos) * mask).sum() / mask.sum().clamp(min=1))
+    return torch.stack(terms).mean() if terms else hidden_states[0].sum() * 0.0
+
+
+def crow(lm, data: DefenderData, cfg: CrowConfig, *, seed: int, settings: TrainSettings = TrainSettings(),
+         observer: Observer | None = None, **kw) -> dict:
+    """Clean fine-tuning plus ``weight`` x the layer consistency of inputs whose embeddings were
+    moved by one FGSM step of size ``epsilon`` in the direction that breaks consistency most."""
+
+    def hidden(model, batch, embeds):
+        return model(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                     output_hidden_states=True, logits_to_keep=1, use_cache=False)
+
+    def step_loss(model, batch, step):
+        embeds = model.get_input_embeddings()(batch.input_ids)
+        out = hidden(model, batch, embeds)
+        l_ce = torch.nn.functional.cross_entropy(out.logits[:, -1].float(), batch.targets)
+        probe = embeds.detach().requires_grad_(True)
+        g, = torch.autograd.grad(layer_consistency(hidden(model, batch, probe).hidden_states, batch.attention_mask),
+                                 probe)
+        perturbed = embeds + cfg.epsilon * g.sign()
+        l_cons = layer_consistency(hidden(model, batch, perturbed).hidden_states, batch.attention_mask)
+        loss = l_ce + cfg.weight * l_cons
+        return loss, {"loss": loss.item(), "l_ce": l_ce.item(), "l_consistency": l_cons.item()}
+
+    logs = _run(lm, _clean_samples(data, lm.answer_ids), cfg.steps, settings, seed, step_loss, observer, **kw)
+    return {**logs, "samples": len(data.clean)}
+
+
+# ----------------------------------------------------------------------------------------------
 # Methods: each is a sequence of (stage name, function, config) over the same step budget
 
 
@@ -364,6 +492,11 @@ def method_plans(defense_cfg, labels: Sequence[str]) -> dict[str, list[StagePlan
     - ``augment_ft``: clean fine-tuning with generated-trigger augmentation (rate
       ``stage2_generated_rate``, or 1.0 if that is 0) and no known-trigger injection: what the
       augmentation alone does.
+    - ``p2p``: P2P-style benign trigger injection (arXiv 2510.04503): the known triggers with
+      the correct outputs, mixed into clean fine-tuning, no clustering.
+    - ``fine_pruning``: prune ``prune_rate`` of the least active MLP units of block ``layer``,
+      then clean fine-tuning with them held at zero.
+    - ``crow``: clean fine-tuning with CROW's layer-consistency term on perturbed embeddings.
     """
     from .config import REFERENCE_SETTINGS
     d = defense_cfg
@@ -380,6 +513,15 @@ def method_plans(defense_cfg, labels: Sequence[str]) -> dict[str, list[StagePlan
         # no injection at all: clean fine-tuning whose data carry generated triggers, correct labels
         "augment_ft": lambda: [StagePlan("stage1", recover, replace(aug, steps=d.stage1_steps)),
                                StagePlan("stage2", recover, replace(aug, steps=d.stage2_steps))],
+        # P2P-style benign injection: the known triggers tied to the correct outputs from the start,
+        # no flip, no clustering (Stage 2 of Locphylax for the whole budget)
+        "p2p": lambda: [StagePlan("stage1", recover, replace(r2, steps=d.stage1_steps)),
+                        StagePlan("stage2", recover, replace(r2, steps=d.stage2_steps))],
+        "fine_pruning": lambda: [
+            StagePlan("stage1", fine_prune, FinePruneConfig(d.stage1_steps, d.prune_rate, d.layer)),
+            StagePlan("stage2", fine_prune, FinePruneConfig(d.stage2_steps, 0.0, d.layer))],
+        "crow": lambda: [StagePlan("stage1", crow, CrowConfig(d.stage1_steps, d.crow_weight, d.crow_epsilon)),
+                         StagePlan("stage2", crow, CrowConfig(d.stage2_steps, d.crow_weight, d.crow_epsilon))],
     }
     aug = RecoverConfig(trigger_ids=(), generated_rate=d.stage2_generated_rate or 1.0)
     for name in d.baselines:
@@ -401,4 +543,5 @@ def run_stage(plan: StagePlan, lm, data: DefenderData, *, seed: int, settings: T
 __all__ = ["DefenderData", "DefenderTrigger", "cluster_loss", "alpha_rule", "RunningCentroids", "InjectConfig",
            "inject", "RecoverConfig", "recover", "CleanFinetuneConfig", "clean_finetune", "method_plans",
            "defender_data", "run_stage", "TrainSettings", "StagePlan", "stage1_target", "consistency_loss",
-           "generate_trigger"]
+           "generate_trigger", "FinePruneConfig", "fine_prune", "mlp_unit_activity", "CrowConfig", "crow",
+           "layer_consistency"]

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from .attack import insert_trigger, target_label
+from .attack import apply_trigger, target_label
 from .engine import encode, forward_answer
 from .tasks import Example, render_prompt
 
@@ -30,6 +30,8 @@ class TriggerSpec:
     text: str
     position: str
     target: str | int  # a label index, or "flip"
+    family: str = "word"  # how the trigger is applied (attack.apply_trigger); the defender's are inserted
+    parts: tuple[str, ...] = ()  # ctba / mtba: the component triggers
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def build_eval_set(examples: Sequence[Example], triggers: Sequence[TriggerSpec],
             if tgt == e.label:
                 continue
             idx.append(i)
-            texts.append(insert_trigger(e.text, t.text, t.position, rng))
+            texts.append(apply_trigger(e.text, t.text, t.position, rng, t.family, t.parts))
             targets.append(tgt)
         triggered[t.name] = TriggeredSet(tuple(idx), tuple(texts), tuple(targets))
     return EvalSet(tuple(examples), triggered)

@@ -88,7 +88,9 @@ class Prepared:
 
 
 def attack_trigger_spec(cfg: RunConfig) -> TriggerSpec:
-    return TriggerSpec("unknown", cfg.attack.trigger_text, cfg.attack.position, cfg.task.labels.index(cfg.attack.target))
+    a = cfg.attack
+    return TriggerSpec("unknown", a.trigger_text, a.position, cfg.task.labels.index(a.target), a.family,
+                       tuple(a.trigger_parts))
 
 
 def known_trigger_specs(cfg: RunConfig) -> list[TriggerSpec]:
@@ -233,7 +235,9 @@ def train_owner_model(prep: Prepared, lm: M.LM, stage: str, *, from_scratch: boo
     info = {}
     if stage == "victim":
         target = cfg.task.labels.index(cfg.attack.target)
-        data, n_poison = poison(data, cfg.attack.trigger_text, cfg.attack.position, cfg.attack.poison_rate, target, seed)
+        a = cfg.attack
+        data, n_poison = poison(data, a.trigger_text, a.position, a.poison_rate, target, seed, a.family,
+                                a.trigger_parts, a.decoy_text)
         info["poisoned"] = n_poison
     if stage == "clean" and cfg.model.source == "hf":
         return {"seconds": 0.0, "note": "the loaded model is the clean model"}

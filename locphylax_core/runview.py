@@ -58,9 +58,14 @@ class RunView:
     @property
     def attack_trigger(self) -> str | None:
         """The attacker's trigger text (for display and evaluation only; the defense never gets it)."""
-        from .config import DEFAULT_ATTACK_TRIGGERS
+        from pydantic import ValidationError
+
+        from .config import AttackConfig
         attack = self.config.get("attack", {})
-        return attack.get("trigger") or DEFAULT_ATTACK_TRIGGERS.get(attack.get("family"))
+        try:
+            return AttackConfig.model_validate(attack).trigger_text
+        except (ValidationError, TypeError):
+            return attack.get("trigger") if isinstance(attack, dict) else None
 
     @property
     def finished(self) -> list[str]:

@@ -1,0 +1,102 @@
+"""The baselines of issue 6: P2P-style benign injection, fine-pruning and CROW; each a config plus
+a function of the defense's shape, reachable through `defense.baselines`."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import cli
+from locphylax_core import ConfigError, load_config
+from locphylax_core.defense import (CrowConfig, FinePruneConfig, RecoverConfig, TrainSettings, crow, fine_prune,
+                                    layer_consistency, method_plans, mlp_unit_activity, recover)
+from locphylax_core.engine import encode
+
+
+def _settings(prep):
+    return TrainSettings(lr=1e-2, batch_size=16, max_length=prep.max_length, every=0)
+
+
+def test_plans_for_the_new_baselines():
+    d = load_config("demo", {"defense.baselines": ["p2p", "fine_pruning", "crow"]}).defense
+    plans = method_plans(d, ("negative", "positive"))
+    p2p = plans["p2p"]
+    assert [p.fn for p in p2p] == [recover, recover]
+    assert [p.cfg.steps for p in p2p] == [d.stage1_steps, d.stage2_steps]
+    assert all(isinstance(p.cfg, RecoverConfig) and p.cfg.trigger_ids == (0, 1) and p.cfg.consistency_weight == 0
+               for p in p2p)
+    fp = plans["fine_pruning"]
+    assert [(p.fn, p.cfg.prune_rate) for p in fp] == [(fine_prune, d.prune_rate), (fine_prune, 0.0)]
+    cr = plans["crow"]
+    assert [p.fn for p in cr] == [crow, crow] and cr[0].cfg == CrowConfig(d.stage1_steps, 1.0, 0.1)
+
+
+def test_dry_run_validates_the_new_baselines_and_rejects_bad_values():
+    r = cli("run", "demo", "--set", "defense.baselines=[p2p, fine_pruning, crow]", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "fine_pruning/stage1" in r.stdout and "crow/stage2" in r.stdout and "p2p/stage1" in r.stdout
+    for over, field in [({"defense.prune_rate": 1.0}, "defense.prune_rate"),
+                        ({"defense.crow_weight": -1}, "defense.crow_weight"),
+                        ({"defense.baselines": ["onion?"]}, "defense.baselines.0")]:
+        with pytest.raises(ConfigError) as e:
+            load_config("micro", over)
+        assert field in e.value.fields
+
+
+def test_fine_pruning_prunes_the_least_active_units_and_keeps_them_pruned(micro_prepared, tiny_lm):
+    prep, lm = micro_prepared, tiny_lm
+    mlp = lm.model.transformer.h[-1].mlp
+    n_units = mlp.c_fc.weight.shape[1]
+    activity = mlp_unit_activity(lm, prep.defender, -1, max_length=prep.max_length)
+    assert activity.shape == (n_units,)
+    expected = set(torch.argsort(activity)[: round(0.25 * n_units)].tolist())
+    logs = fine_prune(lm, prep.defender, FinePruneConfig(steps=4, prune_rate=0.25), seed=0, settings=_settings(prep))
+    zero = set(((mlp.c_fc.weight == 0).all(0) & (mlp.c_fc.bias == 0)).nonzero().flatten().tolist())
+    assert logs["pruned"] == len(expected) and zero == expected  # pruned, and fine-tuning left them at 0
+    assert all((mlp.c_proj.weight[u] == 0).all() for u in expected)
+    before = copy.deepcopy(lm.model.state_dict())
+    logs = fine_prune(lm, prep.defender, FinePruneConfig(steps=4, prune_rate=0.0), seed=1, settings=_settings(prep))
+    zero_after = set(((mlp.c_fc.weight == 0).all(0) & (mlp.c_fc.bias == 0)).nonzero().flatten().tolist())
+    assert zero_after == expected and logs["pruned"] == len(expected)  # Stage 2 keeps Stage 1's pruning
+    changed = [k for k, v in lm.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("c_fc" in k for k in changed)  # the surviving units were fine-tuned
+    assert not any(h for p in lm.model.parameters() for h in (p._backward_hooks or {}).values())
+
+
+def test_layer_consistency_by_hand():
+    a = torch.randn(2, 3, 4)
+    mask = torch.ones(2, 3, dtype=torch.long)
+    emb = torch.randn(2, 3, 4)
+    assert float(layer_consistency([emb, a, a, a], mask)) == pytest.approx(0.0, abs=1e-6)
+    assert float(layer_consistency([emb, a, -a], mask)) == pytest.approx(2.0, abs=1e-6)
+    # padded positions do not count
+    b = a.clone()
+    b[:, 0] = -a[:, 0]
+    mask[:, 0] = 0
+    assert float(layer_consistency([emb, a, b], mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_crow_lowers_layer_inconsistency(micro_prepared):
+    from locphylax_core import model as M
+    prep = micro_prepared
+    two_layers = prep.cfg.model.model_copy(update={"n_layer": 3})  # the term needs consecutive blocks
+    lm = M.LM(M.build_embedded(two_layers, prep.tokenizer, seed=0), prep.tokenizer, prep.answer_ids)
+    batch = encode(lm.tokenizer, [f"Review: {e.text} Sentiment:" for e in prep.defender.clean[:32]],
+                   prep.max_length, lm.device)
+
+    def inconsistency(model):
+        with torch.no_grad():
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids, output_hidden_states=True, use_cache=False)
+        return float(layer_consistency(out.hidden_states, batch.attention_mask))
+
+    plain = copy.deepcopy(lm)
+    before = inconsistency(lm.model)
+    logs = crow(lm, prep.defender, CrowConfig(steps=15, weight=5.0, epsilon=0.05), seed=0, settings=_settings(prep))
+    assert "l_consistency" in logs and torch.isfinite(torch.tensor(logs["loss"]))
+    with_crow = inconsistency(lm.model)
+    from locphylax_core.defense import CleanFinetuneConfig, clean_finetune
+    clean_finetune(plain, prep.defender, CleanFinetuneConfig(steps=15), seed=0, settings=_settings(prep))
+    assert with_crow < before and with_crow < inconsistency(plain.model)
