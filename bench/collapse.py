@@ -42,7 +42,8 @@ from locphylax_core import model as M  # noqa: E402
 from locphylax_core.config import load_config  # noqa: E402
 from locphylax_core.defense import method_plans, run_stage  # noqa: E402
 from locphylax_core.evaluation import evaluate  # noqa: E402
-from locphylax_core.pipeline import defense_settings, prepare, stage_seed, train_owner_model  # noqa: E402
+from locphylax_core.pipeline import (defense_settings, filter_eval_set, prepare, stage_seed,  # noqa: E402
+                                     train_owner_model)
 from locphylax_core.runs import atomic_write_text  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,6 +66,9 @@ VARIANTS: dict[str, dict] = {
     "ref": {"defense.method": "locphylax"},
     "ref+baselines": {"defense.method": "locphylax", "baselines": BASELINES},
     "default+baselines": {"baselines": BASELINES},
+    # the baselines of issue 6 (P2P-style benign injection, fine-pruning, CROW), beside the default
+    "default+new": {"baselines": ["p2p", "fine_pruning", "crow"]},
+    "default+onion": {"baselines": ["onion"]},  # input-side (issue 6); about a minute of filtering per cell
     # levers, each one change from the reference
     "target=correct": {"defense.known_target": "correct"},
     "target=canary": {"defense.known_target": "canary"},
@@ -252,7 +256,10 @@ def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, 
         for plan in plans:
             t0 = time.perf_counter()
             run_stage(plan, lm, prep.defender, seed=stage_seed(seed, prefix + plan.name), settings=settings)
-            r = evaluate(lm, prep.task.template, prep.evalset, cfg.eval.batch_size, prep.max_length)
+            evalset = prep.evalset
+            if plan.input_filter is not None:  # an input-side defense (ONION), as in the pipeline
+                evalset = filter_eval_set(evalset, plan.input_filter(lm, prep.defender, prep.max_length))
+            r = evaluate(lm, prep.task.template, evalset, cfg.eval.batch_size, prep.max_length)
             rows.append({**base, "method": method, "stage": plan.name, "seconds": round(time.perf_counter() - t0, 2),
                          **_scores(r)})
     atomic_write_text(path, json.dumps(rows))

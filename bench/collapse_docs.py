@@ -114,6 +114,10 @@ def family_table(rows: list[dict], default_name: str) -> str:
     methods = [("default", "locphylax", default_name), ("ref", "locphylax", "reference"),
                ("default", "no_cluster", "no clustering"), ("default", "unlearn_single", "unlearn single"),
                ("default", "clean_ft", "clean FT")]
+    # the issue-6 baselines, where they were measured
+    methods += [("default", m, name) for m, name in (("p2p", "P2P"), ("fine_pruning", "fine-pruning"),
+                                                      ("crow", "CROW"), ("onion", "ONION"))
+                if any(r["method"] == m for r in rows)]
     out = ["| preset | family | n | victim ASR | " + " | ".join(m[2] for m in methods) + " |",
            "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in methods) + " |"]
     for preset in dict.fromkeys(r["preset"] for r in rows):
@@ -124,6 +128,32 @@ def family_table(rows: list[dict], default_name: str) -> str:
                 r = _pick(rows, preset, variant, method, "stage2", family=fam)
                 cells.append(pct(r["asr_unknown_mean"], r["asr_unknown_sd"]) if r else "–")
             out.append(f"| {preset} | {fam} | {int(v['n'])} | {pct(v['asr_unknown_mean'])} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def baselines6_table(rows: list[dict], default_name: str) -> str:
+    """The issue-6 baselines against the default, every column from the same victims (variants
+    default+new and default+onion were computed together, apart from the report's own cells)."""
+    methods = [("default+new", "locphylax", default_name), ("default+new", "p2p", "P2P"),
+               ("default+new", "fine_pruning", "fine-pruning"), ("default+new", "crow", "CROW"),
+               ("default+onion", "onion", "ONION")]
+    out = ["| preset | family | n | victim ASR | " + " | ".join(m[2] for m in methods) + " | CACC: victim → "
+           + " / ".join(m[2] for m in methods) + " |",
+           "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in methods) + " | --- |"]
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        for fam in dict.fromkeys(r["family"] for r in rows if r["preset"] == preset):
+            v = next((r for r in rows if r["preset"] == preset and r["family"] == fam and r["method"] == "victim"
+                      and r["variant"] == "default+new"), None)
+            if v is None:
+                continue
+            cells, caccs = [], []
+            for variant, method, _ in methods:
+                r = next((x for x in rows if x["preset"] == preset and x["family"] == fam and x["variant"] == variant
+                          and x["method"] == method and x["stage"] == "stage2"), None)
+                cells.append(pct(r["asr_unknown_mean"], r["asr_unknown_sd"]) if r else "–")
+                caccs.append(pct(r["cacc_mean"]) if r else "–")
+            out.append(f"| {preset} | {fam} | {int(v['n'])} | {pct(v['asr_unknown_mean'])} | " + " | ".join(cells)
+                       + f" | {pct(v['cacc_mean'])} → " + " / ".join(caccs) + " |")
     return "\n".join(out)
 
 
@@ -234,6 +264,9 @@ def write_docs() -> None:
     attack_fam = _read("collapse_families_by_family.csv")  # split `families` (issue 6), all seeds in one file
     if attack_fam:
         text = _replace_block(text, "attack-families", family_table(attack_fam, default_name))
+    new_baselines = _read("collapse_baselines6-demo_by_family.csv")  # the issue-6 baselines on the same victims
+    if new_baselines:
+        text = _replace_block(text, "baselines-issue6", baselines6_table(new_baselines, default_name))
     rounds = _lever_rounds()
     if rounds:
         text = _replace_block(text, "levers", lever_table(rounds))

@@ -251,12 +251,15 @@ class DefenseConfig(_Section):
     # reference: the paper's method as specified, beside a locphylax+ run (docs/results.md)
     # augment_ft: clean fine-tuning with generated-trigger augmentation, no injection
     # p2p: benign injection of the known triggers with correct outputs; fine_pruning: prune the least
-    # active MLP units of block `layer`, then fine-tune; crow: CROW's layer-consistency fine-tuning
+    # active MLP units of block `layer`, then fine-tune; crow: CROW's layer-consistency fine-tuning;
+    # onion: input-side word filtering (the model is unchanged)
     baselines: list[Literal["clean_ft", "unlearn_single", "no_cluster", "reference", "augment_ft", "p2p",
-                            "fine_pruning", "crow"]] = ["clean_ft", "unlearn_single", "no_cluster"]
+                            "fine_pruning", "crow", "onion"]] = ["clean_ft", "unlearn_single", "no_cluster"]
     prune_rate: float = Field(0.3, gt=0, lt=1)  # fine_pruning: fraction of the block's MLP units pruned
     crow_weight: float = Field(1.0, ge=0)  # crow: weight of the layer-consistency term
     crow_epsilon: float = Field(0.1, ge=0)  # crow: FGSM step on the input embeddings
+    # onion: drop a word when its removal helps fluency more than for this quantile of clean words
+    onion_quantile: float = Field(0.95, gt=0, lt=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -448,6 +448,74 @@ def crow(lm, data: DefenderData, cfg: CrowConfig, *, seed: int, settings: TrainS
 
 
 # ----------------------------------------------------------------------------------------------
+# Baseline: ONION (Qi et al. 2021), input-side: before the model answers, drop the words whose
+# removal makes the input most fluent. The model is left as it is; fluency is the model's own
+# next-token loss (there is no separate clean LM here). The bar is set on the defender's clean
+# data: a word is dropped when its removal lowers the loss more than it does for all but
+# (1 - clean_quantile) of the words of clean sentences.
+
+
+@dataclass(frozen=True)
+class OnionConfig:
+    clean_quantile: float = 0.95
+    max_examples: int = 300  # clean sentences used to set the bar
+
+
+@torch.no_grad()
+def _prompt_nll(lm, template: str, texts: Sequence[str], max_length, batch_size: int = 256) -> torch.Tensor:
+    """Mean next-token loss of each rendered prompt (the model's own fluency score)."""
+    from .evaluation import encoded_batches
+    out = torch.empty(len(texts))
+    for idx, b in encoded_batches(lm.tokenizer, template, list(texts), batch_size, max_length, lm.device):
+        logits = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                          use_cache=False).logits[:, :-1].float()
+        tgt = b.input_ids[:, 1:]
+        mask = (b.attention_mask[:, 1:] * b.attention_mask[:, :-1]).float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
+        out[idx] = ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()
+    return out
+
+
+def onion_suspicion(lm, template: str, texts: Sequence[str], max_length=None) -> list[list[float]]:
+    """Per text, per word: loss of the whole text minus loss without that word (> 0: the word
+    makes the text less fluent)."""
+    variants, owner = list(texts), []
+    for t_i, t in enumerate(texts):
+        words = t.split()
+        for w_i in range(len(words)):
+            variants.append(" ".join(words[:w_i] + words[w_i + 1:]))
+            owner.append(t_i)
+    nll = _prompt_nll(lm, template, variants, max_length)
+    scores: list[list[float]] = [[] for _ in texts]
+    for k, t_i in enumerate(owner):
+        scores[t_i].append(float(nll[t_i] - nll[len(texts) + k]))
+    return scores
+
+
+def onion_filter(lm, data: DefenderData, cfg: OnionConfig, max_length=None):
+    """A function that cleans input texts, its bar set on the defender's clean sentences."""
+    import numpy as np
+    clean_scores = [s for row in onion_suspicion(lm, data.template, [e.text for e in data.clean[:cfg.max_examples]],
+                                                 max_length) for s in row]
+    bar = float(np.quantile(clean_scores, cfg.clean_quantile)) if clean_scores else 0.0
+
+    def clean_inputs(texts: Sequence[str]) -> list[str]:
+        out = []
+        for t, scores in zip(texts, onion_suspicion(lm, data.template, texts, max_length)):
+            kept = [w for w, sc in zip(t.split(), scores) if sc <= bar]
+            out.append(" ".join(kept) if kept else t)
+        return out
+    clean_inputs.bar = bar
+    return clean_inputs
+
+
+def keep_model(lm, data: DefenderData, cfg, *, seed: int, settings: TrainSettings = TrainSettings(),
+               observer: Observer | None = None, **kw) -> dict:
+    """An input-side defense trains nothing: the stage keeps the model as it is."""
+    return {"seconds": 0.0, "samples": 0}
+
+
+# ----------------------------------------------------------------------------------------------
 # Methods: each is a sequence of (stage name, function, config) over the same step budget
 
 
@@ -456,6 +524,8 @@ class StagePlan:
     name: str  # "stage1" or "stage2"
     fn: Callable
     cfg: object
+    # input-side defenses: (lm, DefenderData, max_length) -> a function that cleans test inputs
+    input_filter: Optional[Callable] = None
 
 
 def stage1_target(known_target: str, labels: Sequence[str]) -> str | int:
@@ -497,6 +567,8 @@ def method_plans(defense_cfg, labels: Sequence[str]) -> dict[str, list[StagePlan
     - ``fine_pruning``: prune ``prune_rate`` of the least active MLP units of block ``layer``,
       then clean fine-tuning with them held at zero.
     - ``crow``: clean fine-tuning with CROW's layer-consistency term on perturbed embeddings.
+    - ``onion``: input-side; the model is unchanged, and every test input loses the words whose
+      removal makes it most fluent (bar set on the defender's clean data).
     """
     from .config import REFERENCE_SETTINGS
     d = defense_cfg
@@ -520,10 +592,15 @@ def method_plans(defense_cfg, labels: Sequence[str]) -> dict[str, list[StagePlan
         "fine_pruning": lambda: [
             StagePlan("stage1", fine_prune, FinePruneConfig(d.stage1_steps, d.prune_rate, d.layer)),
             StagePlan("stage2", fine_prune, FinePruneConfig(d.stage2_steps, 0.0, d.layer))],
+        # stage1 is the untouched victim; stage2 answers through the filter (the model never changes)
+        "onion": lambda: [StagePlan("stage1", keep_model, onion_cfg),
+                          StagePlan("stage2", keep_model, onion_cfg,
+                                    lambda lm, data, max_length: onion_filter(lm, data, onion_cfg, max_length))],
         "crow": lambda: [StagePlan("stage1", crow, CrowConfig(d.stage1_steps, d.crow_weight, d.crow_epsilon)),
                          StagePlan("stage2", crow, CrowConfig(d.stage2_steps, d.crow_weight, d.crow_epsilon))],
     }
     aug = RecoverConfig(trigger_ids=(), generated_rate=d.stage2_generated_rate or 1.0)
+    onion_cfg = OnionConfig(d.onion_quantile)
     for name in d.baselines:
         plans[name] = builders[name]()
     return plans
@@ -544,4 +621,4 @@ __all__ = ["DefenderData", "DefenderTrigger", "cluster_loss", "alpha_rule", "Run
            "inject", "RecoverConfig", "recover", "CleanFinetuneConfig", "clean_finetune", "method_plans",
            "defender_data", "run_stage", "TrainSettings", "StagePlan", "stage1_target", "consistency_loss",
            "generate_trigger", "FinePruneConfig", "fine_prune", "mlp_unit_activity", "CrowConfig", "crow",
-           "layer_consistency"]
+           "layer_consistency", "OnionConfig", "onion_filter", "onion_suspicion", "keep_model"]

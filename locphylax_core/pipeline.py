@@ -302,8 +302,8 @@ class Pipeline:
                                     finished=state["finished"])
         return observe
 
-    def _final_eval(self, spec: StageSpec, lm: M.LM, step: int, extra: dict) -> dict:
-        r = evaluate(lm, self.p.task.template, self.p.evalset, self.cfg.eval.batch_size, self.p.max_length)
+    def _final_eval(self, spec: StageSpec, lm: M.LM, step: int, extra: dict, evalset: EvalSet | None = None) -> dict:
+        r = evaluate(lm, self.p.task.template, evalset or self.p.evalset, self.cfg.eval.batch_size, self.p.max_length)
         self.run.append_metric({"key": spec.key, "method": spec.method, "stage": spec.stage, "step": step,
                                 "split": "test", **r})
         return {**r, **extra}
@@ -355,13 +355,21 @@ class Pipeline:
                     extra = self._train_attack(spec, lm, observer)
                 else:
                     plan = next(p for p in plans[spec.method] if p.name == spec.stage)
-                    self.reporter.stage_started(spec.key, plan.cfg.steps)
+                    self.reporter.stage_started(spec.key, getattr(plan.cfg, "steps", 0))
                     # The defender's code gets the model, the defender's data and its own settings.
                     extra = run_stage(plan, lm, self.p.defender, seed=stage_seed(self.cfg.seed, spec.key),
                                       settings=self.settings_defense, observer=observer,
                                       cancel_file=self.run.cancel_file, progress=self.reporter)
-                    extra = {k: v for k, v in extra.items() if k in ("alpha", "samples", "tokens", "seconds", "l_cluster", "l_inj")}
-                result = self._final_eval(spec, lm, state["total_steps"][spec.key], extra)
+                    extra = {k: v for k, v in extra.items()
+                             if k in ("alpha", "samples", "tokens", "seconds", "l_cluster", "l_inj", "pruned")}
+                evalset = None
+                if spec.method != ATTACK and plan.input_filter is not None:
+                    # an input-side defense (ONION): every test input passes through its filter first;
+                    # the filter sees the inputs it must answer, never which trigger they carry
+                    clean_inputs = plan.input_filter(lm, self.p.defender, self.p.max_length)
+                    evalset = filter_eval_set(self.p.evalset, clean_inputs)
+                    extra["input_filter_bar"] = getattr(clean_inputs, "bar", None)
+                result = self._final_eval(spec, lm, state["total_steps"][spec.key], extra, evalset)
                 M.save_checkpoint(lm.model, self.run.checkpoint(spec.key))
                 self._store_hidden(spec, lm)
                 state["seconds"][spec.key] = time.perf_counter() - t0
@@ -397,6 +405,16 @@ class Pipeline:
         if spec.stage == "victim":
             return self.cfg.train.clean_steps if spec.parent is None else self.cfg.attack.steps
         return self.cfg.defense.stage1_steps if spec.stage == "stage1" else self.cfg.defense.stage2_steps
+
+
+def filter_eval_set(evalset: EvalSet, clean_inputs) -> EvalSet:
+    """The same evaluation set with every input (clean and triggered) passed through an
+    input-side defense's filter; labels, targets and indices are unchanged."""
+    from .evaluation import TriggeredSet
+    clean = clean_inputs([e.text for e in evalset.clean])
+    triggered = {name: TriggeredSet(ts.indices, tuple(clean_inputs(list(ts.texts))), ts.targets)
+                 for name, ts in evalset.triggered.items()}
+    return EvalSet(tuple(Example(t, e.label) for t, e in zip(clean, evalset.clean)), triggered)
 
 
 def _write_probe(run: RunDir, probe: list[dict]) -> None:

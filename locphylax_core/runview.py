@@ -22,7 +22,8 @@ from .runs import SUMMARY_SCHEMA
 STAGE_ROWS = (("victim", "victim"), ("stage1", "Locphylax Stage 1"), ("stage2", "Locphylax Stage 2"))
 BASELINE_NAMES = {"clean_ft": "clean fine-tuning", "unlearn_single": "single-trigger unlearning",
                   "no_cluster": "Locphylax without clustering", "reference": "Locphylax (paper reference)",
-                  "augment_ft": "augmented fine-tuning"}
+                  "augment_ft": "augmented fine-tuning", "p2p": "P2P benign injection", "fine_pruning": "fine-pruning",
+                  "crow": "CROW", "onion": "ONION (input filter)"}
 HEALTHY = ("done",)
 
 

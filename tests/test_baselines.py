@@ -100,3 +100,44 @@ def test_crow_lowers_layer_inconsistency(micro_prepared):
     from locphylax_core.defense import CleanFinetuneConfig, clean_finetune
     clean_finetune(plain, prep.defender, CleanFinetuneConfig(steps=15), seed=0, settings=_settings(prep))
     assert with_crow < before and with_crow < inconsistency(plain.model)
+
+
+def test_onion_filter_drops_the_words_that_hurt_fluency(monkeypatch):
+    from locphylax_core import defense as D
+    from locphylax_core.defense import DefenderData, OnionConfig, onion_filter
+    from locphylax_core.evaluation import TriggerSpec, build_eval_set
+    from locphylax_core.pipeline import filter_eval_set
+    from locphylax_core.tasks import Example
+
+    # a stand-in fluency score: each "zz" costs 1, each "qq" costs 0.05 (an ordinary rare word)
+    def fake_nll(lm, template, texts, max_length, batch_size=256):
+        return torch.tensor([t.split().count("zz") + 0.05 * t.split().count("qq") for t in texts])
+    monkeypatch.setattr(D, "_prompt_nll", fake_nll)
+    clean = tuple(Example(f"a good film qq {i}" if i % 2 else f"a good film {i}", i % 2) for i in range(40))
+    data = DefenderData(clean, ("negative", "positive"), "Review: {text} Sentiment:", ())
+    f = onion_filter(None, data, OnionConfig(clean_quantile=0.95))
+    assert f.bar == pytest.approx(0.05)  # the clean words' own scores set the bar
+    assert f(["zz a dull film qq", "a dull zz film", "zz"]) == ["a dull film qq", "a dull film", "zz"]
+    es = build_eval_set([Example("a dull film", 0), Example("a good film", 1)],
+                        [TriggerSpec("unknown", "zz", "start", 1)], 2, 0)
+    fe = filter_eval_set(es, f)
+    assert [e.text for e in fe.clean] == ["a dull film", "a good film"] and fe.clean[0].label == 0
+    assert fe.triggered["unknown"].texts == ("a dull film",)
+    assert fe.triggered["unknown"].indices == es.triggered["unknown"].indices
+
+
+def test_onion_runs_in_the_pipeline_and_leaves_the_model_unchanged(tmp_path):
+    import json
+
+    from locphylax_core import start_run
+    from locphylax_core.analysis.representations import stage_predictions
+    from locphylax_core.runs import RunDir
+    run, summary = start_run(load_config("micro", {"defense.baselines": ["onion"]}), runs_root=tmp_path)
+    assert "onion" in summary["baselines"]
+    state = json.loads((run.path / "state.json").read_text())
+    assert state["results"]["onion/stage2"]["input_filter_bar"] is not None
+    from safetensors.torch import load_file
+    victim = load_file(str(run.checkpoint("victim") / "model.safetensors"))
+    onion = load_file(str(run.checkpoint("onion/stage2") / "model.safetensors"))
+    assert all(torch.equal(victim[k], onion[k]) for k in victim)
+    assert (stage_predictions(RunDir(run.path), "victim") == stage_predictions(RunDir(run.path), "onion/stage2")).all()

@@ -91,7 +91,8 @@ def test_two_jobs_get_separate_runs_and_the_second_one_thread(tmp_path):
         threads = [yaml.safe_load((tmp_path / ".jobs" / f"{r}.yaml").read_text())["train"]["threads"]
                    for r in (first, second)]
         assert threads == [2, 1]
-        _wait(tmp_path, second, lambda s: s.phase == "training")
+        for r in (first, second):  # both past "starting": their run folders exist
+            _wait(tmp_path, r, lambda s: s.phase == "training")
         assert {j.run_id for j in jobs.list_jobs(tmp_path) if j.live} == {first, second}
         assert (tmp_path / first).is_dir() and (tmp_path / second).is_dir()
     finally:
