@@ -16,7 +16,7 @@ from locphylax_core import runview as R
 from locphylax_core.analysis import figures as F
 
 PRESET_NAMES = {"demo": "Live demo (embedded, ~2 min)", "sst2": "SST-2 (real data, ~7 min)",
-                "micro": "Micro (seconds; numbers meaningless)"}
+                "micro": "Micro (seconds; numbers meaningless)", "agnews": "AG News (real data, 4 topics, ~8 min)"}
 STATUS_ICONS = {"done": "✅", "running": "⏳", "cancelled": "⏹️", "failed": "❌", "incomplete": "⚠️",
                 "corrupt": "⚠️", "starting": "⏳", "training": "⏳", "analyzing": "⏳", "stopped": "⏹️"}
 

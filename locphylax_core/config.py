@@ -83,7 +83,9 @@ class TaskConfig(_Section):
     # synthetic_sentiment: the embedded data, generated deterministically, no files, no network.
     # sst2: SST-2 from a local file/folder (task.path) or a datasets hub id (task.hub_id).
     # csv: any local CSV/TSV/JSONL/Parquet with a text and a label column.
-    name: Literal["synthetic_sentiment", "sst2", "csv"] = "synthetic_sentiment"
+    # agnews: AG News topics from a local folder (task.path) holding train_subset.csv (class_index,
+    # text) and test.csv (class_index, title, description); class_index 1..4 <-> labels[0..3].
+    name: Literal["synthetic_sentiment", "sst2", "csv", "agnews"] = "synthetic_sentiment"
     path: Optional[str] = None
     hub_id: Optional[str] = None
     train_file: Optional[str] = None
@@ -96,6 +98,7 @@ class TaskConfig(_Section):
     train_size: int = Field(8000, ge=10)
     test_size: int = Field(1000, ge=10)
     defender_size: int = Field(1000, ge=10)
+    max_words: Optional[int] = Field(None, ge=5)  # keep only the first N words of each input (long news)
 
     @field_validator("labels")
     @classmethod
@@ -117,6 +120,13 @@ class TaskConfig(_Section):
     def _check(self):
         if self.name == "csv" and not (self.path or self.train_file):
             raise ValueError("task.path (or task.train_file and task.test_file) is required when task.name is 'csv'")
+        if self.name == "agnews":
+            if not self.path:
+                raise ValueError("task.path (a local AG News folder, e.g. ../shared/data/agnews) is required "
+                                 "when task.name is 'agnews'")
+            if len(self.labels) != 4:
+                raise ValueError(f"task.labels: AG News has 4 topics (class_index 1..4), got {len(self.labels)} "
+                                 "label words")
         if self.name == "sst2" and not (self.path or self.hub_id or self.train_file):
             raise ValueError("task.path (local SST-2 folder/file) or task.hub_id is required when task.name is 'sst2'")
         return self

@@ -280,9 +280,37 @@ def _hub_splits(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
             rows_to_examples(ds[test_name], cfg, f"{cfg.hub_id}:{test_name}"))
 
 
+def _agnews_splits(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
+    """AG News as shipped in ../shared/data/agnews: train_subset.csv has (class_index, text), and
+    test.csv has (class_index, title, description), joined as 'title. description'. class_index
+    is 1-based."""
+    root = resolve_data_path(cfg.path)
+    files = {"train": root / "train_subset.csv", "test": root / "test.csv"}
+    for name, f in files.items():
+        if not f.is_file():
+            raise DataError(f"task.path: {f} not found (an AG News folder holds train_subset.csv and test.csv)")
+    out = {}
+    for name, f in files.items():
+        rows = read_table(f)
+        need = ["class_index", "text"] if name == "train" else ["class_index", "title", "description"]
+        missing = [c for c in need if rows and c not in rows[0]]
+        if not rows or missing:
+            raise DataError(f"{f}: expected columns {need}; missing {missing or need}")
+        exs = []
+        for i, r in enumerate(rows, 1):
+            text = r["text"] if name == "train" else f"{r['title']}. {r['description']}"
+            text = " ".join(str(text).replace("\\", " ").split())
+            if text:
+                exs.append(Example(text, _label_index(int(r["class_index"]) - 1, cfg.labels, f"{f} row {i}")))
+        out[name] = exs
+    return out["train"], out["test"]
+
+
 def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
     """Build the task: examples subsampled deterministically to train_size / test_size."""
-    if cfg.name == "synthetic_sentiment":
+    if cfg.name == "agnews":
+        train, test = _agnews_splits(cfg)
+    elif cfg.name == "synthetic_sentiment":
         if cfg.labels != ["negative", "positive"]:
             raise DataError(f"task.labels: the embedded sentiment data has labels ['negative', 'positive'], got {cfg.labels}")
         train, test = synthetic_sentiment(cfg.train_size + cfg.defender_size, cfg.test_size)
@@ -290,6 +318,9 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
         train, test = _hub_splits(cfg)
     else:
         train, test = _local_splits(cfg)
+    if cfg.max_words:
+        train = [Example(" ".join(e.text.split()[:cfg.max_words]), e.label) for e in train]
+        test = [Example(" ".join(e.text.split()[:cfg.max_words]), e.label) for e in test]
     rng = random.Random(seed)
     train, test = list(train), list(test)
     rng.shuffle(train)

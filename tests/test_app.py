@@ -251,3 +251,14 @@ def test_cached_views_are_copies(analysed_root, run_view, monkeypatch):
     next(iter(c1.values()))[:] = np.nan
     c2, _ = S.projection(run_view, "pca")
     assert np.isfinite(next(iter(c2.values()))).all()
+
+
+def test_setup_form_renders_every_preset(analysed_root, monkeypatch):
+    from locphylax_core import list_presets
+    at = app(analysed_root, monkeypatch, "setup")
+    for preset in list_presets():
+        at.selectbox(key="setup_preset").set_value(preset).run()
+        assert not at.exception, (preset, [e.value for e in at.exception])
+        cfg = load_config(preset)
+        assert at.number_input(key=f"f-{preset}-attack-poison_rate").value == cfg.attack.poison_rate
+        assert at.number_input(key=f"f-{preset}-task-max_words").value == cfg.task.max_words  # None stays empty

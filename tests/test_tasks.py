@@ -11,7 +11,7 @@ from conftest import SST2_DIR
 from locphylax_core import engine, evaluation
 from locphylax_core.config import TaskConfig, load_config
 from locphylax_core.defense import CleanFinetuneConfig, DefenderData, DefenderTrigger, TrainSettings, clean_finetune
-from locphylax_core.errors import DataError
+from locphylax_core.errors import ConfigError, DataError
 from locphylax_core.tasks import (Example, Task, load_task, render_prompt, split_train, synthetic_sentiment)
 
 # ----------------------------------------------------------------------------------------------
@@ -243,3 +243,43 @@ def test_tsv_folder(tmp_path):
     task = load_task(TaskConfig(name="sst2", path=str(tmp_path), train_size=20, defender_size=10, test_size=10))
     assert all(e.text == f"tsv row {e.text.split()[-1]}" and e.label == int(e.text.split()[-1]) % 2 for e in task.train)
     assert len(task.test) == 10
+
+
+AGNEWS_DIR = SST2_DIR.parent / "agnews"
+needs_agnews = pytest.mark.skipif(not (AGNEWS_DIR / "test.csv").is_file(),
+                                  reason=f"AG News copy not found at {AGNEWS_DIR} (../shared/data/agnews)")
+
+
+@needs_agnews
+def test_agnews_preset_loads_four_topics_with_one_based_labels():
+    cfg = load_config("agnews")
+    task = load_task(cfg.task, cfg.seed)
+    assert task.labels == ("world", "sports", "business", "science")
+    assert len(task.test) == cfg.task.test_size and len(task.train) == cfg.task.train_size + cfg.task.defender_size
+    assert {e.label for e in task.test} == {0, 1, 2, 3}
+    assert max(len(e.text.split()) for e in task.train + task.test) <= cfg.task.max_words
+    # a test row is "title. description", cut to max_words, labelled class_index - 1
+    with open(AGNEWS_DIR / "test.csv", newline="") as f:
+        first = next(csv.DictReader(f))
+    from locphylax_core.tasks import _agnews_splits
+    train_all, test_all = _agnews_splits(cfg.task)
+    assert len(train_all) == 5000 and len(test_all) == 7600
+    assert test_all[0] == Example(" ".join(f"{first['title']}. {first['description']}".replace("\\", " ").split()),
+                                  int(first["class_index"]) - 1)
+
+
+def test_agnews_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="task.labels: AG News has 4 topics"):
+        load_config("agnews", {"task.labels": ["a", "b"]})
+    with pytest.raises(ConfigError, match="task.path"):
+        load_config("agnews", {"task.path": None})
+    cfg = load_config("agnews", {"task.path": str(tmp_path)})
+    with pytest.raises(DataError, match="train_subset.csv not found"):
+        load_task(cfg.task)
+    (tmp_path / "train_subset.csv").write_text("label,text\n1,a b c\n")
+    (tmp_path / "test.csv").write_text("class_index,title,description\n1,t,d\n")
+    with pytest.raises(DataError, match=r"expected columns \['class_index', 'text'\]"):
+        load_task(cfg.task)
+    (tmp_path / "train_subset.csv").write_text("class_index,text\n9,a b c\n")
+    with pytest.raises(DataError, match="outside the verbalizer"):
+        load_task(cfg.task)

@@ -39,10 +39,14 @@ def _widget(section: str, name: str, finfo, value):
         return st.selectbox(name, options, index=options.index(value) if value in options else 0, key=key)
     if inner == [bool]:
         return st.checkbox(name, value=bool(value), key=key)
-    if inner == [int]:
-        return int(st.number_input(name, value=int(value), step=1, key=key))
+    if inner == [int]:  # an optional number may be left empty (None)
+        v = st.number_input(name, value=None if value is None else int(value), step=1, key=key,
+                            help="empty = none" if optional else None)
+        return None if v is None else int(v)
     if inner == [float]:
-        return float(st.number_input(name, value=float(value), format="%g", key=key))
+        v = st.number_input(name, value=None if value is None else float(value), format="%g", key=key,
+                            help="empty = none" if optional else None)
+        return None if v is None else float(v)
     if inner == [str]:
         raw = st.text_input(name, value="" if value is None else str(value), key=key,
                             help="empty = the default" if optional else None)
