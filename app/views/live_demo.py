@@ -96,8 +96,10 @@ if demo is not None:
                  f"from {d_v:.1f} to {d_1:.1f}.")
         st.caption("Each dot is one sentence. Red diamonds carry the hidden trigger, orange and yellow the "
                    "defender's own triggers; move the slider to see them gather." + moved)
-        st.plotly_chart(F.projection_figure({k: coords[k] for k in stage_keys}, list(demo.probe), preds,
-                                            demo.label_words, method, active=stage), key="demo-projection")
+        # one stage per draw (the slider above picks it): a third of the data of an animated figure,
+        # which keeps this three-chart page quick to draw; the Aggregation page has the animation
+        st.plotly_chart(F.projection_figure({stage: coords[stage]}, list(demo.probe), preds,
+                                            demo.label_words, method), key="demo-projection")
 
     ha = (demo.analysis or {}).get("head_ablation") or {}
     if "victim" in ha and "stage2" in ha:
