@@ -42,7 +42,7 @@ from locphylax_core import model as M  # noqa: E402
 from locphylax_core.config import load_config  # noqa: E402
 from locphylax_core.defense import method_plans, run_stage  # noqa: E402
 from locphylax_core.evaluation import evaluate  # noqa: E402
-from locphylax_core.pipeline import (defense_settings, filter_eval_set, prepare, stage_seed,  # noqa: E402
+from locphylax_core.pipeline import (defended_eval_set, defense_settings, prepare, stage_seed,  # noqa: E402
                                      train_owner_model)
 from locphylax_core.runs import atomic_write_text  # noqa: E402
 
@@ -256,9 +256,7 @@ def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, 
         for plan in plans:
             t0 = time.perf_counter()
             run_stage(plan, lm, prep.defender, seed=stage_seed(seed, prefix + plan.name), settings=settings)
-            evalset = prep.evalset
-            if plan.input_filter is not None:  # an input-side defense (ONION), as in the pipeline
-                evalset = filter_eval_set(evalset, plan.input_filter(lm, prep.defender, prep.max_length))
+            evalset, _ = defended_eval_set(plan, lm, prep)  # ONION filters the test inputs, as in the pipeline
             r = evaluate(lm, prep.task.template, evalset, cfg.eval.batch_size, prep.max_length)
             rows.append({**base, "method": method, "stage": plan.name, "seconds": round(time.perf_counter() - t0, 2),
                          **_scores(r)})

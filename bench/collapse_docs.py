@@ -244,10 +244,11 @@ def figures(report: list[dict], levers: list[dict], default_name: str) -> list[s
 
 
 def _replace_block(text: str, name: str, body: str) -> str:
-    pattern = re.compile(rf"(<!-- BEGIN {re.escape(name)} -->\n).*?(\n<!-- END {re.escape(name)} -->)", re.S)
+    # the body between the markers may be empty (a block placed by hand before its first run)
+    pattern = re.compile(rf"(<!-- BEGIN {re.escape(name)} -->\n)(?:.*?\n)?(<!-- END {re.escape(name)} -->)", re.S)
     if not pattern.search(text):
         return text + f"\n<!-- BEGIN {name} -->\n{body}\n<!-- END {name} -->\n"
-    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+    return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
 
 
 def write_docs() -> None:

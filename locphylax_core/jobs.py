@@ -111,8 +111,7 @@ def launch(cfg: RunConfig, runs_root: str | Path = "runs", *, analyze: bool = Tr
     cfg_path = jd / f"{run_id}.yaml"
     log_path = jd / f"{run_id}.log"
     atomic_write_text(cfg_path, cfg.to_yaml())
-    for stale in (jd / f"{run_id}.exit.json",):
-        stale.unlink(missing_ok=True)
+    (jd / f"{run_id}.exit.json").unlink(missing_ok=True)  # a resumed job's old ending
     cmd = [sys.executable, "-m", "locphylax_core.jobs", "--runs", str(root.resolve()), "--run-id", run_id,
            "--config", str(cfg_path.resolve())]
     if not analyze:
@@ -149,7 +148,8 @@ def _tail(path: Path, n: int = 2000) -> str:
         return ""
 
 
-def job_status(runs_root: str | Path, run_id: str) -> JobStatus:
+def job_status(runs_root: str | Path, run_id: str, log: bool = True) -> JobStatus:
+    """``log``: also read the end of the job's log (``log_tail``)."""
     root = Path(runs_root)
     jd = jobs_dir(root)
     rec = _read(jd / f"{run_id}.json")
@@ -184,16 +184,17 @@ def job_status(runs_root: str | Path, run_id: str) -> JobStatus:
                      step=int(progress.get("step") or 0), stage_steps=int(totals.get(progress.get("key"), 0) or 0),
                      finished=finished, stage_totals=dict(totals), analysis_part=progress.get("part"),
                      error=error, started=(rec or {}).get("started"),
-                     log_tail=_tail(jd / f"{run_id}.log") if rec else "")
+                     log_tail=_tail(jd / f"{run_id}.log") if rec and log else "")
 
 
 def list_jobs(runs_root: str | Path) -> list[JobStatus]:
-    """Every job recorded under ``runs_root``, newest first."""
+    """Every job recorded under ``runs_root``, newest first (without log tails: the app lists jobs
+    every poll)."""
     jd = jobs_dir(runs_root)
     if not jd.is_dir():
         return []
     ids = sorted((p.name[:-5] for p in jd.glob("*.json") if not p.name.endswith(".exit.json")), reverse=True)
-    return [job_status(runs_root, i) for i in ids]
+    return [job_status(runs_root, i, log=False) for i in ids]
 
 
 def cancel(runs_root: str | Path, run_id: str, grace: float = 10.0) -> JobStatus:

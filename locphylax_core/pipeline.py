@@ -364,11 +364,7 @@ class Pipeline:
                              if k in ("alpha", "samples", "tokens", "seconds", "l_cluster", "l_inj", "pruned")}
                 evalset = None
                 if spec.method != ATTACK and plan.input_filter is not None:
-                    # an input-side defense (ONION): every test input passes through its filter first;
-                    # the filter sees the inputs it must answer, never which trigger they carry
-                    clean_inputs = plan.input_filter(lm, self.p.defender, self.p.max_length)
-                    evalset = filter_eval_set(self.p.evalset, clean_inputs)
-                    extra["input_filter_bar"] = getattr(clean_inputs, "bar", None)
+                    evalset, extra["input_filter_bar"] = defended_eval_set(plan, lm, self.p)
                 result = self._final_eval(spec, lm, state["total_steps"][spec.key], extra, evalset)
                 M.save_checkpoint(lm.model, self.run.checkpoint(spec.key))
                 self._store_hidden(spec, lm)
@@ -415,6 +411,16 @@ def filter_eval_set(evalset: EvalSet, clean_inputs) -> EvalSet:
     triggered = {name: TriggeredSet(ts.indices, tuple(clean_inputs(list(ts.texts))), ts.targets)
                  for name, ts in evalset.triggered.items()}
     return EvalSet(tuple(Example(t, e.label) for t, e in zip(clean, evalset.clean)), triggered)
+
+
+def defended_eval_set(plan, lm: M.LM, prep: Prepared) -> tuple[EvalSet, float | None]:
+    """The evaluation set a stage of ``plan`` is scored on, and its filter's bar: for an input-side
+    defense (ONION) every test input first passes through the filter, which sees the inputs it
+    must answer, never which trigger they carry; otherwise the run's own set."""
+    if plan.input_filter is None:
+        return prep.evalset, None
+    clean_inputs = plan.input_filter(lm, prep.defender, prep.max_length)
+    return filter_eval_set(prep.evalset, clean_inputs), getattr(clean_inputs, "bar", None)
 
 
 def _write_probe(run: RunDir, probe: list[dict]) -> None:
@@ -465,4 +471,4 @@ def resume_run(run: RunDir, reporter: Reporter | None = None) -> dict:
 
 
 __all__ = ["Reporter", "prepare", "start_run", "resume_run", "stage_specs", "build_summary", "Pipeline",
-           "train_owner_model", "stage_seed", "defense_settings"]
+           "train_owner_model", "stage_seed", "defense_settings", "defended_eval_set", "filter_eval_set"]

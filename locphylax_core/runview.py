@@ -287,8 +287,6 @@ def curve_rows(view: RunView) -> list[dict]:
 def load_stage_model(view: RunView, stage: str):
     """The checkpoint of ``stage`` as an ``LM`` ready to answer (eval mode, CPU). Loaded from
     safetensors only; the caller must treat it as read-only."""
-    import torch
-
     from . import model as M
     from .tasks import Task
     ckpt = Path(view.path) / "checkpoints" / stage.replace("/", "__")
@@ -303,8 +301,7 @@ def load_stage_model(view: RunView, stage: str):
     model = M.load_checkpoint(ckpt, "cpu").eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    with torch.no_grad():
-        return M.LM(model, tokenizer, ids)
+    return M.LM(model, tokenizer, ids)
 
 
 def answer(view: RunView, lm, texts: Sequence[str]) -> list[str]:
