@@ -42,6 +42,7 @@ from locphylax_core import model as M  # noqa: E402
 from locphylax_core.config import load_config  # noqa: E402
 from locphylax_core.defense import method_plans, run_stage  # noqa: E402
 from locphylax_core.evaluation import evaluate  # noqa: E402
+from locphylax_core.pipeline import _device as pipeline_device  # noqa: E402  (train.device: cpu, cuda, auto)
 from locphylax_core.pipeline import (defended_eval_set, defense_settings, prepare, stage_seed,  # noqa: E402
                                      train_owner_model)
 from locphylax_core.runs import atomic_write_text  # noqa: E402
@@ -49,7 +50,7 @@ from locphylax_core.runs import atomic_write_text  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_bench import _mean_sd  # noqa: E402  (one mean ± sd for every benchmark)
 
-CACHE = ROOT / "bench" / ".cache" / "collapse"
+CACHE = Path(os.environ.get("LOCPHYLAX_BENCH_CACHE", ROOT / "bench" / ".cache" / "collapse"))
 OUT = ROOT / "bench" / "results"
 DOCS = ROOT / "docs"
 GRID = yaml.safe_load((ROOT / "bench" / "collapse_triggers.yaml").read_text())
@@ -69,6 +70,8 @@ VARIANTS: dict[str, dict] = {
     # the baselines of issue 6 (P2P-style benign injection, fine-pruning, CROW), beside the default
     "default+new": {"baselines": ["p2p", "fine_pruning", "crow"]},
     "default+onion": {"baselines": ["onion"]},  # input-side (issue 6); about a minute of filtering per cell
+    # every defense of the families x defenses table on one victim (the paper's method as "reference")
+    "default+all": {"baselines": ["reference", *BASELINES, "p2p", "fine_pruning", "crow", "onion"]},
     # levers, each one change from the reference
     "target=correct": {"defense.known_target": "correct"},
     "target=canary": {"defense.known_target": "canary"},
@@ -163,6 +166,17 @@ def run_config(preset: str, seed: int, trigger: dict, variant: str, model_sets: 
     return load_config(preset, over)
 
 
+def model_key(cfg, stage: str) -> str:
+    """The cache name of a clean model or victim: it depends only on the model, task and train
+    sections and the seed (and, for a victim, the attack). Fields at their default are left out,
+    so adding a config field whose default keeps the old behaviour invalidates no cached model."""
+    parts = {"model": cfg.model.model_dump(exclude_defaults=True), "task": cfg.task.model_dump(exclude_defaults=True),
+             "train": cfg.train.model_dump(exclude_defaults=True), "seed": cfg.seed, "key": 2}
+    if stage == "victim":
+        parts["attack"] = cfg.attack.model_dump(exclude_defaults=True)
+    return f"{cfg.name}-{stage}-{_hash(parts)}"
+
+
 class Models:
     """Clean models and victims, trained once and cached on disk (safetensors)."""
 
@@ -171,27 +185,23 @@ class Models:
 
     def _train(self, cfg, stage: str, parent, tokenizer):
         prep = _prepare(cfg, tokenizer=tokenizer)
+        device = pipeline_device(cfg)
         if parent is None:
-            lm = M.LM(M.build_embedded(cfg.model, prep.tokenizer, stage_seed(cfg.seed, "init")), prep.tokenizer,
-                      prep.answer_ids)
+            lm = M.LM(M.build_embedded(cfg.model, prep.tokenizer, stage_seed(cfg.seed, "init")).to(device),
+                      prep.tokenizer, prep.answer_ids)
         else:
-            lm = M.LM(copy.deepcopy(parent), prep.tokenizer, prep.answer_ids)
+            lm = M.LM(copy.deepcopy(parent).to(device), prep.tokenizer, prep.answer_ids)
         train_owner_model(prep, lm, stage, from_scratch=parent is None, seed=stage_seed(cfg.seed, stage))
         return lm.model, prep.tokenizer
 
     def get(self, cfg, stage: str):
-        """(model, tokenizer) for stage 'clean' or 'victim' of ``cfg`` (LM-pretraining aside, the
-        clean model depends only on the model, task, train sections and the seed)."""
-        parts = {"model": cfg.model.model_dump(), "task": cfg.task.model_dump(), "train": cfg.train.model_dump(),
-                 "seed": cfg.seed}
-        if stage == "victim":
-            parts["attack"] = cfg.attack.model_dump()
-        key = f"{cfg.name}-{stage}-{_hash(parts)}"
+        """(model, tokenizer) for stage 'clean' or 'victim' of ``cfg``."""
+        key = model_key(cfg, stage)
         if key in self.mem:
             return self.mem[key]
         folder = CACHE / "models" / key
         if (folder / "model.safetensors").is_file() and (folder / "tokenizer").is_dir():
-            result = (M.load_checkpoint(folder), M.load_tokenizer(str(folder / "tokenizer")))
+            result = (M.load_checkpoint(folder, pipeline_device(cfg)), M.load_tokenizer(str(folder / "tokenizer")))
         else:
             if stage == "clean":
                 result = self._train(cfg, "clean", None, None)
@@ -308,9 +318,20 @@ def _f(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def split_triggers(split: str) -> list[dict]:
+    """The triggers of a split; ``table`` is the families x defenses table's: the first report
+    trigger of each insertion family (word, phrase, long, char) and the four issue-6 families."""
+    if split == "table":
+        firsts = {}
+        for t in GRID["report"]:
+            firsts.setdefault(t["family"], t)
+        return list(firsts.values()) + GRID["families"]
+    return GRID[split]
+
+
 def select_triggers(split: str, families=None, per_family: int | None = None, texts=None) -> list[dict]:
     out, seen = [], {}
-    for t in GRID[split]:
+    for t in split_triggers(split):
         if families is not None and t["family"] not in families:
             continue
         if texts is not None and t["text"] not in texts:
@@ -371,12 +392,46 @@ def run_grid(presets, seeds, split, variants, model_sets: dict, model_tag: str, 
     return rows
 
 
+def run_parallel(args, presets, seeds, split, variants) -> None:
+    """Each cell in its own ``collapse.py report`` process, ``args.jobs`` at a time, after the clean
+    models (one per preset and seed) are trained once, so that no two processes train the same one.
+    Logs go to bench/.cache/collapse/logs/."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    logs = CACHE / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    common = [f"--model-set={m}" for m in args.model_set] + ([f"--model-lever={args.model_lever}"]
+                                                               if args.model_lever else []) + ["--threads", "1"]
+    triggers = select_triggers(split, args.families, args.per_family, args.triggers)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def launch(argv: list[str], name: str) -> int:
+        with (logs / f"{name}.log").open("w") as log:
+            return subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, *common], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env).returncode
+
+    first = triggers[0]["text"]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda ps: launch(["victims", "--presets", ps[0], "--seeds", str(ps[1]), "--split", split,
+                                         "--triggers", first], f"clean-{ps[0]}-{ps[1]}"),
+                      [(p, s) for p in presets for s in seeds]))
+    cells = [(p, s, i, t) for p in presets for s in seeds for i, t in enumerate(triggers)]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        codes = list(pool.map(lambda c: launch(["report", "--presets", c[0], "--seeds", str(c[1]), "--split", split,
+                                                "--triggers", c[3]["text"], "--variants", *variants,
+                                                "--rows-only"], f"cell-{c[0]}-{c[1]}-{c[2]}"), cells))
+    failed = [c for c, code in zip(cells, codes) if code != 0]
+    for p, s, i, t in failed:
+        print(f"cell {p} s{s} {t['text'][:30]!r} failed; see {logs}/cell-{p}-{s}-{i}.log", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["report", "levers", "grid", "victims", "docs"])
     ap.add_argument("--presets", nargs="+", default=None)
     ap.add_argument("--seeds", nargs="+", type=int, default=None)
-    ap.add_argument("--split", choices=["tune", "report", "families"], default=None)
+    ap.add_argument("--split", choices=["tune", "report", "families", "table"], default=None)
     ap.add_argument("--variants", nargs="+", default=None)
     ap.add_argument("--families", nargs="+", default=None)
     ap.add_argument("--per-family", type=int, default=None,
@@ -392,6 +447,11 @@ def main(argv=None) -> int:
                     help="run every seed of one trigger before the next (a cut-off run then has all seeds)")
     ap.add_argument("--cached-only", action="store_true",
                     help="write the tables from the rows already cached; cells not yet computed are left out")
+    ap.add_argument("--rows-only", action="store_true",
+                    help="compute and cache the rows, write no CSV or docs (the cells of --jobs)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="run the grid as this many processes at once, one cell (preset, seed, trigger) each with "
+                         "one thread, then write the tables from the cached rows (many cores, or one GPU)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: the preset's train.threads); 1 lets two benchmarks share 2 cores")
     args = ap.parse_args(argv)
@@ -422,8 +482,13 @@ def main(argv=None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    if args.jobs > 1 and not CACHED_ONLY:
+        run_parallel(args, presets, seeds, split, variants)
+        CACHED_ONLY = True  # every cell is now cached (or failed, and says so in its log)
     rows = run_grid(presets, seeds, split, variants, model_sets, model_tag, args.families, args.per_family,
                     args.triggers)
+    if args.rows_only:
+        return 0
     _write_csv(OUT / f"collapse_{tag}_runs.csv", rows)
     for name, by in [("summary", ("preset", "model", "variant", "method", "stage")),
                      ("by_family", ("preset", "model", "family", "variant", "method", "stage"))]:

@@ -157,6 +157,42 @@ def baselines6_table(rows: list[dict], default_name: str) -> str:
     return "\n".join(out)
 
 
+DEFENSES = [("locphylax", None), ("reference", "reference (paper)"), ("no_cluster", "no clustering"),
+            ("unlearn_single", "unlearn single"), ("clean_ft", "clean FT"), ("p2p", "P2P"),
+            ("fine_pruning", "fine-pruning"), ("crow", "CROW"), ("onion", "ONION")]
+
+
+def defenses_table(by_family: list[dict], overall: list[dict], default_name: str) -> str:
+    """Families x defenses: unknown-trigger ASR after Stage 2 (mean ± sd over seeds) of every
+    defense, all on the same victims (variant default+all), one table per preset, with the mean
+    over every family and the clean accuracy after each defense."""
+    names = [(m, name or default_name) for m, name in DEFENSES]
+    head = ("| family | n | victim | " + " | ".join(n for _, n in names) + " |\n"
+            "| --- | ---: | ---: | " + " | ".join("---:" for _ in names) + " |")
+    out = []
+    for preset in dict.fromkeys(r["preset"] for r in by_family):
+        out += [f"\n**{preset}**: unknown-trigger ASR % after Stage 2 (mean ± sd over seeds; lower is better)\n", head]
+
+        def line(label, rows, metric="asr_unknown", sd=True):
+            def cell(method):
+                r = next((x for x in rows if x["method"] == method
+                          and x["stage"] == ("victim" if method == "victim" else "stage2")), None)
+                if r is None:
+                    return "–"
+                return pct(r[f"{metric}_mean"], r[f"{metric}_sd"] if sd else None)
+            n = next((int(x["n"]) for x in rows if x["method"] == "victim"), 0)
+            return f"| {label} | {n} | {cell('victim')} | " + " | ".join(cell(m) for m, _ in names) + " |"
+
+        fams = [r for r in by_family if r["preset"] == preset]
+        for fam in dict.fromkeys(r["family"] for r in fams):
+            out.append(line(fam, [r for r in fams if r["family"] == fam]))
+        rest = [r for r in overall if r["preset"] == preset]
+        if rest:
+            out.append(line("**all families**", rest))
+            out.append(line("CACC % (all families)", rest, "cacc", sd=False))
+    return "\n".join(out)
+
+
 LEVER_ROUNDS = [  # (file tag, title, the variant whose locphylax row is that round's reference)
     ("levers", "Round 1: every single lever, seed 0, constant learning rate", "ref+baselines"),
     ("levers-generated", "Round 1b: generated-trigger augmentation, seed 0, constant learning rate", None),
@@ -268,6 +304,10 @@ def write_docs() -> None:
     new_baselines = _read("collapse_baselines6-demo_by_family.csv")  # the issue-6 baselines on the same victims
     if new_baselines:
         text = _replace_block(text, "baselines-issue6", baselines6_table(new_baselines, default_name))
+    table = _read("collapse_table-gpu_by_family.csv")  # every defense on the same victims (issue 6)
+    if table:
+        text = _replace_block(text, "families-defenses",
+                              defenses_table(table, _read("collapse_table-gpu_summary.csv"), default_name))
     rounds = _lever_rounds()
     if rounds:
         text = _replace_block(text, "levers", lever_table(rounds))

