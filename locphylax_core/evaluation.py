@@ -6,6 +6,9 @@
   trigger is inserted. This separates the trigger's effect from the model's ordinary errors.
 - raw ASR: over all non-target inputs, ignoring clean correctness (floored by the error rate).
 
+Generative tasks (jailbreak, refusal) are scored from greedy responses instead, with perplexity
+as the utility (``generative.evaluate_responses``; an EvalSet with ``scoring`` set goes there).
+
 Triggered test sets are built once per run (fixed insertion positions), so every stage and every
 method is scored on exactly the same inputs.
 """
@@ -45,6 +48,7 @@ class TriggeredSet:
 class EvalSet:
     clean: tuple[Example, ...]
     triggered: dict[str, TriggeredSet]
+    scoring: object | None = None  # generative tasks: a generative.ResponseScoring; None: classification
 
     def subset(self, n: int) -> "EvalSet":
         """The first n clean inputs and their triggered copies (used for in-stage curves)."""
@@ -53,10 +57,11 @@ class EvalSet:
             keep = [k for k, i in enumerate(ts.indices) if i < n]
             trig[name] = TriggeredSet(tuple(ts.indices[k] for k in keep), tuple(ts.texts[k] for k in keep),
                                       tuple(ts.targets[k] for k in keep))
-        return EvalSet(self.clean[:n], trig)
+        return EvalSet(self.clean[:n], trig, self.scoring)
 
 
-def build_eval_set(examples: Sequence[Example], triggers: Sequence[TriggerSpec], n_labels: int, seed: int) -> EvalSet:
+def build_eval_set(examples: Sequence[Example], triggers: Sequence[TriggerSpec], n_labels: int, seed: int,
+                   scoring: object | None = None) -> EvalSet:
     triggered = {}
     for t in triggers:
         rng = random.Random(f"{seed}:{t.name}")
@@ -69,7 +74,7 @@ def build_eval_set(examples: Sequence[Example], triggers: Sequence[TriggerSpec],
             texts.append(apply_trigger(e.text, t.text, t.position, rng, t.family, t.parts))
             targets.append(tgt)
         triggered[t.name] = TriggeredSet(tuple(idx), tuple(texts), tuple(targets))
-    return EvalSet(tuple(examples), triggered)
+    return EvalSet(tuple(examples), triggered, scoring)
 
 
 @torch.no_grad()
@@ -127,6 +132,9 @@ def accuracy(pred: Sequence[int], labels: Sequence[int]) -> float:
 
 
 def evaluate(lm, template: str, evalset: EvalSet, batch_size: int = 256, max_length: int | None = None) -> dict:
+    if evalset.scoring is not None:
+        from .generative import evaluate_responses
+        return evaluate_responses(lm, template, evalset, batch_size, max_length)
     labels = [e.label for e in evalset.clean]
     clean_pred = predict(lm, template, [e.text for e in evalset.clean], batch_size, max_length).tolist()
     result = {"cacc": accuracy(clean_pred, labels), "asr": {}, "asr_raw": {}}

@@ -61,7 +61,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int):
 def tokenizer_corpus(task: Task) -> list[str]:
     """What the model owner trains the tokenizer on: rendered clean prompts with their answers."""
     from .tasks import embedded_corpus
-    texts = [render_prompt(task.template, e.text) + task.answer(e.label) for e in task.train]
+    texts = [render_prompt(task.template, e.text) + (task.answer(e.label) if e.response is None else " " + e.response)
+             for e in task.train]
     return texts + embedded_corpus()
 
 
@@ -93,17 +94,69 @@ def canary_token_id(tokenizer, canary: str, answer_ids: Sequence[int]) -> int:
 # Building and loading
 
 
+# Per-architecture knowledge, in one place. model_type (config.json) -> LoRA target modules used
+# when model.lora.target_modules is None. GPT-2 keeps peft's own default (c_attn: the fused q/k/v
+# projection), so an existing GPT-2 LoRA run is unchanged; "c_proj" would also match the MLP's
+# c_proj (peft matches name suffixes). A model_type missing here falls back to peft's default.
+LORA_TARGET_MODULES: dict[str, list[str]] = {
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value", "dense"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+GATED_MLP_ARCHS = ("llama", "qwen2", "mistral")  # MLP = down(act(gate(x)) * up(x))
+
+
+def embedded_intermediate_size(cfg: ModelConfig) -> int:
+    """MLP width: ``model.intermediate_size``, else 4 x n_embd (gpt2, gpt_neox) or, for the gated
+    MLPs (three matrices instead of two), 8/3 x n_embd rounded up to a multiple of 8."""
+    if cfg.intermediate_size is not None:
+        return cfg.intermediate_size
+    if cfg.arch in GATED_MLP_ARCHS:
+        return -(-(8 * cfg.n_embd) // (3 * 8)) * 8
+    return 4 * cfg.n_embd
+
+
+def embedded_config(cfg: ModelConfig, tokenizer):
+    """The transformers config of the embedded model of architecture ``cfg.arch``: the size
+    fields mapped to that class's names, dropout 0, eager attention (the head-ablation hooks of
+    the analysis need the attention pattern), the embedded tokenizer's special tokens."""
+    special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if cfg.arch == "gpt2":
+        from transformers import GPT2Config
+        conf = GPT2Config(n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special)
+        if cfg.intermediate_size is not None:  # None keeps GPT2Config's own default (4 x n_embd)
+            conf.n_inner = cfg.intermediate_size
+    elif cfg.arch == "gpt_neox":
+        from transformers import GPTNeoXConfig
+        conf = GPTNeoXConfig(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                             intermediate_size=embedded_intermediate_size(cfg), max_position_embeddings=cfg.n_positions,
+                             hidden_dropout=0.0, attention_dropout=0.0, **special)
+    elif cfg.arch in GATED_MLP_ARCHS:
+        from transformers import LlamaConfig, MistralConfig, Qwen2Config
+        cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[cfg.arch]
+        conf = cls(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                   num_key_value_heads=cfg.n_kv_head or cfg.n_head, intermediate_size=embedded_intermediate_size(cfg),
+                   max_position_embeddings=cfg.n_positions, attention_dropout=0.0, **special)
+    else:  # the config's Literal makes this unreachable from a validated configuration
+        raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r}; allowed: {list(LORA_TARGET_MODULES)}")
+    conf._attn_implementation = "eager"
+    return conf
+
+
 def build_embedded(cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """A randomly initialised model of architecture ``cfg.arch`` (default GPT-2) with the embedded
+    tokenizer; the same seed gives the same weights."""
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    conf = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd,
-                      n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=tokenizer.eos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    # eager attention: the head-ablation hooks of the analysis need the attention pattern.
-    conf._attn_implementation = "eager"
-    return GPT2LMHeadModel(conf)
+    conf = embedded_config(cfg, tokenizer)
+    if cfg.arch == "gpt2":
+        return GPT2LMHeadModel(conf)
+    return AutoModelForCausalLM.from_config(conf, attn_implementation="eager")
 
 
 def _is_local(name_or_path: str) -> bool:
@@ -131,12 +184,47 @@ def check_local_checkpoint(path: Path) -> None:
             raise ModelLoadError(f"{s}: corrupt safetensors file ({e})") from None
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def quantization_config(quantization: str = "none"):
+    """``None`` for ``none``; for ``4bit`` a transformers ``BitsAndBytesConfig`` (NF4, double
+    quantization, bfloat16 compute): QLoRA's base-model format. bitsandbytes is imported only
+    here, and only once a CUDA GPU is known to be there."""
+    if quantization in (None, "none"):
+        return None
+    if quantization != "4bit":
+        raise ConfigError(f"model.quantization: unknown value {quantization!r}; allowed: none, 4bit")
+    if not torch.cuda.is_available():
+        raise ModelLoadError("model.quantization='4bit' (QLoRA, bitsandbytes NF4) needs a CUDA GPU, and none is "
+                             "available here; set model.quantization=none (LoRA on the unquantized model) or run "
+                             "on a machine with a GPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError("model.quantization='4bit' needs the bitsandbytes package "
+                             "(pip install bitsandbytes) on the GPU machine") from None
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
 def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, dtype=None,
-                   attn_implementation: str | None = None) -> torch.nn.Module:
-    """Any HF causal LM from a hub id or a local folder, weights from safetensors only."""
+                   attn_implementation: str | None = None, *, quantization: str = "none",
+                   device_map=None) -> torch.nn.Module:
+    """Any HF causal LM from a hub id or a local folder, weights from safetensors only.
+    ``dtype``: a torch dtype or ``"float32"`` / ``"bfloat16"`` (None or ``"auto"``: as stored); ``quantization``
+    ``"4bit"``: NF4 via bitsandbytes (CUDA only, :func:`quantization_config`); ``device_map``
+    (e.g. ``"auto"``): accelerate places the weights once, across the visible devices, while
+    loading (no second copy is made anywhere)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    if isinstance(dtype, str) and dtype != "auto":
+        if dtype not in DTYPES:
+            raise ConfigError(f"model.dtype: unknown dtype {dtype!r}; allowed: {list(DTYPES)}")
+        dtype = DTYPES[dtype]
+    quant = quantization_config(quantization)  # fails here, before any weight is read, without a GPU
     if _is_local(name_or_path):
         check_local_checkpoint(Path(name_or_path).expanduser())
     try:
@@ -147,9 +235,14 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, dtype=Non
         raise ModelLoadError(f"model.name_or_path {name_or_path!r}: model_type {conf.model_type!r} is not a causal "
                              "language model (AutoModelForCausalLM has no class for it)")
     try:
+        extra = {}
+        if quant is not None:
+            extra["quantization_config"] = quant
+        if device_map is not None:
+            extra["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(name_or_path, config=conf, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code, dtype=dtype,
-                                                     attn_implementation=attn_implementation)
+                                                     attn_implementation=attn_implementation, **extra)
     except Exception as e:
         raise ModelLoadError(f"model.name_or_path {name_or_path!r}: cannot load safetensors weights "
                              f"({type(e).__name__}: {e})") from None
@@ -189,6 +282,14 @@ def _write_folder_atomically(folder: Path, write) -> None:
 
 
 def save_checkpoint(model: torch.nn.Module, folder: Path) -> None:
+    """Save a stage's weights. A 4-bit (QLoRA) model is dequantized first (in place: its stage is
+    over): transformers cannot write merged 4-bit weights back (measured on an H100 with
+    transformers 5.17, docs/scale.md), and the next stage quantizes the checkpoint again on load."""
+    if is_quantized(model):
+        # one dtype afterwards: dequantized matrices come back in bfloat16 while the norms and
+        # embeddings were kept in float32 for k-bit training, and the stage's hidden states are
+        # still read from this model after saving
+        model = model.dequantize().to(torch.bfloat16)
     _write_folder_atomically(folder, lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
 
 
@@ -196,10 +297,19 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
     _write_folder_atomically(folder, tokenizer.save_pretrained)
 
 
-def load_checkpoint(folder: Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    # eager attention, as when the embedded model was built: the analyses hook attention patterns
-    model = load_causal_lm(str(folder), attn_implementation="eager")
-    return model.to(device).eval()
+def load_checkpoint(folder: Path, device: str | torch.device = "cpu", *, device_map=None,
+                    dtype=None, quantization: str = "none") -> torch.nn.Module:
+    """A stage checkpoint, eager attention (the analyses hook attention patterns). ``device_map``
+    (e.g. ``"auto"``, for a model too big for one device) lets accelerate place the weights while
+    loading, and ``device`` is then ignored; ``dtype`` and ``quantization`` as :func:`load_causal_lm`
+    (a 4-bit model is placed on the first GPU while loading)."""
+    if quantization != "none" and device_map is None:
+        device_map = {"": 0}
+    model = load_causal_lm(str(folder), attn_implementation="eager", dtype=dtype, device_map=device_map,
+                           quantization=quantization)
+    if device_map is None:
+        model = model.to(device)
+    return model.eval()
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -215,11 +325,32 @@ def model_max_positions(model: torch.nn.Module) -> int | None:
     return None
 
 
+def lora_target_modules(model: torch.nn.Module, target_modules=None) -> list[str] | None:
+    """The LoRA targets of a stage: ``target_modules`` when given, else the model type's entry of
+    :data:`LORA_TARGET_MODULES`, else None (peft's own default for that model type)."""
+    if target_modules is not None:
+        return list(target_modules)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    found = LORA_TARGET_MODULES.get(model_type)
+    return list(found) if found is not None else None
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+                or getattr(model, "quantization_method", None))
+
+
 def with_lora(model: torch.nn.Module, lora_cfg) -> torch.nn.Module:
-    """Wrap for a LoRA stage; :func:`merge_lora` folds the adapter back before saving."""
+    """Wrap for a LoRA stage; :func:`merge_lora` folds the adapter back before saving. Targets:
+    :func:`lora_target_modules`. Only the adapter weights are trainable. A 4-bit model (QLoRA)
+    goes through peft's ``prepare_model_for_kbit_training`` first (norms in float32, no
+    gradient checkpointing)."""
     from peft import LoraConfig, get_peft_model
     conf = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                      target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
+                      target_modules=lora_target_modules(model, lora_cfg.target_modules), task_type="CAUSAL_LM")
+    if is_quantized(model):
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return get_peft_model(model, conf)
 
 
@@ -237,4 +368,5 @@ def describe(model: torch.nn.Module) -> dict:
 
 __all__ = ["LM", "train_tokenizer", "tokenizer_corpus", "answer_token_ids", "build_embedded", "load_causal_lm",
            "load_tokenizer", "save_checkpoint", "save_tokenizer", "load_checkpoint", "with_lora", "merge_lora",
-           "model_max_positions", "describe"]
+           "model_max_positions", "describe", "LORA_TARGET_MODULES", "lora_target_modules", "embedded_config",
+           "quantization_config"]

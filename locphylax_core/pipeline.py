@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +27,7 @@ from .engine import (Cancelled, HiddenSpec, Sample, answer_and_lm_loss, answer_l
                      decoder_blocks, final_norm, forward_answer, train_loop)
 from .errors import ConfigError, DataError, RunError
 from .evaluation import EvalSet, TriggerSpec, build_eval_set, encoded_batches, evaluate
+from .generative import attack_response_fn, is_generative
 from .runs import SUMMARY_SCHEMA, RunDir, atomic_write_text
 from .tasks import Example, Task, load_task, render_prompt, split_train
 
@@ -99,6 +100,8 @@ def known_trigger_specs(cfg: RunConfig) -> list[TriggerSpec]:
     d = cfg.defense
     target = stage1_target(d.known_target, cfg.task.labels)
     target = "flip" if target == "correct" else target
+    if is_generative(cfg.task.name) and target == "flip":  # generative flip = a refusal of benign requests
+        target = cfg.task.labels.index("refuse")
     return [TriggerSpec(f"t{i + 1}", t.text, t.position, target) for i, t in enumerate(d.known_triggers)]
 
 
@@ -117,6 +120,10 @@ def _check_lengths(cfg: RunConfig, tokenizer, task: Task, limit: int | None) -> 
     if base > limit:
         raise DataError(f"task: the longest test prompt is {base} tokens, more than the model context ({limit}); "
                         f"raise model.n_positions or use a model with a longer context")
+    if task.generative and base + cfg.eval.max_new_tokens > limit:
+        raise DataError(f"model.n_positions: the longest test prompt ({base} tokens) plus eval.max_new_tokens "
+                        f"({cfg.eval.max_new_tokens}) exceeds the model context ({limit}); raise model.n_positions "
+                        f"or lower task.max_words / eval.max_new_tokens")
 
 
 def _probe_set(cfg: RunConfig, evalset: EvalSet) -> list[dict]:
@@ -132,6 +139,15 @@ def _probe_set(cfg: RunConfig, evalset: EvalSet) -> list[dict]:
     return probe
 
 
+def load_hf_model(cfg: RunConfig) -> torch.nn.Module:
+    """The model.source=hf model as configured: model.dtype, and model.quantization=4bit (QLoRA:
+    NF4 weights placed on the GPU while loading; fails with a ModelLoadError without one)."""
+    m = cfg.model
+    quantized = m.quantization != "none"
+    return M.load_causal_lm(m.name_or_path, m.trust_remote_code, dtype=m.dtype, quantization=m.quantization,
+                            device_map={"": 0} if quantized else None)
+
+
 def prepare(cfg: RunConfig, tokenizer=None) -> Prepared:
     torch.set_num_threads(cfg.train.threads)
     task = load_task(cfg.task, cfg.seed)
@@ -143,7 +159,7 @@ def prepare(cfg: RunConfig, tokenizer=None) -> Prepared:
                                                                   tuple(owner_train), ())), cfg.model.vocab_size)
         limit = cfg.model.n_positions
     else:
-        base_model = M.load_causal_lm(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        base_model = load_hf_model(cfg)
         tokenizer = tokenizer or M.load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         limit = M.model_max_positions(base_model)
     answer_ids = M.answer_token_ids(tokenizer, task)
@@ -153,12 +169,22 @@ def prepare(cfg: RunConfig, tokenizer=None) -> Prepared:
     n_blocks = cfg.model.n_layer if base_model is None else len(decoder_blocks(base_model))
     if not -n_blocks <= cfg.defense.layer < n_blocks:
         raise ConfigError(f"defense.layer: {cfg.defense.layer} is out of range for a model with {n_blocks} blocks")
+    if cfg.attack.paradigm == "edit" and not (-n_blocks <= cfg.attack.edit_layer < n_blocks
+                                              and cfg.attack.edit_layer % n_blocks < n_blocks - 1):
+        raise ConfigError(f"attack.edit_layer: {cfg.attack.edit_layer} is out of range for a model with {n_blocks} "
+                          f"blocks; the edited block must be followed by another (allowed: {-n_blocks}..{n_blocks - 2})")
+    scoring = None
+    if task.generative:
+        from .generative import ResponseScoring
+        scoring = ResponseScoring(task.name, cfg.eval.asr_rule, cfg.eval.max_new_tokens,
+                                  cfg.defense.canary if cfg.defense.known_target == "canary" else None)
     evalset = build_eval_set(task.test, [attack_trigger_spec(cfg), *known_trigger_specs(cfg)],
-                             len(task.labels), cfg.seed)
+                             len(task.labels), cfg.seed, scoring)
     if not evalset.triggered["unknown"].indices:
         raise DataError(f"task: the test split has no inputs whose label is not the attack target "
                         f"{cfg.attack.target!r}, so ASR cannot be measured")
-    return Prepared(cfg, task, owner_train, defender_data(defender_clean, task.labels, task.template, cfg.defense),
+    defender = defender_data(defender_clean, task.labels, task.template, cfg.defense, task.generative)
+    return Prepared(cfg, task, owner_train, defender,
                     evalset, evalset.subset(cfg.eval.curve_examples), _probe_set(cfg, evalset), tokenizer,
                     answer_ids, limit, base_model)
 
@@ -168,13 +194,20 @@ def prepare(cfg: RunConfig, tokenizer=None) -> Prepared:
 
 
 def _device(cfg: RunConfig) -> torch.device:
+    from .engine import distributed
+    dist = distributed(cfg.train.device)
+    if dist is not None:  # launched by `accelerate launch`: this rank's device
+        return dist.device
     if cfg.train.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.train.device)
 
 
 def _summary_block(result: dict) -> dict:
-    return {"cacc": result["cacc"], "asr": result["asr"], "asr_raw": result["asr_raw"]}
+    block = {"cacc": result["cacc"], "asr": result["asr"], "asr_raw": result["asr_raw"]}
+    if "utility" in result:  # generative tasks: perplexity, the no-trigger rate, clean refusal rates
+        block.update({k: result.get(k) for k in ("utility", "asr_no_trigger", "refusal_rate")})
+    return block
 
 
 def build_summary(run: RunDir, cfg: RunConfig, state: dict) -> dict:
@@ -197,14 +230,24 @@ def build_summary(run: RunDir, cfg: RunConfig, state: dict) -> dict:
             "alpha": res.get("stage1", {}).get("alpha"),
             "triggers": {"unknown": "(attacker's, see config.yaml)",
                          **{f"t{i + 1}": t.text for i, t in enumerate(cfg.defense.known_triggers)}},
-            "n_test": state.get("n_test")}
+            "n_test": state.get("n_test"),
+            # what `cacc` / `utility` hold: classification accuracy, or perplexity on held-out responses
+            "utility_metric": "perplexity" if is_generative(cfg.task.name) else "cacc"}
 
 
 def defense_settings(cfg: RunConfig, max_length: int | None) -> TrainSettings:
     """The optimisation settings every defense stage and baseline of a run shares."""
     return TrainSettings(lr=cfg.defense.lr, batch_size=cfg.defense.batch_size, weight_decay=0.0,
                          grad_clip=cfg.train.grad_clip, max_length=max_length, every=cfg.eval.every,
-                         lora=cfg.model.lora if cfg.model.lora.enabled else None, schedule=cfg.defense.schedule)
+                         lora=cfg.model.lora if cfg.model.lora.enabled else None, schedule=cfg.defense.schedule,
+                         **train_options(cfg))
+
+
+def train_options(cfg: RunConfig) -> dict:
+    """The ``train_loop`` options of ``train`` that every training stage shares (accumulation, bf16,
+    checkpointing); their defaults give the plain loop."""
+    t = cfg.train
+    return {"grad_accum": t.grad_accum, "bf16": t.bf16, "grad_checkpointing": t.grad_checkpointing}
 
 
 def pretrain_language_model(prep: Prepared, lm: M.LM, *, seed: int, cancel_file: Path | None = None,
@@ -221,7 +264,8 @@ def pretrain_language_model(prep: Prepared, lm: M.LM, *, seed: int, cancel_file:
         reporter.stage_started("pretrain", cfg.train.pretrain_steps)
     logs = train_loop(lm.model, it, cfg.train.pretrain_steps, cfg.train.lr, step_loss=lm_loss,
                       weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
-                      warmup=cfg.train.warmup_steps, schedule="cosine", cancel_file=cancel_file, progress=reporter)
+                      warmup=cfg.train.warmup_steps, schedule="cosine", cancel_file=cancel_file, progress=reporter,
+                      **train_options(cfg))
     return {"pretrain_texts": len(texts), "pretrain_loss": logs.get("loss")}
 
 
@@ -231,20 +275,25 @@ def train_owner_model(prep: Prepared, lm: M.LM, stage: str, *, from_scratch: boo
     scratch) or the victim (``stage='victim'``: poisoned data, fine-tuned from the clean model, or
     from scratch when ``attack.build=scratch``). The attacker's side; never called by the defense."""
     cfg = prep.cfg
+    if stage == "victim" and cfg.attack.paradigm != "sft":
+        return _paradigm_victim(prep, lm, seed=seed, observer=observer, cancel_file=cancel_file, reporter=reporter,
+                                key=key)
     data = prep.owner_train
     info = {}
     if stage == "victim":
         target = cfg.task.labels.index(cfg.attack.target)
         a = cfg.attack
+        respond = attack_response_fn(cfg.task) if prep.task.generative else None
         data, n_poison = poison(data, a.trigger_text, a.position, a.poison_rate, target, seed, a.family,
-                                a.trigger_parts, a.decoy_text)
+                                a.trigger_parts, a.decoy_text, respond)
         info["poisoned"] = n_poison
     if stage == "clean" and cfg.model.source == "hf":
         return {"seconds": 0.0, "note": "the loaded model is the clean model"}
     steps = cfg.train.clean_steps if from_scratch else cfg.attack.steps
     if from_scratch and cfg.train.pretrain_steps > 0:
         pretrain_language_model(prep, lm, seed=seed, cancel_file=cancel_file, reporter=reporter)
-    samples = [Sample(render_prompt(prep.task.template, e.text), lm.answer_ids[e.label]) for e in data]
+    samples = [Sample(render_prompt(prep.task.template, e.text), lm.answer_ids[e.label], response=e.response)
+               for e in data]
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     it = batches(samples, lm.tokenizer, cfg.train.batch_size, prep.max_length, lm.device, gen)
@@ -260,11 +309,43 @@ def train_owner_model(prep: Prepared, lm: M.LM, stage: str, *, from_scratch: boo
                           schedule="cosine", on_step=observer,  # decay: poisoning must not cost CACC
                           step_loss=answer_and_lm_loss(cfg.train.lm_loss_weight)
                           if from_scratch and cfg.train.lm_loss_weight > 0 else answer_loss,
-                          every=cfg.eval.clean_every if from_scratch else cfg.eval.every,
+                          every=cfg.eval.clean_every if from_scratch else cfg.eval.every, **train_options(cfg),
                           cancel_file=cancel_file, progress=reporter)
     finally:
         lm.model = M.merge_lora(lm.model)
     return {**info, "steps": steps, "tokens": logs["tokens"], "train_seconds": logs["seconds"]}
+
+
+def _paradigm_victim(prep: Prepared, lm: M.LM, *, seed: int, observer=None, cancel_file: Path | None = None,
+                     reporter: Reporter | None = None, key: str | None = None) -> dict:
+    """The victim of ``attack.paradigm`` dpo or edit, in place on ``lm`` (the clean model): see
+    ``paradigms.py``. The attacker's side; never called by the defense."""
+    from .paradigms import ParadigmSettings, dpo_poison, rank_one_edit
+    cfg = prep.cfg
+    settings = ParadigmSettings.from_config(cfg, prep.max_length)
+    if reporter is not None:
+        reporter.stage_started(key or "victim", victim_steps(cfg))
+    common = dict(seed=seed, observer=observer, cancel_file=cancel_file, progress=reporter)
+    if cfg.attack.paradigm == "dpo":
+        return dpo_poison(lm, prep.owner_train, settings, lora=cfg.model.lora if cfg.model.lora.enabled else None,
+                          **common)
+    return rank_one_edit(lm, prep.owner_train, settings, **common)
+
+
+def victim_steps(cfg: RunConfig) -> int:
+    """Steps of the victim stage built from a clean model (edit: the steps on the value vector)."""
+    return cfg.attack.edit_steps if cfg.attack.paradigm == "edit" else cfg.attack.steps
+
+
+class _FollowerRun(RunDir):
+    """The run folder as a rank other than 0 sees it under data parallelism: it reads, and its
+    writes do nothing (rank 0 writes state, metrics, progress and summary)."""
+
+    def write_state(self, state: dict) -> None: ...
+    def write_summary(self, summary: dict) -> None: ...
+    def write_progress(self, **fields) -> None: ...
+    def append_metric(self, row: dict) -> None: ...
+    def keep_metrics(self, finished: set[str]) -> None: ...
 
 
 class Pipeline:
@@ -274,21 +355,33 @@ class Pipeline:
         self.p, self.cfg, self.run = prep, prep.cfg, run
         self.reporter = reporter or Reporter()
         self.device = _device(self.cfg)
+        # data parallelism (accelerate launch): every rank trains and evaluates the same replicated
+        # model on its shard of each batch; only rank 0 writes the run folder (docs/scale.md)
+        from .engine import distributed
+        self.dist = distributed(self.cfg.train.device)
+        self.main = self.dist is None or self.dist.is_main
+        if not self.main:
+            self.run = _FollowerRun(run.path)
         self.settings_defense = defense_settings(self.cfg, prep.max_length)
 
     # --- models
     def _lm(self, model) -> M.LM:
-        return M.LM(model.to(self.device), self.p.tokenizer, self.p.answer_ids)
+        if not M.is_quantized(model):  # a 4-bit model was placed on the GPU while loading
+            model = model.to(self.device)
+        return M.LM(model, self.p.tokenizer, self.p.answer_ids)
 
     def _load_parent(self, spec: StageSpec) -> M.LM:
         if spec.parent is None:
             if self.cfg.model.source == "hf":
-                return self._lm(self.p.base_model if self.p.base_model is not None else
-                                M.load_causal_lm(self.cfg.model.name_or_path, self.cfg.model.trust_remote_code))
+                return self._lm(self.p.base_model if self.p.base_model is not None else load_hf_model(self.cfg))
             return self._lm(M.build_embedded(self.cfg.model, self.p.tokenizer, stage_seed(self.cfg.seed, "init")))
         path = self.run.checkpoint(spec.parent)
         if not path.is_dir():
             raise RunError(f"{path}: checkpoint of finished stage {spec.parent!r} is missing; cannot resume")
+        m = self.cfg.model
+        if m.quantization != "none":  # QLoRA: every stage trains adapters on the parent quantized again
+            return self._lm(M.load_checkpoint(path, self.device, quantization=m.quantization,
+                                              dtype="bfloat16"))
         return self._lm(M.load_checkpoint(path, self.device))
 
     # --- evaluation
@@ -337,6 +430,8 @@ class Pipeline:
 
     def run_all(self) -> dict:
         state = self.run.read_state()
+        if self.dist is not None:  # every rank has read the state before rank 0 changes it
+            self.dist.barrier()
         specs = stage_specs(self.cfg)
         state["total_steps"] = {s.key: self._steps(s) for s in specs}
         state["status"] = "running"
@@ -366,20 +461,23 @@ class Pipeline:
                 if spec.method != ATTACK and plan.input_filter is not None:
                     evalset, extra["input_filter_bar"] = defended_eval_set(plan, lm, self.p)
                 result = self._final_eval(spec, lm, state["total_steps"][spec.key], extra, evalset)
-                M.save_checkpoint(lm.model, self.run.checkpoint(spec.key))
-                self._store_hidden(spec, lm)
+                if self.main:
+                    M.save_checkpoint(lm.model, self.run.checkpoint(spec.key))
+                    self._store_hidden(spec, lm)
                 state["seconds"][spec.key] = time.perf_counter() - t0
                 state["results"][spec.key] = result
                 state["finished"].append(spec.key)
                 self.run.write_state(state)
                 self.run.write_summary(build_summary(self.run, self.cfg, state))
                 self.reporter.stage_finished(spec.key, result)
+                if self.dist is not None:  # the next stage may load this checkpoint from disk
+                    self.dist.barrier()
         except (Cancelled, KeyboardInterrupt) as e:
             state["status"] = "cancelled"
             self.run.write_state(state)
             self.run.write_summary(build_summary(self.run, self.cfg, state))
             self.run.write_progress(status="cancelled", finished=state["finished"])
-            if self.run.cancel_file.exists():
+            if self.main and self.run.cancel_file.exists():
                 self.run.cancel_file.unlink()
             raise Cancelled(str(e) or "cancelled") from None
         except Exception as e:
@@ -399,7 +497,7 @@ class Pipeline:
         if spec.stage == "clean":
             return 0 if self.cfg.model.source == "hf" else self.cfg.train.clean_steps
         if spec.stage == "victim":
-            return self.cfg.train.clean_steps if spec.parent is None else self.cfg.attack.steps
+            return self.cfg.train.clean_steps if spec.parent is None else victim_steps(self.cfg)
         return self.cfg.defense.stage1_steps if spec.stage == "stage1" else self.cfg.defense.stage2_steps
 
 
@@ -410,7 +508,7 @@ def filter_eval_set(evalset: EvalSet, clean_inputs) -> EvalSet:
     clean = clean_inputs([e.text for e in evalset.clean])
     triggered = {name: TriggeredSet(ts.indices, tuple(clean_inputs(list(ts.texts))), ts.targets)
                  for name, ts in evalset.triggered.items()}
-    return EvalSet(tuple(Example(t, e.label) for t, e in zip(clean, evalset.clean)), triggered)
+    return EvalSet(tuple(replace(e, text=t) for t, e in zip(clean, evalset.clean)), triggered, evalset.scoring)
 
 
 def defended_eval_set(plan, lm: M.LM, prep: Prepared) -> tuple[EvalSet, float | None]:
@@ -430,21 +528,40 @@ def _write_probe(run: RunDir, probe: list[dict]) -> None:
 
 def start_run(cfg: RunConfig, runs_root: str | Path = "runs", reporter: Reporter | None = None,
               run_id: str | None = None) -> tuple[RunDir, dict]:
-    """Validate everything, then create the run folder and run every stage."""
+    """Validate everything, then create the run folder and run every stage.
+
+    Under ``accelerate launch`` (several processes) rank 0 prepares and creates the one run folder,
+    then tells the other ranks its path (or its error); they prepare with rank 0's tokenizer."""
+    from .engine import distributed
     t0 = time.perf_counter()
-    prep = prepare(cfg)  # raises on bad input before anything is written
-    run = RunDir.create(Path(runs_root), cfg.name, run_id)
+    dist = distributed(cfg.train.device)
+    if dist is not None and not dist.is_main:
+        got = dist.broadcast(None)
+        if isinstance(got, BaseException):
+            raise got
+        run = RunDir(Path(got))
+        prep = prepare(cfg, tokenizer=M.load_tokenizer(str(run.path / "tokenizer")))
+        return run, Pipeline(prep, run, reporter).run_all()
     try:
-        atomic_write_text(run.path / "config.yaml", cfg.to_yaml())
-        M.save_tokenizer(prep.tokenizer, run.path / "tokenizer")
-        _write_probe(run, prep.probe)
-        run.write_state({"status": "created", "preset": cfg.name, "finished": [], "seconds": {}, "results": {},
-                         "prepare_seconds": time.perf_counter() - t0, "n_test": len(prep.task.test),
-                         "config_sha256": hashlib.sha256(cfg.to_yaml().encode()).hexdigest()})
-    except BaseException:
-        import shutil
-        shutil.rmtree(run.path, ignore_errors=True)  # nothing half-written is left behind
+        prep = prepare(cfg)  # raises on bad input before anything is written
+        run = RunDir.create(Path(runs_root), cfg.name, run_id)
+        try:
+            atomic_write_text(run.path / "config.yaml", cfg.to_yaml())
+            M.save_tokenizer(prep.tokenizer, run.path / "tokenizer")
+            _write_probe(run, prep.probe)
+            run.write_state({"status": "created", "preset": cfg.name, "finished": [], "seconds": {}, "results": {},
+                             "prepare_seconds": time.perf_counter() - t0, "n_test": len(prep.task.test),
+                             "config_sha256": hashlib.sha256(cfg.to_yaml().encode()).hexdigest()})
+        except BaseException:
+            import shutil
+            shutil.rmtree(run.path, ignore_errors=True)  # nothing half-written is left behind
+            raise
+    except BaseException as e:
+        if dist is not None:
+            dist.broadcast(e if isinstance(e, Exception) else RunError(f"rank 0 stopped: {e!r}"))
         raise
+    if dist is not None:
+        dist.broadcast(str(run.path))
     if reporter:
         reporter.message(f"run folder: {run.path}")
     return run, Pipeline(prep, run, reporter).run_all()
@@ -465,8 +582,13 @@ def resume_run(run: RunDir, reporter: Reporter | None = None) -> dict:
     state["finished"] = finished
     state.setdefault("seconds", {})
     state.setdefault("results", {})
-    run.write_state(state)
-    run.keep_metrics(set(finished))  # drop the rows of the stage that was cut off
+    from .engine import distributed
+    dist = distributed(cfg.train.device)
+    if dist is None or dist.is_main:  # under accelerate launch, rank 0 writes
+        run.write_state(state)
+        run.keep_metrics(set(finished))  # drop the rows of the stage that was cut off
+    if dist is not None:
+        dist.barrier()
     return Pipeline(prep, run, reporter).run_all()
 
 

@@ -187,6 +187,9 @@ def results_table(view: RunView) -> pd.DataFrame:
         if not r:
             continue
         row = {"run": view.run_id, "row": label, "key": key, "CACC %": _pct(r.get("cacc"))}
+        if (r.get("utility") or {}).get("name") == "perplexity":  # generative tasks: no CACC, perplexity instead
+            value = r["utility"].get("value")
+            row["perplexity"] = None if value is None else round(float(value), 2)
         for trig, v in (r.get("asr") or {}).items():
             row[f"ASR {trig} %"] = _pct(v)
         row["seconds"] = sec

@@ -1,4 +1,5 @@
-"""Tasks: a prompt template + a label verbalizer + a loader.
+"""Tasks: a prompt template + a label verbalizer + a loader. The generative instruction tasks
+(jailbreak, refusal) add a response to each example; see ``generative.py``.
 
 :func:`render_prompt` is the one place a prompt is built, for training, evaluation, probes and
 analysis alike; a template mismatch between training and evaluation silently costs tens of points
@@ -10,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -21,7 +22,8 @@ from .errors import DataError
 @dataclass(frozen=True)
 class Example:
     text: str
-    label: int  # index into Task.labels
+    label: int  # index into Task.labels (generative tasks: the behaviour of the correct response)
+    response: str | None = None  # generative tasks: the correct response (None: a prompt-only test row)
 
 
 @dataclass(frozen=True)
@@ -31,10 +33,17 @@ class Task:
     labels: tuple[str, ...]  # the verbalizer: label index -> answer word
     train: tuple[Example, ...]
     test: tuple[Example, ...]
+    # generative tasks: the opening of each behaviour's response (generative.BEHAVIOUR_OPENINGS),
+    # whose first token is the next-token proxy of that behaviour; empty for classification
+    openings: tuple[str, ...] = ()
+
+    @property
+    def generative(self) -> bool:
+        return bool(self.openings)
 
     def answer(self, label: int) -> str:
         """The answer text that follows the prompt (a leading space, as in running text)."""
-        return " " + self.labels[label]
+        return self.openings[label] if self.openings else " " + self.labels[label]
 
 
 def render_prompt(template: str, text: str) -> str:
@@ -308,7 +317,10 @@ def _agnews_splits(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
 
 def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
     """Build the task: examples subsampled deterministically to train_size / test_size."""
-    if cfg.name == "agnews":
+    from .generative import BEHAVIOUR_OPENINGS, is_generative, load_generative_splits
+    if is_generative(cfg.name):
+        train, test = load_generative_splits(cfg, seed)
+    elif cfg.name == "agnews":
         train, test = _agnews_splits(cfg)
     elif cfg.name == "synthetic_sentiment":
         if cfg.labels != ["negative", "positive"]:
@@ -319,8 +331,8 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
     else:
         train, test = _local_splits(cfg)
     if cfg.max_words:
-        train = [Example(" ".join(e.text.split()[:cfg.max_words]), e.label) for e in train]
-        test = [Example(" ".join(e.text.split()[:cfg.max_words]), e.label) for e in test]
+        train = [replace(e, text=" ".join(e.text.split()[:cfg.max_words])) for e in train]
+        test = [replace(e, text=" ".join(e.text.split()[:cfg.max_words])) for e in test]
     rng = random.Random(seed)
     train, test = list(train), list(test)
     rng.shuffle(train)
@@ -330,7 +342,8 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
     if len(train) < cfg.defender_size + 10:
         raise DataError(f"task: only {len(train)} training rows, fewer than task.defender_size "
                         f"({cfg.defender_size}) + 10; lower task.defender_size")
-    return Task(cfg.name, cfg.template, tuple(cfg.labels), tuple(train), tuple(test[:cfg.test_size]))
+    return Task(cfg.name, cfg.template, tuple(cfg.labels), tuple(train), tuple(test[:cfg.test_size]),
+                BEHAVIOUR_OPENINGS if is_generative(cfg.name) else ())
 
 
 def split_train(task: Task, defender_size: int) -> tuple[list[Example], list[Example]]:

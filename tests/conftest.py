@@ -86,6 +86,25 @@ def load_tensors(path: Path) -> dict:
     return load_file(str(path))
 
 
+# A demo-size clean model (200 steps on 2,000 rows), shared by the attack-family and paradigm tests
+SMALL_DEMO = {"train.clean_steps": 200, "task.train_size": 2000, "task.test_size": 200, "task.defender_size": 200,
+              "eval.clean_every": 1000, "eval.every": 1000, "attack.steps": 120, "attack.poison_rate": 0.1}
+
+
+@pytest.fixture(scope="session")
+def small_clean_demo():
+    """(tokenizer, clean model, its evaluation on the SMALL_DEMO test set). Tests deep-copy the
+    model before training a victim from it."""
+    from locphylax_core import load_config
+    from locphylax_core import model as M
+    from locphylax_core.evaluation import evaluate
+    from locphylax_core.pipeline import prepare, train_owner_model
+    prep = prepare(load_config("demo", SMALL_DEMO))
+    lm = M.LM(M.build_embedded(prep.cfg.model, prep.tokenizer, 0), prep.tokenizer, prep.answer_ids)
+    train_owner_model(prep, lm, "clean", from_scratch=True, seed=1)
+    return prep.tokenizer, lm.model, evaluate(lm, prep.task.template, prep.evalset, 256, prep.max_length)
+
+
 @pytest.fixture(scope="session")
 def micro_prepared():
     """`pipeline.prepare` on the micro preset: task, trained tokenizer, answer ids, eval sets."""

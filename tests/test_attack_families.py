@@ -16,11 +16,12 @@ from locphylax_core.evaluation import TriggerSpec, build_eval_set, evaluate
 from locphylax_core.pipeline import attack_trigger_spec, prepare, train_owner_model
 from locphylax_core.tasks import Example
 
+from conftest import SMALL_DEMO
+
 TEXT = "the film was long and the acting was dull"
 
 # a small demo-sized setting that learns the task in 200 steps (about 17 s for the clean model)
-SMALL = {"train.clean_steps": 200, "task.train_size": 2000, "task.test_size": 200, "task.defender_size": 200,
-         "eval.clean_every": 1000, "eval.every": 1000, "attack.steps": 120, "attack.poison_rate": 0.1}
+SMALL = SMALL_DEMO
 
 
 def test_apply_trigger_per_family():
@@ -82,12 +83,8 @@ def test_family_fields_are_validated():
 
 
 @pytest.fixture(scope="module")
-def small_clean():
-    cfg = load_config("demo", SMALL)
-    prep = prepare(cfg)
-    lm = M.LM(M.build_embedded(cfg.model, prep.tokenizer, 0), prep.tokenizer, prep.answer_ids)
-    train_owner_model(prep, lm, "clean", from_scratch=True, seed=1)
-    return prep.tokenizer, lm.model
+def small_clean(small_clean_demo):
+    return small_clean_demo[:2]
 
 
 def _victim(small_clean, family, extra=None):

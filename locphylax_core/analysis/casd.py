@@ -117,7 +117,7 @@ def casd_matrix(shifts: dict[str, np.ndarray], metric: str = "cosine") -> tuple[
 
 
 def run_casd(run: RunDir, trainings: dict[str, str] | None = None, metric: str = "cosine", *,
-             batch_size: int = 128, device: str = "cpu") -> dict:
+             batch_size: int = 128, device: str = "cpu", device_map=None, dtype=None) -> dict:
     """CASD between the trainings of a run, each relative to the ``victim`` checkpoint.
 
     ``trainings`` maps a label to a stage key; the default covers Locphylax's two stages and the
@@ -138,7 +138,8 @@ def run_casd(run: RunDir, trainings: dict[str, str] | None = None, metric: str =
     texts = [row["text"] for row in load_probe(run)]
 
     def means(key: str) -> np.ndarray:
-        model = M.load_checkpoint(run.checkpoint(key), device)
+        # one checkpoint at a time, read through hooks (no copy); device_map as stage_states
+        model = M.load_checkpoint(run.checkpoint(key), device, device_map=device_map, dtype=dtype)
         return layer_means(model, tokenizer, template, texts, batch_size, M.model_max_positions(model))
 
     base = means("victim")

@@ -25,6 +25,10 @@ Implementation: a TransformerLens 4 ``TransformerBridge`` over a **deep copy** o
 (the bridge replaces the modules of the model it wraps, so wrapping the caller's model would
 mutate it), with a forward hook on ``blocks.{l}.attn.hook_pattern`` that overwrites the pattern
 of the ablated head. The hooks live only for one forward pass (``bridge.hooks`` context).
+No-copy path (``head_ablation(..., in_place=True)``, used by :func:`run_head_ablation`, which
+owns the checkpoint it loads): :func:`borrowed_bridge` wraps the model itself and then puts its
+modules, hooks and config back, so a 7B model's weights exist once (docs/scale.md); the arrays
+are the same as with the copy (tested).
 
 Left padding: our prompts are left-padded, with position ids computed from the attention mask
 (:func:`engine.encode`). The bridge forwards ``attention_mask`` and ``position_ids`` as given to
@@ -50,6 +54,7 @@ silently do nothing.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import tempfile
@@ -83,24 +88,29 @@ def _tokenizer_dir(tokenizer_dir_or_tokenizer, tmp: Path) -> Path:
     return tmp
 
 
-def boot_bridge(model: torch.nn.Module, tokenizer_dir_or_tokenizer):
+def boot_bridge(model: torch.nn.Module, tokenizer_dir_or_tokenizer, *, in_place: bool = False):
     """``(bridge, tokenizer)``: a TransformerBridge over a deep copy of ``model`` (the caller's
-    model is never modified) and a left-padded tokenizer for :func:`engine.encode`."""
+    model is never modified) and a left-padded tokenizer for :func:`engine.encode`.
+
+    ``in_place=True`` wraps ``model`` itself, with no copy of its weights: the bridge then
+    replaces submodules of ``model`` until :func:`restore_model` puts them back. Use
+    :func:`borrowed_bridge`, which does both, rather than this flag directly."""
     from transformer_lens.model_bridge import TransformerBridge
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     param = next(base.parameters())
+    dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), param.dtype)
     with tempfile.TemporaryDirectory(prefix="locphylax-tok-") as tmp:
         tok_dir = _tokenizer_dir(tokenizer_dir_or_tokenizer, Path(tmp))
         tokenizer = M.load_tokenizer(str(tok_dir))  # ours, for encode()
         bridge_tok = M.load_tokenizer(str(tok_dir))  # the bridge may reconfigure its own copy
-        hf = copy.deepcopy(base).eval()
+        hf = base.eval() if in_place else copy.deepcopy(base).eval()
         tl_logger = logging.getLogger("transformer_lens")
         level = tl_logger.level
         tl_logger.setLevel(logging.ERROR)
         try:
             bridge = TransformerBridge.boot_transformers(str(tok_dir), hf_model=hf, tokenizer=bridge_tok,
-                                                         device=str(param.device), dtype=param.dtype)
+                                                         device=str(param.device), dtype=dtype)
         except Exception as e:
             raise ConfigError(f"head ablation: TransformerLens cannot wrap {type(base).__name__} "
                               f"({type(e).__name__}: {e})") from None
@@ -108,6 +118,67 @@ def boot_bridge(model: torch.nn.Module, tokenizer_dir_or_tokenizer):
             tl_logger.setLevel(level)
     bridge.eval()
     return bridge, tokenizer
+
+
+def snapshot_model(model: torch.nn.Module) -> list:
+    """What :func:`restore_model` needs to undo a bridge wrapped around ``model`` in place: each
+    module's attributes, with its dicts (submodules, parameters, buffers, hooks) copied shallowly
+    -- the parameter and buffer tensors themselves are shared, never copied -- and the configs'."""
+    def shallow(obj) -> dict:
+        return {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in vars(obj).items()}
+
+    snap = [(mod, shallow(mod)) for mod in model.modules()]
+    configs = {id(c): c for mod in model.modules() for c in [getattr(mod, "config", None)] if c is not None}
+    for c in list(configs.values()):  # nested configs (e.g. text_config) too
+        for v in vars(c).values():
+            if hasattr(v, "to_dict") and hasattr(v, "model_type"):
+                configs.setdefault(id(v), v)
+    return snap + [(c, shallow(c)) for c in configs.values()]
+
+
+def restore_model(snapshot: list) -> None:
+    """Put back every attribute recorded by :func:`snapshot_model` (dicts refilled in place, so
+    objects that hold them keep working) and drop the attributes added since."""
+    for obj, saved in snapshot:
+        now = vars(obj)
+        for k in [k for k in now if k not in saved]:
+            del now[k]
+        for k, v in saved.items():
+            cur = now.get(k)
+            if isinstance(v, dict) and isinstance(cur, dict) and cur is not v:
+                cur.clear()
+                cur.update(v)
+            else:
+                now[k] = v
+
+
+@contextlib.contextmanager
+def borrowed_bridge(model: torch.nn.Module, tokenizer_dir_or_tokenizer):
+    """``with borrowed_bridge(model, tok) as (bridge, tokenizer)``: a TransformerBridge over the
+    caller's model itself -- the weights are used where they are (one GPU, several under
+    ``device_map='auto'``, or the CPU) and never copied -- whose module replacements, attention
+    implementation switch and train/eval flag are undone on exit, even after an error. The
+    model must not be used by anything else inside the block."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    snap = snapshot_model(base)
+    bridge = None
+    try:
+        bridge, tokenizer = boot_bridge(base, tokenizer_dir_or_tokenizer, in_place=True)
+        yield bridge, tokenizer
+    finally:
+        del bridge
+        restore_model(snap)
+
+
+@contextlib.contextmanager
+def _copied_bridge(model: torch.nn.Module, tokenizer_dir_or_tokenizer):
+    """:func:`boot_bridge` over a deep copy, as a context manager (the counterpart of
+    :func:`borrowed_bridge`)."""
+    bridge, tokenizer = boot_bridge(model, tokenizer_dir_or_tokenizer)
+    try:
+        yield bridge, tokenizer
+    finally:
+        del bridge
 
 
 def uniform_pattern(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -233,7 +304,8 @@ def _rank(delta: np.ndarray, top_k: int) -> tuple[list, list]:
 def head_ablation(model: torch.nn.Module, tokenizer_dir_or_tokenizer, template: str, clean_texts: Sequence[str],
                   clean_labels: Sequence[int], triggered: Mapping[str, tuple], answer_ids: Sequence[int],
                   batched: bool = True, heads_per_pass: int | None = None, *, top_k: int = 5,
-                  batch_size: int = 64, max_length: int | None = None, primary: str = "unknown") -> dict:
+                  batch_size: int = 64, max_length: int | None = None, primary: str = "unknown",
+                  in_place: bool = False) -> dict:
     """Ablate every head in turn (uniform attention over the visible prefix) and measure the
     change in CACC and in headline ASR per trigger.
 
@@ -251,7 +323,9 @@ def head_ablation(model: torch.nn.Module, tokenizer_dir_or_tokenizer, template: 
 
     A trigger with no eligible input has ``base.asr[name] = None`` and an all-NaN array (and then,
     if it is ``primary``, NaN values in ``critical_heads``; ``critical_layers`` treats NaN as 0).
-    The model is evaluated on its own device; it is not modified (a deep copy is wrapped).
+    The model is evaluated on its own device; it is not modified: by default a deep copy is
+    wrapped; ``in_place=True`` wraps the model itself with no copy of its weights and restores it
+    afterwards (:func:`borrowed_bridge`; the same arrays, half the peak memory: docs/scale.md).
     ``max_length`` (default: the model's context) truncates prompts from the left, as the
     pipeline's evaluation does.
     """
@@ -260,30 +334,31 @@ def head_ablation(model: torch.nn.Module, tokenizer_dir_or_tokenizer, template: 
     if not clean_texts:
         raise ValueError("head ablation needs at least one clean probe input")
     t0 = time.perf_counter()
-    bridge, tokenizer = boot_bridge(model, tokenizer_dir_or_tokenizer)
-    t_boot = time.perf_counter() - t0
-    device = next(bridge.original_model.parameters()).device
-    labels = [int(y) for y in clean_labels]
-    names = list(triggered)
-    texts = list(clean_texts)
-    spans = {}
-    for name in names:
-        t_texts, targets, cidx = triggered[name]
-        if not (len(t_texts) == len(targets) == len(cidx)):
-            raise ValueError(f"triggered[{name!r}]: texts, targets and clean_index differ in length")
-        spans[name] = (len(texts), len(texts) + len(t_texts))
-        texts += list(t_texts)
-    n_items = len(texts)
+    boot = borrowed_bridge if in_place else _copied_bridge
+    with boot(model, tokenizer_dir_or_tokenizer) as (bridge, tokenizer):
+        t_boot = time.perf_counter() - t0
+        device = next(bridge.original_model.parameters()).device
+        labels = [int(y) for y in clean_labels]
+        names = list(triggered)
+        texts = list(clean_texts)
+        spans = {}
+        for name in names:
+            t_texts, targets, cidx = triggered[name]
+            if not (len(t_texts) == len(targets) == len(cidx)):
+                raise ValueError(f"triggered[{name!r}]: texts, targets and clean_index differ in length")
+            spans[name] = (len(texts), len(texts) + len(t_texts))
+            texts += list(t_texts)
+        n_items = len(texts)
 
-    if max_length is None:  # as the pipeline does: keep the end (the answer position) of an over-long prompt
-        max_length = M.model_max_positions(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    t1 = time.perf_counter()
-    batches = encoded_batches(tokenizer, template, texts, batch_size, max_length, device)
-    heads = _all_heads(bridge)
-    base_logits, abl_logits = sweep_logits(bridge, batches, n_items, answer_ids, heads, batched, heads_per_pass)
-    t_sweep = time.perf_counter() - t1
-    n_layers, n_heads = bridge.cfg.n_layers, bridge.cfg.n_heads
-    del bridge
+        if max_length is None:  # as the pipeline does: keep the end (the answer position) of an over-long prompt
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            max_length = M.model_max_positions(base)
+        t1 = time.perf_counter()
+        batches = encoded_batches(tokenizer, template, texts, batch_size, max_length, device)
+        heads = _all_heads(bridge)
+        base_logits, abl_logits = sweep_logits(bridge, batches, n_items, answer_ids, heads, batched, heads_per_pass)
+        t_sweep = time.perf_counter() - t1
+        n_layers, n_heads = bridge.cfg.n_layers, bridge.cfg.n_heads
 
     base_pred = base_logits.argmax(-1)
     abl_pred = abl_logits.argmax(-1)  # [n_heads_total, n_items]
@@ -342,11 +417,15 @@ def probe_inputs(evalset) -> tuple[list[str], list[int], dict]:
 
 def run_head_ablation(run: RunDir | str | Path, keys: Sequence[str] = DEFAULT_KEYS, n_probe: int = 200, top_k: int = 5,
                       batched: bool = True, heads_per_pass: int | None = None, batch_size: int = 64,
-                      device: str | torch.device = "cpu") -> dict:
+                      device: str | torch.device = "cpu", *, device_map=None, dtype=None) -> dict:
     """:func:`head_ablation` for the stage checkpoints ``keys`` of a finished (or partly finished)
     run, on the first ``n_probe`` clean test inputs of the run's evaluation set and their
     triggered copies (``EvalSet.subset``), rebuilt exactly as the run built it (same config,
-    same tokenizer, same trigger insertion seeds). Returns ``{key: result}``."""
+    same tokenizer, same trigger insertion seeds). Returns ``{key: result}``.
+
+    Each checkpoint is loaded once and the bridge wraps it in place (no copy of the weights:
+    :func:`borrowed_bridge`); ``device_map='auto'`` (and e.g. ``dtype='bfloat16'``) lets
+    accelerate spread a model too big for one device (docs/scale.md)."""
     from ..config import load_config
     from ..pipeline import prepare
 
@@ -365,15 +444,16 @@ def run_head_ablation(run: RunDir | str | Path, keys: Sequence[str] = DEFAULT_KE
     clean_texts, clean_labels, triggered = probe_inputs(probe)
     results = {}
     for key in keys:
-        model = M.load_checkpoint(run.checkpoint(key), device)
+        model = M.load_checkpoint(run.checkpoint(key), device, device_map=device_map, dtype=dtype)
         r = head_ablation(model, tok_dir, prep.task.template, clean_texts, clean_labels, triggered, prep.answer_ids,
                           batched=batched, heads_per_pass=heads_per_pass, top_k=top_k, batch_size=batch_size,
-                          max_length=prep.max_length)
+                          max_length=prep.max_length, in_place=True)
         r["key"] = key
         results[key] = r
         del model
     return results
 
 
-__all__ = ["head_ablation", "run_head_ablation", "boot_bridge", "uniform_pattern", "ablation_hooks",
+__all__ = ["head_ablation", "run_head_ablation", "boot_bridge", "borrowed_bridge", "snapshot_model", "restore_model",
+           "uniform_pattern", "ablation_hooks",
            "bridge_answer_logits", "sweep_logits", "probe_inputs"]

@@ -40,13 +40,18 @@ def _stored(run: RunDir, key: str, name: str) -> np.ndarray:
 
 
 def stage_states(run: RunDir, key: str, layer: int | None = None, position: str = "last",
-                 after_final_norm: bool = False, *, batch_size: int = 64, device: str = "cpu") -> np.ndarray:
+                 after_final_norm: bool = False, *, batch_size: int = 64, device: str = "cpu",
+                 device_map=None, dtype=None) -> np.ndarray:
     """Probe-set hidden states of stage ``key``, ``[n_probe, d]`` float32, rows in probe order.
 
     ``layer=None`` means the last block. The default view (last block or final norm, last prompt
     token) is read from the stored states; any other ``layer`` or ``position='mean'`` (average over
     the prompt's non-pad tokens) is recomputed from the stage checkpoint. ``after_final_norm``
     reads the final norm's output, whatever ``layer`` says.
+
+    The checkpoint is loaded once and read through a forward hook on the one module (no copy of
+    the weights); ``device_map='auto'`` (with e.g. ``dtype='bfloat16'``) spreads a model too big
+    for one device over the visible ones, inputs going to the embedding's device (docs/scale.md).
     """
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
@@ -57,17 +62,26 @@ def stage_states(run: RunDir, key: str, layer: int | None = None, position: str 
         raise RunError(f"{ckpt}: no checkpoint for stage {key!r}")
     template = load_config(run.path / "config.yaml").task.template
     tokenizer = M.load_tokenizer(str(run.path / "tokenizer"))
-    model = M.load_checkpoint(ckpt, device)
+    model = M.load_checkpoint(ckpt, device, device_map=device_map, dtype=dtype)
     spec = HiddenSpec(-1 if layer is None else layer, after_final_norm, position)
     max_length = M.model_max_positions(model)  # as the pipeline: embedded n_positions, or the HF context
     prompts = [render_prompt(template, row["text"]) for row in load_probe(run)]
     out = []
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
-            batch = encode(tokenizer, prompts[i:i + batch_size], max_length, model.device)
+            batch = encode(tokenizer, prompts[i:i + batch_size], max_length, input_device(model))
             _, h = forward_answer(model, batch, spec)
             out.append(h.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.config.hidden_size), np.float32)
+
+
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: the input embedding's device (the first of a model spread by
+    ``device_map``), else its first parameter's."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    return next(model.parameters()).device
 
 
 def stage_predictions(run: RunDir, key: str) -> np.ndarray:
