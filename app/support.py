@@ -16,7 +16,9 @@ from locphylax_core import runview as R
 from locphylax_core.analysis import figures as F
 
 PRESET_NAMES = {"demo": "Live demo (embedded, ~2 min)", "sst2": "SST-2 (real data, ~7 min)",
-                "micro": "Micro (seconds; numbers meaningless)", "agnews": "AG News (real data, 4 topics, ~8 min)"}
+                "micro": "Micro (seconds; numbers meaningless)", "agnews": "AG News (real data, 4 topics, ~8 min)",
+                "jailbreak": "Jailbreak (generative, AdvBench / Alpaca, ~7 min)",
+                "refusal": "Refusal (generative, BackdoorLLM / Alpaca, ~7 min)"}
 STATUS_ICONS = {"done": "✅", "running": "⏳", "cancelled": "⏹️", "failed": "❌", "incomplete": "⚠️",
                 "corrupt": "⚠️", "starting": "⏳", "training": "⏳", "analyzing": "⏳", "stopped": "⏹️"}
 
