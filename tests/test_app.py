@@ -262,3 +262,33 @@ def test_setup_form_renders_every_preset(analysed_root, monkeypatch):
         cfg = load_config(preset)
         assert at.number_input(key=f"f-{preset}-attack-poison_rate").value == cfg.attack.poison_rate
         assert at.number_input(key=f"f-{preset}-task-max_words").value == cfg.task.max_words  # None stays empty
+
+
+GENERATIVE_MICRO = {"model.n_layer": 1, "model.n_embd": 64, "model.n_head": 2, "model.n_positions": 96,
+                    "model.vocab_size": 1200, "task.train_size": 300, "task.test_size": 20, "task.defender_size": 60,
+                    "task.max_words": 16, "task.max_response_words": 8, "attack.steps": 20, "defense.stage1_steps": 4,
+                    "defense.stage2_steps": 4, "defense.batch_size": 16, "defense.baselines": ["clean_ft"],
+                    "train.batch_size": 32, "train.clean_steps": 30, "train.lm_loss_weight": 0.0, "train.threads": 1,
+                    "eval.every": 100, "eval.clean_every": 1000, "eval.curve_examples": 10, "eval.max_new_tokens": 4,
+                    "eval.probe_per_group": 4, "eval.batch_size": 64}
+
+
+@pytest.fixture(scope="module")
+def generative_root(tmp_path_factory):
+    """An analysed micro jailbreak run (generative: perplexity instead of CACC)."""
+    if not (Path(__file__).resolve().parents[2] / "shared" / "data" / "advbench").is_dir():
+        pytest.skip("../shared/data (AdvBench, BackdoorLLM, Alpaca) is absent")
+    from locphylax_core import start_run
+    from locphylax_core.analysis import analyze_run
+    root = tmp_path_factory.mktemp("gen_runs")
+    run, _ = start_run(load_config("jailbreak", GENERATIVE_MICRO), runs_root=root)
+    analyze_run(run, methods=("pca",), n_probe_heads=8)
+    return root
+
+
+@pytest.mark.parametrize("page", ["setup", "run", "aggregation", "heads", "compare", "export"])
+def test_a_generative_run_renders_on_every_page(generative_root, monkeypatch, page):
+    at = app(generative_root, monkeypatch, page)
+    if page == "compare":  # the utility of a generative run is its perplexity, shown as such
+        (table,) = [d.value for d in at.dataframe if "perplexity" in d.value.columns]
+        assert table["perplexity"].notna().all() and table["CACC %"].isna().all()
