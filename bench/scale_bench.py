@@ -159,7 +159,7 @@ def main(argv=None) -> int:
               f"{r['peak_gb'] if r['peak_gb'] is not None else '–'} |" for r in rows]
     lines += ["", "| mode | whole run (s) | note |", "| --- | ---: | --- |"]
     lines += [f"| {i['mode']} | {i['total_seconds'] if i['total_seconds'] is not None else '–'} | "
-              f"{i.get('error', '')[:200]} |" for i in infos]
+              f"{' '.join(i.get('error', '').split())[:200]} |" for i in infos]
     (out / "scale.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
