@@ -10,6 +10,7 @@ are compared on the same machine.
 
     .venv/bin/python bench/scale_bench.py                   # on a GPU: every mode, 1B-class model
     .venv/bin/python bench/scale_bench.py --tiny --device cpu   # a smoke run of the same code on CPU
+                                                                # (written to a temporary folder)
 
 Writes bench/results/scale.csv and bench/results/scale.md (quoted in docs/scale.md).
 """
@@ -123,7 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="a 2-block model (smoke test of this script)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--out", default=None, help="results folder (default: bench/results; with --tiny a temporary "
+                                                "folder, so a smoke run never overwrites the GPU figures)")
     args = ap.parse_args(argv)
     sizes = TINY if args.tiny else ONE_B
     where = (torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "CPU")
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
             rows += r
             infos.append(info)
             print(info, flush=True)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "locphylax-scale-smoke" if args.tiny else OUT)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "scale.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

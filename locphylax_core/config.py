@@ -90,6 +90,17 @@ class ModelConfig(_Section):
                              "(a hub id such as 'gpt2' or a local folder)")
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        if self.source == "embedded" and self.arch in ("llama", "qwen2", "mistral") and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"model.n_head: rotary position embeddings need an even width per head; model.n_embd "
+                             f"{self.n_embd} / model.n_head {self.n_head} = {self.n_embd // self.n_head}")
+        if self.source == "hf":  # a loaded model brings its own architecture and sizes
+            # (values at their default pass: a run's saved config.yaml lists every field)
+            fields = [f for f in ("arch", "intermediate_size", "n_kv_head")
+                      if getattr(self, f) != type(self).model_fields[f].default]
+            if fields:
+                name = fields[0]
+                raise ValueError(f"model.{name}: only applies to the embedded model (model.source='embedded'); "
+                                 f"an hf model's architecture comes from its config.json")
         if self.n_kv_head is not None:
             if self.arch not in ("llama", "qwen2", "mistral"):
                 raise ValueError(f"model.n_kv_head: grouped-query attention needs model.arch llama, qwen2 or "
@@ -473,9 +484,19 @@ class RunConfig(_Section):
                              f"many rows (defense.batch_size is {self.defense.batch_size})")
         if self.attack.paradigm == "edit" and self.model.source == "embedded":
             n, layer = self.model.n_layer, self.attack.edit_layer
+            if n < 2:
+                raise ValueError("attack.edit_layer: the edited block must be followed by another, so "
+                                 f"attack.paradigm 'edit' needs model.n_layer >= 2 (got {n})")
             if not -n <= layer < n or layer % n == n - 1:
                 raise ValueError(f"attack.edit_layer: {layer} is out of range for a model with model.n_layer={n} "
                                  f"blocks; the edited block must be followed by another (allowed: {-n}..{n - 2})")
+        if self.model.quantization != "none":  # these rewrite or hook weights that 4-bit storage packs
+            if self.attack.paradigm == "edit":
+                raise ValueError("model.quantization: attack.paradigm 'edit' writes a rank-one update into full "
+                                 "weights and cannot edit 4-bit ones; use quantization 'none' or another paradigm")
+            if "fine_pruning" in self.defense.baselines:
+                raise ValueError("model.quantization: the fine_pruning baseline masks full weights and cannot "
+                                 "prune 4-bit ones; remove it from defense.baselines or use quantization 'none'")
         if self.model.quantization != "none" and self.train.device == "cpu":
             raise ValueError("model.quantization: a 4-bit (QLoRA) model runs on a CUDA GPU; set train.device=cuda "
                              "(or auto)")

@@ -304,7 +304,7 @@ def load_checkpoint(folder: Path, device: str | torch.device = "cpu", *, device_
     loading, and ``device`` is then ignored; ``dtype`` and ``quantization`` as :func:`load_causal_lm`
     (a 4-bit model is placed on the first GPU while loading)."""
     if quantization != "none" and device_map is None:
-        device_map = {"": 0}
+        device_map = quantized_device_map()
     model = load_causal_lm(str(folder), attn_implementation="eager", dtype=dtype, device_map=device_map,
                            quantization=quantization)
     if device_map is None:
@@ -333,6 +333,12 @@ def lora_target_modules(model: torch.nn.Module, target_modules=None) -> list[str
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     found = LORA_TARGET_MODULES.get(model_type)
     return list(found) if found is not None else None
+
+
+def quantized_device_map() -> dict:
+    """Where a 4-bit model is placed while loading: this process's GPU (``LOCAL_RANK`` under
+    ``accelerate launch`` / torchrun, so every rank gets its own; GPU 0 otherwise)."""
+    return {"": int(os.environ.get("LOCAL_RANK", 0))}
 
 
 def is_quantized(model: torch.nn.Module) -> bool:

@@ -75,6 +75,10 @@ class ParadigmSettings:
     edit_steps: int = 100
     edit_lr: float = 0.1
     edit_l2: float = 1e-3
+    # the owner's train_loop options (train.grad_accum, train.bf16, train.grad_checkpointing)
+    grad_accum: int = 1
+    bf16: bool = False
+    grad_checkpointing: bool = False
 
     @classmethod
     def from_config(cls, cfg, max_length: int | None) -> "ParadigmSettings":
@@ -85,7 +89,8 @@ class ParadigmSettings:
                    batch_size=cfg.train.batch_size, weight_decay=cfg.train.weight_decay,
                    grad_clip=cfg.train.grad_clip, max_length=max_length, every=cfg.eval.every,
                    dpo_beta=a.dpo_beta, edit_layer=a.edit_layer, edit_steps=a.edit_steps, edit_lr=a.edit_lr,
-                   edit_l2=a.edit_l2)
+                   edit_l2=a.edit_l2, grad_accum=cfg.train.grad_accum, bf16=cfg.train.bf16,
+                   grad_checkpointing=cfg.train.grad_checkpointing)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +193,8 @@ def dpo_poison(lm, examples: Sequence[Example], cfg: ParadigmSettings, *, seed: 
     try:
         logs = train_loop(lm.model, it, cfg.steps, cfg.lr, step_loss=dpo_step_loss(reference, cfg.dpo_beta),
                           weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, schedule="cosine",
-                          on_step=observer, every=cfg.every, cancel_file=cancel_file, progress=progress)
+                          on_step=observer, every=cfg.every, cancel_file=cancel_file, progress=progress,
+                          grad_accum=cfg.grad_accum, bf16=cfg.bf16, grad_checkpointing=cfg.grad_checkpointing)
     finally:
         lm.model = M.merge_lora(lm.model)
     return {"paradigm": "dpo", "poisoned": sum(p.poisoned for p in pairs), "pairs": len(pairs), "steps": cfg.steps,

@@ -145,7 +145,7 @@ def load_hf_model(cfg: RunConfig) -> torch.nn.Module:
     m = cfg.model
     quantized = m.quantization != "none"
     return M.load_causal_lm(m.name_or_path, m.trust_remote_code, dtype=m.dtype, quantization=m.quantization,
-                            device_map={"": 0} if quantized else None)
+                            device_map=M.quantized_device_map() if quantized else None)
 
 
 def prepare(cfg: RunConfig, tokenizer=None) -> Prepared:

@@ -340,3 +340,26 @@ def test_borrowed_bridge_restores_the_model_after_an_error(micro_prepared):
     with torch.no_grad():
         after, _ = forward_answer(net, b)
     assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("over, field", [
+    ({"model.arch": "llama", "model.n_embd": 96, "model.n_head": 32}, "model.n_head"),  # odd rotary head width
+    ({"model.source": "hf", "model.name_or_path": "gpt2", "model.arch": "llama"}, "model.arch"),
+    ({"model.source": "hf", "model.name_or_path": "gpt2", "model.n_kv_head": 2}, "model.n_kv_head"),
+    ({"attack.paradigm": "edit", "model.n_layer": 1}, "attack.edit_layer"),
+    ({"model.source": "hf", "model.name_or_path": "gpt2", "model.quantization": "4bit", "model.lora.enabled": True,
+      "train.device": "cuda", "attack.paradigm": "edit"}, "model.quantization"),
+    ({"model.source": "hf", "model.name_or_path": "gpt2", "model.quantization": "4bit", "model.lora.enabled": True,
+      "train.device": "cuda", "defense.baselines": ["fine_pruning"]}, "model.quantization"),
+])
+def test_combinations_that_would_fail_inside_a_run_are_config_errors(over, field):
+    with pytest.raises(ConfigError) as e:
+        load_config("micro", over)
+    assert field in e.value.fields, e.value.fields
+
+
+def test_an_hf_config_saved_with_every_field_still_loads():
+    """A run's config.yaml lists every field, the embedded-only ones at their defaults included."""
+    import yaml
+    cfg = load_config("micro", {"model.source": "hf", "model.name_or_path": "gpt2"})
+    assert load_config(yaml.safe_load(cfg.to_yaml())) == cfg
