@@ -23,7 +23,7 @@ import torch
 
 from .attack import insert_trigger, target_label
 from .engine import (HiddenSpec, Sample, SplitLoss, batches, decoder_blocks, final_norm,
-                     forward_answer, forward_loss, train_loop)
+                     forward_answer, forward_loss, output_loss, train_loop)
 from .tasks import Example, render_prompt
 
 
@@ -544,11 +544,7 @@ def crow(lm, data: DefenderData, cfg: CrowConfig, *, seed: int, settings: TrainS
     def step_loss(model, batch, step):
         embeds = model.get_input_embeddings()(batch.input_ids)
         out = hidden(model, batch, embeds)
-        if batch.labels is None:
-            l_ce = torch.nn.functional.cross_entropy(out.logits[:, -1].float(), batch.targets)
-        else:
-            from .generative import response_loss
-            l_ce = response_loss(out.logits, batch.labels)
+        l_ce = output_loss(out.logits, batch)
         probe = embeds.detach().requires_grad_(True)
         g, = torch.autograd.grad(layer_consistency(hidden(model, batch, probe).hidden_states, batch.attention_mask),
                                  probe)

@@ -134,23 +134,30 @@ def forward_answer(model, batch: Batch, hidden: HiddenSpec | None = None):
     return out.logits[:, -1], h
 
 
+def output_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of what ``batch`` is trained to produce, from the logits of its last
+    positions ``[B, T', V]``: the answer token at the last position (classification), or the
+    teacher-forced response tokens (generative: ``labels`` cut to the same last ``T'`` positions)."""
+    if batch.labels is None:
+        return F.cross_entropy(logits[:, -1].float(), batch.targets)
+    from .generative import response_loss
+    return response_loss(logits, batch.labels[:, -logits.shape[1]:])
+
+
 def forward_loss(model, batch: Batch, hidden: HiddenSpec | None = None):
     """(cross-entropy of the expected output, pooled hidden state or None): the answer token of a
     classification batch, or the teacher-forced response tokens of a generative one (prompt
     masked; the hidden state at the last prompt token)."""
-    if batch.labels is None:
-        logits, h = forward_answer(model, batch, hidden)
-        return F.cross_entropy(logits.float(), batch.targets), h
-    from .generative import response_loss
     ctx = capture_output(hidden.module(model)) if hidden is not None else contextlib.nullcontext({})
-    # responses sit at the end of every row: logits from the earliest last-prompt token on suffice
-    # (the output layer over the whole vocabulary is most of a small model's cost)
-    keep = batch.input_ids.shape[1] - int(batch.prompt_last.min())
+    # classification: the answer position only; generative: responses sit at the end of every row,
+    # so logits from the earliest last-prompt token on suffice (the output layer over the whole
+    # vocabulary is most of a small model's cost)
+    keep = 1 if batch.labels is None else batch.input_ids.shape[1] - int(batch.prompt_last.min())
     with ctx as store:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     position_ids=batch.position_ids, logits_to_keep=keep, use_cache=False)
     h = hidden.pool(store["out"], batch.attention_mask, batch.prompt_last) if hidden is not None else None
-    return response_loss(out.logits, batch.labels[:, -keep:]), h
+    return output_loss(out.logits, batch), h
 
 
 @dataclass
@@ -214,11 +221,7 @@ def answer_and_lm_loss(lm_weight: float) -> StepLoss:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     position_ids=batch.position_ids, use_cache=False)
         logits = out.logits.float()
-        if batch.labels is None:
-            l_answer = F.cross_entropy(logits[:, -1], batch.targets)
-        else:  # generative: the response tokens; the next-token term then covers the prompt too
-            from .generative import response_loss
-            l_answer = response_loss(logits, batch.labels)
+        l_answer = output_loss(logits, batch)  # generative: the next-token term covers the prompt too
         l_lm = _next_token_loss(logits, batch)
         loss = l_answer + lm_weight * l_lm
         return loss, {"loss": loss.item(), "l_answer": l_answer.item(), "l_lm": l_lm.item()}
@@ -278,13 +281,7 @@ def _lm_split(weight: float, with_answer: bool) -> SplitLoss:
     def rows(model, batch):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids, use_cache=False).logits.float()
-        if not with_answer:
-            l_answer = logits.new_zeros(())
-        elif batch.labels is None:
-            l_answer = F.cross_entropy(logits[:, -1], batch.targets)
-        else:
-            from .generative import response_loss
-            l_answer = response_loss(logits, batch.labels)
+        l_answer = output_loss(logits, batch) if with_answer else logits.new_zeros(())
         s, c = _next_token_sums(logits, batch)
         return l_answer, s, c
 
