@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SST2_DIR = (REPO / ".." / "shared" / "data" / "sst2").resolve()
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()  # the public data sets, beside the repository
+SST2_DIR = SHARED_DATA / "sst2"
+
+
+def needs_shared(*paths: str):
+    """Skip marker for a test that reads these files or folders of ../shared/data."""
+    missing = [p for p in paths if not (SHARED_DATA / p).exists()]
+    return pytest.mark.skipif(bool(missing), reason=f"{', '.join(missing)} not found in {SHARED_DATA} "
+                                                    "(../shared/data beside the repository)")
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

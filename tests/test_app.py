@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import needs_shared
 from locphylax_core import jobs, load_config
 from locphylax_core import runview as R
 
@@ -276,8 +277,6 @@ GENERATIVE_MICRO = {"model.n_layer": 1, "model.n_embd": 64, "model.n_head": 2, "
 @pytest.fixture(scope="module")
 def generative_root(tmp_path_factory):
     """An analysed micro jailbreak run (generative: perplexity instead of CACC)."""
-    if not (Path(__file__).resolve().parents[2] / "shared" / "data" / "advbench").is_dir():
-        pytest.skip("../shared/data (AdvBench, BackdoorLLM, Alpaca) is absent")
     from locphylax_core import start_run
     from locphylax_core.analysis import analyze_run
     root = tmp_path_factory.mktemp("gen_runs")
@@ -286,6 +285,7 @@ def generative_root(tmp_path_factory):
     return root
 
 
+@needs_shared("advbench")
 @pytest.mark.parametrize("page", ["setup", "run", "aggregation", "heads", "compare", "export"])
 def test_a_generative_run_renders_on_every_page(generative_root, monkeypatch, page):
     at = app(generative_root, monkeypatch, page)

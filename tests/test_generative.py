@@ -4,19 +4,17 @@ the pipeline end to end on micro configurations, and the configuration errors.""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import needs_shared
 from locphylax_core import generative as G
 from locphylax_core.config import load_config
 from locphylax_core.errors import ConfigError
 from locphylax_core.evaluation import asr_from_predictions
 
-DATA = (Path(__file__).resolve().parent.parent / ".." / "shared" / "data").resolve()
-needs_data = pytest.mark.skipif(not (DATA / "backdoorllm").is_dir() or not (DATA / "advbench").is_dir(),
-                                reason=f"the shared data folder {DATA} (advbench/, alpaca/, backdoorllm/) is absent")
+needs_data = needs_shared("backdoorllm", "advbench")
 
 # A micro generative configuration: seconds per stage on one thread, big enough for the backdoor
 # to show (the clean model learns to refuse harmful requests, the victim learns the trigger).

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import needs_shared
 from locphylax_core import load_config
 from locphylax_core import model as M
 from locphylax_core.errors import DataError
@@ -31,7 +31,7 @@ def test_pretraining_texts_rejects_a_file_without_text_columns(tmp_path):
         pretraining_texts([str(f)])
 
 
-@pytest.mark.skipif(not (Path(SHARED) / "agnews").is_dir(), reason="no ../shared/data beside the repository")
+@needs_shared("agnews")
 def test_pretraining_texts_on_the_shared_data():
     texts = pretraining_texts([f"{SHARED}/agnews/train_subset.csv", f"{SHARED}/advbench/harmful_behaviors.csv"])
     assert len(texts) == 5000 + 520  # AG News: text; AdvBench: goal (its 'target' column is no text column)

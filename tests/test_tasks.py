@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import SST2_DIR
+from conftest import SST2_DIR, needs_shared
 from locphylax_core import engine, evaluation
 from locphylax_core.config import TaskConfig, load_config
 from locphylax_core.defense import CleanFinetuneConfig, DefenderData, DefenderTrigger, TrainSettings, clean_finetune
@@ -104,8 +104,7 @@ def test_synthetic_rejects_other_labels():
 # ----------------------------------------------------------------------------------------------
 # SST-2 from the shared local copy
 
-needs_sst2 = pytest.mark.skipif(not (SST2_DIR / "train.tsv").is_file(),
-                                reason=f"SST-2 copy not found at {SST2_DIR} (../shared/data/sst2)")
+needs_sst2 = needs_shared("sst2/train.tsv")
 
 
 @needs_sst2
@@ -246,8 +245,7 @@ def test_tsv_folder(tmp_path):
 
 
 AGNEWS_DIR = SST2_DIR.parent / "agnews"
-needs_agnews = pytest.mark.skipif(not (AGNEWS_DIR / "test.csv").is_file(),
-                                  reason=f"AG News copy not found at {AGNEWS_DIR} (../shared/data/agnews)")
+needs_agnews = needs_shared("agnews/test.csv")
 
 
 @needs_agnews
