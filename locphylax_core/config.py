@@ -421,6 +421,19 @@ class EvalConfig(_Section):
     asr_rule: Literal["keyword", "target_prefix"] = "keyword"
 
 
+def edit_layer_problem(layer: int, n_blocks: int) -> str | None:
+    """Why ``attack.edit_layer`` does not fit a model of ``n_blocks`` decoder blocks, or None: the
+    edited block must exist and be followed by another (checked on the embedded model's config
+    here, and by ``pipeline.prepare`` on a loaded model's blocks)."""
+    if n_blocks < 2:
+        return ("attack.edit_layer: the edited block must be followed by another, so attack.paradigm 'edit' "
+                f"needs a model of at least 2 blocks (this one has {n_blocks})")
+    if not -n_blocks <= layer < n_blocks or layer % n_blocks == n_blocks - 1:
+        return (f"attack.edit_layer: {layer} is out of range for a model with {n_blocks} blocks; the edited block "
+                f"must be followed by another (allowed: {-n_blocks}..{n_blocks - 2})")
+    return None
+
+
 class RunConfig(_Section):
     name: str = "custom"
     seed: int = 0
@@ -483,13 +496,9 @@ class RunConfig(_Section):
             raise ValueError(f"train.grad_accum: {self.train.grad_accum} micro-batches need a batch of at least as "
                              f"many rows (defense.batch_size is {self.defense.batch_size})")
         if self.attack.paradigm == "edit" and self.model.source == "embedded":
-            n, layer = self.model.n_layer, self.attack.edit_layer
-            if n < 2:
-                raise ValueError("attack.edit_layer: the edited block must be followed by another, so "
-                                 f"attack.paradigm 'edit' needs model.n_layer >= 2 (got {n})")
-            if not -n <= layer < n or layer % n == n - 1:
-                raise ValueError(f"attack.edit_layer: {layer} is out of range for a model with model.n_layer={n} "
-                                 f"blocks; the edited block must be followed by another (allowed: {-n}..{n - 2})")
+            problem = edit_layer_problem(self.attack.edit_layer, self.model.n_layer)
+            if problem:
+                raise ValueError(problem)
         if self.model.quantization != "none":  # these rewrite or hook weights that 4-bit storage packs
             if self.attack.paradigm == "edit":
                 raise ValueError("model.quantization: attack.paradigm 'edit' writes a rank-one update into full "

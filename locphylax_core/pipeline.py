@@ -21,7 +21,7 @@ import torch
 
 from . import model as M
 from .attack import poison
-from .config import RunConfig, load_config
+from .config import RunConfig, edit_layer_problem, load_config
 from .defense import DefenderData, TrainSettings, defender_data, method_plans, run_stage, stage1_target
 from .engine import (Cancelled, HiddenSpec, Sample, answer_and_lm_loss, answer_loss, batches, capture_output, lm_loss,
                      decoder_blocks, final_norm, forward_answer, train_loop)
@@ -169,10 +169,9 @@ def prepare(cfg: RunConfig, tokenizer=None) -> Prepared:
     n_blocks = cfg.model.n_layer if base_model is None else len(decoder_blocks(base_model))
     if not -n_blocks <= cfg.defense.layer < n_blocks:
         raise ConfigError(f"defense.layer: {cfg.defense.layer} is out of range for a model with {n_blocks} blocks")
-    if cfg.attack.paradigm == "edit" and not (-n_blocks <= cfg.attack.edit_layer < n_blocks
-                                              and cfg.attack.edit_layer % n_blocks < n_blocks - 1):
-        raise ConfigError(f"attack.edit_layer: {cfg.attack.edit_layer} is out of range for a model with {n_blocks} "
-                          f"blocks; the edited block must be followed by another (allowed: {-n_blocks}..{n_blocks - 2})")
+    problem = edit_layer_problem(cfg.attack.edit_layer, n_blocks) if cfg.attack.paradigm == "edit" else None
+    if problem:  # the embedded model was checked with its config; a loaded one only now
+        raise ConfigError(problem)
     scoring = None
     if task.generative:
         from .generative import ResponseScoring
