@@ -177,11 +177,15 @@ def clean_fortune(entry: str) -> str | None:
     return text
 
 
-def read_fortunes(root: Path) -> Iterator[str]:
+def fortune_files(root: Path) -> list[Path]:
+    """The topic files (each has a ``.dat`` index beside it), without the excluded ones."""
     folder = root / "usr/share/games/fortunes"
-    for path in sorted(folder.iterdir()):
-        if path.suffix or path.name in FORTUNE_EXCLUDED or not (folder / f"{path.name}.dat").exists():
-            continue
+    return [p for p in sorted(folder.iterdir()) if not p.suffix and p.name not in FORTUNE_EXCLUDED
+            and (folder / f"{p.name}.dat").exists()]
+
+
+def read_fortunes(root: Path) -> Iterator[str]:
+    for path in fortune_files(root):
         body = path.read_text(encoding="utf-8", errors="replace")
         for entry in re.split(r"^%\s*$", body, flags=re.M):
             text = clean_fortune(entry)
@@ -290,9 +294,12 @@ class CorpusSource:
     files: tuple[str, ...]  # glob patterns under the system root (or the data root for tasks)
     read: Callable[[Path], Iterator[str]]
     in_data_root: bool = False
+    read_files: Callable[[Path], list[Path]] | None = None  # the files read, where `files` only marks presence
 
     def paths(self, system_root: Path, data_root: Path) -> list[Path]:
         base = data_root if self.in_data_root else system_root
+        if self.read_files is not None:
+            return self.read_files(base)
         return sorted(Path(p) for pat in self.files for p in glob.glob(str(base / pat)))
 
     def missing(self, system_root: Path, data_root: Path) -> list[str]:
@@ -307,7 +314,7 @@ SOURCES: dict[str, CorpusSource] = {s.name: s for s in [
                  ("usr/share/wordnet/data.noun", "usr/share/wordnet/data.verb", "usr/share/wordnet/data.adj",
                   "usr/share/wordnet/data.adv"), read_wordnet),
     CorpusSource("fortunes", "fortunes", "BSD (fortune-mod); the quotations are collected from many authors",
-                 ("usr/share/games/fortunes/*.dat",), read_fortunes),
+                 ("usr/share/games/fortunes/*.dat",), read_fortunes, read_files=fortune_files),
     CorpusSource("task_train", "../shared/data (training splits only)",
                  "SST-2: none stated (GLUE); AG News: research use; BackdoorLLM: MIT (see ../shared/data/README.md)",
                  tuple(TASK_TRAIN_SPLITS), read_task_training_splits, in_data_root=True),

@@ -141,7 +141,8 @@ def test_corpus_is_deterministic_clean_and_free_of_test_splits(sample, tmp_path)
     assert "sst2/dev.tsv" in a["test_splits"]["never_read"]
     # every source names its licence and the sha256 of each file read
     for src in a["sources"]:
-        assert src["licence"] and all(len(f["sha256"]) == 64 for f in src["files"])
+        assert src["licence"] and src["files"] and all(len(f["sha256"]) == 64 for f in src["files"])
+    assert [Path(f["path"]).name for f in by["fortunes"]["files"]] == ["wisdom"]  # the text read, not its index
     assert a["files"]["train.txt"]["words"] == sum(len(x.split()) for x in
                                                    (tmp_path / "a/train.txt").read_text().splitlines())
 
