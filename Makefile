@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 PORT ?= 8501
 
-.PHONY: demo test app browser bench bench-app bench-collapse bench-levers clean-venv
+.PHONY: demo test app browser corpus pretrain bench bench-app bench-collapse bench-levers clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/locphylax demo
 
 test: $(DEVSTAMP) browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # Debian's chromium for the app's end-to-end browser test (installed when missing and we may use
 # apt-get; otherwise that one test is skipped and says why)
@@ -39,6 +39,25 @@ browser:
 	    sudo apt-get update -q >/dev/null && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium fonts-noto-color-emoji >/dev/null; \
 	  else echo "note: /usr/bin/chromium is absent and cannot be installed here; the browser test will be skipped"; fi; \
 	fi
+
+# The pretraining corpus (corpus/, docs/pretraining.md): Debian's dict-gcide, wordnet-base and fortunes
+# (installed with apt-get where we may, else the command to run is printed) plus the tasks' training splits
+CORPUS_PKGS := dict-gcide wordnet-base fortunes
+corpus: $(STAMP)
+	@missing=""; for p in $(CORPUS_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null && command -v apt-get >/dev/null; then \
+	    sudo apt-get update -q >/dev/null && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	  else echo "the corpus needs the Debian packages$$missing; install them with: sudo apt-get install$$missing"; exit 1; fi; \
+	fi
+	$(VENV)/bin/locphylax corpus
+
+# pretrain a base (SIZE=small or medium) on the corpus; resumable: run it again after a stop
+SIZE ?= small
+pretrain: corpus
+	$(VENV)/bin/locphylax pretrain --size $(SIZE)
 
 # the Streamlit app on $(PORT) (default 8501); the Live demo page offers one click to compute the demo run
 app: $(STAMP)

@@ -1,4 +1,4 @@
-"""The ``locphylax`` command: demo, run, resume, runs, show, cancel."""
+"""The ``locphylax`` command: demo, run, resume, runs, show, cancel, corpus, pretrain."""
 
 from __future__ import annotations
 
@@ -213,6 +213,70 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+def cmd_corpus(args) -> int:
+    from .corpus import build_corpus
+    out = Path(args.out)
+    t0 = __import__("time").perf_counter()
+    manifest = build_corpus(out, args.sources, data_root=Path(args.data),
+                            progress=lambda name, n: print(f"  {name}: {n:,} texts", file=sys.stderr))
+    for src in manifest["sources"]:
+        print(f"{src['name']:<11} {src['texts']:>9,} texts {src['words']:>11,} words  "
+              f"({src['duplicates_dropped']:,} duplicates, {src['test_overlap_dropped']:,} overlapping a test split "
+              f"dropped)  {src['licence']}")
+    f = manifest["files"]
+    print(f"corpus {out}: train {f['train.txt']['words']:,} words, held-out {f['heldout.txt']['words']:,} words "
+          f"({__import__('time').perf_counter() - t0:.0f} s); manifest {out / 'manifest.json'}")
+    return 0
+
+
+class _PretrainReporter(_TqdmReporter):
+    def advance(self, n, logs):
+        if self.bar is not None:
+            self.bar.update(n)
+            if "loss" in logs:
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+
+    def stage_finished(self, key, result):
+        self._close()
+
+    def message(self, text):
+        from tqdm import tqdm
+        tqdm.write(text, file=sys.stderr)
+
+
+def cmd_pretrain(args) -> int:
+    from .pretrain import load_pretrain_config, pretrain
+    over = list(args.set) + [f"size={args.size}"] + ([f"corpus={args.corpus}"] if args.corpus else []) + \
+        ([f"out={args.out}"] if args.out else [])
+    cfg = load_pretrain_config(over)
+    if args.cancel:
+        (cfg.out_dir / "CANCEL").parent.mkdir(parents=True, exist_ok=True)
+        (cfg.out_dir / "CANCEL").touch()
+        print(f"asked the pretraining in {cfg.out_dir} to stop after its current step (a checkpoint is written); "
+              "the same command continues it")
+        return 0
+    if args.dry_run:
+        print(cfg.model_dump_json(indent=2))
+        return 0
+    _quiet_libraries()
+    (cfg.out_dir / "CANCEL").unlink(missing_ok=True)
+    command = "locphylax pretrain " + " ".join(a for a in sys.argv[2:] if a != "--ship") if len(sys.argv) > 2 else None
+    main = _is_main_process()
+    card = pretrain(cfg, _PretrainReporter() if main else None, command=command)
+    if main and args.ship:
+        import shutil
+        from .bases import BASES_DIR
+        dest = BASES_DIR / cfg.size
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(cfg.out_dir / "base", dest)
+        print(f"shipped as model.base={cfg.size}: {dest}")
+    if main:
+        print(f"base {cfg.out_dir / 'base'}: {card['steps']:,} steps, {card['tokens_seen']:,} tokens, held-out "
+              f"perplexity {card['heldout_ppl']:.2f}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     """Benchmarks live in the repository's bench/ folder (not in the installed package)."""
     import runpy
@@ -269,6 +333,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", help="benchmark script in bench/, e.g. collapse")
     sp.add_argument("bench_args", nargs=argparse.REMAINDER, help="its arguments, e.g. report --presets demo")
     sp.set_defaults(fn=cmd_bench)
+    sp = sub.add_parser("corpus", help="build the pretraining corpus from Debian's English text packages and the "
+                        "tasks' training splits (make corpus installs the packages)")
+    sp.add_argument("--out", default="corpus", help="output folder (default: corpus)")
+    sp.add_argument("--sources", nargs="+", default=None, help="a subset of the sources (default: all)")
+    sp.add_argument("--data", default="../shared/data", help="the shared data folder (default: ../shared/data)")
+    sp.set_defaults(fn=cmd_corpus)
+    sp = sub.add_parser("pretrain", help="pretrain a base language model on the corpus (resumable: run it again "
+                        "to continue)")
+    sp.add_argument("--size", default="small",
+                    help="a recipe: small (the shipped base) or medium (4 x 256, 256 positions; not shipped)")
+    sp.add_argument("--corpus", default=None, help="corpus folder (default: corpus)")
+    sp.add_argument("--out", default=None, help="output folder (default: pretrain/<size>)")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a setting, e.g. --set steps=2000 --set device=cuda (repeatable)")
+    sp.add_argument("--ship", action="store_true",
+                    help="when done, copy the base into locphylax_core/bases/<size> (the shipped base)")
+    sp.add_argument("--cancel", action="store_true", help="ask a running pretraining of these settings to stop")
+    sp.add_argument("--dry-run", action="store_true", help="print the settings and stop")
+    sp.set_defaults(fn=cmd_pretrain)
     sp = sub.add_parser("cancel", help="ask a running run to stop (it stays resumable)")
     sp.add_argument("run")
     sp.set_defaults(fn=cmd_cancel)

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .bases import DEFAULT_BASE, SCRATCH, base_shape
 from .errors import ConfigError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -59,8 +60,13 @@ class LoraConfig(_Section):
 
 
 class ModelConfig(_Section):
-    # embedded: a small GPT-2 trained from scratch here; hf: any causal LM by hub id or local path.
+    # embedded: the project's own small models; hf: any causal LM by hub id or local path.
     source: Literal["embedded", "hf"] = "embedded"
+    # embedded only: the pretrained base the model starts from: a shipped base (bases.shipped():
+    # small), a folder written by `locphylax pretrain`, or "scratch" (random weights and a
+    # tokenizer trained on the task). With a base, the size fields below are the base's: leave them
+    # out (n_positions may be lowered). Left out: the shipped default, bases.DEFAULT_BASE.
+    base: Optional[str] = None
     name_or_path: Optional[str] = None
     trust_remote_code: bool = False
     n_layer: int = Field(2, ge=1, le=48)
@@ -82,6 +88,31 @@ class ModelConfig(_Section):
     quantization: Literal["none", "4bit"] = "none"
     # The dtype an hf model is loaded in (source=hf only); auto: as stored in its config.json.
     dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _base_shape(cls, data):
+        """With a base, the size fields come from it; a given one that differs is an error."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("source", "embedded") != "embedded":  # an hf model is its own base (like the size fields,
+            return {**data, "base": None}                  # a preset's base is ignored there)
+        base = data.get("base") or DEFAULT_BASE
+        data = {**data, "base": base}
+        if base == SCRATCH:
+            return data
+        shape = base_shape(base)
+        for name, value in shape.items():
+            given = data.get(name)
+            if name == "n_positions" and given is not None and given <= value:
+                continue  # a shorter context than the base's is fine
+            if given is not None and given != value:
+                what = f"at most {value}" if name == "n_positions" else repr(value)
+                raise ValueError(f"model.{name}: {given!r} does not fit model.base {base!r}, whose {name} is {what}; "
+                                 f"leave model.{name} out, or set model.base={SCRATCH} to train another shape from "
+                                 "scratch")
+            data[name] = value
+        return data
 
     @model_validator(mode="after")
     def _check(self):
@@ -384,10 +415,6 @@ class TrainConfig(_Section):
     # weight of the next-token loss on prompt tokens while training from scratch (0: answer loss only)
     lm_loss_weight: float = Field(1.0, ge=0)
     warmup_steps: int = Field(30, ge=0)
-    # Language-model pretraining of the embedded model before the task (0: none), on generic text:
-    # "embedded" (the embedded domain's sentences) and/or local files (text columns are read).
-    pretrain_steps: int = Field(0, ge=0)
-    pretrain_corpus: list[str] = ["embedded"]
     threads: int = Field(2, ge=1, le=256)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     # Every training stage (owner and defense): each step's batch (train.batch_size or
@@ -399,6 +426,20 @@ class TrainConfig(_Section):
     bf16: bool = False
     # activation (gradient) checkpointing of the decoder blocks while training (non-reentrant)
     grad_checkpointing: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data):
+        """train.pretrain_steps / pretrain_corpus were the in-run pretraining; a base is now
+        pretrained once by `locphylax pretrain` and named by model.base. Run folders written
+        before that list them at their off values, which are dropped."""
+        if isinstance(data, dict) and ("pretrain_steps" in data or "pretrain_corpus" in data):
+            data = dict(data)
+            steps, corpus = data.pop("pretrain_steps", 0), data.pop("pretrain_corpus", ["embedded"])
+            if steps or corpus != ["embedded"]:
+                raise ValueError("train.pretrain_steps: pretraining inside a run is retired; pretrain a base once "
+                                 "with `locphylax pretrain` and name it with model.base")
+        return data
 
     @model_validator(mode="after")
     def _accum(self):
@@ -437,7 +478,7 @@ def edit_layer_problem(layer: int, n_blocks: int) -> str | None:
 class RunConfig(_Section):
     name: str = "custom"
     seed: int = 0
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = Field(default_factory=ModelConfig)  # built on use: the default reads the shipped base
     task: TaskConfig = TaskConfig()
     attack: AttackConfig = AttackConfig()
     defense: DefenseConfig = DefenseConfig()
@@ -525,7 +566,7 @@ def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
         msg = e["msg"].removeprefix("Value error, ")
         head, sep, rest = msg.partition(": ")
-        if sep and " " not in head and (head.startswith(loc + ".") if loc else "." in head):
+        if sep and " " not in head and (head.startswith(loc + ".") if loc else head.replace(".", "_").isidentifier()):
             loc, msg = head, rest  # a section-level (or cross-section) check that names its own field
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
@@ -598,6 +639,25 @@ def load_config(preset_or_path: str | Path | dict, overrides: list[str] | dict |
         return RunConfig.model_validate(data)
     except ValidationError as e:
         raise _format_validation_error(e, source) from None
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """A run folder's ``config.yaml``. A run written before pretrained bases existed names no
+    ``model.base`` and was trained from scratch, so that is what it still means."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("source", "embedded") == "embedded" and "base" not in model:
+        data["model"] = {**model, "base": SCRATCH}
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise _format_validation_error(e, str(path)) from None
 
 
 def _split_override(item: str) -> tuple[str, Any]:

@@ -25,7 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import yaml
+
+from .config import PRESET_DIR
 from .errors import DataError
+from .tasks import synthetic_sentiment
 
 NGRAM = 13  # shared-word-run length that counts as contamination (GPT-3's decontamination rule)
 HELDOUT_PERCENT = 1
@@ -241,10 +245,6 @@ def read_task_training_splits(data_root: Path) -> Iterator[str]:
 
 def synthetic_test_texts() -> list[str]:
     """The embedded sentiment task's test sentences for every preset that uses it."""
-    import yaml
-
-    from .config import PRESET_DIR
-    from .tasks import synthetic_sentiment
     out = []
     for preset in sorted(PRESET_DIR.glob("*.yaml")):
         task = (yaml.safe_load(preset.read_text()) or {}).get("task", {})

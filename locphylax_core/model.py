@@ -1,5 +1,6 @@
-"""Models: the embedded default (a small GPT-2 trained from scratch with its own byte-level BPE
-tokenizer) and any Hugging Face causal LM by hub id or local path.
+"""Models: the embedded default (a small GPT-2 that starts from the project's pretrained base, or
+from scratch with a byte-level BPE tokenizer trained on the task) and any Hugging Face causal LM
+by hub id or local path.
 
 Safety: checkpoints are what this project is about distrusting. Weights are read from
 safetensors only (``use_safetensors=True``: a pickle-only checkpoint is refused, never
@@ -17,6 +18,8 @@ from typing import Sequence
 
 import torch
 
+from . import bases
+from .bases import SCRATCH
 from .config import ModelConfig
 from .errors import ConfigError, ModelLoadError
 from .tasks import Task, render_prompt
@@ -159,6 +162,34 @@ def build_embedded(cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(conf, attn_implementation="eager")
 
 
+def embedded_tokenizer(cfg: ModelConfig, owner_task: Task):
+    """The embedded model's tokenizer: its base's, or (``model.base=scratch``) one trained on the
+    model owner's rendered training data."""
+    if cfg.base != SCRATCH:
+        return load_tokenizer(str(base_folder_checked(cfg.base)))
+    return train_tokenizer(tokenizer_corpus(owner_task), cfg.vocab_size)
+
+
+def base_folder_checked(name_or_path: str) -> Path:
+    try:
+        return bases.base_folder(name_or_path)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+
+
+def initial_model(cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
+    """The embedded model before any task training: the base's weights (checked against the
+    sha256 sums of its card, loaded in float32), or random weights from ``seed`` (base=scratch)."""
+    if cfg.base == SCRATCH:
+        return build_embedded(cfg, tokenizer, seed)
+    folder = base_folder_checked(cfg.base)
+    bases.verify(folder)
+    if len(tokenizer) != cfg.vocab_size:
+        raise ModelLoadError(f"model.base {cfg.base!r}: the tokenizer has {len(tokenizer)} tokens, the base "
+                             f"{cfg.vocab_size}; use the base's own tokenizer")
+    return load_checkpoint(folder, dtype=torch.float32)
+
+
 def _is_local(name_or_path: str) -> bool:
     return os.path.isdir(name_or_path) or name_or_path.startswith((".", "/", "~"))
 
@@ -265,7 +296,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 # Checkpoints: one folder each (config.json + model.safetensors), written atomically
 
 
-def _write_folder_atomically(folder: Path, write) -> None:
+def write_folder_atomically(folder: Path, write) -> None:
     """``write(tmp)`` fills a temporary sibling folder, which then replaces ``folder`` in one
     rename: a reader or a crash never sees half a checkpoint."""
     folder = Path(folder)
@@ -290,11 +321,11 @@ def save_checkpoint(model: torch.nn.Module, folder: Path) -> None:
         # embeddings were kept in float32 for k-bit training, and the stage's hidden states are
         # still read from this model after saving
         model = model.dequantize().to(torch.bfloat16)
-    _write_folder_atomically(folder, lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
+    write_folder_atomically(folder, lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
-    _write_folder_atomically(folder, tokenizer.save_pretrained)
+    write_folder_atomically(folder, tokenizer.save_pretrained)
 
 
 def load_checkpoint(folder: Path, device: str | torch.device = "cpu", *, device_map=None,
@@ -372,7 +403,8 @@ def describe(model: torch.nn.Module) -> dict:
             "hidden": getattr(conf, "hidden_size", None)}
 
 
-__all__ = ["LM", "train_tokenizer", "tokenizer_corpus", "answer_token_ids", "build_embedded", "load_causal_lm",
+__all__ = ["LM", "train_tokenizer", "tokenizer_corpus", "answer_token_ids", "build_embedded", "initial_model",
+           "embedded_tokenizer", "write_folder_atomically", "load_causal_lm",
            "load_tokenizer", "save_checkpoint", "save_tokenizer", "load_checkpoint", "with_lora", "merge_lora",
            "model_max_positions", "describe", "LORA_TARGET_MODULES", "lora_target_modules", "embedded_config",
            "quantization_config"]

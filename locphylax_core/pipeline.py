@@ -21,10 +21,10 @@ import torch
 
 from . import model as M
 from .attack import poison
-from .config import RunConfig, edit_layer_problem, load_config
+from .config import RunConfig, edit_layer_problem, load_run_config
 from .defense import DefenderData, TrainSettings, defender_data, method_plans, run_stage, stage1_target
-from .engine import (Cancelled, HiddenSpec, Sample, answer_and_lm_loss, answer_loss, batches, capture_output, lm_loss,
-                     decoder_blocks, final_norm, forward_answer, train_loop)
+from .engine import (Cancelled, HiddenSpec, Sample, answer_and_lm_loss, answer_loss, batches, capture_output,
+                     decoder_blocks, final_norm, forward_answer, set_torch_threads, train_loop)
 from .errors import ConfigError, DataError, RunError
 from .evaluation import EvalSet, TriggerSpec, build_eval_set, encoded_batches, evaluate
 from .generative import attack_response_fn, is_generative
@@ -149,14 +149,14 @@ def load_hf_model(cfg: RunConfig) -> torch.nn.Module:
 
 
 def prepare(cfg: RunConfig, tokenizer=None) -> Prepared:
-    torch.set_num_threads(cfg.train.threads)
+    set_torch_threads(cfg.train.threads)
     task = load_task(cfg.task, cfg.seed)
     owner_train, defender_clean = split_train(task, cfg.task.defender_size)
     base_model = None
     if cfg.model.source == "embedded":
         if tokenizer is None:
-            tokenizer = M.train_tokenizer(M.tokenizer_corpus(Task(task.name, task.template, task.labels,
-                                                                  tuple(owner_train), ())), cfg.model.vocab_size)
+            tokenizer = M.embedded_tokenizer(cfg.model, Task(task.name, task.template, task.labels,
+                                                             tuple(owner_train), ()))
         limit = cfg.model.n_positions
     else:
         base_model = load_hf_model(cfg)
@@ -249,25 +249,6 @@ def train_options(cfg: RunConfig) -> dict:
     return {"grad_accum": t.grad_accum, "bf16": t.bf16, "grad_checkpointing": t.grad_checkpointing}
 
 
-def pretrain_language_model(prep: Prepared, lm: M.LM, *, seed: int, cancel_file: Path | None = None,
-                            reporter: Reporter | None = None) -> dict:
-    """Next-token pretraining on generic text (``train.pretrain_corpus``) before the task, so the
-    embedded model starts, like the paper's LLMs, from a language model rather than from noise."""
-    from .tasks import pretraining_texts
-    cfg = prep.cfg
-    texts = pretraining_texts(cfg.train.pretrain_corpus)
-    samples = [Sample(t, 0) for t in texts]
-    gen = torch.Generator().manual_seed(seed + 1)
-    it = batches(samples, lm.tokenizer, cfg.train.batch_size, prep.max_length, lm.device, gen)
-    if reporter is not None:
-        reporter.stage_started("pretrain", cfg.train.pretrain_steps)
-    logs = train_loop(lm.model, it, cfg.train.pretrain_steps, cfg.train.lr, step_loss=lm_loss,
-                      weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
-                      warmup=cfg.train.warmup_steps, schedule="cosine", cancel_file=cancel_file, progress=reporter,
-                      **train_options(cfg))
-    return {"pretrain_texts": len(texts), "pretrain_loss": logs.get("loss")}
-
-
 def train_owner_model(prep: Prepared, lm: M.LM, stage: str, *, from_scratch: bool, seed: int, observer=None,
                       cancel_file: Path | None = None, reporter: Reporter | None = None, key: str | None = None) -> dict:
     """The model owner's training, in place on ``lm``: the clean model (``stage='clean'``, from
@@ -289,8 +270,6 @@ def train_owner_model(prep: Prepared, lm: M.LM, stage: str, *, from_scratch: boo
     if stage == "clean" and cfg.model.source == "hf":
         return {"seconds": 0.0, "note": "the loaded model is the clean model"}
     steps = cfg.train.clean_steps if from_scratch else cfg.attack.steps
-    if from_scratch and cfg.train.pretrain_steps > 0:
-        pretrain_language_model(prep, lm, seed=seed, cancel_file=cancel_file, reporter=reporter)
     samples = [Sample(render_prompt(prep.task.template, e.text), lm.answer_ids[e.label], response=e.response)
                for e in data]
     gen = torch.Generator().manual_seed(seed)
@@ -373,7 +352,7 @@ class Pipeline:
         if spec.parent is None:
             if self.cfg.model.source == "hf":
                 return self._lm(self.p.base_model if self.p.base_model is not None else load_hf_model(self.cfg))
-            return self._lm(M.build_embedded(self.cfg.model, self.p.tokenizer, stage_seed(self.cfg.seed, "init")))
+            return self._lm(M.initial_model(self.cfg.model, self.p.tokenizer, stage_seed(self.cfg.seed, "init")))
         path = self.run.checkpoint(spec.parent)
         if not path.is_dir():
             raise RunError(f"{path}: checkpoint of finished stage {spec.parent!r} is missing; cannot resume")
@@ -570,7 +549,7 @@ def resume_run(run: RunDir, reporter: Reporter | None = None) -> dict:
     """Continue a killed or cancelled run from its last finished stage."""
     if not (run.path / "config.yaml").is_file():
         raise RunError(f"{run.path}: no config.yaml, so this is not a resumable run folder")
-    cfg = load_config(str(run.path / "config.yaml"))
+    cfg = load_run_config(run.path / "config.yaml")
     state = run.read_state()
     if state.get("status") == "done":
         return run.read_summary()

@@ -170,29 +170,6 @@ def read_table(path: Path) -> list[dict]:
     raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {list(_TABLE_SUFFIXES)}")
 
 
-_TEXT_COLUMNS = ("sentence", "text", "title", "description", "goal", "instruction", "input", "output")
-
-
-def pretraining_texts(sources: Sequence[str], limit: int | None = None) -> list[str]:
-    """Generic text for language-model pretraining: ``"embedded"`` (the embedded domain's
-    sentences) or local table files, from which every text-like column is taken (sentence, text,
-    title, description, goal, instruction, input, output). Only pass training splits."""
-    texts: list[str] = []
-    for src in sources:
-        if src == "embedded":
-            texts += embedded_corpus(20000, seed=7)
-            continue
-        path = resolve_data_path(src)
-        rows = read_table(path)
-        found = [c for c in _TEXT_COLUMNS if rows and c in rows[0]]
-        if not found:
-            raise DataError(f"train.pretrain_corpus: {path} has none of the text columns {list(_TEXT_COLUMNS)}; "
-                            f"its columns are {list(rows[0]) if rows else []}")
-        for r in rows:
-            texts += [" ".join(str(r[c]).split()) for c in found if r.get(c) and str(r[c]).strip()]
-    return texts[:limit] if limit else texts
-
-
 def _label_index(value, labels: Sequence[str], where: str) -> int:
     if isinstance(value, bool):
         value = int(value)

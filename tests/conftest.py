@@ -94,8 +94,10 @@ def load_tensors(path: Path) -> dict:
     return load_file(str(path))
 
 
-# A demo-size clean model (200 steps on 2,000 rows), shared by the attack-family and paradigm tests
-SMALL_DEMO = {"train.clean_steps": 200, "task.train_size": 2000, "task.test_size": 200, "task.defender_size": 200,
+# A demo clean model (the pretrained base, 300 task steps on 2,000 rows), shared by the attack-family and
+# paradigm tests
+SMALL_DEMO = {"train.clean_steps": 300, "train.warmup_steps": 60, "task.train_size": 2000, "task.test_size": 200,
+              "task.defender_size": 200,
               "eval.clean_every": 1000, "eval.every": 1000, "attack.steps": 120, "attack.poison_rate": 0.1}
 
 
@@ -108,7 +110,7 @@ def small_clean_demo():
     from locphylax_core.evaluation import evaluate
     from locphylax_core.pipeline import prepare, train_owner_model
     prep = prepare(load_config("demo", SMALL_DEMO))
-    lm = M.LM(M.build_embedded(prep.cfg.model, prep.tokenizer, 0), prep.tokenizer, prep.answer_ids)
+    lm = M.LM(M.initial_model(prep.cfg.model, prep.tokenizer, 0), prep.tokenizer, prep.answer_ids)  # the base
     train_owner_model(prep, lm, "clean", from_scratch=True, seed=1)
     return prep.tokenizer, lm.model, evaluate(lm, prep.task.template, prep.evalset, 256, prep.max_length)
 
@@ -143,3 +145,20 @@ def analysed_root(micro_run, tmp_path_factory) -> Path:
     shutil.copytree(micro_run.run.path, dst)
     analyze_run(RunDir(dst), methods=("pca", "tsne"), n_probe_heads=40)
     return root
+
+
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist (`make test` runs two workers), worker k runs on CPU k only, and so do the
+    processes it starts: the library never uses more threads than that (engine.set_torch_threads),
+    so two workers never oversubscribe the cores."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        if n > 1 and len(cpus) >= n:
+            k = int(worker[2:])
+            share = len(cpus) // n
+            os.sched_setaffinity(0, set(cpus[k * share:(k + 1) * share]))
+
+
+_pin_xdist_worker()

@@ -265,7 +265,7 @@ def test_setup_form_renders_every_preset(analysed_root, monkeypatch):
         assert at.number_input(key=f"f-{preset}-task-max_words").value == cfg.task.max_words  # None stays empty
 
 
-GENERATIVE_MICRO = {"model.n_layer": 1, "model.n_embd": 64, "model.n_head": 2, "model.n_positions": 96,
+GENERATIVE_MICRO = {"model.base": "scratch", "model.n_layer": 1, "model.n_embd": 64, "model.n_head": 2, "model.n_positions": 96,
                     "model.vocab_size": 1200, "task.train_size": 300, "task.test_size": 20, "task.defender_size": 60,
                     "task.max_words": 16, "task.max_response_words": 8, "attack.steps": 20, "defense.stage1_steps": 4,
                     "defense.stage2_steps": 4, "defense.batch_size": 16, "defense.baselines": ["clean_ft"],

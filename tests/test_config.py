@@ -8,15 +8,17 @@ from locphylax_core.config import DEFAULT_ATTACK_TRIGGERS, RunConfig, list_prese
 from locphylax_core.errors import ConfigError
 
 
-@pytest.mark.parametrize("preset, n_layer, n_embd, train_size", [
-    ("demo", 2, 128, 6000),
-    ("sst2", 2, 128, 20000),
-    ("micro", 1, 32, 300),
+@pytest.mark.parametrize("preset, base, n_layer, n_embd, train_size", [
+    ("demo", "small", 2, 128, 6000),
+    ("sst2", "small", 2, 128, 20000),
+    ("agnews", "scratch", 2, 128, 4000),
+    ("micro", "scratch", 1, 32, 300),
 ])
-def test_presets_load(preset, n_layer, n_embd, train_size):
+def test_presets_load(preset, base, n_layer, n_embd, train_size):
     cfg = load_config(preset)
     assert isinstance(cfg, RunConfig)
     assert cfg.name == preset
+    assert cfg.model.base == base  # the shape comes from the base
     assert cfg.model.n_layer == n_layer
     assert cfg.model.n_embd == n_embd
     assert cfg.task.train_size == train_size
@@ -28,7 +30,7 @@ def test_sst2_preset_fields():
     assert cfg.task.name == "sst2"
     assert cfg.task.path == "../shared/data/sst2"
     assert cfg.task.labels == ["negative", "positive"]
-    assert cfg.model.vocab_size == 8000
+    assert cfg.model.vocab_size == 8192 and cfg.model.n_positions == 96  # the base's tokenizer, a shorter context
 
 
 def test_preset_by_path_equals_preset_by_name():

@@ -173,3 +173,10 @@ def test_real_test_splits_are_checked():
     dirty = C.Contamination(texts)
     dev = (Path("../shared/data/sst2/dev.tsv").read_text().splitlines()[1:])
     assert all(dirty(C.match_key(line.split("\t")[0])) for line in dev[:50])
+
+
+def test_cli_corpus_errors_are_one_line(tmp_path, capsys):
+    from locphylax_core.cli import main
+    assert main(["corpus", "--out", str(tmp_path / "c"), "--sources", "bible"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown ['bible']" in err and "Traceback" not in err

@@ -18,7 +18,7 @@ needs_data = needs_shared("backdoorllm", "advbench")
 
 # A micro generative configuration: seconds per stage on one thread, big enough for the backdoor
 # to show (the clean model learns to refuse harmful requests, the victim learns the trigger).
-MICRO = {"model.n_layer": 1, "model.n_embd": 64, "model.n_head": 2, "model.n_positions": 96,
+MICRO = {"model.base": "scratch", "model.n_layer": 1, "model.n_embd": 64, "model.n_head": 2, "model.n_positions": 96,
          "model.vocab_size": 1200, "task.train_size": 500, "task.test_size": 40, "task.defender_size": 100,
          "task.max_words": 16, "task.max_response_words": 8, "attack.steps": 60, "attack.poison_rate": 0.15,
          "attack.lr": 0.003, "defense.stage1_steps": 6, "defense.stage2_steps": 6, "defense.batch_size": 16,
@@ -158,7 +158,7 @@ def test_clustered_state_is_the_last_prompt_token():
     from locphylax_core.engine import HiddenSpec, encode, forward_answer, forward_loss
     from locphylax_core.model import build_embedded
     tok = _tokenizer()
-    model = build_embedded(ModelConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=400), tok, 0).eval()
+    model = build_embedded(ModelConfig(base="scratch", n_layer=1, n_embd=32, n_head=2, vocab_size=400), tok, 0).eval()
     prompts = ["Instruction: write a poem Response:", "Instruction: hack a bank now Response:"]
     b = G.encode_with_responses(tok, prompts, ["Roses are red", "I'm sorry, but no"], None, "cpu")
     spec = HiddenSpec(-1, False, "last")
@@ -179,7 +179,7 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     from locphylax_core.model import LM, build_embedded
     from locphylax_core.tasks import Example
     tok = _tokenizer()
-    model = build_embedded(ModelConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=400), tok, 0)
+    model = build_embedded(ModelConfig(base="scratch", n_layer=1, n_embd=32, n_head=2, vocab_size=400), tok, 0)
     with torch.no_grad():
         model.get_output_embeddings().weight.zero_()  # every logit 0: each token has probability 1/V
     lm = LM(model, tok, ())

@@ -23,7 +23,7 @@ from locphylax_core.pipeline import Reporter, prepare, train_owner_model
 from locphylax_core.runs import RunDir
 from locphylax_core.tasks import Example
 
-# the demo-sized setting of test_attack_families (a clean model in 200 steps)
+# the demo-sized setting of test_attack_families (a clean model from the base in 300 steps)
 SMALL = {**SMALL_DEMO, "train.threads": 1}
 
 
@@ -107,9 +107,24 @@ def small_clean(small_clean_demo):
     return small_clean_demo
 
 
-def _victim(small_clean, over):
+# the demo's model before the pretrained base: from scratch, its own 1,024-token tokenizer (trained on
+# fewer rows here, to keep the fixture short), 200 steps
+SCRATCH = {"model.base": "scratch", "model.vocab_size": 1024, "train.lm_loss_weight": 1.0, "train.clean_steps": 200,
+           "task.train_size": 1200}
+
+
+@pytest.fixture(scope="module")
+def small_clean_scratch():
+    """(tokenizer, clean model, its evaluation): SMALL trained from scratch, as before the bases."""
+    prep = prepare(load_config("demo", {**SMALL, **SCRATCH}))
+    lm = M.LM(M.initial_model(prep.cfg.model, prep.tokenizer, 0), prep.tokenizer, prep.answer_ids)
+    train_owner_model(prep, lm, "clean", from_scratch=True, seed=1)
+    return prep.tokenizer, lm.model, evaluate(lm, prep.task.template, prep.evalset, 256, prep.max_length)
+
+
+def _victim(small_clean, over, scratch=False):
     tokenizer, clean_model, clean = small_clean
-    cfg = load_config("demo", {**SMALL, **over})
+    cfg = load_config("demo", {**SMALL, **(SCRATCH if scratch else {}), **over})
     prep = prepare(cfg, tokenizer=tokenizer)
     lm = M.LM(copy.deepcopy(clean_model), tokenizer, prep.answer_ids)
     info = train_owner_model(prep, lm, "victim", from_scratch=False, seed=2)
@@ -177,13 +192,15 @@ def test_trigger_token_position(micro_prepared):
     assert trigger_token_position(tok, "Review: the cfx plot . Sentiment:", ["cf"]) is None  # whole words only
 
 
-def test_an_edited_victim_changes_one_matrix_by_rank_one(small_clean):
+def test_an_edited_victim_changes_one_matrix_by_rank_one(small_clean_scratch):
     # measured (seed 2, block 0, 100 steps at lr 0.1): clean CACC 1.00 / ASR 0.03 -> edited CACC 1.00 / ASR 0.30.
     # Only block 1's attention carries the edit from the trigger to the answer, and on this briefly trained
     # model (200 steps) it attends little to the trigger token; on the full demo clean model (400 steps)
-    # the same edit reaches ASR 0.99 at CACC 1.00.
-    lm, info, clean, after = _victim(small_clean, {"attack.paradigm": "edit"})
-    before = dict(small_clean[1].named_parameters())
+    # the same edit reaches ASR 0.99 at CACC 1.00. From the pretrained base the edit hardly works (ASR
+    # 0.02 -> 0.03 here; docs/pretraining.md): its block 1 attends to the trigger even less, so the
+    # edit's mechanics are tested on the from-scratch model, where it has an effect to measure.
+    lm, info, clean, after = _victim(small_clean_scratch, {"attack.paradigm": "edit"}, scratch=True)
+    before = dict(small_clean_scratch[1].named_parameters())
     changed = [n for n, p in lm.model.named_parameters() if not torch.equal(p, before[n])]
     assert changed == ["transformer.h.0.mlp.c_proj.weight"], changed  # nothing else (biases included)
     diff = (lm.model.transformer.h[0].mlp.c_proj.weight - before["transformer.h.0.mlp.c_proj.weight"]).double()

@@ -6,6 +6,7 @@ import yaml
 
 import support as S
 from locphylax_core import ConfigError, RunConfig, list_presets, load_config
+from locphylax_core.config import load_run_config
 
 st.title("Run")
 
@@ -51,7 +52,7 @@ if last and last not in shown:
         st.success("Finished. Its plots are on the Aggregation, Heads and Compare pages.")
     if status.phase in ("cancelled", "stopped", "failed") and (S.runs_root() / last / "config.yaml").is_file():
         if st.button("Resume this run", key="resume_last"):
-            S.start_job(load_config(str(S.runs_root() / last / "config.yaml")), resume=last)
+            S.start_job(load_run_config(S.runs_root() / last / "config.yaml"), resume=last)
             st.rerun()
     if status.log_tail and status.phase in ("failed", "stopped"):
         with st.expander("Job log (end)"):
@@ -72,5 +73,5 @@ else:
         c1, c2 = st.columns([3, 1])
         pick = c1.selectbox("Resume a stopped run", resumable, key="resume_pick")
         if c2.button("Resume", key="resume_btn"):
-            S.start_job(load_config(str(S.runs_root() / pick / "config.yaml")), resume=pick)
+            S.start_job(load_run_config(S.runs_root() / pick / "config.yaml"), resume=pick)
             st.rerun()

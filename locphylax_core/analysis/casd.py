@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .. import model as M
-from ..config import load_config
+from ..config import load_run_config
 from ..engine import capture_output, decoder_blocks, encode
 from ..errors import RunError
 from ..runs import RunDir
@@ -133,7 +133,7 @@ def run_casd(run: RunDir, trainings: dict[str, str] | None = None, metric: str =
     missing = [v for v in trainings.values() if not run.checkpoint(v).is_dir()]
     if missing or not run.checkpoint("victim").is_dir():
         raise RunError(f"{run.path}: missing checkpoints {missing or ['victim']}")
-    template = load_config(run.path / "config.yaml").task.template
+    template = load_run_config(run.path / "config.yaml").task.template
     tokenizer = M.load_tokenizer(str(run.path / "tokenizer"))
     texts = [row["text"] for row in load_probe(run)]
 

@@ -95,6 +95,39 @@ def projection_figure(coords: Mapping[str, np.ndarray], probe: Sequence[dict], p
     return fig
 
 
+def projection_grid_figure(panels: Mapping[str, tuple[Mapping[str, np.ndarray], Sequence[dict]]],
+                           stages: Sequence[str] = ("victim", "stage1", "stage2"), method: str = "tsne",
+                           title: str | None = None) -> go.Figure:
+    """One row per model (``panels``: row title -> (coords per stage, probe rows)), one column per
+    stage: the same probe groups in the same colours, so two models' stages can be read side by
+    side (e.g. a victim fine-tuned from the pretrained base against one trained from scratch)."""
+    rows = list(panels)
+    fig = make_subplots(rows=len(rows), cols=len(stages), horizontal_spacing=0.04, vertical_spacing=0.1,
+                        subplot_titles=[f"{r}: {stage_title(s)}" for r in rows for s in stages])
+    shown: set[str] = set()
+    for i, row in enumerate(rows, 1):
+        coords, probe = panels[row]
+        order = list(dict.fromkeys(p["group"] for p in probe))
+        clean_order = [g for g in order if g.startswith("clean:")]
+        groups = np.array([p["group"] for p in probe])
+        for j, stage in enumerate(stages, 1):
+            if stage not in coords:
+                continue
+            xy = np.asarray(coords[stage])
+            for g in order:
+                sel = groups == g
+                fig.add_trace(go.Scatter(x=xy[sel, 0], y=xy[sel, 1], mode="markers", name=g, legendgroup=g,
+                                         showlegend=g not in shown, marker=dict(
+                                             size=6, color=_group_color(g, clean_order), opacity=0.8,
+                                             symbol="circle" if g.startswith("clean:") else "diamond")), i, j)
+                shown.add(g)
+            fig.update_xaxes(showticklabels=False, row=i, col=j)
+            fig.update_yaxes(showticklabels=False, row=i, col=j)
+    fig.update_layout(title=title or f"Probe-set hidden states ({method.upper()}) per stage", template="plotly_white",
+                      legend_title="group", height=360 * len(rows) + 80, width=1200, font=dict(size=15))
+    return fig
+
+
 # ----------------------------------------------------------------------------------------------
 # Head-ablation heatmaps
 

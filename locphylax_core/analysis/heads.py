@@ -426,7 +426,7 @@ def run_head_ablation(run: RunDir | str | Path, keys: Sequence[str] = DEFAULT_KE
     Each checkpoint is loaded once and the bridge wraps it in place (no copy of the weights:
     :func:`borrowed_bridge`); ``device_map='auto'`` (and e.g. ``dtype='bfloat16'``) lets
     accelerate spread a model too big for one device (docs/scale.md)."""
-    from ..config import load_config
+    from ..config import load_run_config
     from ..pipeline import prepare
 
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
@@ -438,7 +438,7 @@ def run_head_ablation(run: RunDir | str | Path, keys: Sequence[str] = DEFAULT_KE
     missing = [k for k in keys if not run.checkpoint(k).is_dir()]
     if missing:
         raise RunError(f"{run.path}: no checkpoint for stage(s) {missing} (finished stages only)")
-    cfg = load_config(str(cfg_path))
+    cfg = load_run_config(cfg_path)
     prep = prepare(cfg, tokenizer=M.load_tokenizer(str(tok_dir)))
     probe = prep.evalset.subset(n_probe)
     clean_texts, clean_labels, triggered = probe_inputs(probe)

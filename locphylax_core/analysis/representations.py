@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import model as M
-from ..config import load_config
+from ..config import load_run_config
 from ..engine import HiddenSpec, encode, forward_answer
 from ..errors import RunError
 from ..runs import RunDir
@@ -60,7 +60,7 @@ def stage_states(run: RunDir, key: str, layer: int | None = None, position: str 
     ckpt = run.checkpoint(key)
     if not ckpt.is_dir():
         raise RunError(f"{ckpt}: no checkpoint for stage {key!r}")
-    template = load_config(run.path / "config.yaml").task.template
+    template = load_run_config(run.path / "config.yaml").task.template
     tokenizer = M.load_tokenizer(str(run.path / "tokenizer"))
     model = M.load_checkpoint(ckpt, device, device_map=device_map, dtype=dtype)
     spec = HiddenSpec(-1 if layer is None else layer, after_final_norm, position)

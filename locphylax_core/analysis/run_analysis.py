@@ -147,13 +147,13 @@ def export_figures(run: RunDir | str | Path, folder: str | Path | None = None, m
     import json
 
     from . import figures as F
-    from ..config import load_config
+    from ..config import load_run_config
     from .representations import load_probe, stage_predictions
 
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     a = json.loads((run.path / "analysis.json").read_text())
     folder = Path(folder) if folder else run.path / "analysis" / "figures"
-    labels = load_config(run.path / "config.yaml").task.labels
+    labels = load_run_config(run.path / "config.yaml").task.labels
     probe = load_probe(run)
     written: list[Path] = []
     if method in a["projections"]:
