@@ -69,7 +69,9 @@ VARIANTS: dict[str, dict] = {
     "default+baselines": {"baselines": BASELINES},
     # the baselines of issue 6 (P2P-style benign injection, fine-pruning, CROW), beside the default
     "default+new": {"baselines": ["p2p", "fine_pruning", "crow"]},
-    "default+onion": {"baselines": ["onion"]},  # input-side (issue 6); about a minute of filtering per cell
+    "default+onion": {"baselines": ["onion"]},
+    # the report's default, reference and baselines in one variant, on the same victims (issue 13's base report)
+    "default+reference+baselines": {"baselines": ["reference", *BASELINES]},  # input-side (issue 6); about a minute of filtering per cell
     # every defense of the families x defenses table on one victim (the paper's method as "reference")
     "default+all": {"baselines": ["reference", *BASELINES, "p2p", "fine_pruning", "crow", "onion"]},
     # levers, each one change from the reference
@@ -117,15 +119,15 @@ SCALED = ("defense.stage1_steps", "defense.stage2_steps")  # values are multipli
 # Levers on the model itself (they change the victim, so they need their own clean models)
 SHARED = "../shared/data"
 MODEL_LEVERS: dict[str, dict] = {
-    "size=4x256": {"model.n_layer": 4, "model.n_embd": 256},
-    # next-token pretraining on generic local text (training splits only) before the task
-    "pretrained": {"train.pretrain_steps": 1500,
-                   "train.pretrain_corpus": ["embedded", f"{SHARED}/agnews/train_subset.csv",
-                                             f"{SHARED}/alpaca/alpaca_data_sample.jsonl",
-                                             f"{SHARED}/advbench/harmful_behaviors.csv",
-                                             f"{SHARED}/backdoorllm/refusal_clean_train.jsonl",
-                                             f"{SHARED}/backdoorllm/jailbreak_clean_train.jsonl",
-                                             f"{SHARED}/sst2/train.tsv"]},
+    # each preset's model as it was before the pretrained bases: random weights, a tokenizer trained
+    # on the task, the preset's old shape and vocabulary (SCRATCH_MODELS); the task steps are the same
+    "scratch": {"model.base": "scratch"},
+    "size=4x256": {"model.base": "scratch", "model.n_layer": 4, "model.n_embd": 256},
+}
+SCRATCH_MODELS: dict[str, dict] = {
+    "demo": {"model.n_positions": 64, "model.vocab_size": 1024, "train.lm_loss_weight": 1.0},
+    "sst2": {"model.n_positions": 96, "model.vocab_size": 8000},
+    "agnews": {"model.n_positions": 256, "model.vocab_size": 2048},
 }
 
 THREADS: int | None = None  # --threads: overrides train.threads (not part of any cache key)
@@ -148,6 +150,8 @@ def _hash(obj) -> str:
 
 
 def run_config(preset: str, seed: int, trigger: dict, variant: str, model_sets: dict):
+    if model_sets.get("model.base") == "scratch":  # the preset's own from-scratch model unless told otherwise
+        model_sets = {**SCRATCH_MODELS.get(preset, {}), **model_sets}
     base = load_config(preset, {"seed": seed, **model_sets})
     over = {"seed": seed, "attack.family": trigger["family"], "attack.trigger": trigger["text"],
             "attack.position": trigger["position"], "defense.baselines": [], **model_sets}
@@ -187,7 +191,7 @@ class Models:
         prep = _prepare(cfg, tokenizer=tokenizer)
         device = pipeline_device(cfg)
         if parent is None:
-            lm = M.LM(M.build_embedded(cfg.model, prep.tokenizer, stage_seed(cfg.seed, "init")).to(device),
+            lm = M.LM(M.initial_model(cfg.model, prep.tokenizer, stage_seed(cfg.seed, "init")).to(device),
                       prep.tokenizer, prep.answer_ids)
         else:
             lm = M.LM(copy.deepcopy(parent).to(device), prep.tokenizer, prep.answer_ids)
@@ -241,13 +245,17 @@ def _cached_rows() -> dict[tuple, list[dict]]:
 _CACHED = None
 
 
+def _row_path(cfg, preset, seed, trigger, variant, model_sets) -> Path:
+    key = _hash({"preset": preset, "seed": seed, "trigger": trigger, "variant": VARIANTS[variant],
+                 "model_sets": model_sets, "cfg": cfg.model_dump(mode="json", exclude_defaults=True)})
+    return CACHE / "rows" / f"{key}.json"
+
+
 def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, variant: str,
              model_sets: dict, model_tag: str) -> list[dict]:
     """All rows of one (preset, seed, trigger, variant): the victim and each method's two stages."""
     cfg = run_config(preset, seed, trigger, variant, model_sets)
-    key = _hash({"preset": preset, "seed": seed, "trigger": trigger, "variant": VARIANTS[variant],
-                 "model_sets": model_sets, "cfg": cfg.model_dump(mode="json", exclude_defaults=True)})
-    path = CACHE / "rows" / f"{key}.json"
+    path = _row_path(cfg, preset, seed, trigger, variant, model_sets)
     if path.is_file():
         return json.loads(path.read_text())
     if CACHED_ONLY:  # by content: keys of rows computed before a config field was added differ
@@ -392,38 +400,117 @@ def run_grid(presets, seeds, split, variants, model_sets: dict, model_tag: str, 
     return rows
 
 
-def run_parallel(args, presets, seeds, split, variants) -> None:
-    """Each cell in its own ``collapse.py report`` process, ``args.jobs`` at a time, after the clean
-    models (one per preset and seed) are trained once, so that no two processes train the same one.
-    Logs go to bench/.cache/collapse/logs/."""
-    import subprocess
-    from concurrent.futures import ThreadPoolExecutor
+def _cell_is_cached(preset, seed, trigger, variant, model_sets) -> bool:
+    try:
+        return _row_path(run_config(preset, seed, trigger, variant, model_sets), preset, seed, trigger, variant,
+                         model_sets).is_file()
+    except Exception:  # an invalid cell is not cached; its task will fail and say why
+        return False
 
+
+def _ray_cell(job: dict, *_after) -> list[dict]:
+    """One Ray task: the rows of one (preset, seed, trigger) for every variant, computed in a Ray
+    worker process (one torch thread per CPU the task holds), cached on disk as they finish."""
+    global THREADS
+    THREADS = job["threads"]
+    torch.set_num_threads(job["threads"])
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
     logs = CACHE / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    common = [f"--model-set={m}" for m in args.model_set] + ([f"--model-lever={args.model_lever}"]
-                                                               if args.model_lever else []) + ["--threads", "1"]
+    with (logs / f"{job['name']}.attempts").open("a") as f:  # how many times the task ran (retries)
+        f.write(f"{os.getpid()}\n")
+    models = Models()
+    if job.get("clean_only"):
+        models.get(run_config(job["preset"], job["seed"], job["trigger"], "ref", job["model_sets"]), "clean")
+        return []
+    return [r for v in job["variants"] for r in run_cell(models, job["preset"], job["seed"], job["trigger"],
+                                                         job["split"], v, job["model_sets"], job["model_tag"])]
+
+
+def _error_line(e: BaseException) -> str:
+    """The line of an exception that says what went wrong (a ConfigError's field line, not Ray's frame)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("For further")]
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+def run_ray(args, presets, seeds, split, variants, model_sets: dict, model_tag: str) -> tuple[list[dict], list[dict]]:
+    """The grid as Ray tasks: ``ray.init()`` on this machine (``--jobs`` CPUs, default all), or the
+    cluster at ``--address``. Each (preset, seed) first trains its clean model in one task; the
+    cells of that preset and seed then run as tasks that wait for it, each holding one CPU and,
+    where the cluster has GPUs, ``--gpu-per-cell`` of one (so several cells share a GPU). A cell
+    whose rows are all cached is read, not recomputed. A failing task is retried once
+    (``max_retries=1``, exceptions included); a cell that fails twice is returned in the second
+    list with its error, for the table to report."""
+    import ray
     triggers = select_triggers(split, args.families, args.per_family, args.triggers)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if not triggers:
+        raise SystemExit(f"no trigger of split {split!r} matches families={args.families} triggers={args.triggers}")
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).resolve().parent)]),
+           "LOCPHYLAX_BENCH_CACHE": str(CACHE), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    init = {"address": args.address} if args.address else {"num_cpus": args.jobs or os.cpu_count()}
+    ray.init(**init, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
+             runtime_env={"env_vars": env})
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        gpu = (args.gpu_per_cell if args.gpu_per_cell is not None else 0.125) if gpus else 0
+        task = ray.remote(num_cpus=1, num_gpus=gpu, max_retries=1, retry_exceptions=True)(_ray_cell)
+        common = {"split": split, "variants": variants, "model_sets": model_sets, "model_tag": model_tag, "threads": 1}
+        cells = [(p, s, i, t) for p in presets for s in seeds for i, t in enumerate(triggers)]
+        todo = [c for c in cells if not all(_cell_is_cached(c[0], c[1], c[3], v, model_sets) for v in variants)]
+        cleans = {}
+        for p, s in dict.fromkeys((c[0], c[1]) for c in todo):
+            first = next(c[3] for c in todo if c[0] == p and c[1] == s)
+            cleans[(p, s)] = task.remote({**common, "name": f"clean-{p}-{s}", "preset": p, "seed": s,
+                                          "trigger": first, "clean_only": True})
+        running, rows, failed = {}, [], []
+        for p, s, i, t in cells:
+            if (p, s, i, t) in todo:  # the clean model's task is an argument: Ray runs the cell after it
+                job = {**common, "name": f"cell-{p}-{s}-{i}", "preset": p, "seed": s, "trigger": t}
+                running[task.remote(job, cleans[(p, s)])] = (p, s, i)
+            else:
+                rows += [r for v in variants for r in run_cell(Models(), p, s, t, split, v, model_sets, model_tag)]
+        print(f"ray: {len(cells)} cells, {len(cells) - len(todo)} cached, {len(todo)} to run on "
+              f"{ray.cluster_resources().get('CPU', 0):.0f} CPUs and {gpus:.0f} GPUs ({gpu} GPU per cell)", flush=True)
+        t0 = time.perf_counter()
+        pending = list(running)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            p, s, i = running[done[0]]
+            t = triggers[i]
+            try:
+                cell = ray.get(done[0])
+            except Exception as e:  # failed twice: reported, never dropped
+                err = _error_line(getattr(e, "cause", None) or e)
+                failed.append({"preset": p, "seed": s, "family": t["family"], "trigger": t["text"],
+                               "position": t["position"], "error": err})
+                print(f"[{time.perf_counter() - t0:6.0f}s] FAILED {p} s{s} {t['text'][:20]!r}: {err}", flush=True)
+                continue
+            print(f"[{time.perf_counter() - t0:6.0f}s] {len(running) - len(pending)}/{len(running)} {p} s{s} "
+                  f"{t['family']}:{t['text'][:18]!r}@{t['position']}", flush=True)
+            rows += cell
+    finally:
+        ray.shutdown()
+    return rows, failed
 
-    def launch(argv: list[str], name: str) -> int:
-        with (logs / f"{name}.log").open("w") as log:
-            return subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, *common], stdout=log,
-                                  stderr=subprocess.STDOUT, env=env).returncode
 
-    first = triggers[0]["text"]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda ps: launch(["victims", "--presets", ps[0], "--seeds", str(ps[1]), "--split", split,
-                                         "--triggers", first], f"clean-{ps[0]}-{ps[1]}"),
-                      [(p, s) for p in presets for s in seeds]))
-    cells = [(p, s, i, t) for p in presets for s in seeds for i, t in enumerate(triggers)]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        codes = list(pool.map(lambda c: launch(["report", "--presets", c[0], "--seeds", str(c[1]), "--split", split,
-                                                "--triggers", c[3]["text"], "--variants", *variants,
-                                                "--rows-only"], f"cell-{c[0]}-{c[1]}-{c[2]}"), cells))
-    failed = [c for c, code in zip(cells, codes) if code != 0]
-    for p, s, i, t in failed:
-        print(f"cell {p} s{s} {t['text'][:30]!r} failed; see {logs}/cell-{p}-{s}-{i}.log", flush=True)
+def write_tables(tag: str, rows: list[dict], failed: list[dict]) -> None:
+    """The CSVs of a run (every row, the summaries, the cells that failed twice) and docs/results.md."""
+    _write_csv(OUT / f"collapse_{tag}_runs.csv", rows)
+    n_failed = {p: sum(f["preset"] == p for f in failed) for p in {r["preset"] for r in rows} | {f["preset"] for f in failed}}
+    for name, by in [("summary", ("preset", "model", "variant", "method", "stage")),
+                     ("by_family", ("preset", "model", "family", "variant", "method", "stage"))]:
+        _write_csv(OUT / f"collapse_{tag}_{name}.csv",
+                   [{**r, "failed_cells": n_failed.get(r["preset"], 0)} for r in summarise(rows, by)])
+    failed_csv = OUT / f"collapse_{tag}_failed.csv"
+    if failed:
+        _write_csv(failed_csv, failed)
+        print(f"{len(failed)} cell(s) failed twice; listed in {failed_csv} and in docs/results.md", flush=True)
+    elif failed_csv.is_file():
+        failed_csv.unlink()
+    from collapse_docs import write_docs
+    write_docs()
 
 
 def main(argv=None) -> int:
@@ -447,18 +534,21 @@ def main(argv=None) -> int:
                     help="run every seed of one trigger before the next (a cut-off run then has all seeds)")
     ap.add_argument("--cached-only", action="store_true",
                     help="write the tables from the rows already cached; cells not yet computed are left out")
-    ap.add_argument("--rows-only", action="store_true",
-                    help="compute and cache the rows, write no CSV or docs (the cells of --jobs)")
-    ap.add_argument("--jobs", type=int, default=1,
-                    help="run the grid as this many processes at once, one cell (preset, seed, trigger) each with "
-                         "one thread, then write the tables from the cached rows (many cores, or one GPU)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="CPUs of the local Ray instance: cells (preset, seed, trigger) run at once, one torch "
+                         "thread each (default: every core)")
+    ap.add_argument("--address", default=None,
+                    help="a running Ray cluster (ray://host:10001 or auto) instead of a local instance; every node "
+                         "needs this repository at the same path, and LOCPHYLAX_BENCH_CACHE on a shared disk")
+    ap.add_argument("--gpu-per-cell", type=float, default=None,
+                    help="GPU share each cell requests where the cluster has GPUs (default 0.125: 8 cells per GPU)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: the preset's train.threads); 1 lets two benchmarks share 2 cores")
     args = ap.parse_args(argv)
     global THREADS, CACHED_ONLY, TRIGGER_MAJOR
     THREADS, CACHED_ONLY, TRIGGER_MAJOR = args.threads, args.cached_only, args.trigger_major
     model_sets = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.model_set)}
-    model_tag = ",".join(args.model_set) or "preset"
+    model_tag = ",".join(args.model_set) or "base"  # "base": the presets as shipped, on their pretrained bases
     if args.model_lever:
         model_sets, model_tag = {**MODEL_LEVERS[args.model_lever], **model_sets}, args.model_lever
     if args.what == "docs":
@@ -482,19 +572,13 @@ def main(argv=None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-    if args.jobs > 1 and not CACHED_ONLY:
-        run_parallel(args, presets, seeds, split, variants)
-        CACHED_ONLY = True  # every cell is now cached (or failed, and says so in its log)
-    rows = run_grid(presets, seeds, split, variants, model_sets, model_tag, args.families, args.per_family,
-                    args.triggers)
-    if args.rows_only:
-        return 0
-    _write_csv(OUT / f"collapse_{tag}_runs.csv", rows)
-    for name, by in [("summary", ("preset", "model", "variant", "method", "stage")),
-                     ("by_family", ("preset", "model", "family", "variant", "method", "stage"))]:
-        _write_csv(OUT / f"collapse_{tag}_{name}.csv", summarise(rows, by))
-    from collapse_docs import write_docs
-    write_docs()
+    failed: list[dict] = []
+    if CACHED_ONLY:
+        rows = run_grid(presets, seeds, split, variants, model_sets, model_tag, args.families, args.per_family,
+                        args.triggers)
+    else:
+        rows, failed = run_ray(args, presets, seeds, split, variants, model_sets, model_tag)
+    write_tables(tag, rows, failed)
     return 0
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import re
+import statistics
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,10 +41,12 @@ def _latest(pattern: str, key: tuple[str, ...]) -> list[dict]:
     """Rows of every CSV matching ``pattern``; where two files hold the same key, the newer wins
     (the benchmark can be run per preset, in separate processes)."""
     rows: dict[tuple, dict] = {}
-    for path in sorted(RES.glob(pattern), key=lambda p: p.stat().st_mtime):
+    for path in sorted(RES.glob(pattern), key=lambda p: (p.stat().st_mtime, p.name)):
         for r in _read(path.name):
             rows[tuple(r[k] for k in key)] = r
-    return list(rows.values())
+    # tables list presets in one fixed order, whatever order the files were written in
+    order = {p: i for i, p in enumerate(("demo", "sst2", "agnews"))}
+    return sorted(rows.values(), key=lambda r: order.get(r.get("preset"), len(order)))
 
 
 def pct(mean, sd=None, signed=False) -> str:
@@ -193,6 +197,104 @@ def defenses_table(by_family: list[dict], overall: list[dict], default_name: str
     return "\n".join(out)
 
 
+BASE_ROWS = [("victim", "victim", "victim (before any defense)"), ("locphylax", "stage1", None),
+             ("locphylax", "stage2", None), ("reference", "stage2", "locphylax (paper reference)"),
+             ("no_cluster", "stage2", "without clustering"), ("unlearn_single", "stage2", "single-trigger unlearning"),
+             ("clean_ft", "stage2", "clean fine-tuning"), ("p2p", "stage2", "P2P"),
+             ("fine_pruning", "stage2", "fine-pruning"), ("crow", "stage2", "CROW"), ("onion", "stage2", "ONION")]
+SCRATCH_EQUIV = {"reference": ("ref", "locphylax")}  # the from-scratch report ran the reference as its own variant
+
+
+def _row(rows, method, stage, variant_prefix="default"):
+    return next((r for r in rows if r["method"] == method and r["stage"] == stage
+                 and (method == "victim" or r["variant"].startswith(variant_prefix))), None)
+
+
+def _read_runs(pattern: str) -> list[dict]:
+    return [r for path in sorted(RES.glob(pattern)) for r in _read(path.name)]
+
+
+def cell_summary(runs: list[dict], cells: set[tuple]) -> list[dict]:
+    """Summary rows (the ``*_mean``, ``*_sd``, ``n`` of collapse.py's summary CSVs) of the run rows
+    whose (preset, trigger, seed) is in ``cells``: a comparison over the same victims only.
+    ΔCACC is paired: each row's CACC minus its own victim's."""
+    sel = [r for r in runs if (r["preset"], r["trigger"], r["seed"]) in cells]
+    victim = {(r["preset"], r["trigger"], r["seed"], r["variant"]): float(r["cacc"])
+              for r in sel if r["method"] == "victim"}
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in sel:
+        groups[(r["preset"], r["model"], r["variant"], r["method"], r["stage"])].append(r)
+    out = []
+    for (preset, model, variant, method, stage), rs in groups.items():
+        row = {"preset": preset, "model": model, "variant": variant, "method": method, "stage": stage,
+               "n": float(len(rs)), "failed_cells": 0}
+        values = {"cacc": [float(r["cacc"]) for r in rs], "asr_unknown": [float(r["asr_unknown"]) for r in rs],
+                  "dcacc": [float(r["cacc"]) - victim[(r["preset"], r["trigger"], r["seed"], r["variant"])]
+                            for r in rs]}
+        for k, v in values.items():
+            row[f"{k}_mean"] = statistics.fmean(v)
+            row[f"{k}_sd"] = statistics.stdev(v) if len(v) > 1 else 0.0
+        out.append(row)
+    return out
+
+
+def base_vs_scratch_table(base: list[dict], scratch: list[dict], default_name: str) -> str:
+    """Per preset and defense: unknown-trigger ASR and the paired CACC change on the pretrained
+    base (every defense on the same victims) beside the same report triggers and seeds from
+    scratch (``scratch`` restricted to those cells by :func:`cell_summary`; '–' where a defense
+    was not run there)."""
+    out = []
+    for preset in dict.fromkeys(r["preset"] for r in base):
+        b = [r for r in base if r["preset"] == preset]
+        sc = [r for r in scratch if r["preset"] == preset]
+        nb = int(_row(b, "victim", "victim")["n"])
+        ns = _row(sc, "victim", "victim")
+        out += [f"\n**{preset}**: {nb} victims on the pretrained base, {int(ns['n']) if ns else 0} from scratch "
+                "(the same report triggers and seeds; mean ± sd)\n",
+                "| row | base: unknown ASR % | base: CACC % | base: ΔCACC | scratch: unknown ASR % | scratch: ΔCACC |",
+                "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for method, stage, label in BASE_ROWS:
+            rb = _row(b, method, stage)
+            variant, m = SCRATCH_EQUIV.get(method, ("default", method))
+            rs = _row(sc, m, stage, variant)
+            if rb is None and rs is None:
+                continue
+            label = label or f"{default_name}, {'Stage 1' if stage == 'stage1' else 'Stage 2'}"
+            cell = lambda r, k, sd=True, signed=False: "–" if r is None else pct(  # noqa: E731
+                r[f"{k}_mean"], r[f"{k}_sd"] if sd else None, signed)
+            out.append(f"| {label} | **{cell(rb, 'asr_unknown')}** | {cell(rb, 'cacc')} | "
+                       f"{cell(rb, 'dcacc', False, True)} | {cell(rs, 'asr_unknown')} | {cell(rs, 'dcacc', False, True)} |")
+        failed = int(float(b[0].get("failed_cells") or 0)) if b else 0
+        if failed:
+            out.append(f"\n{failed} cell(s) of {preset} failed twice and are not in these means "
+                       "(bench/results/collapse_*_failed.csv).")
+    return "\n".join(out)
+
+
+def base_targets_table(rows: list[dict]) -> str:
+    """The targets of issue 13 on the pretrained base: the default at most 5% unknown ASR, CACC
+    within 1 point of the victim, at least 20 points better than every baseline on the same victims."""
+    out = ["| preset | default Stage 2 unknown ASR % (target ≤ 5) | ΔCACC points (target ≥ −1) | "
+           "best baseline | margin over it (target ≥ 20) |", "| --- | ---: | ---: | --- | ---: |"]
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        sel = [r for r in rows if r["preset"] == preset]
+        d = _row(sel, "locphylax", "stage2")
+        if d is None:
+            continue
+        others = [r for r in sel if r["stage"] == "stage2" and r["method"] != "locphylax"
+                  and r["asr_unknown_mean"] is not None]
+        best = min(others, key=lambda r: r["asr_unknown_mean"]) if others else None
+
+        def mark(ok):
+            return "met" if ok else "**missed**"
+        a, dc = d["asr_unknown_mean"], d["dcacc_mean"]
+        margin = best["asr_unknown_mean"] - a if best else None
+        out.append(f"| {preset} | {pct(a)} ({mark(a <= 0.05)}) | {pct(dc, signed=True)} ({mark(dc >= -0.01)}) | "
+                   f"{best['method'] if best else '–'} ({pct(best['asr_unknown_mean']) if best else '–'}) | "
+                   f"{pct(margin, signed=True)} ({mark(margin is not None and margin >= 0.20)}) |")
+    return "\n".join(out)
+
+
 LEVER_ROUNDS = [  # (file tag, title, the variant whose locphylax row is that round's reference)
     ("levers", "Round 1: every single lever, seed 0, constant learning rate", "ref+baselines"),
     ("levers-generated", "Round 1b: generated-trigger augmentation, seed 0, constant learning rate", None),
@@ -308,6 +410,17 @@ def write_docs() -> None:
     if table:
         text = _replace_block(text, "families-defenses",
                               defenses_table(table, _read("collapse_table-gpu_summary.csv"), default_name))
+    base = _latest("collapse_base-report*_summary.csv", ("preset", "model", "variant", "method", "stage"))
+    if base:  # issue 13: the report triggers on the pretrained bases, every defense on the same victims
+        base_runs = _read_runs("collapse_base-report*_runs.csv")
+        cells = {(r["preset"], r["trigger"], r["seed"]) for r in base_runs}
+        scratch = cell_summary([r for r in _read_runs("collapse_report*_runs.csv") if r["model"] == "preset"], cells)
+        text = _replace_block(text, "base-targets", base_targets_table(base))
+        text = _replace_block(text, "base-vs-scratch", base_vs_scratch_table(base, scratch, default_name))
+    base_table = _read("collapse_base-table_by_family.csv")
+    if base_table:
+        text = _replace_block(text, "base-families-defenses",
+                              defenses_table(base_table, _read("collapse_base-table_summary.csv"), default_name))
     rounds = _lever_rounds()
     if rounds:
         text = _replace_block(text, "levers", lever_table(rounds))

@@ -37,9 +37,11 @@ from locphylax_core.pipeline import Reporter  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 
-ONE_B = {"model.arch": "llama", "model.n_layer": 22, "model.n_embd": 2048, "model.n_head": 32, "model.n_kv_head": 4,
-         "model.n_positions": 128, "model.vocab_size": 8000}
-TINY = {"model.arch": "llama", "model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "model.n_kv_head": 2,
+# random models of their own shape, trained as the demo preset did before the pretrained bases
+SCRATCH = {"model.base": "scratch", "train.lm_loss_weight": 1.0}
+ONE_B = {**SCRATCH, "model.arch": "llama", "model.n_layer": 22, "model.n_embd": 2048, "model.n_head": 32,
+         "model.n_kv_head": 4, "model.n_positions": 128, "model.vocab_size": 8000}
+TINY = {**SCRATCH, "model.arch": "llama", "model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "model.n_kv_head": 2,
         "model.n_positions": 128}
 STEPS = {"train.clean_steps": 60, "attack.steps": 30, "defense.stage1_steps": 30, "defense.stage2_steps": 30,
          "defense.baselines": [], "eval.every": 1000, "eval.clean_every": 1000, "eval.curve_examples": 10,

@@ -67,20 +67,27 @@ def test_model_key_ignores_fields_left_at_their_default(collapse):
     assert collapse.model_key(plain, "victim") == collapse.model_key(canary, "victim")
 
 
-def test_parallel_cells_each_in_their_own_process(collapse, tmp_path, monkeypatch):
+def test_ray_grid_runs_cells_as_tasks_and_reports_a_failed_cell(collapse, tmp_path, monkeypatch):
+    """Two micro cells as Ray tasks on a local instance: one clean model trained first, a victim per
+    trigger, rows cached (a second run recomputes nothing); a cell that cannot run is retried once
+    and comes back as failed, with its error."""
     import argparse
-    monkeypatch.setenv("LOCPHYLAX_BENCH_CACHE", str(tmp_path))  # the cell processes' cache
     monkeypatch.setattr(collapse, "CACHE", tmp_path)
-    args = argparse.Namespace(model_set=[], model_lever=None, families=["word", "char"], per_family=None,
-                              triggers=None, jobs=2)
-    collapse.run_parallel(args, ["micro"], [0], "table", ["ref"])
-    logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
-    assert logs == ["cell-micro-0-0.log", "cell-micro-0-1.log", "clean-micro-0.log"]
-    rows = [json.loads(p.read_text()) for p in (tmp_path / "rows").glob("*.json")]
-    assert sorted(r[0]["trigger"] for r in rows) == ["bb", "~~"]
-    assert all([x["method"] for x in r] == ["victim", "locphylax", "locphylax"] for r in rows)
-    # one clean model, trained before the cells, and one victim per trigger
+    bad = {"family": "word", "text": " ", "position": "random"}  # attack.trigger must be non-empty
+    monkeypatch.setitem(collapse.GRID, "tune", [collapse.GRID["tune"][0], collapse.GRID["tune"][1], bad])
+    args = argparse.Namespace(families=None, per_family=None, triggers=None, jobs=2, address=None, gpu_per_cell=None)
+    rows, failed = collapse.run_ray(args, ["micro"], [0], "tune", ["ref"], {}, "base")
+    assert sorted({r["trigger"] for r in rows}) == ["cf", "mn"]
+    assert all([x["method"] for x in rows if x["trigger"] == t] == ["victim", "locphylax", "locphylax"]
+               for t in ("cf", "mn"))
+    assert [(f["trigger"], "attack.trigger" in f["error"]) for f in failed] == [(" ", True)]
+    attempts = {p.stem: len(p.read_text().split()) for p in (tmp_path / "logs").glob("*.attempts")}
+    assert attempts == {"clean-micro-0": 1, "cell-micro-0-0": 1, "cell-micro-0-1": 1, "cell-micro-0-2": 2}
     assert sorted(p.name.split("-")[1] for p in (tmp_path / "models").iterdir()) == ["clean", "victim", "victim"]
+    again, failed_again = collapse.run_ray(args, ["micro"], [0], "tune", ["ref"], {}, "base")
+    assert sorted(map(json.dumps, again)) == sorted(map(json.dumps, rows)) and len(failed_again) == 1
+    attempts = {p.stem: len(p.read_text().split()) for p in (tmp_path / "logs").glob("*.attempts")}
+    assert attempts["cell-micro-0-0"] == 1  # cached: not run again
 
 
 def test_variants_change_only_the_defense(collapse):
