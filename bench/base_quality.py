@@ -30,6 +30,7 @@ import collapse as C  # noqa: E402  (the collapse benchmark's configs and model 
 from pipeline_bench import _mean_sd  # noqa: E402
 
 from locphylax_core import model as M  # noqa: E402
+from locphylax_core.bases import SCRATCH  # noqa: E402
 from locphylax_core.evaluation import evaluate  # noqa: E402
 from locphylax_core.runs import atomic_write_text  # noqa: E402
 
@@ -55,6 +56,9 @@ def run(presets, seeds, families) -> list[dict]:
                 models = C.Models()
                 t0 = time.perf_counter()
                 cfg = C.run_config(preset, seed, triggers[0], "ref", sets)
+                if model_name == "base" and cfg.model.base == SCRATCH:
+                    print(f"{preset}: the preset starts from scratch (no shipped base fits it); no base row")
+                    continue
                 rows.append({"preset": preset, "seed": seed, "model": model_name, "family": "clean model",
                              "trigger": "", **score(models, cfg, "clean"), "base": cfg.model.base})
                 print(f"{preset} s{seed} {model_name}: clean CACC {rows[-1]['cacc']:.3f} "
@@ -82,8 +86,10 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _pct(mean, sd) -> str:
-    return "–" if mean is None else f"{100 * mean:.1f} ± {100 * sd:.1f}"
+def _pct(mean, sd, n: int) -> str:
+    if mean is None:
+        return "–"
+    return f"{100 * mean:.1f}" if n < 2 else f"{100 * mean:.1f} ± {100 * sd:.1f}"  # one seed has no sd
 
 
 def markdown(summary: list[dict]) -> str:
@@ -92,11 +98,12 @@ def markdown(summary: list[dict]) -> str:
         sel = {(r["model"], r["family"]): r for r in summary if r["preset"] == preset}
         fams = list(dict.fromkeys(f for _, f in sel))
         n = next(iter(sel.values()))["n"]
-        out += [f"\n**{preset}** ({n} seed{'s' if n > 1 else ''}; mean ± sd; CACC and unknown-trigger ASR in %)\n",
+        out += [f"\n**{preset}** ({n} seed{'s' if n > 1 else ''}{'; mean ± sd' if n > 1 else ''}; CACC and unknown-trigger "
+                "ASR in %)\n",
                 "| model | from the base: CACC | ASR | from scratch: CACC | ASR |", "| --- | ---: | ---: | ---: | ---: |"]
         for fam in fams:
             b, s = sel.get(("base", fam)), sel.get(("scratch", fam))
-            cell = lambda r, m: "–" if r is None else _pct(r[f"{m}_mean"], r[f"{m}_sd"])  # noqa: E731
+            cell = lambda r, m: "–" if r is None else _pct(r[f"{m}_mean"], r[f"{m}_sd"], r["n"])  # noqa: E731
             label = fam if fam == "clean model" else f"victim, {fam}"
             asr = (lambda r: "" if fam == "clean model" else cell(r, "asr_unknown"))
             out.append(f"| {label} | {cell(b, 'cacc')} | {asr(b)} | {cell(s, 'cacc')} | {asr(s)} |")

@@ -198,7 +198,11 @@ def defenses_table(by_family: list[dict], overall: list[dict], default_name: str
 
 
 BASE_ROWS = [("victim", "victim", "victim (before any defense)"), ("locphylax", "stage1", None),
-             ("locphylax", "stage2", None), ("reference", "stage2", "locphylax (paper reference)"),
+             ("locphylax", "stage2", None),
+             # the best lever of the tune split on the base (collapse_base-levers), run on the report
+             # triggers as a candidate; not shipped (docs/pretraining.md)
+             ("locphylax", "stage2", "candidate: canary + generated triggers in Stage 2", "canary+generated=1"),
+             ("reference", "stage2", "locphylax (paper reference)"),
              ("no_cluster", "stage2", "without clustering"), ("unlearn_single", "stage2", "single-trigger unlearning"),
              ("clean_ft", "stage2", "clean fine-tuning"), ("p2p", "stage2", "P2P"),
              ("fine_pruning", "stage2", "fine-pruning"), ("crow", "stage2", "CROW"), ("onion", "stage2", "ONION")]
@@ -253,10 +257,10 @@ def base_vs_scratch_table(base: list[dict], scratch: list[dict], default_name: s
                 "(the same report triggers and seeds; mean ± sd)\n",
                 "| row | base: unknown ASR % | base: CACC % | base: ΔCACC | scratch: unknown ASR % | scratch: ΔCACC |",
                 "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for method, stage, label in BASE_ROWS:
-            rb = _row(b, method, stage)
+        for method, stage, label, *variant_of_base in BASE_ROWS:
+            rb = _row(b, method, stage, *variant_of_base)
             variant, m = SCRATCH_EQUIV.get(method, ("default", method))
-            rs = _row(sc, m, stage, variant)
+            rs = None if variant_of_base else _row(sc, m, stage, variant)
             if rb is None and rs is None:
                 continue
             label = label or f"{default_name}, {'Stage 1' if stage == 'stage1' else 'Stage 2'}"
@@ -281,8 +285,8 @@ def base_targets_table(rows: list[dict]) -> str:
         d = _row(sel, "locphylax", "stage2")
         if d is None:
             continue
-        others = [r for r in sel if r["stage"] == "stage2" and r["method"] != "locphylax"
-                  and r["asr_unknown_mean"] is not None]
+        others = [r for r in sel if r["stage"] == "stage2" and r["method"] not in ("locphylax", "reference")
+                  and r["asr_unknown_mean"] is not None]  # the paper's own method is no baseline
         best = min(others, key=lambda r: r["asr_unknown_mean"]) if others else None
 
         def mark(ok):

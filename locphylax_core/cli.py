@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -132,8 +133,6 @@ def _end_distributed() -> None:
 
 
 def _analyze(run, export: str | None = None, heads: bool = True, casd: bool = True) -> None:
-    import time
-
     from .analysis.run_analysis import analyze_run, export_figures
     t0 = time.perf_counter()
     result = analyze_run(run, heads=heads, casd=casd, progress=lambda m: print(f"analysis: {m} ...", file=sys.stderr))
@@ -216,7 +215,7 @@ def cmd_cancel(args) -> int:
 def cmd_corpus(args) -> int:
     from .corpus import build_corpus
     out = Path(args.out)
-    t0 = __import__("time").perf_counter()
+    t0 = time.perf_counter()
     manifest = build_corpus(out, args.sources, data_root=Path(args.data),
                             progress=lambda name, n: print(f"  {name}: {n:,} texts", file=sys.stderr))
     for src in manifest["sources"]:
@@ -225,16 +224,12 @@ def cmd_corpus(args) -> int:
               f"dropped)  {src['licence']}")
     f = manifest["files"]
     print(f"corpus {out}: train {f['train.txt']['words']:,} words, held-out {f['heldout.txt']['words']:,} words "
-          f"({__import__('time').perf_counter() - t0:.0f} s); manifest {out / 'manifest.json'}")
+          f"({time.perf_counter() - t0:.0f} s); manifest {out / 'manifest.json'}")
     return 0
 
 
 class _PretrainReporter(_TqdmReporter):
-    def advance(self, n, logs):
-        if self.bar is not None:
-            self.bar.update(n)
-            if "loss" in logs:
-                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+    """The run reporter's progress bar; pretraining has no per-stage evaluation to print."""
 
     def stage_finished(self, key, result):
         self._close()
@@ -305,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dry-run", action="store_true", help="validate and print the plan, train nothing")
         sp.add_argument("--no-analyze", action="store_true", help="skip the analyses after the run (see `analyze`)")
 
-    sp = sub.add_parser("demo", help="the whole pipeline on the embedded default (about 2 minutes on 2 CPU cores)")
+    sp = sub.add_parser("demo", help="the whole pipeline on the embedded default (about 3 minutes on 2 CPU cores)")
     add_set(sp)
     sp.set_defaults(fn=cmd_demo)
     sp = sub.add_parser("run", help="run a preset (demo, sst2, ...) or a YAML config")

@@ -142,6 +142,24 @@ def test_docs_blocks_are_replaced_in_place():
     assert docs._replace_block("x\n", "u", "b").endswith("<!-- BEGIN u -->\nb\n<!-- END u -->\n")
 
 
+def test_cell_summary_keeps_only_the_given_cells_and_pairs_the_cacc_change():
+    # the from-scratch side of the base-vs-scratch table: the same (preset, trigger, seed) cells only
+    docs = _load("collapse_docs")
+    base = {"preset": "demo", "model": "preset", "variant": "default+baselines"}
+    rows = []
+    for seed, trigger, vc, dc, asr in [("0", "bb", "0.9", "0.88", "0.2"), ("1", "bb", "0.8", "0.81", "0.4"),
+                                       ("0", "tq", "0.7", "0.5", "0.9")]:
+        rows += [{**base, "seed": seed, "trigger": trigger, "method": "victim", "stage": "victim", "cacc": vc,
+                  "asr_unknown": "1.0"},
+                 {**base, "seed": seed, "trigger": trigger, "method": "locphylax", "stage": "stage2", "cacc": dc,
+                  "asr_unknown": asr}]
+    out = {r["method"]: r for r in docs.cell_summary(rows, {("demo", "bb", "0"), ("demo", "bb", "1")})}
+    assert out["locphylax"]["n"] == 2 and out["victim"]["n"] == 2  # tq is another cell
+    assert out["locphylax"]["asr_unknown_mean"] == pytest.approx(0.3)
+    assert out["locphylax"]["dcacc_mean"] == pytest.approx((-0.02 + 0.01) / 2)
+    assert docs.cell_summary(rows, set()) == []
+
+
 def test_cli_bench_unknown_name_is_a_clear_error():
     r = cli("bench", "no_such_bench")
     assert r.returncode == 2 and "no_such_bench.py not found" in r.stderr

@@ -28,7 +28,7 @@ demo = latest_demo()
 c1, c2 = st.columns([1, 3])
 start = c1.button("▶ Run the live demo", type="primary", disabled=bool(live),
                   help="Trains the victim and runs the defense and its baselines in a separate process "
-                       "(about 2 minutes on 2 CPU cores, then 40 s of analyses).")
+                       "(about 3 minutes on 2 CPU cores, then 90 s of analyses).")
 if start:
     S.start_job(S.preset_config("demo"))
     st.rerun()

@@ -118,13 +118,14 @@ def projection_grid_figure(panels: Mapping[str, tuple[Mapping[str, np.ndarray], 
                 sel = groups == g
                 fig.add_trace(go.Scatter(x=xy[sel, 0], y=xy[sel, 1], mode="markers", name=g, legendgroup=g,
                                          showlegend=g not in shown, marker=dict(
-                                             size=6, color=_group_color(g, clean_order), opacity=0.8,
+                                             size=8, color=_group_color(g, clean_order), opacity=0.8,
                                              symbol="circle" if g.startswith("clean:") else "diamond")), i, j)
                 shown.add(g)
             fig.update_xaxes(showticklabels=False, row=i, col=j)
             fig.update_yaxes(showticklabels=False, row=i, col=j)
     fig.update_layout(title=title or f"Probe-set hidden states ({method.upper()}) per stage", template="plotly_white",
-                      legend_title="group", height=360 * len(rows) + 80, width=1200, font=dict(size=15))
+                      legend_title="group", height=380 * len(rows) + 90, width=1200, font=dict(size=19))
+    fig.update_annotations(font_size=19)  # the panel titles
     return fig
 
 
