@@ -251,19 +251,22 @@ def base_vs_scratch_table(base: list[dict], scratch: list[dict], default_name: s
     for preset in dict.fromkeys(r["preset"] for r in base):
         b = [r for r in base if r["preset"] == preset]
         sc = [r for r in scratch if r["preset"] == preset]
-        nb = int(_row(b, "victim", "victim")["n"])
+        victim = max((r for r in b if r["method"] == "victim"), key=lambda r: r["n"])  # the variant with most cells
+        nb = int(victim["n"])
         ns = _row(sc, "victim", "victim")
         out += [f"\n**{preset}**: {nb} victims on the pretrained base, {int(ns['n']) if ns else 0} from scratch "
                 "(the same report triggers and seeds; mean ± sd)\n",
                 "| row | base: unknown ASR % | base: CACC % | base: ΔCACC | scratch: unknown ASR % | scratch: ΔCACC |",
                 "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for method, stage, label, *variant_of_base in BASE_ROWS:
-            rb = _row(b, method, stage, *variant_of_base)
+            rb = victim if method == "victim" else _row(b, method, stage, *variant_of_base)
             variant, m = SCRATCH_EQUIV.get(method, ("default", method))
             rs = None if variant_of_base else _row(sc, m, stage, variant)
             if rb is None and rs is None:
                 continue
             label = label or f"{default_name}, {'Stage 1' if stage == 'stage1' else 'Stage 2'}"
+            if rb is not None and int(rb["n"]) != nb:
+                label += f" ({int(rb['n'])} of the victims)"
             cell = lambda r, k, sd=True, signed=False: "–" if r is None else pct(  # noqa: E731
                 r[f"{k}_mean"], r[f"{k}_sd"] if sd else None, signed)
             out.append(f"| {label} | **{cell(rb, 'asr_unknown')}** | {cell(rb, 'cacc')} | "
