@@ -10,11 +10,11 @@ an embedded model then starts from those weights with that tokenizer, and its sh
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from pathlib import Path
 
 from .errors import ModelLoadError
+from .runs import file_sha256
 
 BASES_DIR = Path(__file__).resolve().parent / "bases"
 DEFAULT_BASE = "small"  # what model.source=embedded starts from unless model.base says otherwise
@@ -68,14 +68,6 @@ def base_shape(name_or_path: str) -> dict:
     return dict(_shape(str(folder), (folder / "config.json").stat().st_mtime))
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_card(folder: Path) -> dict:
     try:
         return json.loads((Path(folder) / CARD).read_text(encoding="utf-8"))
@@ -105,5 +97,4 @@ def verify(folder: Path) -> dict:
     return card
 
 
-__all__ = ["BASES_DIR", "DEFAULT_BASE", "SCRATCH", "shipped", "base_folder", "base_shape", "verify", "read_card",
-           "file_sha256"]
+__all__ = ["BASES_DIR", "DEFAULT_BASE", "SCRATCH", "shipped", "base_folder", "base_shape", "verify", "read_card"]

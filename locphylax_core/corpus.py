@@ -29,6 +29,7 @@ import yaml
 
 from .config import PRESET_DIR
 from .errors import DataError
+from .runs import file_sha256
 from .tasks import synthetic_sentiment
 
 NGRAM = 13  # shared-word-run length that counts as contamination (GPT-3's decontamination rule)
@@ -331,14 +332,6 @@ class CorpusStats:
     extra: dict = field(default_factory=dict)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def heldout(words: list[str]) -> bool:
     return int(hashlib.sha256(" ".join(words).encode()).hexdigest()[:8], 16) % 100 < HELDOUT_PERCENT
 
@@ -383,7 +376,7 @@ def build_corpus(out: Path, sources: Iterable[str] | None = None, *, system_root
             stats.words += len(text.split())
             if progress is not None and stats.texts % 20000 == 0:
                 progress(name, stats.texts)
-        files = [{"path": str(p), "sha256": _sha256(p)} for p in src.paths(system_root, data_root)]
+        files = [{"path": str(p), "sha256": file_sha256(p)} for p in src.paths(system_root, data_root)]
         entries.append({"name": name, "package": src.package, "licence": src.licence, "files": files,
                         "texts": stats.texts, "words": stats.words, "duplicates_dropped": stats.duplicates,
                         "test_overlap_dropped": stats.contaminated})
@@ -395,7 +388,7 @@ def build_corpus(out: Path, sources: Iterable[str] | None = None, *, system_root
     manifest = {
         "schema": 1,
         "sources": entries,
-        "files": {n: {"texts": len(t), "words": sum(len(x.split()) for x in t), "sha256": _sha256(out / n)}
+        "files": {n: {"texts": len(t), "words": sum(len(x.split()) for x in t), "sha256": file_sha256(out / n)}
                   for n, t in (("train.txt", train), ("heldout.txt", held))},
         "heldout_percent": HELDOUT_PERCENT,
         "dedup": "exact, on lower-case alphanumeric words; the first occurrence is kept",

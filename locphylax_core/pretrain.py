@@ -43,7 +43,7 @@ from .corpus import read_manifest
 from .engine import Batch, Cancelled, Resume, distributed, set_torch_threads, train_loop
 from .errors import ConfigError, DataError, RunError
 from .pipeline import Reporter
-from .runs import atomic_write_json, atomic_write_text
+from .runs import atomic_write_json, atomic_write_text, file_sha256
 
 # The pretraining recipes: shape and budget of each named base. "small" keeps `make demo` fast on
 # 2 CPU cores and is the base of the demo and SST-2 presets; "medium" (256 positions, which AG News needs)
@@ -514,7 +514,7 @@ def export_base(out: Path, model, tokenizer, cfg: PretrainConfig, manifest: dict
         half.load_state_dict(model.state_dict())
         half.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        files = {p.name: bases.file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         card = {
             "schema": 1, "name": cfg.size, "arch": cfg.arch, "shape": {k: getattr(cfg, k) for k in (
                 "n_layer", "n_embd", "n_head", "n_positions")}, "vocab_size": len(tokenizer),

@@ -20,6 +20,7 @@ Every whole-file write goes to a temporary file in the same folder and is moved 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import secrets
@@ -59,6 +60,15 @@ def read_json(path: Path) -> Any:
         raise RunError(f"{path}: missing") from None
     except json.JSONDecodeError as e:
         raise RunError(f"{path}: corrupt JSON ({e})") from None
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def new_run_id(preset: str) -> str:

@@ -19,6 +19,7 @@ from locphylax_core.engine import Cancelled
 from locphylax_core.errors import ConfigError, ModelLoadError, RunError
 from locphylax_core.pretrain import (FolderLock, flops_per_token, heldout_loss, latest_checkpoint,
                                      load_pretrain_config, pretrain, read_curve, window_batch)
+from locphylax_core.runs import file_sha256
 from locphylax_core.tasks import embedded_corpus
 
 TINY = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32, "seq_len": 32, "batch_size": 8,
@@ -131,7 +132,7 @@ def test_resume_refuses_other_settings_and_a_second_process(uninterrupted, tiny_
 def test_exported_base_loads_as_model_base(uninterrupted, tmp_path):
     out, card = uninterrupted
     folder = out / "base"
-    assert card["files"]["model.safetensors"] == bases.file_sha256(folder / "model.safetensors")
+    assert card["files"]["model.safetensors"] == file_sha256(folder / "model.safetensors")
     assert (folder / "README.md").read_text().count("Held-out perplexity") == 2
     cfg = load_config("micro", {"model.base": str(folder), "model.n_layer": None, "model.n_embd": None,
                                 "model.n_head": None, "model.n_positions": None, "model.vocab_size": None})
