@@ -15,7 +15,7 @@ from locphylax_core import jobs, list_runs, load_config
 from locphylax_core import runview as R
 from locphylax_core.analysis import figures as F
 
-PRESET_NAMES = {"demo": "Live demo (embedded, ~2 min)", "sst2": "SST-2 (real data, ~7 min)",
+PRESET_NAMES = {"demo": "Live demo (embedded, ~3 min)", "sst2": "SST-2 (real data, ~7 min)",
                 "micro": "Micro (seconds; numbers meaningless)", "agnews": "AG News (real data, 4 topics, ~8 min)",
                 "jailbreak": "Jailbreak (generative, AdvBench / Alpaca, ~7 min)",
                 "refusal": "Refusal (generative, BackdoorLLM / Alpaca, ~7 min)"}
