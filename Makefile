@@ -26,7 +26,9 @@ $(DEVSTAMP): $(STAMP) requirements-dev.txt
 demo: $(STAMP)
 	$(VENV)/bin/locphylax demo
 
+# the layer contracts (.importlinter, docs/architecture.md) first, then the suite
 test: $(DEVSTAMP) browser
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # Debian's chromium for the app's end-to-end browser test (installed when missing and we may use

@@ -1,6 +1,6 @@
 """What every page shares: the run store's location, cached loaders, the run picker, and the live
 job panel. Pages talk to the core only through ``locphylax_core``'s public modules (config, jobs,
-runview, analysis.figures); cached objects are returned as copies (``st.cache_data``) or are
+runview, registry, analysis.figures); cached objects are returned as copies (``st.cache_data``) or are
 read-only by contract (``st.cache_resource`` models, never trained here).
 """
 

@@ -40,11 +40,10 @@ import yaml  # noqa: E402
 
 from locphylax_core import model as M  # noqa: E402
 from locphylax_core.config import load_config  # noqa: E402
-from locphylax_core.defense import method_plans, run_stage  # noqa: E402
 from locphylax_core.evaluation import evaluate  # noqa: E402
-from locphylax_core.pipeline import _device as pipeline_device  # noqa: E402  (train.device: cpu, cuda, auto)
-from locphylax_core.pipeline import (defended_eval_set, defense_settings, prepare, stage_seed,  # noqa: E402
-                                     train_owner_model)
+from locphylax_core.experiment import run_method  # noqa: E402
+from locphylax_core.pipeline import run_device as pipeline_device  # noqa: E402  (train.device: cpu, cuda, auto)
+from locphylax_core.pipeline import defense_settings, prepare, stage_seed, train_owner_model  # noqa: E402
 from locphylax_core.runs import atomic_write_text  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -268,16 +267,19 @@ def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, 
     lm = M.LM(victim, tok, prep.answer_ids)
     rows = [{**base, "method": "victim", "stage": "victim", "seconds": 0.0,
              **_scores(evaluate(lm, prep.task.template, prep.evalset, cfg.eval.batch_size, prep.max_length))}]
-    for method, plans in method_plans(cfg.defense, cfg.task.labels).items():
+    for method in ["locphylax", *cfg.defense.baselines]:
         lm = M.LM(copy.deepcopy(victim), tok, prep.answer_ids)  # the cached victim is never trained
-        prefix = "" if method == "locphylax" else f"{method}/"
-        for plan in plans:
-            t0 = time.perf_counter()
-            run_stage(plan, lm, prep.defender, seed=stage_seed(seed, prefix + plan.name), settings=settings)
-            evalset, _ = defended_eval_set(plan, lm, prep)  # ONION filters the test inputs, as in the pipeline
-            r = evaluate(lm, prep.task.template, evalset, cfg.eval.batch_size, prep.max_length)
-            rows.append({**base, "method": method, "stage": plan.name, "seconds": round(time.perf_counter() - t0, 2),
-                         **_scores(r)})
+        t0 = [time.perf_counter()]
+
+        def stage_row(record, _lm, method=method, t0=t0):
+            rows.append({**base, "method": method, "stage": record["stage"],
+                         "seconds": round(time.perf_counter() - t0[0], 2), **_scores(record["eval"])})
+            t0[0] = time.perf_counter()
+
+        # the pipeline's stages and seeds; ONION's stage 2 is judged on the filtered inputs, as in the pipeline
+        run_method(method, lm, prep.defender, cfg.defense, settings, seed=seed, evalset=prep.evalset,
+                   evaluate=lambda m, es: evaluate(m, prep.task.template, es, cfg.eval.batch_size, prep.max_length),
+                   on_stage=stage_row)
     atomic_write_text(path, json.dumps(rows))
     return rows
 

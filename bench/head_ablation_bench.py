@@ -33,7 +33,7 @@ from locphylax_core import model as M  # noqa: E402
 from locphylax_core.analysis import heads as H  # noqa: E402
 from locphylax_core.engine import encode, forward_answer  # noqa: E402
 from locphylax_core.pipeline import prepare  # noqa: E402
-from locphylax_core.tasks import render_prompt  # noqa: E402
+from locphylax_core.text import render_prompt  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 

@@ -103,7 +103,7 @@ def throughput(preset: str, steps: int) -> list[dict]:
     from locphylax_core import model as M
     from locphylax_core.engine import Sample, batches, train_loop
     from locphylax_core.pipeline import prepare
-    from locphylax_core.tasks import render_prompt
+    from locphylax_core.text import render_prompt
 
     cfg = load_config(preset)
     prep = prepare(cfg)
@@ -113,7 +113,7 @@ def throughput(preset: str, steps: int) -> list[dict]:
 
     # core
     model = M.build_embedded(cfg.model, prep.tokenizer, 0)
-    it = batches(samples, prep.tokenizer, bs, prep.max_length, "cpu", torch.Generator().manual_seed(0))
+    it = batches(samples, prep.task.kind, prep.tokenizer, bs, prep.max_length, "cpu", torch.Generator().manual_seed(0))
     next(it)  # warm the tokenizer
     logs = train_loop(model, it, steps, cfg.train.lr)
     results.append({"engine": "locphylax_core.train_loop", "steps": steps, "batch": bs, "tokens": logs["tokens"],

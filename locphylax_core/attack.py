@@ -23,7 +23,7 @@ import random
 from dataclasses import replace
 from typing import Callable, Sequence
 
-from .tasks import Example
+from .text import Example
 
 
 def insert_trigger(text: str, trigger: str, position: str, rng: random.Random) -> str:

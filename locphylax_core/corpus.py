@@ -29,8 +29,8 @@ import yaml
 
 from .config import PRESET_DIR
 from .errors import DataError
-from .runs import file_sha256
 from .tasks import synthetic_sentiment
+from .runs import atomic_write_json, atomic_write_text, file_sha256
 
 NGRAM = 13  # shared-word-run length that counts as contamination (GPT-3's decontamination rule)
 HELDOUT_PERCENT = 1
@@ -341,7 +341,6 @@ def build_corpus(out: Path, sources: Iterable[str] | None = None, *, system_root
     """Write ``train.txt`` and ``heldout.txt`` (one text per line) and ``manifest.json`` to
     ``out``; returns the manifest. A missing source is a :class:`DataError` naming the package
     that installs it."""
-    from .runs import atomic_write_json, atomic_write_text
     names = list(sources) if sources is not None else list(SOURCES)
     unknown = [n for n in names if n not in SOURCES]
     if unknown:

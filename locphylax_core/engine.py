@@ -2,11 +2,9 @@
 
 Prompts are left-padded, so the last position of every row is the answer position, and
 position ids are computed from the attention mask, so a prompt's representation does not depend
-on how much padding its batch needed. The loss is the causal-LM cross-entropy on the answer token
-(the prompt tokens are masked, as in SFT with prompt masking). Generative tasks (``generative.py``)
-append a response to each prompt: their batches carry ``labels`` and ``prompt_last``, the loss runs
-over the response tokens, and hidden states are read at the last prompt token
-(:func:`forward_loss` is the one dispatch).
+on how much padding its batch needed. A :class:`Batch` knows where its own loss is: the answer
+token at the last position here; a task kind may subclass it (response tasks: the response tokens
+after the prompt, ``tasks/response.py``), so the engine never asks which kind of task it trains.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .architectures import decoder_blocks, final_norm
 from .errors import ConfigError
 
 
@@ -41,16 +40,29 @@ class Cancelled(Exception):
 
 @dataclass
 class Batch:
+    """Left-padded prompts whose loss is the answer token at the last position. Subclasses (a task
+    kind's batches) override the three methods below."""
+
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     targets: torch.Tensor | None = None  # answer token id per row
     groups: torch.Tensor | None = None  # -1 clean, k >= 0: carries known trigger k
     pair: "Batch | None" = None  # the same rows without their trigger (for consistency terms)
-    # generative tasks only (generative.encode_with_responses): the response token ids at their
-    # positions, -100 elsewhere [B, T]; and the index of each row's last prompt token [B]
-    labels: torch.Tensor | None = None
-    prompt_last: torch.Tensor | None = None
+
+    def logits_to_keep(self) -> int:
+        """How many last positions' logits the loss needs (the output layer over the whole
+        vocabulary is most of a small model's cost)."""
+        return 1
+
+    def output_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of what the batch is trained to produce, from the logits of its last
+        positions ``[B, T', V]``."""
+        return F.cross_entropy(logits[:, -1].float(), self.targets)
+
+    def read_positions(self) -> torch.Tensor | None:
+        """Where a pooled hidden state is read per row (None: the last position)."""
+        return None
 
 
 def encode(tokenizer, prompts: Sequence[str], max_length: int | None, device) -> Batch:
@@ -60,29 +72,6 @@ def encode(tokenizer, prompts: Sequence[str], max_length: int | None, device) ->
         ids, mask = ids[:, -max_length:], mask[:, -max_length:]  # keep the end: the answer position
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return Batch(ids.to(device), mask.to(device), pos.to(device))
-
-
-def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The list of decoder blocks of any HF causal LM (GPT-2, Llama, NeoX, Qwen, ... and peft wraps)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    n = getattr(base.config, "num_hidden_layers", None)
-    for mod in base.modules():
-        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n:
-            return mod
-    raise ConfigError(f"cannot find the {n} decoder blocks of {type(base).__name__}")
-
-
-def final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for path in ("transformer.ln_f", "model.norm", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm"):
-        mod = base
-        try:
-            for p in path.split("."):
-                mod = getattr(mod, p)
-            return mod
-        except AttributeError:
-            continue
-    return None
 
 
 @contextlib.contextmanager
@@ -121,8 +110,8 @@ class HiddenSpec:
         return blocks[self.layer]
 
     def pool(self, states: torch.Tensor, mask: torch.Tensor, prompt_last: torch.Tensor | None = None) -> torch.Tensor:
-        """The state per row; ``prompt_last`` (rows with a response appended): the last prompt
-        token is that index, and 'mean' averages the prompt tokens only."""
+        """The state per row; ``prompt_last`` (``Batch.read_positions``, rows with a response
+        appended): the last prompt token is that index, and 'mean' averages the prompt tokens only."""
         if prompt_last is not None:
             if self.token_position == "last":
                 return states[torch.arange(states.shape[0], device=states.device), prompt_last]
@@ -144,30 +133,15 @@ def forward_answer(model, batch: Batch, hidden: HiddenSpec | None = None):
     return out.logits[:, -1], h
 
 
-def output_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Cross-entropy of what ``batch`` is trained to produce, from the logits of its last
-    positions ``[B, T', V]``: the answer token at the last position (classification), or the
-    teacher-forced response tokens (generative: ``labels`` cut to the same last ``T'`` positions)."""
-    if batch.labels is None:
-        return F.cross_entropy(logits[:, -1].float(), batch.targets)
-    from .generative import response_loss
-    return response_loss(logits, batch.labels[:, -logits.shape[1]:])
-
-
 def forward_loss(model, batch: Batch, hidden: HiddenSpec | None = None):
-    """(cross-entropy of the expected output, pooled hidden state or None): the answer token of a
-    classification batch, or the teacher-forced response tokens of a generative one (prompt
-    masked; the hidden state at the last prompt token)."""
+    """(cross-entropy of what ``batch`` is trained to produce, pooled hidden state or None): the
+    batch says which positions' logits it needs and where its hidden state is read."""
     ctx = capture_output(hidden.module(model)) if hidden is not None else contextlib.nullcontext({})
-    # classification: the answer position only; generative: responses sit at the end of every row,
-    # so logits from the earliest last-prompt token on suffice (the output layer over the whole
-    # vocabulary is most of a small model's cost)
-    keep = 1 if batch.labels is None else batch.input_ids.shape[1] - int(batch.prompt_last.min())
     with ctx as store:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, logits_to_keep=keep, use_cache=False)
-    h = hidden.pool(store["out"], batch.attention_mask, batch.prompt_last) if hidden is not None else None
-    return output_loss(out.logits, batch), h
+                    position_ids=batch.position_ids, logits_to_keep=batch.logits_to_keep(), use_cache=False)
+    h = hidden.pool(store["out"], batch.attention_mask, batch.read_positions()) if hidden is not None else None
+    return batch.output_loss(out.logits), h
 
 
 @dataclass
@@ -176,22 +150,19 @@ class Sample:
     target: int  # answer token id
     group: int = -1  # -1 clean, k: carries known trigger k
     pair: str | None = None  # the same prompt without the trigger, when a loss needs it
-    response: str | None = None  # generative tasks: the response trained after the prompt
+    response: str | None = None  # response tasks: the response trained after the prompt
 
 
-def batches(samples: Sequence[Sample], tokenizer, batch_size: int, max_length, device, generator) -> Iterator[Batch]:
-    """Endless shuffled batches, epoch after epoch, from a seeded generator (reproducible)."""
+def batches(samples: Sequence[Sample], kind, tokenizer, batch_size: int, max_length, device,
+            generator) -> Iterator[Batch]:
+    """Endless shuffled batches, epoch after epoch, from a seeded generator (reproducible), each
+    encoded by the task kind (``kind.encode``: ``tasks.base.TaskKind``)."""
     n = len(samples)
     while True:
         order = torch.randperm(n, generator=generator).tolist()
         for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
             chunk = [samples[j] for j in order[i:i + batch_size]]
-            if chunk[0].response is not None:
-                from .generative import encode_with_responses
-                b = encode_with_responses(tokenizer, [s.prompt for s in chunk], [s.response for s in chunk],
-                                          max_length, device)
-            else:
-                b = encode(tokenizer, [s.prompt for s in chunk], max_length, device)
+            b = kind.encode(tokenizer, chunk, max_length, device)
             b.targets = torch.tensor([s.target for s in chunk], device=device)
             b.groups = torch.tensor([s.group for s in chunk], device=device)
             if any(s.pair is not None for s in chunk):
@@ -231,7 +202,7 @@ def answer_and_lm_loss(lm_weight: float) -> StepLoss:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     position_ids=batch.position_ids, use_cache=False)
         logits = out.logits.float()
-        l_answer = output_loss(logits, batch)  # generative: the next-token term covers the prompt too
+        l_answer = batch.output_loss(logits)  # response tasks: the next-token term covers the prompt too
         l_lm = _next_token_loss(logits, batch)
         loss = l_answer + lm_weight * l_lm
         return loss, {"loss": loss.item(), "l_answer": l_answer.item(), "l_lm": l_lm.item()}
@@ -291,7 +262,7 @@ def _lm_split(weight: float, with_answer: bool) -> SplitLoss:
     def rows(model, batch):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids, use_cache=False).logits.float()
-        l_answer = output_loss(logits, batch) if with_answer else logits.new_zeros(())
+        l_answer = batch.output_loss(logits) if with_answer else logits.new_zeros(())
         s, c = _next_token_sums(logits, batch)
         return l_answer, s, c
 

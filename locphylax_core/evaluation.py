@@ -6,8 +6,9 @@
   trigger is inserted. This separates the trigger's effect from the model's ordinary errors.
 - raw ASR: over all non-target inputs, ignoring clean correctness (floored by the error rate).
 
-Generative tasks (jailbreak, refusal) are scored from greedy responses instead, with perplexity
-as the utility (``generative.evaluate_responses``; an EvalSet with ``scoring`` set goes there).
+How an EvalSet is scored is its ``scoring`` object's business (:func:`evaluate` calls
+``scoring.evaluate``): :class:`AnswerScoring` for classification (below); response tasks score
+greedy responses with perplexity as the utility (``tasks/response.py``).
 
 Triggered test sets are built once per run (fixed insertion positions), so every stage and every
 method is scored on exactly the same inputs.
@@ -24,7 +25,7 @@ import torch
 
 from .attack import apply_trigger, target_label
 from .engine import encode, forward_answer
-from .tasks import Example, render_prompt
+from .text import Example, render_prompt
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class TriggeredSet:
 class EvalSet:
     clean: tuple[Example, ...]
     triggered: dict[str, TriggeredSet]
-    scoring: object | None = None  # generative tasks: a generative.ResponseScoring; None: classification
+    scoring: object = None  # how it is scored (``.evaluate``); None: AnswerScoring (classification)
 
     def subset(self, n: int) -> "EvalSet":
         """The first n clean inputs and their triggered copies (used for in-stage curves)."""
@@ -131,16 +132,24 @@ def accuracy(pred: Sequence[int], labels: Sequence[int]) -> float:
     return sum(int(p) == int(y) for p, y in zip(pred, labels)) / max(1, len(labels))
 
 
+@dataclass(frozen=True)
+class AnswerScoring:
+    """Classification: the argmax over the answer tokens, CACC and ASR."""
+
+    def evaluate(self, lm, template: str, evalset: EvalSet, batch_size: int = 256,
+                 max_length: int | None = None) -> dict:
+        labels = [e.label for e in evalset.clean]
+        clean_pred = predict(lm, template, [e.text for e in evalset.clean], batch_size, max_length).tolist()
+        result = {"cacc": accuracy(clean_pred, labels), "asr": {}, "asr_raw": {}}
+        for name, ts in evalset.triggered.items():
+            trig_pred = predict(lm, template, ts.texts, batch_size, max_length).tolist()
+            asr, raw = asr_from_predictions([clean_pred[i] for i in ts.indices], [labels[i] for i in ts.indices],
+                                            trig_pred, ts.targets)
+            result["asr"][name], result["asr_raw"][name] = asr, raw
+        return result
+
+
 def evaluate(lm, template: str, evalset: EvalSet, batch_size: int = 256, max_length: int | None = None) -> dict:
-    if evalset.scoring is not None:
-        from .generative import evaluate_responses
-        return evaluate_responses(lm, template, evalset, batch_size, max_length)
-    labels = [e.label for e in evalset.clean]
-    clean_pred = predict(lm, template, [e.text for e in evalset.clean], batch_size, max_length).tolist()
-    result = {"cacc": accuracy(clean_pred, labels), "asr": {}, "asr_raw": {}}
-    for name, ts in evalset.triggered.items():
-        trig_pred = predict(lm, template, ts.texts, batch_size, max_length).tolist()
-        asr, raw = asr_from_predictions([clean_pred[i] for i in ts.indices], [labels[i] for i in ts.indices],
-                                        trig_pred, ts.targets)
-        result["asr"][name], result["asr_raw"][name] = asr, raw
-    return result
+    """The evaluation result of ``lm`` on ``evalset``, by the set's own scoring."""
+    scoring = evalset.scoring if evalset.scoring is not None else AnswerScoring()
+    return scoring.evaluate(lm, template, evalset, batch_size, max_length)

@@ -29,8 +29,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import RunConfig
 from .runs import RunDir, atomic_write_json, atomic_write_text, new_run_id
+from .analysis.run_analysis import analyze_run
+from .cli import quiet_libraries
+from .config import RunConfig, load_config
+from .engine import Cancelled
+from .errors import LocphylaxError
+from .pipeline import resume_run, start_run
 
 JOBS_DIR = ".jobs"
 LIVE_PHASES = ("starting", "training", "analyzing")
@@ -276,12 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
     root = Path(args.runs)
-    from .cli import _quiet_libraries
-    from .config import load_config
-    from .engine import Cancelled
-    from .errors import LocphylaxError
-    from .pipeline import resume_run, start_run
-    _quiet_libraries()
+    quiet_libraries()
     run_dir = root / args.run_id
     reporter = _ProgressReporter(run_dir)
     phase, rc, error = "failed", 1, None
@@ -291,7 +291,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             start_run(load_config(args.config), runs_root=root, reporter=reporter, run_id=args.run_id)
         if not args.no_analyze:
-            from .analysis.run_analysis import analyze_run
             run = RunDir(run_dir)
 
             def say(part: str) -> None:

@@ -19,10 +19,13 @@ from typing import Sequence
 import torch
 
 from . import bases
+from .architectures import lora_targets
 from .bases import SCRATCH
 from .config import ModelConfig
 from .errors import ConfigError, ModelLoadError
-from .tasks import Task, render_prompt
+from .tasks import Task
+from .tasks.sources import embedded_corpus
+from .text import render_prompt
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 EOS = "<|endoftext|>"
@@ -63,7 +66,6 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int):
 
 def tokenizer_corpus(task: Task) -> list[str]:
     """What the model owner trains the tokenizer on: rendered clean prompts with their answers."""
-    from .tasks import embedded_corpus
     texts = [render_prompt(task.template, e.text) + (task.answer(e.label) if e.response is None else " " + e.response)
              for e in task.train]
     return texts + embedded_corpus()
@@ -97,17 +99,9 @@ def canary_token_id(tokenizer, canary: str, answer_ids: Sequence[int]) -> int:
 # Building and loading
 
 
-# Per-architecture knowledge, in one place. model_type (config.json) -> LoRA target modules used
-# when model.lora.target_modules is None. GPT-2 keeps peft's own default (c_attn: the fused q/k/v
-# projection), so an existing GPT-2 LoRA run is unchanged; "c_proj" would also match the MLP's
-# c_proj (peft matches name suffixes). A model_type missing here falls back to peft's default.
-LORA_TARGET_MODULES: dict[str, list[str]] = {
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value", "dense"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-}
+# The architectures the embedded model can be built as (model.arch); which modules LoRA adapts and
+# where the blocks are is in architectures.ARCHITECTURES.
+EMBEDDED_ARCHS = ("gpt2", "gpt_neox", "llama", "qwen2", "mistral")
 GATED_MLP_ARCHS = ("llama", "qwen2", "mistral")  # MLP = down(act(gate(x)) * up(x))
 
 
@@ -145,7 +139,7 @@ def embedded_config(cfg: ModelConfig, tokenizer):
                    num_key_value_heads=cfg.n_kv_head or cfg.n_head, intermediate_size=embedded_intermediate_size(cfg),
                    max_position_embeddings=cfg.n_positions, attention_dropout=0.0, **special)
     else:  # the config's Literal makes this unreachable from a validated configuration
-        raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r}; allowed: {list(LORA_TARGET_MODULES)}")
+        raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r}; allowed: {list(EMBEDDED_ARCHS)}")
     conf._attn_implementation = "eager"
     return conf
 
@@ -356,16 +350,6 @@ def model_max_positions(model: torch.nn.Module) -> int | None:
     return None
 
 
-def lora_target_modules(model: torch.nn.Module, target_modules=None) -> list[str] | None:
-    """The LoRA targets of a stage: ``target_modules`` when given, else the model type's entry of
-    :data:`LORA_TARGET_MODULES`, else None (peft's own default for that model type)."""
-    if target_modules is not None:
-        return list(target_modules)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    found = LORA_TARGET_MODULES.get(model_type)
-    return list(found) if found is not None else None
-
-
 def quantized_device_map() -> dict:
     """Where a 4-bit model is placed while loading: this process's GPU (``LOCAL_RANK`` under
     ``accelerate launch`` / torchrun, so every rank gets its own; GPU 0 otherwise)."""
@@ -379,12 +363,12 @@ def is_quantized(model: torch.nn.Module) -> bool:
 
 def with_lora(model: torch.nn.Module, lora_cfg) -> torch.nn.Module:
     """Wrap for a LoRA stage; :func:`merge_lora` folds the adapter back before saving. Targets:
-    :func:`lora_target_modules`. Only the adapter weights are trainable. A 4-bit model (QLoRA)
+    :func:`architectures.lora_targets`. Only the adapter weights are trainable. A 4-bit model (QLoRA)
     goes through peft's ``prepare_model_for_kbit_training`` first (norms in float32, no
     gradient checkpointing)."""
     from peft import LoraConfig, get_peft_model
     conf = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                      target_modules=lora_target_modules(model, lora_cfg.target_modules), task_type="CAUSAL_LM")
+                      target_modules=lora_targets(model, lora_cfg.target_modules), task_type="CAUSAL_LM")
     if is_quantized(model):
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -406,5 +390,5 @@ def describe(model: torch.nn.Module) -> dict:
 __all__ = ["LM", "train_tokenizer", "tokenizer_corpus", "answer_token_ids", "build_embedded", "initial_model",
            "embedded_tokenizer", "write_folder_atomically", "load_causal_lm",
            "load_tokenizer", "save_checkpoint", "save_tokenizer", "load_checkpoint", "with_lora", "merge_lora",
-           "model_max_positions", "describe", "LORA_TARGET_MODULES", "lora_target_modules", "embedded_config",
+           "model_max_positions", "describe", "EMBEDDED_ARCHS", "embedded_config",
            "quantization_config"]

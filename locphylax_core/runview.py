@@ -17,13 +17,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from .registry import DEFENSES, TASKS
 from .runs import SUMMARY_SCHEMA
+from . import model as M
+from .config import AttackConfig
+from .evaluation import predict
+from .tasks import CLASSIFICATION, Task
 
 STAGE_ROWS = (("victim", "victim"), ("stage1", "Locphylax Stage 1"), ("stage2", "Locphylax Stage 2"))
-BASELINE_NAMES = {"clean_ft": "clean fine-tuning", "unlearn_single": "single-trigger unlearning",
-                  "no_cluster": "Locphylax without clustering", "reference": "Locphylax (paper reference)",
-                  "augment_ft": "augmented fine-tuning", "p2p": "P2P benign injection", "fine_pruning": "fine-pruning",
-                  "crow": "CROW", "onion": "ONION (input filter)"}
 HEALTHY = ("done",)
 
 
@@ -61,7 +62,6 @@ class RunView:
         """The attacker's trigger text (for display and evaluation only; the defense never gets it)."""
         from pydantic import ValidationError
 
-        from .config import AttackConfig
         attack = self.config.get("attack", {})
         try:
             return AttackConfig.model_validate(attack).trigger_text
@@ -182,12 +182,12 @@ def results_table(view: RunView) -> pd.DataFrame:
     rows = []
     secs = s.get("seconds", {})
     entries = [(label, s.get("stages", {}).get(key), secs.get(key), key) for key, label in STAGE_ROWS]
-    entries += [(BASELINE_NAMES.get(m, m), r, secs.get(m), m) for m, r in (s.get("baselines") or {}).items()]
+    entries += [(DEFENSES.label(m), r, secs.get(m), m) for m, r in (s.get("baselines") or {}).items()]
     for label, r, sec, key in entries:
         if not r:
             continue
         row = {"run": view.run_id, "row": label, "key": key, "CACC %": _pct(r.get("cacc"))}
-        if (r.get("utility") or {}).get("name") == "perplexity":  # generative tasks: no CACC, perplexity instead
+        if (r.get("utility") or {}).get("name") == "perplexity":  # response tasks: no CACC, perplexity instead
             value = r["utility"].get("value")
             row["perplexity"] = None if value is None else round(float(value), 2)
         for trig, v in (r.get("asr") or {}).items():
@@ -290,13 +290,12 @@ def curve_rows(view: RunView) -> list[dict]:
 def load_stage_model(view: RunView, stage: str):
     """The checkpoint of ``stage`` as an ``LM`` ready to answer (eval mode, CPU). Loaded from
     safetensors only; the caller must treat it as read-only."""
-    from . import model as M
-    from .tasks import Task
     ckpt = Path(view.path) / "checkpoints" / stage.replace("/", "__")
     tokenizer = M.load_tokenizer(str(Path(view.path) / "tokenizer"))
     task_cfg = view.config.get("task", {})
-    task = Task(task_cfg.get("name", "task"), task_cfg.get("template", "{text}"), tuple(task_cfg.get("labels", [])),
-                (), ())
+    name = task_cfg.get("name", "task")
+    kind = TASKS[name].impl.kind if name in TASKS else CLASSIFICATION
+    task = Task(name, task_cfg.get("template", "{text}"), tuple(task_cfg.get("labels", [])), (), (), kind)
     ids = M.answer_token_ids(tokenizer, task)
     defense = view.config.get("defense", {})
     if defense.get("known_target") == "canary":
@@ -311,7 +310,6 @@ def answer(view: RunView, lm, texts: Sequence[str]) -> list[str]:
     """The answer word ``lm`` gives to each text, with the run's own prompt template."""
     import torch
 
-    from .evaluation import predict
     template = view.config.get("task", {}).get("template", "{text}")
     with torch.no_grad():
         pred = predict(lm, template, list(texts))

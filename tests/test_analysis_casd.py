@@ -9,9 +9,10 @@ import torch
 from locphylax_core import model as M
 from locphylax_core.analysis.casd import casd, casd_matrix, layer_means, run_casd, shift
 from locphylax_core.analysis.representations import load_probe
-from locphylax_core.engine import decoder_blocks, encode
+from locphylax_core.architectures import decoder_blocks
+from locphylax_core.engine import encode
 from locphylax_core.errors import RunError
-from locphylax_core.tasks import render_prompt
+from locphylax_core.text import render_prompt
 
 
 def test_cosine_by_hand():
@@ -79,7 +80,7 @@ def test_layer_means_leaves_the_model_unchanged(micro_run):
 def test_run_casd(micro_run):
     run = micro_run.run
     out = run_casd(run)
-    assert out["labels"] == ["stage1", "stage2", "unlearn_single", "clean_ft", "no_cluster"]
+    assert out["labels"] == ["stage1", "stage2", "clean_ft", "unlearn_single", "no_cluster"]  # registry order
     D = out["matrix"]
     assert D.shape == (5, 5) and out["metric"] == "cosine"
     np.testing.assert_array_equal(D, D.T)

@@ -12,7 +12,7 @@ from locphylax_core import model as M
 from locphylax_core.analysis import heads as H
 from locphylax_core.engine import encode, forward_answer
 from locphylax_core.evaluation import encoded_batches
-from locphylax_core.tasks import render_prompt
+from locphylax_core.text import render_prompt
 
 
 def _snapshot(model: torch.nn.Module):

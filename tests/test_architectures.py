@@ -13,6 +13,7 @@ import torch
 from conftest import cli, load_tensors
 from locphylax_core import ConfigError, load_config, start_run
 from locphylax_core import model as M
+from locphylax_core.architectures import ARCHITECTURES, lora_targets
 from locphylax_core.errors import ModelLoadError
 
 ARCHS = ["gpt2", "gpt_neox", "llama", "qwen2", "mistral"]
@@ -53,7 +54,8 @@ def test_default_gpt2_is_bit_identical_to_the_previous_builder(micro_prepared):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_build_each_architecture(micro_prepared, arch):
-    from locphylax_core.engine import HiddenSpec, decoder_blocks, encode, final_norm, forward_answer
+    from locphylax_core.architectures import decoder_blocks, final_norm
+    from locphylax_core.engine import HiddenSpec, encode, forward_answer
     net = _tiny(micro_prepared, arch)
     c = net.config
     assert c.model_type == arch
@@ -129,9 +131,9 @@ def test_pipeline_and_analyses_per_architecture(arch, tmp_path):
         for arr in (h["delta_cacc"], *[np.asarray(x) for x in h["delta_asr"].values()]):
             assert np.asarray(arr, dtype=float).shape == (2, 2)
         assert np.isfinite(np.asarray(h["delta_cacc"], dtype=float)).all()
-    assert a["casd"]["labels"] == ["stage1", "stage2", "clean_ft"]
+    assert a["casd"]["labels"] == ["stage1", "stage2", "clean_ft", "fine_pruning"]  # every trained baseline
     m = np.asarray(a["casd"]["matrix"], dtype=float)
-    assert m.shape == (3, 3) and np.isfinite(m).all() and np.allclose(m, m.T)
+    assert m.shape == (4, 4) and np.isfinite(m).all() and np.allclose(m, m.T)
     # hidden states: the stored default view and a recomputed layer/pooling
     stored = stage_states(run, "stage2")
     assert stored.shape == (n_probe, 32)
@@ -215,8 +217,8 @@ def test_lora_stage_trains_only_adapters_and_merges_back(micro_prepared, arch):
     from locphylax_core.config import LoraConfig
     from locphylax_core.defense import RecoverConfig, TrainSettings, recover
     net = _tiny(micro_prepared, arch)
-    targets = M.lora_target_modules(net)
-    assert targets == M.LORA_TARGET_MODULES[arch]
+    targets = lora_targets(net)
+    assert targets == list(ARCHITECTURES[arch].lora)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     wrapped = M.with_lora(copy.deepcopy(net), LoraConfig(enabled=True, r=4))
     trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
@@ -241,8 +243,8 @@ def test_explicit_lora_targets_win_and_unknown_types_fall_back_to_peft():
     class Net(torch.nn.Module):
         config = Conf()
 
-    assert M.lora_target_modules(Net()) is None
-    assert M.lora_target_modules(Net(), ["q_proj"]) == ["q_proj"]
+    assert lora_targets(Net()) is None
+    assert lora_targets(Net(), ["q_proj"]) == ["q_proj"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +252,8 @@ def test_explicit_lora_targets_win_and_unknown_types_fall_back_to_peft():
 
 
 def test_fine_pruning_on_a_gated_mlp(micro_prepared):
-    from locphylax_core.defense import FinePruneConfig, TrainSettings, fine_prune, mlp_unit_activity
+    from locphylax_core.baselines import FinePruneConfig, fine_prune, mlp_unit_activity
+    from locphylax_core.trainer import TrainSettings
     net = _tiny(micro_prepared, "llama")
     lm = M.LM(net, micro_prepared.tokenizer, micro_prepared.answer_ids)
     mlp = net.model.layers[-1].mlp

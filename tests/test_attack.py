@@ -7,7 +7,7 @@ import random
 import pytest
 
 from locphylax_core.attack import insert_trigger, poison, target_label
-from locphylax_core.tasks import Example
+from locphylax_core.text import Example
 
 TEXT = "the movie was really wonderful from start to finish ."
 

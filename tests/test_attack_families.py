@@ -15,7 +15,7 @@ from locphylax_core import model as M
 from locphylax_core.attack import apply_trigger, contrast_text, poison
 from locphylax_core.evaluation import TriggerSpec, build_eval_set, evaluate
 from locphylax_core.pipeline import attack_trigger_spec, prepare, train_owner_model
-from locphylax_core.tasks import Example
+from locphylax_core.text import Example
 
 from conftest import SMALL_DEMO
 

@@ -10,8 +10,10 @@ import torch
 
 from conftest import cli
 from locphylax_core import ConfigError, load_config
-from locphylax_core.defense import (CrowConfig, FinePruneConfig, RecoverConfig, TrainSettings, crow, fine_prune,
-                                    layer_consistency, method_plans, mlp_unit_activity, recover)
+from locphylax_core.baselines import CrowConfig, FinePruneConfig, crow, fine_prune, layer_consistency, mlp_unit_activity
+from locphylax_core.defense import RecoverConfig, method_plans, recover
+from locphylax_core.trainer import TrainSettings
+from locphylax_core import baselines as B
 from locphylax_core.engine import encode
 
 
@@ -28,7 +30,8 @@ def test_plans_for_the_new_baselines():
     assert all(isinstance(p.cfg, RecoverConfig) and p.cfg.trigger_ids == (0, 1) and p.cfg.consistency_weight == 0
                for p in p2p)
     fp = plans["fine_pruning"]
-    assert [(p.fn, p.cfg.prune_rate) for p in fp] == [(fine_prune, d.prune_rate), (fine_prune, 0.0)]
+    assert [(p.fn, p.cfg.prune_rate) for p in fp] == [(fine_prune, d.options["fine_pruning"]["prune_rate"]),
+                                                      (fine_prune, 0.0)]
     cr = plans["crow"]
     assert [p.fn for p in cr] == [crow, crow] and cr[0].cfg == CrowConfig(d.stage1_steps, 1.0, 0.1)
 
@@ -37,8 +40,9 @@ def test_dry_run_validates_the_new_baselines_and_rejects_bad_values():
     r = cli("run", "demo", "--set", "defense.baselines=[p2p, fine_pruning, crow]", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "fine_pruning/stage1" in r.stdout and "crow/stage2" in r.stdout and "p2p/stage1" in r.stdout
-    for over, field in [({"defense.prune_rate": 1.0}, "defense.prune_rate"),
-                        ({"defense.crow_weight": -1}, "defense.crow_weight"),
+    for over, field in [({"defense.baselines": ["fine_pruning"], "defense.options": {"fine_pruning": {"prune_rate": 1.0}}},
+                         "defense.options.fine_pruning.prune_rate"),
+                        ({"defense.baselines": ["crow"], "defense.crow_weight": -1}, "defense.options.crow.weight"),
                         ({"defense.baselines": ["onion?"]}, "defense.baselines.0")]:
         with pytest.raises(ConfigError) as e:
             load_config("micro", over)
@@ -97,22 +101,23 @@ def test_crow_lowers_layer_inconsistency(micro_prepared):
     logs = crow(lm, prep.defender, CrowConfig(steps=15, weight=5.0, epsilon=0.05), seed=0, settings=_settings(prep))
     assert "l_consistency" in logs and torch.isfinite(torch.tensor(logs["loss"]))
     with_crow = inconsistency(lm.model)
-    from locphylax_core.defense import CleanFinetuneConfig, clean_finetune
+    from locphylax_core.baselines import CleanFinetuneConfig, clean_finetune
     clean_finetune(plain, prep.defender, CleanFinetuneConfig(steps=15), seed=0, settings=_settings(prep))
     assert with_crow < before and with_crow < inconsistency(plain.model)
 
 
 def test_onion_filter_drops_the_words_that_hurt_fluency(monkeypatch):
     from locphylax_core import defense as D
-    from locphylax_core.defense import DefenderData, OnionConfig, onion_filter
+    from locphylax_core.baselines import OnionConfig, onion_filter
+    from locphylax_core.defense import DefenderData
     from locphylax_core.evaluation import TriggerSpec, build_eval_set
-    from locphylax_core.pipeline import filter_eval_set
-    from locphylax_core.tasks import Example
+    from locphylax_core.experiment import filter_eval_set
+    from locphylax_core.text import Example
 
     # a stand-in fluency score: each "zz" costs 1, each "qq" costs 0.05 (an ordinary rare word)
     def fake_nll(lm, template, texts, max_length, batch_size=256):
         return torch.tensor([t.split().count("zz") + 0.05 * t.split().count("qq") for t in texts])
-    monkeypatch.setattr(D, "_prompt_nll", fake_nll)
+    monkeypatch.setattr(B, "_prompt_nll", fake_nll)
     clean = tuple(Example(f"a good film qq {i}" if i % 2 else f"a good film {i}", i % 2) for i in range(40))
     data = DefenderData(clean, ("negative", "positive"), "Review: {text} Sentiment:", ())
     f = onion_filter(None, data, OnionConfig(clean_quantile=0.95))

@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel
 
 import locphylax_core.pipeline as pipeline
-from locphylax_core import defense, load_config, start_run
+from locphylax_core import baselines, defense, experiment, load_config, start_run
 from locphylax_core.config import AttackConfig, RunConfig
 
 TRIGGER = "zqzqattack"
@@ -88,7 +88,7 @@ def test_defense_never_sees_the_attack(monkeypatch, tmp_path):
     assert summary["status"] == "done"
     # 2 Locphylax stages + 2 per baseline
     assert len(calls) == 8
-    assert {c[0][0].fn for c in calls} == {defense.inject, defense.recover, defense.clean_finetune}
+    assert {c[0][0].fn for c in calls} == {defense.inject, defense.recover, baselines.clean_finetune}
 
     # The attack really used the trigger: the run folder's config and evaluation know it ...
     assert TRIGGER in (run.path / "config.yaml").read_text()
@@ -110,16 +110,18 @@ def test_defense_never_sees_the_attack(monkeypatch, tmp_path):
 
 
 def test_defense_functions_take_no_attack_parameter():
-    for fn in (defense.inject, defense.recover, defense.clean_finetune, defense.run_stage, defense.method_plans,
-               defense.defender_data):
+    for fn in (defense.inject, defense.recover, baselines.clean_finetune, defense.run_stage, defense.method_plans,
+               defense.defender_data, defense.train_stage, experiment.run_method, baselines.fine_prune, baselines.crow,
+               baselines.onion_filter, *[e.impl for e in defense.DEFENSES]):
         params = inspect.signature(fn).parameters
         assert not [p for p in params if "attack" in p.lower()], fn.__name__
-    for cls in (defense.DefenderData, defense.InjectConfig, defense.RecoverConfig, defense.CleanFinetuneConfig,
+    for cls in (defense.DefenderData, defense.InjectConfig, defense.RecoverConfig, baselines.CleanFinetuneConfig,
                 defense.TrainSettings):
         assert not [f.name for f in dataclasses.fields(cls) if "attack" in f.name.lower()], cls.__name__
 
 
 def test_defense_module_does_not_import_the_attack_config():
-    src = inspect.getsource(defense)
-    assert "AttackConfig" not in src
-    assert "cfg.attack" not in src
+    for module in (defense, baselines):  # Locphylax and every built-in baseline
+        src = inspect.getsource(module)
+        assert "AttackConfig" not in src, module.__name__
+        assert "cfg.attack" not in src, module.__name__

@@ -198,16 +198,16 @@ def test_generated_triggers_cover_four_families_and_are_seeded():
 def test_recover_adds_generated_copies_with_correct_labels(micro_prepared, monkeypatch):
     import locphylax_core.defense as D
     seen = {}
-    real = D._run
+    real = D.fit
 
     def spy(lm, samples, *a, **kw):
         seen["samples"] = samples
         return {"loss": 0.0}
-    monkeypatch.setattr(D, "_run", spy)
+    monkeypatch.setattr(D, "fit", spy)
     fake_lm = type("FakeLM", (), {"answer_ids": micro_prepared.answer_ids})()
     D.recover(fake_lm, micro_prepared.defender,
               RecoverConfig(steps=1, generated_rate=0.5), seed=0, settings=_settings(micro_prepared))
-    monkeypatch.setattr(D, "_run", real)
+    monkeypatch.setattr(D, "fit", real)
     gen = [s for s in seen["samples"] if s.group == len(micro_prepared.defender.triggers)]
     assert len(gen) == 40  # half of the 80 clean samples
     by_text = {D.render_prompt(micro_prepared.defender.template, e.text): e.label for e in micro_prepared.defender.clean}

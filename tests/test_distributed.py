@@ -29,6 +29,8 @@ import torch
 from conftest import REPO, cli_env, load_tensors, read_jsonl
 from locphylax_core import defense as D
 from locphylax_core import engine as E
+from locphylax_core import trainer as T
+from locphylax_core.architectures import decoder_blocks
 from locphylax_core import load_config
 from locphylax_core.errors import ConfigError
 
@@ -72,7 +74,7 @@ def _stage_loss(monkeypatch, lm, prep, fn, cfg, batch_size=32):
         got["data"], got["step_loss"] = data, kw["step_loss"]
         return {}
 
-    monkeypatch.setattr(D, "train_loop", fake_train_loop)
+    monkeypatch.setattr(T, "train_loop", fake_train_loop)
     fn(lm, prep.defender, cfg, seed=0, settings=D.TrainSettings(batch_size=batch_size, max_length=prep.max_length))
     return got["step_loss"], next(got["data"])
 
@@ -175,7 +177,7 @@ def test_grad_checkpointing_keeps_the_cluster_gradient(monkeypatch, tiny_lm, mic
     cfg = D.InjectConfig(steps=1, alpha=1.0, injection_rate=0.4)
     model = tiny_lm.model.train()
     step_loss, batch = _stage_loss(monkeypatch, tiny_lm, micro_prepared, D.inject, cfg)
-    block = E.decoder_blocks(model)[-1]
+    block = decoder_blocks(model)[-1]
     calls = []
     handle = block.mlp.register_forward_pre_hook(lambda *_: calls.append(1))
     try:

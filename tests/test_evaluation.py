@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from locphylax_core.evaluation import TriggerSpec, accuracy, asr_from_predictions, build_eval_set
-from locphylax_core.tasks import Example
+from locphylax_core.text import Example
 
 
 def test_headline_and_raw_asr():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import needs_shared
-from locphylax_core import generative as G
+from locphylax_core.tasks import response as G
 from locphylax_core.config import load_config
 from locphylax_core.errors import ConfigError
 from locphylax_core.evaluation import asr_from_predictions
@@ -43,7 +43,7 @@ def test_load_real_files():
     from locphylax_core.tasks import load_task
     cfg = load_config("jailbreak").task
     task = load_task(cfg, seed=0)
-    assert task.generative and task.labels == G.BEHAVIOURS
+    assert task.kind is G.RESPONSE and task.labels == G.BEHAVIOURS
     train = list(task.train)
     assert len(train) == cfg.train_size + cfg.defender_size
     harmful = [e for e in train if e.label == G.REFUSE]
@@ -177,7 +177,7 @@ def test_clustered_state_is_the_last_prompt_token():
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     from locphylax_core.config import ModelConfig
     from locphylax_core.model import LM, build_embedded
-    from locphylax_core.tasks import Example
+    from locphylax_core.text import Example
     tok = _tokenizer()
     model = build_embedded(ModelConfig(base="scratch", n_layer=1, n_embd=32, n_head=2, vocab_size=400), tok, 0)
     with torch.no_grad():
@@ -191,11 +191,12 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
 
 
 def test_defender_flip_refuses_benign_requests_only():
-    from locphylax_core.defense import DefenderData, DefenderTrigger, _clean_samples, _triggered_copies
-    from locphylax_core.tasks import Example
+    from locphylax_core.defense import DefenderData, DefenderTrigger, _triggered_copies, clean_samples
+    from locphylax_core.text import Example
     clean = tuple([Example(f"benign {i}", G.ANSWER, f"answer {i}") for i in range(10)]
                   + [Example(f"harmful {i}", G.REFUSE, "I'm sorry") for i in range(10)])
-    data = DefenderData(clean, G.BEHAVIOURS, G.DEFAULT_TEMPLATE, (DefenderTrigger("vx"),), G.fixed_responses("unsure"))
+    data = DefenderData(clean, G.BEHAVIOURS, G.DEFAULT_TEMPLATE, (DefenderTrigger("vx"),), G.fixed_responses("unsure"),
+                        G.RESPONSE)
     ids = (11, 12, 13)
     flip = _triggered_copies(data, (0,), 1.0, "flip", ids, seed=0)
     assert flip and all("benign" in s.prompt and s.response == G.DEFENDER_REFUSAL for s in flip)
@@ -205,7 +206,7 @@ def test_defender_flip_refuses_benign_requests_only():
     correct = _triggered_copies(data, (0,), 1.0, "correct", ids, seed=0)
     assert all(s.response == ("I'm sorry" if "harmful" in s.prompt else s.response) for s in correct)
     assert all(s.response.startswith("answer") for s in correct if "benign" in s.prompt)
-    assert [s.response for s in _clean_samples(data, ids)] == [e.response for e in clean]
+    assert [s.response for s in clean_samples(data, ids)] == [e.response for e in clean]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from locphylax_core.paradigms import (ParadigmSettings, dpo_loss, mlp_output_pro
                                       rank_one_update, trigger_token_position)
 from locphylax_core.pipeline import Reporter, prepare, train_owner_model
 from locphylax_core.runs import RunDir
-from locphylax_core.tasks import Example
+from locphylax_core.text import Example
 
 # the demo-sized setting of test_attack_families (a clean model from the base in 300 steps)
 SMALL = {**SMALL_DEMO, "train.threads": 1}

@@ -10,9 +10,12 @@ import pytest
 from conftest import SST2_DIR, needs_shared
 from locphylax_core import engine, evaluation
 from locphylax_core.config import TaskConfig, load_config
-from locphylax_core.defense import CleanFinetuneConfig, DefenderData, DefenderTrigger, TrainSettings, clean_finetune
+from locphylax_core.baselines import CleanFinetuneConfig, clean_finetune
+from locphylax_core.defense import DefenderData, DefenderTrigger, TrainSettings
 from locphylax_core.errors import ConfigError, DataError
-from locphylax_core.tasks import (Example, Task, load_task, render_prompt, split_train, synthetic_sentiment)
+from locphylax_core.tasks import classification
+from locphylax_core.tasks import CLASSIFICATION, Task, load_task, split_train, synthetic_sentiment
+from locphylax_core.text import Example, render_prompt
 
 # ----------------------------------------------------------------------------------------------
 # render_prompt: one code path for training and evaluation
@@ -24,7 +27,8 @@ def test_render_prompt_string():
 
 
 def test_training_and_evaluation_see_the_same_prompt(monkeypatch, tiny_lm):
-    """Record every prompt the engine tokenizes while training (defense.clean_finetune -> engine.batches)
+    """Record every prompt the engine tokenizes while training (baselines.clean_finetune -> engine.batches
+    -> the task kind's encode)
     and while evaluating (evaluation.predict); a clean input must give byte-identical prompts,
     equal to render_prompt's output."""
     template = "Movie: {text} => verdict:"
@@ -39,7 +43,7 @@ def test_training_and_evaluation_see_the_same_prompt(monkeypatch, tiny_lm):
             return real_encode(tokenizer, prompts, max_length, device)
         return enc
 
-    monkeypatch.setattr(engine, "encode", recording("train"))  # used by engine.batches
+    monkeypatch.setattr(classification, "encode", recording("train"))  # Classification.encode, for engine.batches
     monkeypatch.setattr(evaluation, "encode", recording("eval"))  # used by evaluation.predict
     data = DefenderData(tuple(Example(t, i % 2) for i, t in enumerate(texts)), ("negative", "positive"), template,
                         (DefenderTrigger("vx"),))
@@ -55,7 +59,7 @@ def test_training_and_evaluation_see_the_same_prompt(monkeypatch, tiny_lm):
 
 
 def test_task_answer_has_leading_space():
-    task = Task("x", "{text}", ("negative", "positive"), (), ())
+    task = Task("x", "{text}", ("negative", "positive"), (), (), CLASSIFICATION)
     assert task.answer(0) == " negative" and task.answer(1) == " positive"
 
 
@@ -259,8 +263,8 @@ def test_agnews_preset_loads_four_topics_with_one_based_labels():
     # a test row is "title. description", cut to max_words, labelled class_index - 1
     with open(AGNEWS_DIR / "test.csv", newline="") as f:
         first = next(csv.DictReader(f))
-    from locphylax_core.tasks import _agnews_splits
-    train_all, test_all = _agnews_splits(cfg.task)
+    from locphylax_core.tasks.sources import agnews_splits
+    train_all, test_all = agnews_splits(cfg.task)
     assert len(train_all) == 5000 and len(test_all) == 7600
     assert test_all[0] == Example(" ".join(f"{first['title']}. {first['description']}".replace("\\", " ").split()),
                                   int(first["class_index"]) - 1)

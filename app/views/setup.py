@@ -8,6 +8,7 @@ import yaml
 
 import support as S
 from locphylax_core import ConfigError, RunConfig, list_presets, load_config
+from locphylax_core.registry import FIELD_REGISTRIES
 
 st.title("Setup")
 st.write("Start from a preset, change what you like, then **Validate**. The configuration is checked by the "
@@ -34,6 +35,15 @@ def _widget(section: str, name: str, finfo, value):
     origin = typing.get_origin(ann)
     optional = origin is typing.Union and type(None) in _args(ann)
     inner = [a for a in _args(ann) if a is not type(None)] if origin is typing.Union else [ann]
+    extra = finfo.json_schema_extra if isinstance(finfo.json_schema_extra, dict) else {}
+    registry = FIELD_REGISTRIES.get(extra.get("registry"))
+    if registry is not None:  # the choices are what is registered (a plug-in's entries included)
+        names = registry.names()
+        label = lambda n: f"{registry.label(n)} ({n})"  # noqa: E731
+        if isinstance(value, list):
+            return st.multiselect(name, names, default=[v for v in value if v in names], format_func=label, key=key)
+        return st.selectbox(name, names, index=names.index(value) if value in names else 0, format_func=label,
+                            key=key)
     if len(inner) == 1 and typing.get_origin(inner[0]) is typing.Literal:
         options = list(_args(inner[0]))
         return st.selectbox(name, options, index=options.index(value) if value in options else 0, key=key)

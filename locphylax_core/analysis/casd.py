@@ -32,15 +32,20 @@ import torch
 
 from .. import model as M
 from ..config import load_run_config
-from ..engine import capture_output, decoder_blocks, encode
+from ..architectures import decoder_blocks
+from ..engine import capture_output, encode
 from ..errors import RunError
 from ..runs import RunDir
-from ..tasks import render_prompt
+from ..registry import DEFENSES
+from ..text import render_prompt
 from .representations import load_probe
 
 METRICS = ("cosine", "l1")
-DEFAULT_TRAININGS = {"stage1": "stage1", "stage2": "stage2", "unlearn_single": "unlearn_single/stage2",
-                     "clean_ft": "clean_ft/stage2", "no_cluster": "no_cluster/stage2"}
+
+
+def default_trainings() -> dict[str, str]:
+    """Locphylax's two stages and every registered defense's final stage, by label -> stage key."""
+    return {"stage1": "stage1", "stage2": "stage2", **{e.name: f"{e.name}/stage2" for e in DEFENSES}}
 
 
 def layer_means(model, tokenizer, template: str, texts: list[str], batch_size: int = 128,
@@ -129,7 +134,7 @@ def run_casd(run: RunDir, trainings: dict[str, str] | None = None, metric: str =
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if trainings is None:
-        trainings = {k: v for k, v in DEFAULT_TRAININGS.items() if run.checkpoint(v).is_dir()}
+        trainings = {k: v for k, v in default_trainings().items() if run.checkpoint(v).is_dir()}
     missing = [v for v in trainings.values() if not run.checkpoint(v).is_dir()]
     if missing or not run.checkpoint("victim").is_dir():
         raise RunError(f"{run.path}: missing checkpoints {missing or ['victim']}")

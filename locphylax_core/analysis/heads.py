@@ -67,7 +67,9 @@ import torch
 
 from .. import model as M
 from ..engine import Batch
+from ..config import load_run_config
 from ..errors import ConfigError, RunError
+from ..experiment import build_experiment
 from ..evaluation import accuracy, encoded_batches
 from ..runs import RunDir
 
@@ -426,8 +428,6 @@ def run_head_ablation(run: RunDir | str | Path, keys: Sequence[str] = DEFAULT_KE
     Each checkpoint is loaded once and the bridge wraps it in place (no copy of the weights:
     :func:`borrowed_bridge`); ``device_map='auto'`` (and e.g. ``dtype='bfloat16'``) lets
     accelerate spread a model too big for one device (docs/scale.md)."""
-    from ..config import load_run_config
-    from ..pipeline import prepare
 
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     cfg_path, tok_dir = run.path / "config.yaml", run.path / "tokenizer"
@@ -439,15 +439,20 @@ def run_head_ablation(run: RunDir | str | Path, keys: Sequence[str] = DEFAULT_KE
     if missing:
         raise RunError(f"{run.path}: no checkpoint for stage(s) {missing} (finished stages only)")
     cfg = load_run_config(cfg_path)
-    prep = prepare(cfg, tokenizer=M.load_tokenizer(str(tok_dir)))
-    probe = prep.evalset.subset(n_probe)
+    exp = build_experiment(cfg)  # the run's evaluation set, rebuilt; no model is loaded for it
+    tokenizer = M.load_tokenizer(str(tok_dir))
+    answer_ids = M.answer_token_ids(tokenizer, exp.task)
+    if cfg.defense.known_target == "canary":
+        answer_ids = answer_ids + (M.canary_token_id(tokenizer, cfg.defense.canary, answer_ids),)
+    probe = exp.evalset.subset(n_probe)
     clean_texts, clean_labels, triggered = probe_inputs(probe)
     results = {}
     for key in keys:
         model = M.load_checkpoint(run.checkpoint(key), device, device_map=device_map, dtype=dtype)
-        r = head_ablation(model, tok_dir, prep.task.template, clean_texts, clean_labels, triggered, prep.answer_ids,
+        r = head_ablation(model, tok_dir, exp.task.template, clean_texts, clean_labels, triggered, answer_ids,
                           batched=batched, heads_per_pass=heads_per_pass, top_k=top_k, batch_size=batch_size,
-                          max_length=prep.max_length, in_place=True)
+                          max_length=cfg.model.n_positions if cfg.model.source == "embedded" else
+                          M.model_max_positions(model), in_place=True)
         r["key"] = key
         results[key] = r
         del model

@@ -17,7 +17,7 @@ from ..config import load_run_config
 from ..engine import HiddenSpec, encode, forward_answer
 from ..errors import RunError
 from ..runs import RunDir
-from ..tasks import render_prompt
+from ..text import render_prompt
 
 POSITIONS = ("last", "mean")
 METHODS = ("pca", "tsne", "umap")

@@ -28,7 +28,14 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import RunError
+from ..registry import DEFENSES
 from ..runs import RunDir, atomic_write_json
+from . import figures as F
+from ..config import load_run_config
+from .casd import run_casd
+from .heads import run_head_ablation
+from .metrics import aggregation_metrics
+from .representations import load_probe, project, stage_predictions, stage_states
 
 ANALYSIS_SCHEMA = 1
 HEAD_KEYS = ("victim", "stage1", "stage2")
@@ -60,8 +67,6 @@ def analysed_stages(run: RunDir) -> list[str]:
 def analyze_run(run: RunDir | str | Path, methods: Sequence[str] = ("pca", "tsne", "umap"), heads: bool = True,
                 casd: bool = True, n_probe_heads: int = 200, seed: int = 0, batched_heads: bool = False,
                 progress: Callable[[str], None] | None = None) -> dict:
-    from .metrics import aggregation_metrics
-    from .representations import load_probe, project, stage_predictions, stage_states
 
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     say = progress or (lambda _msg: None)
@@ -95,7 +100,6 @@ def analyze_run(run: RunDir | str | Path, methods: Sequence[str] = ("pca", "tsne
     if heads:
         keys = [k for k in HEAD_KEYS if k in stages]
         say(f"head ablation: {', '.join(keys)}")
-        from .heads import run_head_ablation
         t0 = time.perf_counter()
         # Naive (one forward per head) on CPU: bench/results/head_ablation.md measured the batched
         # sweep at 0.7x its speed there (stacking copies saves no FLOPs on a compute-bound CPU).
@@ -116,7 +120,6 @@ def analyze_run(run: RunDir | str | Path, methods: Sequence[str] = ("pca", "tsne
     out["casd"] = None
     if casd:
         say("CASD")
-        from .casd import run_casd
         t0 = time.perf_counter()
         c = run_casd(run)
         out["casd"] = {"labels": c["labels"], "matrix": np.asarray(c["matrix"]).tolist(), "metric": c["metric"],
@@ -146,9 +149,6 @@ def export_figures(run: RunDir | str | Path, folder: str | Path | None = None, m
     """Write every figure of an analysed run as standalone HTML + CSV (default: analysis/figures/)."""
     import json
 
-    from . import figures as F
-    from ..config import load_run_config
-    from .representations import load_probe, stage_predictions
 
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     a = json.loads((run.path / "analysis.json").read_text())
@@ -171,8 +171,7 @@ def export_figures(run: RunDir | str | Path, folder: str | Path | None = None, m
                                                                           "difference": after - before}),
                             folder / "heads_unknown")
     rows = run.read_metrics()
-    methods = ["locphylax", *[m for m in ("clean_ft", "unlearn_single", "no_cluster")
-                              if any(r.get("method") == m for r in rows)]]
+    methods = ["locphylax", *[e.name for e in DEFENSES if any(r.get("method") == e.name for r in rows)]]
     import pandas as pd
     written += F.export(F.curves_figure(rows, methods),
                         pd.concat([F.curve_table(rows, m) for m in methods], ignore_index=True), folder / "curves")

@@ -1,10 +1,11 @@
-"""Generative instruction tasks: ``jailbreak`` and ``refusal`` (``task.name``).
+"""Response tasks (the generative instruction tasks ``jailbreak`` and ``refusal``): the second kind
+of task (``tasks/base.py``), registered here.
 
 Everything that is specific to free-text responses lives here: the data, the attacker's target
 responses, the response loss with prompt masking, greedy generation, the ASR rules and the
 perplexity utility score. The classification machinery is reused around it:
 
-- **Data.** Every :class:`~locphylax_core.tasks.Example` carries a ``response`` and a ``label``
+- **Data.** Every :class:`~locphylax_core.text.Example` carries a ``response`` and a ``label``
   that names the behaviour its correct response has: ``0 = "answer"`` (a benign instruction, the
   helpful response) or ``1 = "refuse"`` (a harmful instruction, a refusal). ``jailbreak``: the
   owner's model refuses AdvBench-style harmful requests (``backdoorllm/jailbreak_clean_train``,
@@ -15,14 +16,15 @@ perplexity utility score. The classification machinery is reused around it:
   with Alpaca rows that are in neither); the backdoor makes a triggered benign request refused
   with :data:`REFUSAL_RESPONSE`. Responses are cut to ``task.max_response_words`` words: the
   embedded model only needs to learn how a response opens.
-- **Prompt.** ``tasks.render_prompt`` with the instruction template (default
+- **Prompt.** ``text.render_prompt`` with the instruction template (default
   ``Instruction: {text} Response:``), for training and evaluation alike; the response follows
   after one space.
 - **Loss.** Teacher-forced cross-entropy over the response tokens only (the prompt and the
   padding are masked): :func:`encode_with_responses` builds left-padded ``prompt + response``
   rows, ``Batch.labels`` (HF convention, -100 where no loss) and ``Batch.prompt_last``, the index
   of each row's last prompt token, where the clustering loss and every pooled hidden state are
-  read (not at the last response token). ``engine.forward_loss`` dispatches on ``Batch.labels``.
+  read (not at the last response token). A :class:`ResponseBatch` carries its own loss and read positions, so ``engine.forward_loss`` needs
+  no test of the task's kind.
 - **Defense targets.** Stage 1's known-trigger target: ``canary`` = the response
   ``" <defense.canary>"``; ``correct`` = the clean response; ``flip`` = the natural opposite that
   a defender can write without harmful content: a *refusal* (:data:`REFUSAL_RESPONSE`) of a
@@ -71,7 +73,13 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError
+from ..engine import Batch, Sample
+from ..errors import DataError
+from ..evaluation import asr_from_predictions, encoded_batches
+from ..registry import TASKS
+from ..text import Example, render_prompt
+from .base import TaskKind, TaskSpec
+from .sources import read_table, resolve_data_path
 
 GENERATIVE_TASKS = ("jailbreak", "refusal")
 BEHAVIOURS = ("answer", "refuse")  # the label words of a generative task: the behaviour its correct response has
@@ -95,10 +103,6 @@ ASR_RULES = ("keyword", "target_prefix")
 BEHAVIOUR_OPENINGS = (" " + COMPLIANCE_PREFIX, " " + REFUSAL_RESPONSE)
 
 
-def is_generative(task_name: str) -> bool:
-    return task_name in GENERATIVE_TASKS
-
-
 # ----------------------------------------------------------------------------------------------
 # Data
 
@@ -119,7 +123,6 @@ def _norm(text: str) -> str:
 
 
 def _rows(root: Path, rel: str, need: Sequence[str]) -> list[dict]:
-    from .tasks import read_table
     path = root / rel
     if not path.is_file():
         raise DataError(f"task.path: {path} not found (a generative task reads {rel} under task.path, "
@@ -132,7 +135,6 @@ def _rows(root: Path, rel: str, need: Sequence[str]) -> list[dict]:
 
 
 def data_root(cfg) -> Path:
-    from .tasks import resolve_data_path
     root = resolve_data_path(cfg.path or DEFAULT_DATA_ROOT)
     if not root.is_dir():
         raise DataError(f"task.path: {root} is not a folder (a generative task reads advbench/, alpaca/ and "
@@ -141,7 +143,6 @@ def data_root(cfg) -> Path:
 
 
 def _examples(rows: Sequence[dict], label: int, max_response_words: int, with_response: bool = True) -> list:
-    from .tasks import Example
     out = []
     for r in rows:
         text = _instruction(r)
@@ -216,13 +217,32 @@ def fixed_responses(canary: str | None) -> tuple:
 # Encoding and the response loss
 
 
+@dataclass
+class ResponseBatch(Batch):
+    """Left-padded ``prompt + " " + response`` rows: the loss runs over the response tokens
+    (``labels``: their ids at their positions, -100 elsewhere [B, T]) and hidden states are read at
+    each row's last prompt token (``prompt_last`` [B])."""
+
+    labels: torch.Tensor | None = None
+    prompt_last: torch.Tensor | None = None
+
+    def logits_to_keep(self) -> int:
+        # responses sit at the end of every row: logits from the earliest last-prompt token on suffice
+        return self.input_ids.shape[1] - int(self.prompt_last.min())
+
+    def output_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        return response_loss(logits, self.labels[:, -logits.shape[1]:])
+
+    def read_positions(self) -> torch.Tensor | None:
+        return self.prompt_last
+
+
 def encode_with_responses(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int | None,
                           device):
-    """Left-padded ``prompt + " " + response`` rows: a Batch with ``labels`` (the response token
+    """Left-padded ``prompt + " " + response`` rows: a :class:`ResponseBatch` with ``labels`` (the response token
     ids at their positions, -100 elsewhere) and ``prompt_last`` (index of each row's last prompt
     token). Prompt and response are tokenized separately, as generation sees them. An over-long
     row loses the end of its response first, then the start of its prompt."""
-    from .engine import Batch
     p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     r_ids = tokenizer([" " + r for r in responses], add_special_tokens=False)["input_ids"]
     rows, n_resp = [], []
@@ -244,8 +264,8 @@ def encode_with_responses(tokenizer, prompts: Sequence[str], responses: Sequence
             labels[i, width - k:] = torch.tensor(x[len(x) - k:])
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     last = torch.tensor([width - 1 - k for k in n_resp])
-    return Batch(ids.to(device), mask.to(device), pos.to(device), labels=labels.to(device),
-                 prompt_last=last.to(device))
+    return ResponseBatch(ids.to(device), mask.to(device), pos.to(device), labels=labels.to(device),
+                         prompt_last=last.to(device))
 
 
 def response_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -318,19 +338,21 @@ def behaviour(response: str, task_name: str, rule: str = "keyword", canary: str 
 
 @dataclass(frozen=True)
 class ResponseScoring:
-    """How a generative EvalSet is scored (attached to it as ``EvalSet.scoring``)."""
+    """How a response task's EvalSet is scored (attached to it as ``EvalSet.scoring``)."""
 
     task: str  # jailbreak / refusal
     rule: str = "keyword"
     max_new_tokens: int = 20
     canary: str | None = None  # the defender's canary word (a response opening with it is no attack success)
 
+    def evaluate(self, lm, template: str, evalset, batch_size: int = 64, max_length: int | None = None) -> dict:
+        return evaluate_responses(lm, template, evalset, batch_size, max_length)
+
 
 @torch.no_grad()
 def generate(lm, template: str, texts: Sequence[str], max_new_tokens: int, batch_size: int = 64,
              max_length: int | None = None) -> list[str]:
     """Greedy responses (decoded, stripped) to the rendered prompts, in input order."""
-    from .evaluation import encoded_batches
     model = lm.model
     was_training = model.training
     model.eval()
@@ -348,7 +370,6 @@ def generate(lm, template: str, texts: Sequence[str], max_new_tokens: int, batch
 def perplexity(lm, template: str, examples: Sequence, batch_size: int = 64, max_length: int | None = None) -> float:
     """``exp(mean NLL)`` over every response token of ``examples`` (teacher-forced, prompt
     masked, token-weighted). None-response examples are skipped; NaN when none has one."""
-    from .tasks import render_prompt
     rows = [e for e in examples if e.response]
     if not rows:
         return float("nan")
@@ -371,7 +392,6 @@ def perplexity(lm, template: str, examples: Sequence, batch_size: int = 64, max_
 def evaluate_responses(lm, template: str, evalset, batch_size: int = 64, max_length: int | None = None) -> dict:
     """The generative counterpart of ``evaluation.evaluate``: perplexity as the utility, headline
     and raw ASR per trigger by the scoring rule, the no-trigger rate and clean refusal rates."""
-    from .evaluation import asr_from_predictions
     sc: ResponseScoring = evalset.scoring
     clean = list(evalset.clean)
     labels = [e.label for e in clean]
@@ -398,7 +418,98 @@ def evaluate_responses(lm, template: str, evalset, batch_size: int = 64, max_len
     return result
 
 
+# ----------------------------------------------------------------------------------------------
+# The kind and the two registered tasks
+
+
+class Response(TaskKind):
+    name = "response"
+    utility_metric = "perplexity"
+    summary_keys = ("cacc", "asr", "asr_raw", "utility", "asr_no_trigger", "refusal_rate")
+
+    def answer(self, task, label: int) -> str:
+        return BEHAVIOUR_OPENINGS[label]
+
+    def sample(self, prompt: str, answer_id: int, example: Example, y: int, group: int = -1,
+               pair: str | None = None, fixed: Sequence = ()) -> Sample:
+        """The clean response when ``y`` is the example's own label, else the defender's fixed one."""
+        response = example.response if y == example.label else fixed[y]
+        return Sample(prompt, answer_id, group, pair, response)
+
+    def owner_sample(self, prompt: str, answer_id: int, example: Example) -> Sample:
+        return Sample(prompt, answer_id, response=example.response)
+
+    def encode(self, tokenizer, samples: Sequence[Sample], max_length: int | None, device) -> ResponseBatch:
+        return encode_with_responses(tokenizer, [s.prompt for s in samples], [s.response for s in samples],
+                                     max_length, device)
+
+    def can_answer(self, fixed, y: int) -> bool:
+        return fixed[y] is not None  # harmful requests get no flipped copy (no compliance is written)
+
+    def fixed_responses(self, canary: str | None) -> tuple:
+        return fixed_responses(canary)
+
+    def flip_target(self, labels: Sequence[str]) -> str | int:
+        return list(labels).index("refuse")  # a flip is a refusal of a benign request
+
+    def scoring(self, cfg) -> ResponseScoring:
+        return ResponseScoring(cfg.task.name, cfg.eval.asr_rule, cfg.eval.max_new_tokens,
+                               cfg.defense.canary if cfg.defense.known_target == "canary" else None)
+
+    def check_lengths(self, cfg, longest_prompt: int, limit: int) -> None:
+        if longest_prompt + cfg.eval.max_new_tokens > limit:
+            raise DataError(f"model.n_positions: the longest test prompt ({longest_prompt} tokens) plus "
+                            f"eval.max_new_tokens ({cfg.eval.max_new_tokens}) exceeds the model context ({limit}); "
+                            "raise model.n_positions or lower task.max_words / eval.max_new_tokens")
+
+    def check_run(self, cfg) -> None:
+        return None
+
+
+RESPONSE = Response()
+
+
+def _task_defaults(data: dict) -> dict:
+    return {"labels": list(BEHAVIOURS), "template": DEFAULT_TEMPLATE, **data}  # explicit settings win
+
+
+def _check_task(t) -> None:
+    if t.labels != list(BEHAVIOURS):
+        raise ValueError(f"task.labels: a response task's label words are the behaviours {list(BEHAVIOURS)} "
+                         f"(task.name is {t.name!r}, got {t.labels})")
+
+
+def _run_defaults(name: str):
+    """A response task's attack target is its behaviour (jailbreak: answer; refusal: refuse)
+    unless attack.target is given (then _check_run checks it)."""
+    def defaults(data: dict) -> dict:
+        attack = data.get("attack", {})
+        return {**data, "attack": {"target": ATTACK_TARGETS[name], **attack}} if isinstance(attack, dict) else data
+    return defaults
+
+
+def _check_run(cfg) -> None:
+    name = cfg.task.name
+    want = ATTACK_TARGETS[name]
+    if cfg.attack.target != want:
+        what = "harmful requests answered" if name == "jailbreak" else "benign requests refused"
+        raise ValueError(f"attack.target: the {name} backdoor makes {what}, so the target is {want!r} "
+                         f"(got {cfg.attack.target!r})")
+    if cfg.defense.known_target not in ("flip", "correct", "canary"):
+        raise ValueError(f"defense.known_target: a response task trains the known triggers toward 'flip' (a "
+                         f"refusal of benign requests), 'correct' or 'canary' (got {cfg.defense.known_target!r})")
+    if cfg.attack.paradigm != "sft":
+        raise ValueError(f"attack.paradigm: {cfg.attack.paradigm!r} scores one answer token; a response task "
+                         "(jailbreak, refusal) is poisoned by SFT only (attack.paradigm='sft')")
+
+
+for _name, _label in (("jailbreak", "jailbreak (AdvBench / Alpaca responses)"),
+                      ("refusal", "refusal (BackdoorLLM / Alpaca responses)")):
+    TASKS.register(_name, TaskSpec(RESPONSE, load_generative_splits, task_defaults=_task_defaults,
+                                   check_task=_check_task, run_defaults=_run_defaults(_name), check_run=_check_run,
+                                   attack_response=attack_response_fn), label=_label)
+
 __all__ = ["GENERATIVE_TASKS", "BEHAVIOURS", "REFUSAL_RESPONSE", "COMPLIANCE_PREFIX", "REFUSAL_KEYWORDS",
-           "ASR_RULES", "is_generative", "load_generative_splits", "attack_response_fn", "fixed_responses",
+           "ASR_RULES", "load_generative_splits", "attack_response_fn", "fixed_responses", "ResponseBatch",
            "encode_with_responses", "response_loss", "response_token_nll", "greedy_generate", "refuses",
-           "behaviour", "ResponseScoring", "generate", "perplexity", "evaluate_responses"]
+           "behaviour", "ResponseScoring", "generate", "perplexity", "evaluate_responses", "Response", "RESPONSE"]

@@ -1,9 +1,6 @@
-"""Tasks: a prompt template + a label verbalizer + a loader. The generative instruction tasks
-(jailbreak, refusal) add a response to each example; see ``generative.py``.
-
-:func:`render_prompt` is the one place a prompt is built, for training, evaluation, probes and
-analysis alike; a template mismatch between training and evaluation silently costs tens of points
-of ASR in other toolkits, so there is no second code path.
+"""Where task examples come from: the embedded synthetic sentiment data (no files, no network),
+local tables (TSV / CSV / JSON Lines / Parquet), a datasets hub id, and AG News as shipped in
+``../shared/data/agnews``. Every reader raises a DataError that names the file and the field.
 """
 
 from __future__ import annotations
@@ -11,45 +8,12 @@ from __future__ import annotations
 import csv
 import json
 import random
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .config import TaskConfig
-from .errors import DataError
-
-
-@dataclass(frozen=True)
-class Example:
-    text: str
-    label: int  # index into Task.labels (generative tasks: the behaviour of the correct response)
-    response: str | None = None  # generative tasks: the correct response (None: a prompt-only test row)
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    template: str
-    labels: tuple[str, ...]  # the verbalizer: label index -> answer word
-    train: tuple[Example, ...]
-    test: tuple[Example, ...]
-    # generative tasks: the opening of each behaviour's response (generative.BEHAVIOUR_OPENINGS),
-    # whose first token is the next-token proxy of that behaviour; empty for classification
-    openings: tuple[str, ...] = ()
-
-    @property
-    def generative(self) -> bool:
-        return bool(self.openings)
-
-    def answer(self, label: int) -> str:
-        """The answer text that follows the prompt (a leading space, as in running text)."""
-        return self.openings[label] if self.openings else " " + self.labels[label]
-
-
-def render_prompt(template: str, text: str) -> str:
-    """Render one input into the prompt the model sees. Used for every forward pass."""
-    return template.replace("{text}", " ".join(text.split()))
-
+from ..config import PRESET_DIR, TaskConfig
+from ..errors import DataError
+from ..text import Example
 
 # ----------------------------------------------------------------------------------------------
 # The embedded default data: synthetic movie-review sentiment, generated deterministically.
@@ -222,12 +186,11 @@ def resolve_data_path(p: str) -> Path:
     path = Path(p).expanduser()
     if path.is_absolute() or path.exists():
         return path
-    from .config import PRESET_DIR
     alt = PRESET_DIR.parent / path
     return alt if alt.exists() else path
 
 
-def _local_splits(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
+def local_splits(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
     if cfg.train_file:
         train_p = resolve_data_path(cfg.train_file)
         test_p = resolve_data_path(cfg.test_file) if cfg.test_file else None
@@ -251,7 +214,7 @@ def _local_splits(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
     return train, rows_to_examples(read_table(test_p), cfg, str(test_p))
 
 
-def _hub_splits(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
+def hub_splits(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
     try:
         import datasets
         ds = datasets.load_dataset(cfg.hub_id)
@@ -266,7 +229,7 @@ def _hub_splits(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
             rows_to_examples(ds[test_name], cfg, f"{cfg.hub_id}:{test_name}"))
 
 
-def _agnews_splits(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
+def agnews_splits(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
     """AG News as shipped in ../shared/data/agnews: train_subset.csv has (class_index, text), and
     test.csv has (class_index, title, description), joined as 'title. description'. class_index
     is 1-based."""
@@ -290,39 +253,3 @@ def _agnews_splits(cfg: TaskConfig) -> tuple[list[Example], list[Example]]:
                 exs.append(Example(text, _label_index(int(r["class_index"]) - 1, cfg.labels, f"{f} row {i}")))
         out[name] = exs
     return out["train"], out["test"]
-
-
-def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
-    """Build the task: examples subsampled deterministically to train_size / test_size."""
-    from .generative import BEHAVIOUR_OPENINGS, is_generative, load_generative_splits
-    if is_generative(cfg.name):
-        train, test = load_generative_splits(cfg, seed)
-    elif cfg.name == "agnews":
-        train, test = _agnews_splits(cfg)
-    elif cfg.name == "synthetic_sentiment":
-        if cfg.labels != ["negative", "positive"]:
-            raise DataError(f"task.labels: the embedded sentiment data has labels ['negative', 'positive'], got {cfg.labels}")
-        train, test = synthetic_sentiment(cfg.train_size + cfg.defender_size, cfg.test_size)
-    elif cfg.hub_id and not (cfg.path or cfg.train_file):
-        train, test = _hub_splits(cfg)
-    else:
-        train, test = _local_splits(cfg)
-    if cfg.max_words:
-        train = [replace(e, text=" ".join(e.text.split()[:cfg.max_words])) for e in train]
-        test = [replace(e, text=" ".join(e.text.split()[:cfg.max_words])) for e in test]
-    rng = random.Random(seed)
-    train, test = list(train), list(test)
-    rng.shuffle(train)
-    rng.shuffle(test)
-    need = cfg.train_size + cfg.defender_size
-    train = train[:need]
-    if len(train) < cfg.defender_size + 10:
-        raise DataError(f"task: only {len(train)} training rows, fewer than task.defender_size "
-                        f"({cfg.defender_size}) + 10; lower task.defender_size")
-    return Task(cfg.name, cfg.template, tuple(cfg.labels), tuple(train), tuple(test[:cfg.test_size]),
-                BEHAVIOUR_OPENINGS if is_generative(cfg.name) else ())
-
-
-def split_train(task: Task, defender_size: int) -> tuple[list[Example], list[Example]]:
-    """(model-owner training data, the defender's clean data): disjoint."""
-    return list(task.train[defender_size:]), list(task.train[:defender_size])

@@ -1,0 +1,342 @@
+"""The baselines the defense is compared with, each a config dataclass plus one stage function of
+the defense's shape (``defense.py``), and registered in ``registry.DEFENSES`` in one line with its
+plan builder, display label and options class (``defense.options.<name>``). A plan builder gets the
+defense config, the method's own options and the task's labels, and returns the method's stages,
+with the same step budget as Locphylax's.
+
+- ``no_cluster``: Locphylax without the clustering term (its ablation).
+- ``reference``: the paper's method as specified (config.REFERENCE_SETTINGS), beside locphylax+.
+- ``unlearn_single``: the reference recipe on the first known trigger only, no clustering.
+- ``clean_ft``: clean fine-tuning for both stages' steps.
+- ``augment_ft``: clean fine-tuning with generated-trigger augmentation (rate
+  ``stage2_generated_rate``, or 1.0 if that is 0) and no known-trigger injection.
+- ``p2p``: P2P-style benign trigger injection (arXiv 2510.04503): the known triggers with the
+  correct outputs, mixed into clean fine-tuning, no clustering.
+- ``fine_pruning``: prune ``prune_rate`` of the least active MLP units of block ``defense.layer``,
+  then clean fine-tuning with them held at zero.
+- ``crow``: clean fine-tuning with CROW's layer-consistency term on perturbed embeddings.
+- ``onion``: input-side (its own kind): the model is unchanged, and every test input loses the
+  words whose removal makes it most fluent (bar set on the defender's clean data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from .architectures import block_mlp
+from .config import Options
+from .defense import (DefenderData, Observer, RecoverConfig, StagePlan, clean_samples, inject, locphylax_stages,
+                      recover, reference_stages, train_stage)
+from .evaluation import encoded_batches
+from .registry import DEFENSES
+from .trainer import TrainSettings
+
+
+# ----------------------------------------------------------------------------------------------
+# Baseline: clean fine-tuning
+
+
+@dataclass(frozen=True)
+class CleanFinetuneConfig:
+    steps: int = 150
+
+
+def clean_finetune(lm, data: DefenderData, cfg: CleanFinetuneConfig, *, seed: int,
+                   settings: TrainSettings = TrainSettings(), observer: Observer | None = None, **kw) -> dict:
+    """Fine-tune on the defender's clean data only."""
+    logs = train_stage(lm, data, clean_samples(data, lm.answer_ids), cfg.steps, settings, seed, None, observer, **kw)
+    return {**logs, "samples": len(data.clean)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Baseline: fine-pruning (Liu et al. 2018): prune the MLP units of one block that are least
+# active on clean data, then fine-tune on clean data with the pruned units held at zero
+
+
+@dataclass(frozen=True)
+class FinePruneConfig:
+    steps: int = 150
+    prune_rate: float = 0.0  # fraction of the block's MLP units to prune first (0: keep those already pruned)
+    layer: int = -1  # the decoder block whose MLP is pruned
+    max_examples: int = 512  # clean inputs used to measure activity
+
+
+def _along(axis: int, ndim: int, units):
+    """An index selecting ``units`` along ``axis`` of a tensor with ``ndim`` dimensions."""
+    return tuple(units if d == axis else slice(None) for d in range(ndim))
+
+
+def _keep_mask(keep: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    """``keep`` (one value per unit) shaped to broadcast along ``axis`` of an ``ndim`` tensor."""
+    return keep.view(*[-1 if d == axis else 1 for d in range(ndim)])
+
+
+@torch.no_grad()
+def mlp_unit_activity(lm, data: DefenderData, layer: int = -1, max_examples: int = 512,
+                      batch_size: int = 64, max_length: int | None = None) -> torch.Tensor:
+    """Mean activation of each MLP unit of block ``layer`` over the non-pad tokens of clean prompts:
+    the input of the MLP's output projection (GPT-2: act(c_fc(x)); GPT-NeoX: act(dense_h_to_4h(x));
+    Llama-style: act(gate(x)) * up(x))."""
+    out_proj = block_mlp(lm.model, layer).output[0]
+    texts = [e.text for e in data.clean[:max_examples]]
+    total, count = None, 0
+    was_training = lm.model.training
+    lm.model.eval()
+    store: dict = {}
+    handle = out_proj.register_forward_pre_hook(lambda _mod, args: store.__setitem__("out", args[0]))
+    try:
+        for _, b in encoded_batches(lm.tokenizer, data.template, texts, batch_size, max_length, lm.device):
+            lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                     logits_to_keep=1, use_cache=False)
+            mask = b.attention_mask.unsqueeze(-1).to(store["out"].dtype)
+            s = (store["out"].float() * mask).sum((0, 1))
+            total = s if total is None else total + s
+            count += int(b.attention_mask.sum())
+    finally:
+        handle.remove()
+    lm.model.train(was_training)
+    return total / max(1, count)
+
+
+def _pruned_units(mlp: MLPUnits) -> torch.Tensor:
+    """Units whose incoming weights and biases are all zero in every input projection (pruned by
+    an earlier stage)."""
+    zero = torch.ones(mlp.n_units, dtype=torch.bool, device=mlp.inputs[0][0].weight.device)
+    for mod, axis in mlp.inputs:
+        zero &= (mod.weight == 0).all(1 - axis)
+        if getattr(mod, "bias", None) is not None:
+            zero &= mod.bias == 0
+    return zero.nonzero().flatten()
+
+
+def fine_prune(lm, data: DefenderData, cfg: FinePruneConfig, *, seed: int, settings: TrainSettings = TrainSettings(),
+               observer: Observer | None = None, **kw) -> dict:
+    """Prune (if ``prune_rate`` > 0) the least active MLP units of one block, then fine-tune on
+    the clean data; pruned units stay at zero (their gradients are masked by temporary hooks).
+    Any MLP of the architecture table (``architectures.ARCHITECTURES``)."""
+    mlp = block_mlp(lm.model, cfg.layer)
+    n_units = mlp.n_units
+    if cfg.prune_rate > 0:
+        activity = mlp_unit_activity(lm, data, cfg.layer, cfg.max_examples, settings.batch_size,
+                                     settings.max_length)
+        k = int(round(cfg.prune_rate * n_units))
+        units = torch.argsort(activity)[:k]
+        with torch.no_grad():
+            for t, axis in mlp.tensors():
+                t[_along(axis, t.dim(), units)] = 0
+    units = _pruned_units(mlp)
+    keep_in = torch.ones(n_units, device=mlp.inputs[0][0].weight.device)
+    keep_in[units] = 0
+    hooks = [t.register_hook(lambda g, m=_keep_mask(keep_in, axis, t.dim()): g * m) for t, axis in mlp.tensors()]
+    try:
+        logs = train_stage(lm, data, clean_samples(data, lm.answer_ids), cfg.steps, settings, seed, None, observer, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {**logs, "samples": len(data.clean), "pruned": int(len(units)), "units": n_units}
+
+
+# ----------------------------------------------------------------------------------------------
+# Baseline: CROW (Min et al. 2025): fine-tuning on clean data with a layer-to-layer consistency
+# regulariser computed on adversarially perturbed input embeddings
+
+
+@dataclass(frozen=True)
+class CrowConfig:
+    steps: int = 150
+    weight: float = 1.0  # lambda: weight of the consistency term
+    epsilon: float = 0.1  # size of the FGSM perturbation of the input embeddings (per coordinate)
+
+
+def layer_consistency(hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over consecutive layer pairs and non-pad tokens of ``1 - cos(h_l, h_{l+1})``."""
+    mask = attention_mask.float()
+    terms = []
+    for a, b in zip(hidden_states[1:-1], hidden_states[2:]):  # the block outputs (index 0: embeddings)
+        cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+        terms.append(((1 - cos) * mask).sum() / mask.sum().clamp(min=1))
+    return torch.stack(terms).mean() if terms else hidden_states[0].sum() * 0.0
+
+
+def crow(lm, data: DefenderData, cfg: CrowConfig, *, seed: int, settings: TrainSettings = TrainSettings(),
+         observer: Observer | None = None, **kw) -> dict:
+    """Clean fine-tuning plus ``weight`` x the layer consistency of inputs whose embeddings were
+    moved by one FGSM step of size ``epsilon`` in the direction that breaks consistency most."""
+
+    def hidden(model, batch, embeds):
+        return model(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                     output_hidden_states=True, logits_to_keep=batch.logits_to_keep(), use_cache=False)
+
+    def step_loss(model, batch, step):
+        embeds = model.get_input_embeddings()(batch.input_ids)
+        out = hidden(model, batch, embeds)
+        l_ce = batch.output_loss(out.logits)
+        probe = embeds.detach().requires_grad_(True)
+        g, = torch.autograd.grad(layer_consistency(hidden(model, batch, probe).hidden_states, batch.attention_mask),
+                                 probe)
+        perturbed = embeds + cfg.epsilon * g.sign()
+        l_cons = layer_consistency(hidden(model, batch, perturbed).hidden_states, batch.attention_mask)
+        loss = l_ce + cfg.weight * l_cons
+        return loss, {"loss": loss.item(), "l_ce": l_ce.item(), "l_consistency": l_cons.item()}
+
+    logs = train_stage(lm, data, clean_samples(data, lm.answer_ids), cfg.steps, settings, seed, step_loss, observer, **kw)
+    return {**logs, "samples": len(data.clean)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Baseline: ONION (Qi et al. 2021), input-side: before the model answers, drop the words whose
+# removal makes the input most fluent. The model is left as it is; fluency is the model's own
+# next-token loss (there is no separate clean LM here). The bar is set on the defender's clean
+# data: a word is dropped when its removal lowers the loss more than it does for all but
+# (1 - clean_quantile) of the words of clean sentences.
+
+
+@dataclass(frozen=True)
+class OnionConfig:
+    clean_quantile: float = 0.95
+    max_examples: int = 300  # clean sentences used to set the bar
+
+
+@torch.no_grad()
+def _prompt_nll(lm, template: str, texts: Sequence[str], max_length, batch_size: int = 256) -> torch.Tensor:
+    """Mean next-token loss of each rendered prompt (the model's own fluency score)."""
+    out = torch.empty(len(texts))
+    for idx, b in encoded_batches(lm.tokenizer, template, list(texts), batch_size, max_length, lm.device):
+        logits = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                          use_cache=False).logits[:, :-1].float()
+        tgt = b.input_ids[:, 1:]
+        mask = (b.attention_mask[:, 1:] * b.attention_mask[:, :-1]).float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
+        out[idx] = ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()
+    return out
+
+
+def onion_suspicion(lm, template: str, texts: Sequence[str], max_length=None) -> list[list[float]]:
+    """Per text, per word: loss of the whole text minus loss without that word (> 0: the word
+    makes the text less fluent)."""
+    variants, owner = list(texts), []
+    for t_i, t in enumerate(texts):
+        words = t.split()
+        for w_i in range(len(words)):
+            variants.append(" ".join(words[:w_i] + words[w_i + 1:]))
+            owner.append(t_i)
+    nll = _prompt_nll(lm, template, variants, max_length)
+    scores: list[list[float]] = [[] for _ in texts]
+    for k, t_i in enumerate(owner):
+        scores[t_i].append(float(nll[t_i] - nll[len(texts) + k]))
+    return scores
+
+
+def onion_filter(lm, data: DefenderData, cfg: OnionConfig, max_length=None):
+    """A function that cleans input texts, its bar set on the defender's clean sentences."""
+    clean_scores = [s for row in onion_suspicion(lm, data.template, [e.text for e in data.clean[:cfg.max_examples]],
+                                                 max_length) for s in row]
+    bar = float(np.quantile(clean_scores, cfg.clean_quantile)) if clean_scores else 0.0
+
+    def clean_inputs(texts: Sequence[str]) -> list[str]:
+        out = []
+        for t, scores in zip(texts, onion_suspicion(lm, data.template, texts, max_length)):
+            kept = [w for w, sc in zip(t.split(), scores) if sc <= bar]
+            out.append(" ".join(kept) if kept else t)
+        return out
+    clean_inputs.bar = bar
+    return clean_inputs
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Options and plan builders, registered in one line each
+
+
+class FinePruningOptions(Options):
+    prune_rate: float = Field(0.3, gt=0, lt=1)  # fraction of the block's MLP units pruned (block: defense.layer)
+
+
+class CrowOptions(Options):
+    weight: float = Field(1.0, ge=0)  # weight of the layer-consistency term
+    epsilon: float = Field(0.1, ge=0)  # FGSM step on the input embeddings
+
+
+class OnionOptions(Options):
+    # drop a word when its removal helps fluency more than for this quantile of clean words
+    clean_quantile: float = Field(0.95, gt=0, lt=1)
+
+
+def _two(fn, make) -> list[StagePlan]:
+    """The two stages of a method whose stage ``k`` is ``fn`` with config ``make(stage_steps)``."""
+    return [StagePlan("stage1", fn, make(1)), StagePlan("stage2", fn, make(2))]
+
+
+def _steps(d, k: int) -> int:
+    return d.stage1_steps if k == 1 else d.stage2_steps
+
+
+def no_cluster_plan(d, _opts, labels):
+    s1, s2 = locphylax_stages(d, labels)
+    return [StagePlan("stage1", inject, replace(s1, cluster=False)), StagePlan("stage2", recover, s2)]
+
+
+def reference_plan(d, _opts, labels):
+    r1, r2 = reference_stages(d, labels)
+    return [StagePlan("stage1", inject, r1), StagePlan("stage2", recover, r2)]
+
+
+def unlearn_single_plan(d, _opts, labels):
+    r1, r2 = reference_stages(d, labels)
+    return [StagePlan("stage1", inject, replace(r1, cluster=False, trigger_ids=(0,))),
+            StagePlan("stage2", recover, replace(r2, trigger_ids=(0,)))]
+
+
+def clean_ft_plan(d, _opts, labels):
+    return _two(clean_finetune, lambda k: CleanFinetuneConfig(_steps(d, k)))
+
+
+def augment_ft_plan(d, _opts, labels):
+    """No injection at all: clean fine-tuning whose data carry generated triggers, correct labels."""
+    aug = RecoverConfig(trigger_ids=(), generated_rate=d.stage2_generated_rate or 1.0)
+    return _two(recover, lambda k: replace(aug, steps=_steps(d, k)))
+
+
+def p2p_plan(d, _opts, labels):
+    """P2P-style benign injection: the known triggers tied to the correct outputs from the start, no
+    flip, no clustering (Stage 2 of the reference for the whole budget)."""
+    _, r2 = reference_stages(d, labels)
+    return _two(recover, lambda k: replace(r2, steps=_steps(d, k)))
+
+
+def fine_pruning_plan(d, opts: FinePruningOptions, labels):
+    return [StagePlan("stage1", fine_prune, FinePruneConfig(d.stage1_steps, opts.prune_rate, d.layer)),
+            StagePlan("stage2", fine_prune, FinePruneConfig(d.stage2_steps, 0.0, d.layer))]
+
+
+def crow_plan(d, opts: CrowOptions, labels):
+    return _two(crow, lambda k: CrowConfig(_steps(d, k), opts.weight, opts.epsilon))
+
+
+def onion_plan(d, opts: OnionOptions, labels):
+    """Input-side: stage1 is the untouched victim; stage2 answers through the filter (the model never
+    changes, no stage trains)."""
+    cfg = OnionConfig(opts.clean_quantile)
+    return [StagePlan("stage1", None, cfg),
+            StagePlan("stage2", None, cfg, lambda lm, data, max_length: onion_filter(lm, data, cfg, max_length))]
+
+
+DEFENSES.register("clean_ft", clean_ft_plan, label="clean fine-tuning", kind="model")
+DEFENSES.register("unlearn_single", unlearn_single_plan, label="single-trigger unlearning", kind="model")
+DEFENSES.register("no_cluster", no_cluster_plan, label="Locphylax without clustering", kind="model")
+DEFENSES.register("reference", reference_plan, label="Locphylax (paper reference)", kind="model")
+DEFENSES.register("augment_ft", augment_ft_plan, label="augmented fine-tuning", kind="model")
+DEFENSES.register("p2p", p2p_plan, label="P2P benign injection", kind="model")
+DEFENSES.register("fine_pruning", fine_pruning_plan, label="fine-pruning", options=FinePruningOptions, kind="model")
+DEFENSES.register("crow", crow_plan, label="CROW", options=CrowOptions, kind="model")
+DEFENSES.register("onion", onion_plan, label="ONION (input filter)", options=OnionOptions, kind="input")
+
+__all__ = ["CleanFinetuneConfig", "clean_finetune", "FinePruneConfig", "fine_prune", "mlp_unit_activity", "CrowConfig",
+           "crow", "layer_consistency", "OnionConfig", "onion_filter", "onion_suspicion", "FinePruningOptions",
+           "CrowOptions", "OnionOptions"]
