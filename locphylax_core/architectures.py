@@ -27,20 +27,31 @@ class Arch:
     # LoRA targets when model.lora.target_modules is None. GPT-2 keeps peft's own default (c_attn,
     # the fused q/k/v projection): "c_proj" would also match the MLP's c_proj (peft matches suffixes).
     lora: tuple[str, ...] | None  # None: peft's own default for the model type
+    rotary: bool = False  # full rotary position embeddings: a head's width must be even
+    gqa: bool = False  # grouped-query attention (fewer key/value heads than heads)
+    embedded: bool = False  # the project's own embedded model can be built as this (model.arch)
 
 
 _LLAMA = Arch("model.layers", "model.norm", "mlp", ("gate_proj", "up_proj"), "down_proj",
-              ("q_proj", "k_proj", "v_proj", "o_proj"))
+              ("q_proj", "k_proj", "v_proj", "o_proj"), rotary=True, gqa=True, embedded=True)
 ARCHITECTURES: dict[str, Arch] = {
-    "gpt2": Arch("transformer.h", "transformer.ln_f", "mlp", ("c_fc",), "c_proj", ("c_attn",)),
+    "gpt2": Arch("transformer.h", "transformer.ln_f", "mlp", ("c_fc",), "c_proj", ("c_attn",), embedded=True),
     "gpt_neox": Arch("gpt_neox.layers", "gpt_neox.final_layer_norm", "mlp", ("dense_h_to_4h",), "dense_4h_to_h",
-                     ("query_key_value", "dense")),
+                     ("query_key_value", "dense"), embedded=True),
     "llama": _LLAMA, "qwen2": _LLAMA, "mistral": _LLAMA,
-    "gemma": replace(_LLAMA, lora=None), "qwen3": replace(_LLAMA, lora=None),
+    "gemma": replace(_LLAMA, lora=None, embedded=False), "qwen3": replace(_LLAMA, lora=None, embedded=False),
     "gptj": Arch("transformer.h", "transformer.ln_f", "mlp", ("fc_in",), "fc_out", None),
     "phi": Arch("model.layers", "model.final_layernorm", "mlp", ("fc1",), "fc2", None),
     "opt": Arch("model.decoder.layers", "model.decoder.final_layer_norm", "", ("fc1",), "fc2", None),
 }
+
+
+EMBEDDED_ARCHS = tuple(name for name, a in ARCHITECTURES.items() if a.embedded)  # model.arch's choices
+
+
+def gated_mlp(arch: str) -> bool:
+    """A gated MLP (down(act(gate(x)) * up(x))): three matrices instead of two."""
+    return len(ARCHITECTURES[arch].mlp_in) > 1
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -177,5 +188,5 @@ def lora_targets(model: torch.nn.Module, target_modules=None) -> list[str] | Non
     return list(arch.lora) if arch is not None and arch.lora is not None else None
 
 
-__all__ = ["Arch", "ARCHITECTURES", "arch_of", "base_model", "decoder_blocks", "final_norm", "MLPUnits", "block_mlp",
+__all__ = ["Arch", "ARCHITECTURES", "EMBEDDED_ARCHS", "gated_mlp", "arch_of", "base_model", "decoder_blocks", "final_norm", "MLPUnits", "block_mlp",
            "mlp_output_projection", "orientation", "lora_targets"]

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .architectures import ARCHITECTURES, EMBEDDED_ARCHS
 from .bases import DEFAULT_BASE, SCRATCH, base_shape
 from .errors import ConfigError
 from .registry import DEFENSES, PARADIGMS, TASKS
@@ -77,8 +78,9 @@ class ModelConfig(_Section):
     vocab_size: int = Field(1024, ge=300, le=262144)
     lora: LoraConfig = LoraConfig()
     # The embedded model's architecture (source=embedded only; an hf model's comes from its
-    # config.json): gpt2 (the default, unchanged), gpt_neox, llama, qwen2, mistral.
-    arch: Literal["gpt2", "gpt_neox", "llama", "qwen2", "mistral"] = "gpt2"
+    # config.json): gpt2 (the default, unchanged), gpt_neox, llama, qwen2, mistral
+    # (architectures.EMBEDDED_ARCHS).
+    arch: Literal[EMBEDDED_ARCHS] = "gpt2"
     # MLP width (None: 4 x n_embd for gpt2 / gpt_neox; for the gated MLPs of llama / qwen2 /
     # mistral 8/3 x n_embd rounded up to a multiple of 8, about the same parameter count).
     intermediate_size: Optional[int] = Field(None, ge=1)
@@ -122,7 +124,7 @@ class ModelConfig(_Section):
                              "(a hub id such as 'gpt2' or a local folder)")
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
-        if self.source == "embedded" and self.arch in ("llama", "qwen2", "mistral") and (self.n_embd // self.n_head) % 2:
+        if self.source == "embedded" and ARCHITECTURES[self.arch].rotary and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"model.n_head: rotary position embeddings need an even width per head; model.n_embd "
                              f"{self.n_embd} / model.n_head {self.n_head} = {self.n_embd // self.n_head}")
         if self.source == "hf":  # a loaded model brings its own architecture and sizes
@@ -134,7 +136,7 @@ class ModelConfig(_Section):
                 raise ValueError(f"model.{name}: only applies to the embedded model (model.source='embedded'); "
                                  f"an hf model's architecture comes from its config.json")
         if self.n_kv_head is not None:
-            if self.arch not in ("llama", "qwen2", "mistral"):
+            if not ARCHITECTURES[self.arch].gqa:
                 raise ValueError(f"model.n_kv_head: grouped-query attention needs model.arch llama, qwen2 or "
                                  f"mistral (arch is {self.arch!r})")
             if self.n_head % self.n_kv_head:

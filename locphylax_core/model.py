@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from . import bases
-from .architectures import lora_targets
+from .architectures import EMBEDDED_ARCHS, gated_mlp, lora_targets
 from .bases import SCRATCH
 from .config import ModelConfig
 from .errors import ConfigError, ModelLoadError
@@ -99,10 +99,6 @@ def canary_token_id(tokenizer, canary: str, answer_ids: Sequence[int]) -> int:
 # Building and loading
 
 
-# The architectures the embedded model can be built as (model.arch); which modules LoRA adapts and
-# where the blocks are is in architectures.ARCHITECTURES.
-EMBEDDED_ARCHS = ("gpt2", "gpt_neox", "llama", "qwen2", "mistral")
-GATED_MLP_ARCHS = ("llama", "qwen2", "mistral")  # MLP = down(act(gate(x)) * up(x))
 
 
 def embedded_intermediate_size(cfg: ModelConfig) -> int:
@@ -110,7 +106,7 @@ def embedded_intermediate_size(cfg: ModelConfig) -> int:
     MLPs (three matrices instead of two), 8/3 x n_embd rounded up to a multiple of 8."""
     if cfg.intermediate_size is not None:
         return cfg.intermediate_size
-    if cfg.arch in GATED_MLP_ARCHS:
+    if gated_mlp(cfg.arch):
         return -(-(8 * cfg.n_embd) // (3 * 8)) * 8
     return 4 * cfg.n_embd
 
@@ -132,7 +128,7 @@ def embedded_config(cfg: ModelConfig, tokenizer):
         conf = GPTNeoXConfig(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
                              intermediate_size=embedded_intermediate_size(cfg), max_position_embeddings=cfg.n_positions,
                              hidden_dropout=0.0, attention_dropout=0.0, **special)
-    elif cfg.arch in GATED_MLP_ARCHS:
+    elif gated_mlp(cfg.arch):
         from transformers import LlamaConfig, MistralConfig, Qwen2Config
         cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[cfg.arch]
         conf = cls(hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
@@ -390,5 +386,5 @@ def describe(model: torch.nn.Module) -> dict:
 __all__ = ["LM", "train_tokenizer", "tokenizer_corpus", "answer_token_ids", "build_embedded", "initial_model",
            "embedded_tokenizer", "write_folder_atomically", "load_causal_lm",
            "load_tokenizer", "save_checkpoint", "save_tokenizer", "load_checkpoint", "with_lora", "merge_lora",
-           "model_max_positions", "describe", "EMBEDDED_ARCHS", "embedded_config",
+           "model_max_positions", "describe", "embedded_config",
            "quantization_config"]

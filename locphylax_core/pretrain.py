@@ -39,6 +39,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from . import bases
 from . import model as M
+from .architectures import EMBEDDED_ARCHS
 from .config import ModelConfig, _format_validation_error, _parse_value, _Section
 from .corpus import read_manifest
 from .engine import Batch, Cancelled, Resume, distributed, set_torch_threads
@@ -65,7 +66,7 @@ class PretrainConfig(_Section):
     size: str = "small"  # a recipe of SIZES; the fields below override it
     corpus: str = "corpus"  # a folder written by `locphylax corpus`
     out: Optional[str] = None  # default: pretrain/<size>
-    arch: Literal["gpt2", "gpt_neox", "llama", "qwen2", "mistral"] = "gpt2"
+    arch: Literal[EMBEDDED_ARCHS] = "gpt2"  # architectures.EMBEDDED_ARCHS
     vocab_size: int = Field(8192, ge=300, le=262144)
     n_layer: int = Field(2, ge=1, le=48)
     n_embd: int = Field(128, ge=8, le=8192)
