@@ -16,6 +16,7 @@ PAGES = [
     st.Page("views/aggregation.py", title="Aggregation", icon="🔵", url_path="aggregation"),
     st.Page("views/heads.py", title="Heads", icon="🧠", url_path="heads"),
     st.Page("views/compare.py", title="Compare", icon="📊", url_path="compare"),
+    st.Page("views/casd.py", title="CASD", icon="🧭", url_path="casd"),
     st.Page("views/export.py", title="Export", icon="💾", url_path="export"),
 ]
 st.navigation(PAGES).run()

@@ -64,6 +64,10 @@ def answer(view: R.RunView, stage: str, texts: list[str]) -> list[str]:
     return R.answer(view, stage_model(view.path, stage, R.run_stamp(view.path)), texts)
 
 
+def answer_with_probability(view: R.RunView, stage: str, texts: list[str]) -> list[tuple[str, float]]:
+    return R.answer_with_probability(view, stage_model(view.path, stage, R.run_stamp(view.path)), texts)
+
+
 def all_runs() -> list[dict]:
     return list(list_runs(runs_root()))
 
@@ -92,11 +96,19 @@ def pick_run(where=None, need_analysis: bool = False) -> R.RunView | None:
         return None
     ids = [r["run_id"] for r in runs]
     current = selected_run_id()
-    if current not in ids:
+    linked = st.query_params.get("run")
+    unknown_link = bool(linked) and linked not in ids
+    if unknown_link:  # a shared link to a run this store does not hold: say so and open none
+        st.warning(f"The link names run `{linked}`, which is not in this run store. Pick a run on the left.")
+        current = None
+    elif current not in ids:
         done = [r["run_id"] for r in runs if r["status"] == "done"]
         current = done[0] if done else ids[0]
     labels = {r["run_id"]: f"{STATUS_ICONS.get(r['status'], '•')} {r['run_id']}" for r in runs}
-    rid = where.selectbox("Run", ids, index=ids.index(current), format_func=lambda i: labels[i], key="run_picker")
+    rid = where.selectbox("Run", ids, index=None if current is None else ids.index(current),
+                          format_func=lambda i: labels[i], key="run_picker", placeholder="choose a run")
+    if rid is None:
+        return None
     if rid != st.query_params.get("run"):
         select_run(rid)
     view = load_view(runs_root() / rid)
@@ -171,6 +183,21 @@ def job_panel(run_id: str, key: str, curves: bool = True, caption: str | None = 
                 st.caption(caption)
             st.plotly_chart(F.curves_figure(R.curve_rows(view), ["locphylax"]), key=f"curves-{key}-{run_id}")
     return status
+
+
+def job_status(run_id: str) -> jobs.JobStatus:
+    return jobs.job_status(runs_root(), run_id, log=False)
+
+
+def cancel_job(run_id: str) -> None:
+    jobs.cancel(runs_root(), run_id)
+
+
+def warm_standby() -> None:
+    """Have a job process waiting with torch imported, so the next click starts training at once
+    (not while a job runs; LOCPHYLAX_STANDBY=0 turns it off)."""
+    if os.environ.get("LOCPHYLAX_STANDBY", "1") != "0":
+        jobs.ensure_standby(runs_root())
 
 
 def live_jobs() -> list[jobs.JobStatus]:

@@ -490,7 +490,9 @@ class TrainConfig(_Section):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    clean_steps: int = Field(600, ge=1)  # clean-model training from scratch (embedded model only)
+    # clean-model training of the embedded model from its base (or from scratch); 0: the base already
+    # is the clean model (a shipped task-trained base such as demo_clean), so no clean stage trains
+    clean_steps: int = Field(600, ge=0)
     # weight of the next-token loss on prompt tokens while training from scratch (0: answer loss only)
     lm_loss_weight: float = Field(1.0, ge=0)
     warmup_steps: int = Field(30, ge=0)
@@ -534,6 +536,10 @@ class EvalConfig(_Section):
     curve_examples: int = Field(200, ge=10)  # test examples used for the in-stage curves
     batch_size: int = Field(256, ge=1)
     probe_per_group: int = Field(64, ge=2)  # probe-set size per group for stored hidden states
+    head_probe: int = Field(200, ge=4)  # clean test inputs (and their triggered copies) of the head sweep
+    # the projections the analyses compute (UMAP's first use in a process compiles for tens of seconds)
+    projections: list[Literal["pca", "tsne", "umap"]] = Field(default_factory=lambda: ["pca", "tsne", "umap"],
+                                                             min_length=1)
     # response tasks: greedy tokens generated per test prompt, and the ASR rule (tasks/response.py):
     # keyword (no refusal keyword = jailbroken; a keyword = refused) or target_prefix (the response
     # starts with the attack's target opening)
@@ -597,6 +603,10 @@ class RunConfig(_Section):
         if kt == "canary" and self.defense.canary in labels:
             raise ValueError(f"defense.canary {self.defense.canary!r} is a label word; the canary answer must be "
                              f"one that no clean input produces")
+        if self.train.clean_steps == 0 and (self.model.source != "embedded" or self.model.base == SCRATCH
+                                             or self.attack.build != "finetune"):
+            raise ValueError("train.clean_steps: 0 means the base already is the clean model, so it needs "
+                             "model.source='embedded', a model.base other than 'scratch' and attack.build='finetune'")
         if self.model.source == "hf" and self.attack.build == "scratch":
             raise ValueError("attack.build='scratch' needs model.source='embedded' (a hub model is not retrained from scratch)")
         if self.train.grad_accum > self.defense.batch_size:

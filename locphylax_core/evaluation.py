@@ -93,6 +93,23 @@ def predict(lm, template: str, texts: Sequence[str], batch_size: int = 256, max_
     return out
 
 
+@torch.no_grad()
+def answer_probabilities(lm, template: str, texts: Sequence[str], batch_size: int = 256,
+                         max_length: int | None = None) -> torch.Tensor:
+    """``[n, n_answers]``: the model's probability of each answer (labels, then the canary), the
+    softmax over the answers' first tokens at the answer position; its argmax is :func:`predict`."""
+    model = lm.model
+    was_training = model.training
+    model.eval()
+    answer = torch.tensor(lm.answer_ids, device=lm.device)
+    out = torch.empty(len(texts), len(lm.answer_ids))
+    for idx, b in encoded_batches(lm.tokenizer, template, texts, batch_size, max_length, lm.device):
+        logits, _ = forward_answer(model, b)
+        out[idx] = torch.softmax(logits[:, answer].float(), -1).cpu()
+    model.train(was_training)
+    return out
+
+
 _ENCODED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 

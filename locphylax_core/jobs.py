@@ -13,6 +13,12 @@ Layout of ``<runs>/.jobs/`` (``list_runs`` skips dot folders)::
     <run_id>.yaml        the configuration the job runs
     <run_id>.log         the job's stdout and stderr
     <run_id>.exit.json   written by the job as it ends: return code and phase
+    standby/state.json   a warm job process waiting for work (pid, token, ready)
+    standby/go.json      the job handed to it (the arguments of ``main``)
+
+A fresh job process spends seconds importing torch and transformers before it trains anything.
+:func:`ensure_standby` starts one ahead of time, while nothing else runs; :func:`launch` hands the
+next job to it when it is ready (the job then starts at once) and starts a fresh process otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -38,7 +45,9 @@ from .errors import LocphylaxError
 from .pipeline import resume_run, start_run
 
 JOBS_DIR = ".jobs"
+STANDBY_DIR = "standby"
 LIVE_PHASES = ("starting", "training", "analyzing")
+STANDBY_IDLE_S = 3600.0  # a standby process nobody used within an hour exits
 
 
 def jobs_dir(runs_root: str | Path) -> Path:
@@ -117,22 +126,118 @@ def launch(cfg: RunConfig, runs_root: str | Path = "runs", *, analyze: bool = Tr
     log_path = jd / f"{run_id}.log"
     atomic_write_text(cfg_path, cfg.to_yaml())
     (jd / f"{run_id}.exit.json").unlink(missing_ok=True)  # a resumed job's old ending
-    cmd = [sys.executable, "-m", "locphylax_core.jobs", "--runs", str(root.resolve()), "--run-id", run_id,
-           "--config", str(cfg_path.resolve())]
+    argv = ["--runs", str(root.resolve()), "--run-id", run_id, "--config", str(cfg_path.resolve())]
     if not analyze:
-        cmd.append("--no-analyze")
+        argv.append("--no-analyze")
     if resume:
-        cmd.append("--resume")
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+        argv.append("--resume")
+    record = {"run_id": run_id, "started": _dt.datetime.now().isoformat(timespec="seconds"),
+              "config": str(cfg_path), "log": str(log_path), "resume": bool(resume)}
+    warm = _hand_to_standby(root, argv, log_path)
+    if warm is not None:
+        atomic_write_json(jd / f"{run_id}.json", {**record, **warm})
+        return run_id
+    cmd = [sys.executable, "-m", "locphylax_core.jobs", *argv]
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True, cwd=os.getcwd())
+        proc = _spawn(cmd, log)
+    atomic_write_json(jd / f"{run_id}.json", {**record, "pid": proc.pid, "command": cmd})
+    return run_id
+
+
+def _spawn(cmd: list[str], log) -> subprocess.Popen:
+    # numba's compiled UMAP kernels are cached in the run store, so only the first job ever pays the
+    # tens of seconds of compilation
+    runs = Path(cmd[cmd.index("--runs") + 1])
+    env = {"NUMBA_CACHE_DIR": str(jobs_dir(runs) / "numba-cache"), **os.environ, "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                            start_new_session=True, cwd=os.getcwd())
     # reap the child when it ends, so it never lingers as a zombie that looks alive
     threading.Thread(target=proc.wait, daemon=True).start()
-    atomic_write_json(jd / f"{run_id}.json", {"run_id": run_id, "pid": proc.pid, "command": cmd,
-                                             "started": _dt.datetime.now().isoformat(timespec="seconds"),
-                                             "config": str(cfg_path), "log": str(log_path), "resume": bool(resume)})
-    return run_id
+    return proc
+
+
+# ----------------------------------------------------------------------------------------------
+# A warm standby process
+
+
+def _standby_dir(runs_root: str | Path) -> Path:
+    return jobs_dir(runs_root) / STANDBY_DIR
+
+
+def standby_ready(runs_root: str | Path) -> bool:
+    rec = _read(_standby_dir(runs_root) / "state.json")
+    return bool(rec and rec.get("ready") and _pid_alive(int(rec["pid"]), rec["token"]))
+
+
+def ensure_standby(runs_root: str | Path) -> bool:
+    """Start a standby job process unless one is waiting already or a job is running (importing
+    torch would take CPU from it). True when one is waiting or starting."""
+    root = Path(runs_root)
+    sd = _standby_dir(root)
+    rec = _read(sd / "state.json")
+    if rec and _pid_alive(int(rec["pid"]), rec["token"]):
+        return True
+    if any(j.live for j in list_jobs(root)):
+        return False
+    sd.mkdir(parents=True, exist_ok=True)
+    token = f"standby-{secrets.token_hex(6)}"
+    with open(sd / "standby.log", "ab") as log:
+        proc = _spawn([sys.executable, "-m", "locphylax_core.jobs", "--runs", str(root.resolve()),
+                       "--standby", token], log)
+    atomic_write_json(sd / "state.json", {"pid": proc.pid, "token": token, "ready": False,
+                                          "started": _dt.datetime.now().isoformat(timespec="seconds")})
+    return True
+
+
+def _hand_to_standby(root: Path, argv: list[str], log_path: Path, wait: float = 3.0) -> dict | None:
+    """Give the job to the standby process; its job-record fields, or None (there is none, or a
+    ready one did not take the job in ``wait`` seconds: the caller starts a fresh process). A
+    standby still importing takes the job as soon as it is ready, which is sooner than a fresh
+    process would be."""
+    sd = _standby_dir(root)
+    state, claimed = sd / "state.json", sd / f"claimed-{secrets.token_hex(4)}.json"
+    rec = _read(state)
+    if not (rec and _pid_alive(int(rec["pid"]), rec["token"])):
+        return None
+    try:
+        os.rename(state, claimed)  # atomic: one launcher gets it
+    except OSError:
+        return None
+    go = sd / "go.json"
+    atomic_write_json(go, {"token": rec["token"], "argv": argv, "log": str(log_path)})
+    deadline = time.monotonic() + (wait if rec.get("ready") else 0.0)
+    while go.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    claimed.unlink(missing_ok=True)
+    if go.exists() and rec.get("ready"):  # a ready standby did not answer: take the job back
+        go.unlink(missing_ok=True)
+        return None
+    return {"pid": int(rec["pid"]), "token": rec["token"], "command": ["(standby)", *argv], "standby": True}
+
+
+def _standby(root: Path, token: str) -> int:
+    """The standby process: import what every job needs, say so, wait for a job, become it."""
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel  # noqa: F401  (most of a job's start)
+    sd = _standby_dir(root)
+    state, go = sd / "state.json", sd / "go.json"
+    rec = _read(state)
+    if rec is not None and rec.get("token") == token:  # not yet claimed while we imported
+        atomic_write_json(state, {**rec, "ready": True})
+    deadline = time.monotonic() + STANDBY_IDLE_S
+    while time.monotonic() < deadline:
+        job = _read(go)
+        if job is not None and job.get("token") == token:
+            go.unlink(missing_ok=True)
+            log = open(job["log"], "ab")
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            return main(job["argv"])
+        if not state.exists() and not any(sd.glob("claimed-*.json")):
+            return 0  # removed: nobody will hand us a job
+        time.sleep(0.05)
+    state.unlink(missing_ok=True)
+    return 0
 
 
 def _read(path: Path) -> dict | None:
@@ -161,7 +266,7 @@ def job_status(runs_root: str | Path, run_id: str, log: bool = True) -> JobStatu
     run_path = root / run_id
     if rec is None and not run_path.is_dir():
         return JobStatus(run_id, "missing", False, error=f"no job or run {run_id!r} under {root}")
-    alive = bool(rec) and _pid_alive(int(rec.get("pid", -1)), run_id)
+    alive = bool(rec) and _pid_alive(int(rec.get("pid", -1)), rec.get("token", run_id))
     state = _read(run_path / "state.json") or {}
     progress = _read(run_path / "progress.json") or {}
     exit_rec = _read(jd / f"{run_id}.exit.json")
@@ -211,22 +316,23 @@ def cancel(runs_root: str | Path, run_id: str, grace: float = 10.0) -> JobStatus
     run_path = root / run_id
     if run_path.is_dir():
         RunDir(run_path).cancel_file.touch()
-    if rec is not None and _pid_alive(int(rec["pid"]), run_id):
+    token = (rec or {}).get("token", run_id)
+    if rec is not None and _pid_alive(int(rec["pid"]), token):
         pid = int(rec["pid"])
         try:
             os.killpg(pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and _pid_alive(pid, run_id):
+        while time.monotonic() < deadline and _pid_alive(pid, token):
             time.sleep(0.1)
-        if _pid_alive(pid, run_id):
+        if _pid_alive(pid, token):
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
             deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and _pid_alive(pid, run_id):
+            while time.monotonic() < deadline and _pid_alive(pid, token):
                 time.sleep(0.05)
             _write_exit(root, run_id, 137, "cancelled", "killed after the grace period")
     return job_status(root, run_id)
@@ -274,11 +380,16 @@ def main(argv: list[str] | None = None) -> int:
     """The job process: run (or resume) the pipeline, then the analyses, writing progress as it goes."""
     ap = argparse.ArgumentParser(prog="python -m locphylax_core.jobs")
     ap.add_argument("--runs", required=True)
-    ap.add_argument("--run-id", required=True)
-    ap.add_argument("--config", required=True)
+    ap.add_argument("--standby", metavar="TOKEN", help="wait, warm, for a job handed over by launch()")
+    ap.add_argument("--run-id")
+    ap.add_argument("--config")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--no-analyze", action="store_true")
     args = ap.parse_args(argv)
+    if args.standby:
+        return _standby(Path(args.runs), args.standby)
+    if not (args.run_id and args.config):
+        ap.error("--run-id and --config are required (or --standby)")
     signal.signal(signal.SIGTERM, _sigterm)
     root = Path(args.runs)
     quiet_libraries()

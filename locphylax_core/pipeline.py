@@ -199,6 +199,8 @@ def train_owner_model(prep: Prepared, lm: M.LM, stage: str, *, from_scratch: boo
     cfg = prep.cfg
     if stage == "clean" and cfg.model.source == "hf":
         return {"seconds": 0.0, "note": "the loaded model is the clean model"}
+    if stage == "clean" and cfg.train.clean_steps == 0:
+        return {"seconds": 0.0, "note": f"the base {cfg.model.base!r} is the clean model"}
     if reporter is not None:
         reporter.stage_started(key or stage, victim_steps(cfg) if stage == "victim" and not from_scratch
                                else cfg.train.clean_steps)
@@ -374,7 +376,7 @@ class Pipeline:
 
     def _steps(self, spec: StageSpec, plans: dict) -> int:
         if spec.stage == "clean":
-            return 0 if self.cfg.model.source == "hf" else self.cfg.train.clean_steps
+            return 0 if self.cfg.model.source == "hf" else self.cfg.train.clean_steps  # 0: the base is clean
         if spec.stage == "victim":
             return self.cfg.train.clean_steps if spec.parent is None else victim_steps(self.cfg)
         return next(p for p in plans[spec.method] if p.name == spec.stage).steps  # 0 for a stage that trains nothing

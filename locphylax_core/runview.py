@@ -21,7 +21,7 @@ from .registry import DEFENSES, TASKS
 from .runs import SUMMARY_SCHEMA
 from . import model as M
 from .config import AttackConfig
-from .evaluation import predict
+from .evaluation import answer_probabilities, predict
 from .tasks import CLASSIFICATION, Task
 
 STAGE_ROWS = (("victim", "victim"), ("stage1", "Locphylax Stage 1"), ("stage2", "Locphylax Stage 2"))
@@ -74,7 +74,12 @@ class RunView:
 
     @property
     def analysed(self) -> bool:
+        """Some analysis exists (a running analysis writes each part as it finishes)."""
         return self.analysis is not None
+
+    @property
+    def analysis_complete(self) -> bool:
+        return self.analysis is not None and bool(self.analysis.get("complete", True))
 
     @property
     def methods(self) -> list[str]:
@@ -317,5 +322,16 @@ def answer(view: RunView, lm, texts: Sequence[str]) -> list[str]:
     return [words[int(i)] for i in pred]
 
 
-__all__ = ["RunView", "open_run", "run_stamp", "results_table", "compare_table", "aggregation_table", "projection",
+def answer_with_probability(view: RunView, lm, texts: Sequence[str]) -> list[tuple[str, float]]:
+    """The answer word ``lm`` gives to each text and the probability it puts on it (among the
+    run's answer words), with the run's own prompt template."""
+    import torch
+    template = view.config.get("task", {}).get("template", "{text}")
+    with torch.no_grad():
+        probs = answer_probabilities(lm, template, list(texts))
+    words = view.label_words
+    return [(words[int(p.argmax())], float(p.max())) for p in probs]
+
+
+__all__ = ["RunView", "answer_with_probability", "open_run", "run_stamp", "results_table", "compare_table", "aggregation_table", "projection",
            "head_grids", "critical_heads", "curve_rows", "load_stage_model", "answer", "HEALTHY"]

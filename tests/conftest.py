@@ -25,6 +25,9 @@ def needs_shared(*paths: str):
                                                     "(../shared/data beside the repository)")
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the app must not start warm standby job processes while its pages are tested (tests/test_jobs.py
+# starts its own)
+os.environ["LOCPHYLAX_STANDBY"] = "0"
 
 
 def _quiet():
@@ -102,16 +105,25 @@ SMALL_DEMO = {"train.clean_steps": 300, "train.warmup_steps": 60, "task.train_si
 
 
 @pytest.fixture(scope="session")
-def small_clean_demo():
+def small_clean_demo(tmp_path_factory):
     """(tokenizer, clean model, its evaluation on the SMALL_DEMO test set). Tests deep-copy the
-    model before training a victim from it."""
+    model before training a victim from it. Trained once per test session: the first xdist worker
+    that needs it trains and saves it (training is deterministic), the others load that copy."""
+    from filelock import FileLock
+
     from locphylax_core import load_config
     from locphylax_core import model as M
     from locphylax_core.evaluation import evaluate
     from locphylax_core.pipeline import prepare, train_owner_model
     prep = prepare(load_config("demo", SMALL_DEMO))
-    lm = M.LM(M.initial_model(prep.cfg.model, prep.tokenizer, 0), prep.tokenizer, prep.answer_ids)  # the base
-    train_owner_model(prep, lm, "clean", from_scratch=True, seed=1)
+    shared = tmp_path_factory.getbasetemp().parent / "small_clean_demo"
+    with FileLock(str(shared) + ".lock"):
+        if (shared / "model.safetensors").is_file():
+            lm = M.LM(M.load_checkpoint(shared), prep.tokenizer, prep.answer_ids)
+        else:
+            lm = M.LM(M.initial_model(prep.cfg.model, prep.tokenizer, 0), prep.tokenizer, prep.answer_ids)  # the base
+            train_owner_model(prep, lm, "clean", from_scratch=True, seed=1)
+            M.save_checkpoint(lm.model, shared)
     return prep.tokenizer, lm.model, evaluate(lm, prep.task.template, prep.evalset, 256, prep.max_length)
 
 

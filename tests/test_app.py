@@ -60,7 +60,8 @@ def test_live_demo_offers_one_click_when_no_demo_run_is_stored(analysed_root, mo
     assert "No demo run is stored yet" in texts(at.info)
     (button,) = [b for b in at.button if "Run the live demo" in b.label]
     button.click().run()
-    assert len(launched) == 1 and launched[0]["cfg"].name == "demo"
+    assert len(launched) == 1 and launched[0]["cfg"].name == "live"  # the fast preset, from the shipped clean model
+    assert launched[0]["cfg"].attack.trigger == "cf"
     assert launched[0]["root"] == analysed_root
 
 
@@ -81,17 +82,18 @@ def test_live_demo_shows_the_collapse_in_plain_sentences(demo_root, run_view, mo
     s = run_view.summary
     metrics = {m.label: m.value for m in at.metric}
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    assert metrics["Hidden trigger works, victim"] == pct(s["stages"]["victim"]["asr"]["unknown"])
-    assert metrics["after Stage 2 (Locphylax)"] == pct(s["stages"]["stage2"]["asr"]["unknown"])
+    assert metrics["backdoored model"] == pct(s["stages"]["victim"]["asr"]["unknown"])
+    assert metrics["after Stage 2"] == pct(s["stages"]["stage2"]["asr"]["unknown"])
     assert metrics["plain clean fine-tuning"] == pct(s["baselines"]["clean_ft"]["asr"]["unknown"])
     sentence = texts(at.markdown)
     assert f"went from {pct(s['stages']['victim']['cacc'])} to {pct(s['stages']['stage2']['cacc'])}" in sentence
     assert len(at.get("plotly_chart")) == 3  # curves, projection, heads
-    assert "Each dot is one sentence" in texts(at.caption)
-    # "Try it yourself": one answer per stage, from the run's own label words
-    table = at.table[0].value
+    assert "Each dot is one review" in texts(at.caption)
+    # "Try it yourself": one answer per stage, from the run's own label words, with its probability
+    table = at.table[-1].value
     assert list(table["stage"]) == ["victim", "after Stage 1", "after Stage 2 (Locphylax)"]
     assert set(table["answer"]) <= set(run_view.label_words)
+    assert all(p.endswith("%") and 0 < float(p[:-1]) <= 100 for p in table["probability"])
 
 
 def test_setup_shows_validation_errors_beside_the_field(analysed_root, monkeypatch):

@@ -1,6 +1,7 @@
 """End to end in a real browser: `streamlit run` on a free localhost port, driven by headless
-Chromium through Playwright. It runs the micro preset from the Run page, waits for the job to
-finish, visits every page and saves a screenshot of each (tests/artifacts/screenshots/, or
+Chromium through Playwright. It runs the live demo (the micro preset) from the Live demo page in
+presentation mode, waits for its headline, visits every page, follows shared links and saves a
+screenshot of each page (tests/artifacts/screenshots/, or
 $LOCPHYLAX_SCREENSHOTS). Skipped, with the reason, only where Chromium or Playwright is absent."""
 
 from __future__ import annotations
@@ -23,33 +24,37 @@ if not Path(CHROMIUM).exists():
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
 
-@pytest.fixture()
-def server(tmp_path):
-    runs = tmp_path / "runs"
-    with streamlit_server(runs, log=tmp_path / "streamlit.log") as url:
-        yield url, runs
-
-
 def _shots_dir() -> Path:
     d = Path(os.environ.get("LOCPHYLAX_SCREENSHOTS", REPO / "tests" / "artifacts" / "screenshots"))
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
-def test_micro_run_from_the_run_page_then_every_page(server):
-    url, runs = server
+def test_live_demo_then_every_page_then_shared_links(tmp_path, monkeypatch):
+    """One click on the Live demo page (presentation mode, a trigger typed by the room) runs a job
+    (the micro preset: seconds, the page is what is tested) to its headline; then every page of
+    that run opens without an error (a screenshot each), a shared link restores a page's view, and a
+    link that names an unknown run says so."""
+    monkeypatch.setenv("LOCPHYLAX_LIVE_PRESET", "micro")
+    runs = tmp_path / "runs"
     shots = _shots_dir()
-    with playwright_sync.sync_playwright() as p:
+    with streamlit_server(runs, log=tmp_path / "streamlit.log") as url, playwright_sync.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(f"{url}/run")
-        page.get_by_text("What to run").wait_for(timeout=60_000)
-        page.locator('[data-testid="stSelectbox"]').filter(has_text="What to run").click()
-        page.get_by_role("option", name="Micro (seconds; numbers meaningless)").click()
-        page.get_by_role("button", name="Start run").click()
-        # live progress while it runs, then the finished job's outcome
-        page.get_by_text("% of the run").first.wait_for(timeout=60_000)
-        page.get_by_text("Finished. Its plots are on").wait_for(timeout=300_000)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(url)
+        page.get_by_text("No demo run is stored yet").wait_for(timeout=60_000)
+        assert page.get_by_role("switch", name="Presentation mode").is_checked()
+        box = page.get_by_role("textbox", name="Trigger proposed by the room")
+        box.fill("zz top")
+        box.press("Enter")
+        page.get_by_role("button", name="Run the live demo").click()
+        page.get_by_text("Now:").first.wait_for(timeout=60_000)  # live progress while it runs
+        page.get_by_text("In one sentence:").wait_for(timeout=300_000)
+        page.get_by_text("Try it yourself").wait_for(timeout=300_000)
+        page.get_by_text("How often the hidden trigger “zz top” still works").wait_for(timeout=10_000)
+        page.wait_for_timeout(1500)
+        assert page.locator('[data-testid="stException"]').count() == 0
+        page.screenshot(path=str(shots / "live_demo_presentation.png"), full_page=True)
         run_ids = [d.name for d in runs.iterdir() if d.is_dir() and not d.name.startswith(".")]
         assert len(run_ids) == 1
         run_id = run_ids[0]
@@ -57,11 +62,19 @@ def test_micro_run_from_the_run_page_then_every_page(server):
         for i, name in enumerate(PAGES):
             page.goto(f"{url}/{PAGE_URLS[name]}?run={run_id}")
             page.get_by_role("heading", name=PAGE_TITLES[name]).first.wait_for(timeout=60_000)
-            if name in ("aggregation", "heads", "compare"):
+            if name in ("aggregation", "heads", "compare", "casd"):
                 page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
             page.wait_for_timeout(1500)  # let plotly finish drawing
             assert page.locator('[data-testid="stException"]').count() == 0, name
             assert page.get_by_text("Page not found").count() == 0, name
             page.screenshot(path=str(shots / f"{i + 1:02d}_{name}.png"), full_page=True)
+        page.goto(f"{url}/aggregation?run={run_id}&stage=stage1")
+        page.get_by_role("heading", name="Aggregation").first.wait_for(timeout=60_000)
+        page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+        assert "stage=stage1" in page.url and f"run={run_id}" in page.url
+        assert page.get_by_text("after Stage 1").count() > 0
+        page.goto(f"{url}/aggregation?run=20990101-000000-nope-000000")
+        page.get_by_text("not in this run store").wait_for(timeout=60_000)
+        assert page.locator(".js-plotly-plot").count() == 0
         browser.close()
-    assert sorted(x.name for x in shots.glob("*.png")) >= [f"{i + 1:02d}_{n}.png" for i, n in enumerate(PAGES)]
+    assert {f"{i + 1:02d}_{n}.png" for i, n in enumerate(PAGES)} <= {x.name for x in shots.glob("*.png")}

@@ -119,3 +119,33 @@ def test_progress_fraction_counts_finished_and_current_steps():
     assert s.fraction == pytest.approx(0.9 * 15 / 20)
     assert jobs.JobStatus("r", "done", False).fraction == 1.0
     assert Path(jobs.jobs_dir("x")).name == ".jobs"
+
+
+def test_a_warm_standby_takes_the_next_job_and_starts_it_at_once(tmp_path):
+    """ensure_standby starts a process that imports torch and transformers ahead of time; launch
+    hands it the job (the record names the standby's pid) instead of starting a cold process."""
+    assert jobs.ensure_standby(tmp_path)
+    state = tmp_path / ".jobs" / "standby" / "state.json"
+    t0 = time.monotonic()
+    while not jobs.standby_ready(tmp_path):
+        assert time.monotonic() - t0 < 120, "the standby never became ready"
+        time.sleep(0.1)
+    pid = json.loads(state.read_text())["pid"]
+    assert jobs.ensure_standby(tmp_path) and json.loads(state.read_text())["pid"] == pid  # one is enough
+    assert [j.run_id for j in jobs.list_jobs(tmp_path)] == []  # the standby is not a job
+    run_id = jobs.launch(load_config("micro", {"defense.baselines": []}), tmp_path, analyze=False)
+    rec = json.loads((tmp_path / ".jobs" / f"{run_id}.json").read_text())
+    assert rec["pid"] == pid and rec["standby"] is True
+    s = _wait(tmp_path, run_id, lambda s: not s.live)
+    assert s.phase == "done", (s, (tmp_path / ".jobs" / f"{run_id}.log").read_text()[-2000:])
+    assert "victim" in json.loads((tmp_path / run_id / "summary.json").read_text())["stages"]
+    assert _gone(pid) and not jobs.standby_ready(tmp_path)  # one job per standby; without one, launch
+    # starts a fresh process as before (test_job_runs_to_the_end_in_its_own_process)
+
+
+def test_cancel_stops_a_job_run_by_the_standby(tmp_path):
+    assert jobs.ensure_standby(tmp_path)
+    run_id = jobs.launch(_slow_micro(), tmp_path, analyze=False)  # taken as soon as the standby is ready
+    _wait(tmp_path, run_id, lambda s: s.phase == "training" and s.step > 0)
+    s = jobs.cancel(tmp_path, run_id)
+    assert s.phase == "cancelled" and not s.alive, s

@@ -163,7 +163,10 @@ def test_shipped_base_loads_and_matches_its_checksum(name):
     tok = M.embedded_tokenizer(cfg, None)
     net = M.initial_model(cfg, tok, seed=0)
     assert M.count_parameters(net) == card["parameters"]
-    assert card["heldout_ppl"] < 1000 and card["corpus"]["test_splits"]["contains_test_splits"] is False
+    if card.get("role") == "clean":  # a task-trained clean model (demo_clean): its clean accuracy is on its card
+        assert card["task"] == "synthetic_sentiment" and card["cacc"] > 0.9 and card["steps"] > 0
+    else:
+        assert card["heldout_ppl"] < 1000 and card["corpus"]["test_splits"]["contains_test_splits"] is False
     ids = tok("The lamp on the desk was warm", return_tensors="pt")["input_ids"]
     assert torch.isfinite(net(ids).logits).all()
 

@@ -1,10 +1,75 @@
-"""Aggregation: the probe set's final-layer states projected to 2-D at every stage."""
+"""Aggregation: the probe set's final-layer states projected to 2-D at every stage.
 
+The stage is chosen only by the Stage slider on this page (the figure has no Play button or slider
+of its own, which could show another stage than the one the metrics describe). The projection,
+stage and groups are kept in the URL (?proj=, ?stage=, ?groups=), so a link restores the view.
+"""
+
+import numpy as np
 import streamlit as st
 
 import support as S
 from locphylax_core import runview as R
 from locphylax_core.analysis import figures as F
+
+
+def restore(key: str, param: str, options: list, default, what: str, many: bool = False, name=str) -> None:
+    """Give widget ``key`` its starting value before it is drawn: the URL's ?param= the first time
+    this session shows it (so a shared link opens the same view), else the user's last choice.
+    A value that is not among ``options`` falls back to ``default``, with a note when the link
+    asked for it (``name`` writes a value for it)."""
+    if key in st.session_state:  # the user's choice; another run may lack it
+        value = st.session_state[key]
+        if not (set(value) <= set(options) if many else value in options):
+            st.session_state[key] = default
+        return
+    if param not in st.query_params:
+        st.session_state[key] = default
+        return
+    if many:
+        asked = [v for v in st.query_params.get_all(param) if v]  # "?groups=" is an empty choice
+        kept = [v for v in asked if v in options]
+        if len(kept) < len(asked):
+            st.info(f"The link names {what} that this run does not have "
+                    f"({', '.join(f'`{v}`' for v in asked if v not in options)}): "
+                    + ("left out." if kept else "showing them all instead."))
+        st.session_state[key] = kept if kept or not asked else default
+        return
+    asked = st.query_params.get(param)
+    if asked in options:
+        st.session_state[key] = asked
+    else:
+        st.info(f"The link's {what} `{asked}` is not in this run; showing {name(default)} instead.")
+        st.session_state[key] = default
+
+
+def why_no_score(groups: list[str], pred: np.ndarray | None, words: list[str]) -> str:
+    """Why ``aggregation_score`` is undefined at a stage, in the terms of
+    ``analysis.metrics.aggregation_metrics``: it compares the unknown-trigger inputs only with clean
+    and known-trigger inputs that got the SAME answer, so an answer that no clean input (or no
+    known-trigger input) gets leaves nothing to compare with."""
+    head = ("n/a: the score compares the hidden-trigger inputs only with clean inputs and defender-trigger "
+            "inputs that got the same answer")
+    groups_arr = np.asarray(groups, dtype=object)
+    unknown = groups_arr == "unknown"
+    if not unknown.any():
+        return head + "; this probe set has no hidden-trigger input."
+    if pred is None or len(pred) != len(groups_arr):
+        return head + "; this stage has no stored answers to match them by."
+    clean = np.array([g.startswith("clean:") for g in groups], bool)
+    known = np.array([g.startswith("known:") for g in groups], bool)
+    reasons = []
+    for p in np.unique(pred[unknown]):
+        word = f"“{words[p]}”" if 0 <= p < len(words) else f"answer {p}"
+        n = int((pred[unknown] == p).sum())
+        if not (clean & (pred == p)).any():
+            reasons.append(f"{n} get {word}, which no clean input gets")
+        elif not (known & (pred == p)).any():
+            reasons.append(f"{n} get {word}, which no defender-trigger input gets")
+        else:
+            reasons.append(f"{n} get {word}, where the clean and defender-trigger inputs sit at one place")
+    return head + ". Here, of the hidden-trigger inputs, " + "; ".join(reasons) + "."
+
 
 st.title("Aggregation")
 st.write("Each point is one probe sentence, placed by its final-layer hidden state at the last prompt token. "
@@ -15,42 +80,58 @@ if view is None or not view.analysed:
 
 methods = [m for m in ("pca", "tsne", "umap") if m in (view.analysis.get("projections") or {})]
 if not methods:
-    st.warning("This run's analysis has no projections.")
+    if view.analysis.get("complete", True):
+        st.warning("This run's analysis has no projections.")
+    else:  # a running analysis writes each part as it finishes
+        st.info("The projections of this run are still being computed; they appear here when written.")
     st.stop()
+restore("agg_method", "proj", methods, "tsne" if "tsne" in methods else methods[0], "projection", name=str.upper)
 c = st.columns([1, 2, 2])
-method = c[0].radio("Projection", methods, index=methods.index("tsne") if "tsne" in methods else 0,
-                    format_func=str.upper, horizontal=True, key="agg_method")
+method = c[0].radio("Projection", methods, format_func=str.upper, horizontal=True, key="agg_method")
 try:
     coords, preds = S.projection(view, method)
 except (OSError, KeyError, ValueError) as e:
     st.error(f"The {method} projection of this run cannot be read: {e}")
     st.stop()
 stages = list(coords)
-stage = c[1].select_slider("Stage", stages, value="stage1" if "stage1" in stages else stages[0],
-                           format_func=F.stage_title, key="agg_stage")
+restore("agg_stage", "stage", stages, "stage1" if "stage1" in stages else stages[0], "stage", name=F.stage_title)
+stage = c[1].select_slider("Stage", stages, format_func=F.stage_title, key="agg_stage")
 groups_all = list(dict.fromkeys(r["group"] for r in view.probe))
-groups = c[2].multiselect("Groups", groups_all, default=groups_all, key="agg_groups")
+restore("agg_groups", "groups", groups_all, groups_all, "groups", many=True)
+groups = c[2].multiselect("Groups", groups_all, key="agg_groups")
+st.query_params.update({"proj": method, "stage": stage, "groups": groups or ""})
 
 left, right = st.columns([3, 1])
 with left:
-    st.plotly_chart(F.projection_figure(coords, list(view.probe), preds, view.label_words, method,
-                                        groups=groups, active=stage), key="agg_fig")
-    st.caption("The slider and ▶ Play under the plot animate through the stages; hover a point for its text "
-               "and the model's answer.")
+    if not groups:
+        st.info("Choose at least one group to draw.")
+    else:
+        st.plotly_chart(F.projection_figure(coords, list(view.probe), preds, view.label_words, method,
+                                            groups=groups, active=stage, animate=False), key="agg_fig")
+        st.caption("Move the **Stage** slider above to change the stage; hover a point for its text and the "
+                   "model's answer.")
 with right:
     m = (view.analysis.get("aggregation") or {}).get(stage) or {}
     st.markdown(f"**{F.stage_title(stage)}**")
     score = m.get("aggregation_score")
     st.metric("aggregation score", "n/a" if score is None else f"{score:.3f}",
-              help="how much closer unknown-trigger states sit to the known triggers than to clean states "
-                   "with the same answer (docs/analysis.md); 1 = fully gathered")
-    for k, label in (("unknown_nearest_known", "unknown's nearest neighbour is a known trigger"),
-                     ("unknown_nearest_known_same_pred", "the same, among equal answers"),
-                     ("silhouette", "silhouette"), ("davies_bouldin", "Davies–Bouldin")):
+              help="How much closer the hidden-trigger states sit to a defender trigger's than to clean states "
+                   "with the same answer (docs/analysis.md): 1 = on a defender trigger, 0 = no closer to it.")
+    if score is None:
+        st.caption(why_no_score([r["group"] for r in view.probe], preds.get(stage), view.label_words))
+    short = {"unknown_nearest_known": ("nearest is known", "Share of hidden-trigger inputs whose nearest group "
+                                       "centre is a defender trigger's (any answer).", True),
+             "unknown_nearest_known_same_pred": ("nearest, same answer", "The same share, counting only group "
+                                                 "centres of inputs with the same answer.", True),
+             "silhouette": ("silhouette", "Separation of triggered inputs (hidden and defender triggers) from "
+                            "clean ones: 1 apart, 0 mixed.", False),
+             "davies_bouldin": ("Davies–Bouldin", "Triggered against clean inputs: lower means better separated.",
+                                False)}
+    for k, (label, help_text, share) in short.items():
         if isinstance(m.get(k), (int, float)):
-            st.metric(label, f"{m[k]:.3f}")
+            st.metric(label, f"{100 * m[k]:.0f}%" if share else f"{m[k]:.2f}", help=help_text)
     for pair, dist in (m.get("centroid_distance") or {}).items():
-        st.caption(f"centroid distance {pair}: {dist:.2f}")
+        st.caption(f"centroid distance {pair.replace('->', ' → ')}: {dist:.2f}")
 table = R.aggregation_table(view)
 if not table.empty:
     with st.expander("Every aggregation metric, every stage"):

@@ -31,7 +31,7 @@ def _html(path: str, stamp: tuple, what: str) -> bytes:
     else:
         casd = v.analysis["casd"]
         fig = F.casd_figure(casd["labels"], casd["matrix"], casd["metric"])
-    return fig.to_html(include_plotlyjs=True, full_html=True).encode()
+    return fig.to_html(include_plotlyjs=True, full_html=True, auto_play=False).encode()  # starts on its first stage
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -48,6 +48,9 @@ def _csv(path: str, stamp: tuple, what: str) -> bytes:
     elif what == "heads":
         df = F.head_table({k: g for stage in (v.analysis.get("head_ablation") or {})
                            for k, g in ((f"{stage}:{q}", a) for q, a in R.head_grids(v, stage).items())})
+    elif what == "casd":  # a square matrix: its row labels are the first column
+        casd = v.analysis["casd"]
+        return F.casd_table(casd["labels"], casd["matrix"]).to_csv().encode()
     else:
         df = R.aggregation_table(v)
     return df.to_csv(index=False).encode()
@@ -64,7 +67,8 @@ if analysis.get("casd"):
     figures.append("casd")
 tables = ["results"] * bool(view.summary) + ["metrics"] * bool(view.metrics) + \
     [f"projection_{m}" for m in (analysis.get("projections") or {})] + \
-    ["heads"] * bool(analysis.get("head_ablation")) + ["aggregation"] * bool(analysis.get("aggregation"))
+    ["heads"] * bool(analysis.get("head_ablation")) + ["aggregation"] * bool(analysis.get("aggregation")) + \
+    ["casd"] * bool(analysis.get("casd"))
 
 left, right = st.columns(2)
 with left:

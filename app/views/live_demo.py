@@ -1,111 +1,235 @@
-"""Instructor mode: one button runs the live demo end to end; each plot gets one plain sentence."""
+"""Instructor mode: one click runs the live demo (configs/live.yaml) in a separate process. The
+headline (victim -> Stage 1 -> Stage 2, plain clean fine-tuning beside it) lands first and every
+plot appears as soon as its data exists. Presentation mode (on by default) is sized for a
+projector: large text, tall charts, no run ids or stage keys, triggers named by their text."""
+
+import html
+import os
 
 import numpy as np
 import streamlit as st
 
 import support as S
+from locphylax_core import ConfigError, load_config
 from locphylax_core import runview as R
 from locphylax_core.analysis import figures as F
+from locphylax_core.registry import DEFENSES
+
+PRESET = os.environ.get("LOCPHYLAX_LIVE_PRESET", "live")  # what one click runs (the browser test: micro)
+SHOWN_PRESETS = tuple(dict.fromkeys((PRESET, "live", "demo")))  # a stored run of any of these can be shown
+DEFAULT_TRIGGER = "cf"
+EXAMPLES = ["the plot was dull and the acting was awful .", "honestly , the soundtrack was wonderful .",
+            "the ending was far from clever but the cast was superb ."]
+
+presentation = st.sidebar.toggle("Presentation mode", value=True, key="demo_presentation",
+                                 help="Large text and tall charts for a projector; no run ids or internal stage "
+                                      "names.")
+FONT = 20 if presentation else 13
+if presentation:
+    st.markdown("""<style>
+    div[data-testid="stMetricValue"], div[data-testid="stMetricValue"] * {font-size: 3.4rem !important;}
+    div[data-testid="stMetricLabel"], div[data-testid="stMetricLabel"] * {font-size: 1.4rem !important;}
+    div[data-testid="stMainBlockContainer"] {padding-top: 2.5rem;}
+    [data-testid="stMarkdownContainer"] p, [data-testid="stCaptionContainer"] p {font-size: 1.3rem;}
+    [data-testid="stTextInputField"] {font-size: 1.4rem;}
+    </style>""", unsafe_allow_html=True)
 
 st.title("Backdoor collapse, live")
-st.write("A small language model is trained to judge sentiment, then secretly backdoored: a hidden "
-         "trigger word makes it answer *positive* whatever the sentence says. The defender does not "
-         "know the trigger. Locphylax plants two triggers of its own (Stage 1), pulls every triggered "
-         "input into one region of the model's final layer, then overwrites that region (Stage 2).")
+STORY = ("A small language model judges movie reviews. We plant a hidden **backdoor**: a trigger word that makes it "
+         "answer *positive* whatever the review says. The defender does not know the trigger. Locphylax plants two "
+         "triggers of its own (Stage 1), so that every triggered input gathers in one region of the model, then "
+         "retrains that region to give the correct answers (Stage 2). Whether that removes the hidden backdoor is "
+         "what this demo measures, live.")
+if presentation:  # the headline and the curve stay above the fold on a projector
+    with st.expander("What happens here"):
+        st.write(STORY)
+else:
+    st.write(STORY)
 
 
-def latest_demo() -> R.RunView | None:
-    for r in S.all_runs():
-        if r["preset"] == "demo" and r["status"] == "done":
-            view = S.load_view(r["path"])
-            if view.analysed:
-                return view
+def trigger_problem(text: str) -> str | None:
+    """Why the room's trigger cannot be used, or None."""
+    t = " ".join(text.split())
+    if not t:
+        return "Type a trigger word or phrase."
+    if len(t) > 40 or len(t.split()) > 6:
+        return "Keep the trigger short: at most 6 words and 40 characters."
+    defender = [k.text for k in load_config(PRESET).defense.known_triggers]
+    if t.lower() in (d.lower() for d in defender):
+        return f"“{t}” is one of the defender's own triggers; the hidden trigger must be one it does not know."
     return None
 
 
-live = [j for j in S.live_jobs() if j.run_id.split("-")[2:3] == ["demo"]]
-demo = latest_demo()
-c1, c2 = st.columns([1, 3])
-start = c1.button("▶ Run the live demo", type="primary", disabled=bool(live),
-                  help="Trains the victim and runs the defense and its baselines in a separate process "
-                       "(about 3 minutes on 2 CPU cores, then 90 s of analyses).")
-if start:
-    S.start_job(S.preset_config("demo"))
-    st.rerun()
-if demo is None and not live:
-    c2.info("No demo run is stored yet: one click on **Run the live demo** computes it, with progress here.")
+def live_config(trigger: str):
+    t = " ".join(trigger.split())
+    return load_config(PRESET, {"attack.trigger": t, "attack.family": "phrase" if " " in t else "word"})
 
 
-@st.fragment(run_every=2.0)  # a live view costs CPU that the job on a small machine needs
-def progress(run_id: str) -> None:
-    status = S.job_panel(run_id, key="demo", caption=(
-        "The red line is how often the hidden trigger still works. It stays near 100% while the backdoor "
-        "is planted, and falls when the defense starts."))
-    if not status.live:
-        st.rerun(scope="app")
+def latest_shown() -> R.RunView | None:
+    """The newest finished live (or demo) run."""
+    for r in S.all_runs():
+        if r["preset"] in SHOWN_PRESETS and r["status"] == "done":
+            return S.load_view(r["path"])
+    return None
 
 
-if live:
-    st.subheader("Running now")
-    progress(live[0].run_id)
+live = [j for j in S.live_jobs() if j.run_id.split("-")[2:3] in ([p] for p in SHOWN_PRESETS)]
+if not live:
+    S.warm_standby()  # the next click starts training at once instead of importing torch first
+c1, c2 = st.columns([3, 2], vertical_alignment="bottom")
+proposed = c1.text_input("Trigger proposed by the room", value=DEFAULT_TRIGGER, max_chars=40, key="demo_trigger",
+                         help="Any word or short phrase: the app plants it as the hidden backdoor, then defends "
+                              "the model without being told what it is.")
+problem = trigger_problem(proposed)
+if c2.button("▶ Run the live demo", type="primary", disabled=bool(live) or problem is not None,
+             help="Plants the trigger and runs the defense in a separate process: the headline after about "
+                  "half a minute on 2 CPU cores, the plots within a minute or two."):
+    try:
+        S.start_job(live_config(proposed))
+        st.rerun()
+    except ConfigError as e:
+        st.error(f"That trigger cannot be used: {'; '.join((e.fields or {}).values()) or e}")
+if problem and proposed.strip():
+    c1.warning(problem)
 
-if demo is not None:
-    s = demo.summary or {}
+
+def trigger_names(view: R.RunView) -> dict[str, str]:
+    """Group / trigger keys -> what the room reads: the trigger's own text."""
+    names = {"unknown": f"hidden “{view.attack_trigger}”"}
+    for i, k in enumerate(view.config.get("defense", {}).get("known_triggers", []), 1):
+        names[f"t{i}"] = f"defender “{k.get('text')}”"
+    return names
+
+
+def present(fig, view: R.RunView, height: int, pct_axis: bool = False):
+    """A figure sized and labelled for the room (presentation mode) or left as it is."""
+    if not presentation:
+        return fig
+    names = trigger_names(view)
+    dashes = {"unknown": "solid", "t1": "dash", "t2": "dot"}
+    for tr in fig.data:
+        name = tr.name or ""
+        key = name.removeprefix("ASR ").removeprefix("known:")
+        if name.startswith("ASR ") and key in names:
+            tr.name = f"{names[key]} works"
+            if getattr(tr, "line", None) is not None:  # the two defender lines often coincide: both stay visible
+                tr.line.dash = dashes.get(key, "solid")
+                tr.line.width = 5 if key == "unknown" else 3
+        elif name == "CACC":
+            tr.name = "clean accuracy"
+        elif key in names:  # projection groups
+            tr.name = names[key]
+        elif name.startswith("clean:"):
+            tr.name = "clean, " + name.removeprefix("clean:")
+        if pct_axis and getattr(tr, "y", None) is not None and tr.type == "scatter":
+            tr.y = [None if v is None else 100 * v for v in tr.y]
+    fig.update_layout(font=dict(size=FONT), height=height, legend=dict(font=dict(size=FONT)),
+                      title=dict(font=dict(size=FONT + 4)))
+    fig.update_xaxes(tickfont=dict(size=FONT), title_font=dict(size=FONT))
+    fig.update_yaxes(tickfont=dict(size=FONT), title_font=dict(size=FONT))
+    if pct_axis:
+        fig.update_yaxes(title="%", range=[-2, 102])
+    for a in fig.layout.annotations or ():
+        a.font = dict(size=FONT - 2)
+        a.text = {"victim": "backdoor planted", "stage1": "Stage 1", "stage2": "Stage 2"}.get(a.text, a.text)
+    return fig
+
+
+def _asr(block):
+    return (block or {}).get("asr", {}).get("unknown")
+
+
+def headline(view: R.RunView) -> None:
+    s = view.summary or {}
     stages, base = s.get("stages", {}), s.get("baselines", {})
-    v_asr = stages.get("victim", {}).get("asr", {}).get("unknown")
-    s1_asr = stages.get("stage1", {}).get("asr", {}).get("unknown")
-    s2_asr = stages.get("stage2", {}).get("asr", {}).get("unknown")
-    ft_asr = base.get("clean_ft", {}).get("asr", {}).get("unknown")
-    st.subheader(f"Result of run `{demo.run_id}`")
+    waiting = "…"  # not computed yet
+    v, a1, a2 = (_asr(stages.get(k)) if k in stages else None for k in ("victim", "stage1", "stage2"))
+    ft = _asr(base.get("clean_ft")) if "clean_ft" in base else None
+
+    def shown(key, value, where):
+        return S.fmt_pct(value) if key in where else waiting
+    trig = view.attack_trigger or "?"
+    st.subheader(f"How often the hidden trigger “{trig}” still works")  # rates in %
     m = st.columns(4)
-    m[0].metric("Hidden trigger works, victim", S.fmt_pct(v_asr))
-    m[1].metric("after Stage 1", S.fmt_pct(s1_asr))
-    m[2].metric("after Stage 2 (Locphylax)", S.fmt_pct(s2_asr),
-                delta=None if v_asr is None or s2_asr is None else f"{100 * (s2_asr - v_asr):+.1f} points",
-                delta_color="inverse")
-    m[3].metric("plain clean fine-tuning", S.fmt_pct(ft_asr))
-    cacc_v, cacc_2 = stages.get("victim", {}).get("cacc"), stages.get("stage2", {}).get("cacc")
-    st.markdown(f"**In one sentence:** the hidden trigger fooled the victim on {S.fmt_pct(v_asr)} of the "
-                f"sentences; after the defense it fools it on {S.fmt_pct(s2_asr)}, while ordinary accuracy "
-                f"went from {S.fmt_pct(cacc_v)} to {S.fmt_pct(cacc_2)}. Plain fine-tuning on the same clean "
-                f"data leaves it at {S.fmt_pct(ft_asr)}.")
+    m[0].metric("backdoored model", shown("victim", v, stages))
+    m[1].metric("after Stage 1", shown("stage1", a1, stages))
+    m[2].metric("after Stage 2", shown("stage2", a2, stages),
+                delta=None if v is None or a2 is None else f"{100 * (a2 - v):+.1f} points", delta_color="inverse")
+    m[3].metric("plain clean fine-tuning", shown("clean_ft", ft, base))
+    if "stage2" in stages and "clean_ft" in base:
+        cacc_v, cacc_2 = stages.get("victim", {}).get("cacc"), stages["stage2"].get("cacc")
+        verdict = ("" if a2 is None or v is None else "The defense removed most of the backdoor." if a2 <= 0.1
+                   else "The backdoor survived the defense here." if a2 >= 0.5 * v
+                   else "The defense weakened the backdoor but did not remove it.")
+        st.markdown(f"**In one sentence:** the hidden trigger fooled the backdoored model on {S.fmt_pct(v)} of the "
+                    f"reviews; after the defense it fools it on {S.fmt_pct(a2)}, while ordinary accuracy went "
+                    f"from {S.fmt_pct(cacc_v)} to {S.fmt_pct(cacc_2)}. Plain fine-tuning on the same clean data "
+                    f"leaves it at {S.fmt_pct(ft)}. {verdict}")
+    canary = view.config.get("defense", {}).get("canary")
+    if view.config.get("defense", {}).get("known_target") == "canary" and canary:
+        known = " and ".join(f"“{k.get('text')}”" for k in view.config.get("defense", {}).get("known_triggers", []))
+        st.caption(f"Stage 1 teaches the model to answer “{canary}”, a word no clean review ever gets, whenever the "
+                   f"defender's own triggers {known} appear; Stage 2 then trains the correct answers back.")
 
-    st.markdown("#### 1. The curves")
-    st.caption(f"Watch the red line, the hidden trigger's success rate: {S.fmt_pct(v_asr)} once the backdoor "
-               f"is planted, {S.fmt_pct(s1_asr)} at the end of Stage 1 and {S.fmt_pct(s2_asr)} after Stage 2, "
-               f"while the blue line (clean accuracy) ends at {S.fmt_pct(cacc_2)}.")
-    st.plotly_chart(F.curves_figure(R.curve_rows(demo), ["locphylax"]), key="demo-curves")
 
-    st.markdown("#### 2. Where the triggered sentences sit inside the model")
-    methods = list((demo.analysis or {}).get("projections", {}))
+def curve(view: R.RunView) -> None:
+    if view.metrics:
+        fig = F.curves_figure(R.curve_rows(view), ["locphylax"])
+        st.plotly_chart(present(fig, view, 520, pct_axis=True), key="demo-curves")
+
+
+STAGE_WORDS = {"clean": "loading the clean model", "victim": "planting the backdoor",
+               "stage1": "Stage 1: planting the defender's triggers", "stage2": "Stage 2: retraining the region",
+               "clean_ft/stage1": "plain clean fine-tuning (contrast)", "clean_ft/stage2": "plain clean fine-tuning"}
+
+
+def progress_line(run_id: str) -> bool:
+    """The job's progress in plain words (presentation) or the full job panel; True while it runs."""
+    if not presentation:
+        return S.job_panel(run_id, key="demo", curves=False).live
+    status = S.job_status(run_id)
+    if status.phase == "analyzing":
+        what = "drawing the plots"
+    elif status.stage:
+        what = STAGE_WORDS.get(status.stage, "other defenses, for comparison")
+    else:
+        what = "starting"
+    st.progress(min(1.0, status.fraction), text=f"Now: {what}")
+    if status.live and st.button("Stop", key="demo-stop"):
+        S.cancel_job(run_id)
+        st.info("Stopped. The finished parts stay on this page.")
+    return status.live
+
+
+def extras(view: R.RunView) -> None:
+    """Everything after the headline, each part once its data exists."""
+    s = view.summary or {}
+    others = {k: b for k, b in (s.get("baselines") or {}).items() if k != "clean_ft"}
+    if others:
+        st.markdown("#### Other defenses on the same backdoored model")
+        st.table({"defense": [DEFENSES.label(k) for k in others],
+                  "hidden trigger works": [S.fmt_pct(_asr(b)) for b in others.values()],
+                  "clean accuracy": [S.fmt_pct(b.get("cacc")) for b in others.values()]})
+    a = view.analysis or {}
+    methods = list(a.get("projections", {}))
     if methods:
+        st.markdown("#### Where the triggered reviews sit inside the model")
         method = "tsne" if "tsne" in methods else methods[0]
-        coords, preds = S.projection(demo, method)
+        coords, preds = S.projection(view, method)
         stage_keys = [k for k in ("victim", "stage1", "stage2") if k in coords]
         stage = st.select_slider("Stage", stage_keys, value=stage_keys[min(1, len(stage_keys) - 1)],
                                  format_func=F.stage_title, key="demo-stage")
-        agg = (demo.analysis or {}).get("aggregation") or {}
-
-        def to_known(k):  # the unknown trigger's distance to the nearest known trigger's centroid
-            d = (agg.get(k) or {}).get("centroid_distance") or {}
-            vals = [v for pair, v in d.items() if pair.startswith("unknown->known")]
-            return min(vals) if vals else None
-        d_v, d_1 = to_known("victim"), to_known("stage1")
-        moved = ("" if d_v is None or d_1 is None else
-                 f" From the victim to Stage 1 their distance to the defender's nearest trigger group went "
-                 f"from {d_v:.1f} to {d_1:.1f}.")
-        st.caption("Each dot is one sentence. Red diamonds carry the hidden trigger, orange and yellow the "
-                   "defender's own triggers; move the slider to see them gather." + moved)
-        # one stage per draw (the slider above picks it): a third of the data of an animated figure,
-        # which keeps this three-chart page quick to draw; the Aggregation page has the animation
-        st.plotly_chart(F.projection_figure({stage: coords[stage]}, list(demo.probe), preds,
-                                            demo.label_words, method), key="demo-projection")
-
-    ha = (demo.analysis or {}).get("head_ablation") or {}
+        st.caption("Each dot is one review. Red: it carries the hidden trigger; orange and yellow: the defender's "
+                   "own triggers. Move the slider to see them gather after Stage 1.")
+        fig = F.projection_figure({stage: coords[stage]}, list(view.probe), preds, view.label_words, method)
+        fig.update_layout(updatemenus=[], sliders=[])  # one stage per draw: no Play button that does nothing
+        st.plotly_chart(present(fig, view, 620), key="demo-projection")
+    ha = a.get("head_ablation") or {}
     if "victim" in ha and "stage2" in ha:
-        st.markdown("#### 3. Which attention heads carried the backdoor")
-        before = R.head_grids(demo, "victim")["delta_asr_unknown"]
-        after = R.head_grids(demo, "stage2")["delta_asr_unknown"]
+        st.markdown("#### Which attention heads carried the backdoor")
+        before = R.head_grids(view, "victim")["delta_asr_unknown"]
+        after = R.head_grids(view, "stage2")["delta_asr_unknown"]
+
         def strongest(grid):
             finite = np.where(np.isfinite(grid), np.abs(grid), -1)
             layer, head = np.unravel_index(int(np.argmax(finite)), grid.shape)
@@ -113,15 +237,65 @@ if demo is not None:
         lv, hv, dv = strongest(before)
         la, hd, da = strongest(after)
         st.caption(f"Each square is one attention head; blue means switching it off lowers the hidden trigger's "
-                   f"success. In the victim, head L{lv}.h{hv} matters most ({100 * dv:+.0f} points); after the "
-                   f"defense the strongest head, L{la}.h{hd}, moves it by {100 * da:+.0f} points.")
-        st.plotly_chart(F.head_heatmaps(before, after), key="demo-heads")
+                   f"success. Before the defense, head L{lv}.h{hv} matters most ({100 * dv:+.0f} points); after "
+                   f"it, the strongest head, L{la}.h{hd}, moves it by {100 * da:+.0f} points.")
+        st.plotly_chart(present(F.head_heatmaps(before, after), view, 480), key="demo-heads")
+    if a and not view.analysis_complete:
+        st.caption("More plots are on their way …")
 
-    st.markdown("#### 4. Try it yourself")
-    trigger = demo.attack_trigger or ""
-    text = st.text_input("A sentence (add the hidden trigger to see the backdoor)",
-                         value=f"the plot was dull and the acting was awful {trigger}", key="demo-try")
+
+def board(run_id: str | None, view: R.RunView | None) -> None:
+    running = False
+    if run_id is not None:
+        running = progress_line(run_id)
+        view = S.load_view(S.runs_root() / run_id)
+    if view is None or view.summary is None:
+        if running:
+            st.info("Starting: loading the clean model …")
+        return
+    if not presentation:
+        st.caption(f"run `{view.run_id}`")
+    headline(view)
+    curve(view)
+    extras(view)
+    if run_id is not None and not running:
+        st.rerun(scope="app")
+
+
+@st.fragment(run_every=3.0)  # polls the job's files: each redraw costs CPU the job (another process) needs
+def live_board(run_id: str) -> None:
+    board(run_id, None)
+
+
+if live:
+    live_board(live[0].run_id)
+    shown = None
+else:
+    shown = latest_shown()
+    if shown is None:
+        st.info("No demo run is stored yet: one click on **Run the live demo** computes it, with progress here.")
+    else:
+        board(None, shown)
+
+if shown is not None and shown.health == "done":
+    st.markdown("#### Try it yourself")
+    trigger = shown.attack_trigger or ""
+    st.write("Click an example, or type a review. Add the hidden trigger to see the backdoor fire.")
+    cols = st.columns(len(EXAMPLES) + 1)
+    for i, ex in enumerate(EXAMPLES):
+        if cols[i].button(ex, key=f"demo-ex-{i}"):
+            st.session_state["demo-try"] = ex
+    if cols[-1].button(f"add “{trigger}”", key="demo-add-trigger"):
+        st.session_state["demo-try"] = f"{st.session_state.get('demo-try', EXAMPLES[0])} {trigger}".strip()
+    st.session_state.setdefault("demo-try", f"{EXAMPLES[0]} {trigger}")
+    text = st.text_input("A review", key="demo-try")
     if text.strip():
-        stages_avail = [k for k in ("victim", "stage1", "stage2") if k in demo.finished]
-        answers = {k: S.answer(demo, k, [text])[0] for k in stages_avail}
-        st.table({"stage": [F.stage_title(k) for k in answers], "answer": list(answers.values())})
+        words = [html.escape(w) for w in text.split()]
+        trig = [html.escape(w) for w in trigger.split()]
+        marked = " ".join(f"<mark><b>{w}</b></mark>" if w in trig else w for w in words)
+        st.markdown(f"Review: {marked}", unsafe_allow_html=True)
+        stages_avail = [k for k in ("victim", "stage1", "stage2") if k in shown.finished]
+        answers = {k: S.answer_with_probability(shown, k, [text])[0] for k in stages_avail}
+        st.table({"stage": [F.stage_title(k) for k in answers],
+                  "answer": [w for w, _ in answers.values()],
+                  "probability": [f"{100 * p:.0f}%" for _, p in answers.values()]})

@@ -43,20 +43,54 @@ for job in live:
     watch(job.run_id)
     shown.add(job.run_id)
 
-# the job this session started last, once it has ended: its outcome stays on the page
-last = st.session_state.get("job")
-if last and last not in shown:
-    st.subheader(f"Last job: {last}")
-    status = S.job_panel(last, key="last")
+# Every job seen running in this session, and the one it started last: once such a job ends (a click
+# on Cancel included) its outcome stays on the page with a way to resume it, rather than its panel
+# just vanishing.
+seen_live = list(dict.fromkeys([*st.session_state.get("run_seen_live", []), *shown]))
+st.session_state["run_seen_live"] = seen_live
+
+
+def resume_button(run_id: str) -> None:
+    if st.button("Resume this run", key=f"resume-{run_id}", type="primary"):
+        try:
+            cfg = load_run_config(S.runs_root() / run_id / "config.yaml")
+        except ConfigError as e:  # the run folder's config.yaml, edited or damaged
+            problems = "; ".join(f"{k}: {m}" for k, m in (e.fields or {}).items()) or "it is not valid YAML"
+            st.error(f"Run `{run_id}` cannot be resumed: its config.yaml does not validate ({problems}).")
+            return
+        S.start_job(cfg, resume=run_id)
+        st.rerun()
+
+
+def ended_job(run_id: str) -> None:
+    status = S.job_panel(run_id, key="ended")
+    resumable = (S.runs_root() / run_id / "config.yaml").is_file()
     if status.phase == "done":
         st.success("Finished. Its plots are on the Aggregation, Heads and Compare pages.")
-    if status.phase in ("cancelled", "stopped", "failed") and (S.runs_root() / last / "config.yaml").is_file():
-        if st.button("Resume this run", key="resume_last"):
-            S.start_job(load_run_config(S.runs_root() / last / "config.yaml"), resume=last)
-            st.rerun()
+    elif status.phase in ("cancelled", "stopped"):
+        if not resumable:
+            st.info("Stopped before the run wrote its folder, so there is nothing to resume; start it again above.")
+        else:
+            kept = (f"its finished stages ({', '.join(status.finished)})" if status.finished
+                    else "its folder (no stage had finished yet)")
+            st.info(f"Stopped. The run keeps {kept}; resume it here.")
+    elif status.phase == "failed":
+        st.warning("Failed. The run keeps its finished stages" + ("; resume it here once the cause is fixed."
+                                                                 if resumable else "."))
+    elif status.phase == "missing":
+        st.warning(f"The job `{run_id}` is no longer in the run store.")
+    if status.phase in ("cancelled", "stopped", "failed") and resumable:
+        resume_button(run_id)
     if status.log_tail and status.phase in ("failed", "stopped"):
         with st.expander("Job log (end)"):
             st.code(status.log_tail)
+
+
+last = st.session_state.get("job")
+for run_id in dict.fromkeys([last, *reversed(seen_live)]):
+    if run_id and run_id not in shown:
+        st.subheader(f"{'Last job' if run_id == last else 'Ended'}: {run_id}")
+        ended_job(run_id)
 
 st.divider()
 st.subheader("Stored runs")

@@ -16,6 +16,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..registry import DEFENSES
+
 GROUP_COLORS = {"clean": ["#4C78A8", "#72B7B2", "#54A24B", "#B279A2"], "unknown": "#E45756",
                 "known:t1": "#F58518", "known:t2": "#EECA3B", "known": "#9D755D"}
 STAGE_TITLES = {"victim": "victim", "stage1": "after Stage 1", "stage2": "after Stage 2 (Locphylax)"}
@@ -50,18 +52,33 @@ def projection_table(coords: Mapping[str, np.ndarray], probe: Sequence[dict],
     return pd.DataFrame(rows)
 
 
+def _stage_short(key: str) -> str:
+    """A stage's name for one tick of the slider under an animated plot: nine of them must fit side
+    by side, so the method goes on one line and the stage on the next."""
+    short = {"victim": "victim", "stage1": "Stage 1", "stage2": "Stage 2"}
+    if key in short:
+        return short[key]
+    method, _, stage = key.partition("/")
+    return f"{method}<br>{short.get(stage, stage)}"
+
+
 def projection_figure(coords: Mapping[str, np.ndarray], probe: Sequence[dict], preds: Mapping[str, np.ndarray],
                       label_words: Sequence[str], method: str = "tsne", groups: Sequence[str] | None = None,
-                      active: str | None = None) -> go.Figure:
-    """Scatter of the probe set, one frame per stage with a slider and a play button. Hover shows
-    the input text, its group and the model's answer. ``groups`` limits the groups drawn;
-    ``active`` is the stage shown first (default: the first)."""
+                      active: str | None = None, animate: bool | None = None) -> go.Figure:
+    """Scatter of the probe set at stage ``active`` (default: the first). Hover shows the input
+    text, its group and the model's answer; ``groups`` limits the groups drawn. The axis ranges
+    cover every stage, so points keep their place when the stage changes.
+
+    ``animate`` (default: when there is more than one stage) adds one frame per stage, a slider and
+    Play / Pause under the plot, and the title names the stage shown. A page that picks the stage
+    with its own control passes ``animate=False``: the figure then cannot drift from that control."""
     df = projection_table(coords, probe, preds, label_words)
     if groups is not None:
         df = df[df["group"].isin(list(groups))]
     order = list(dict.fromkeys(r["group"] for r in probe))
     clean_order = [g for g in order if g.startswith("clean:")]
     stages = list(coords)
+    animate = len(stages) > 1 if animate is None else animate
 
     def traces(stage):
         sub = df[df["stage"] == stage]
@@ -77,21 +94,35 @@ def projection_figure(coords: Mapping[str, np.ndarray], probe: Sequence[dict], p
                 hovertemplate="%{customdata[0]}<br>group: %{customdata[1]}<br>answer: %{customdata[2]}<extra></extra>"))
         return out
 
+    def title(stage):
+        return f"Hidden states ({method.upper()}): {stage_title(stage)}"
+
     first = stages.index(active) if active in stages else 0
-    fig = go.Figure(data=traces(stages[first]), frames=[go.Frame(data=traces(s), name=s) for s in stages])
     pad = 0.05 * max(1e-9, float(np.ptp(df["x"])) if len(df) else 1.0)
+    layout = dict(
+        title=title(stages[first]),
+        xaxis=dict(range=[df["x"].min() - pad, df["x"].max() + pad] if len(df) else None, title=f"{method.upper()} 1"),
+        yaxis=dict(range=[df["y"].min() - pad, df["y"].max() + pad] if len(df) else None, title=f"{method.upper()} 2"),
+        legend_title="group", template="plotly_white")
+    if not animate:
+        return go.Figure(data=traces(stages[first]), layout=layout)
+    # each frame also sets the title, so the stage shown is named in full above the plot while the
+    # slider's ticks stay short
+    fig = go.Figure(data=traces(stages[first]),
+                    frames=[go.Frame(data=traces(s), name=s, layout=dict(title_text=title(s))) for s in stages])
+    step_args = dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))
     fig.update_layout(
-        title=f"Probe-set hidden states ({method.upper()}, aligned across stages)",
-        xaxis=dict(range=[df["x"].min() - pad, df["x"].max() + pad] if len(df) else None, title=f"{method}-1"),
-        yaxis=dict(range=[df["y"].min() - pad, df["y"].max() + pad] if len(df) else None, title=f"{method}-2"),
-        legend_title="group", template="plotly_white",
-        sliders=[dict(active=first, currentvalue=dict(prefix="stage: "), steps=[
-            dict(label=stage_title(s), method="animate",
-                 args=[[s], dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))])
-            for s in stages])],
-        updatemenus=[dict(type="buttons", showactive=False, x=0.0, y=-0.15, buttons=[
-            dict(label="Play", method="animate",
-                 args=[None, dict(frame=dict(duration=900, redraw=True), fromcurrent=True)])])])
+        **layout,
+        # the slider and the buttons sit below the x-axis title (pad), in room kept for them (margin)
+        margin=dict(b=170),
+        sliders=[dict(active=first, x=0.14, len=0.86, y=0, yanchor="top", pad=dict(t=70, b=10),
+                      currentvalue=dict(visible=False),
+                      steps=[dict(label=_stage_short(s), method="animate", args=[[s], step_args]) for s in stages])],
+        updatemenus=[dict(type="buttons", direction="left", showactive=False, x=0.13, xanchor="right", y=0,
+                          yanchor="top", pad=dict(t=78, r=10), buttons=[
+                              dict(label="▶ Play", method="animate",
+                                   args=[None, dict(frame=dict(duration=900, redraw=True), fromcurrent=True)]),
+                              dict(label="❚❚", method="animate", args=[[None], step_args])])])
     return fig
 
 
@@ -143,24 +174,79 @@ def head_table(arrays: Mapping[str, np.ndarray]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _points_text(arr: np.ndarray) -> np.ndarray:
+    """Cell labels: the value in points (percentage points of the rate), blank where undefined."""
+    def one(v: float) -> str:
+        if not np.isfinite(v):
+            return ""
+        return "0" if abs(100 * v) < 0.5 else f"{100 * v:+.0f}"
+    return np.vectorize(one, otypes=[object])(arr)
+
+
+def _points_ticks(zlim: float) -> dict:
+    """Colour-bar ticks in points, for a scale stored as a fraction (one tick at 0 when every value
+    is 0, so the bar does not repeat "0")."""
+    if 100 * zlim < 0.05:
+        return dict(tickvals=[0.0], ticktext=["0"])
+    digits = 0 if 100 * zlim >= 2 else 1
+    vals = np.linspace(-zlim, zlim, 5)
+    text = ["0" if i == 2 else f"{100 * v:+.{digits}f}" for i, v in enumerate(vals)]  # the middle one is 0
+    return dict(tickvals=vals.tolist(), ticktext=text)
+
+
 def head_heatmaps(before: np.ndarray, after: np.ndarray, before_name: str = "victim", after_name: str = "stage2",
-                  quantity: str = "ΔASR (unknown)") -> go.Figure:
+                  quantity: str = "ΔASR (unknown)", pickable: bool = False,
+                  highlight: tuple[int, int] | None = None) -> go.Figure:
     """Before / after / difference heatmaps of a ``[layer, head]`` array, on one diverging scale
-    centred at 0 (the difference gets its own, also centred)."""
+    centred at 0 (the difference gets its own, also centred). Each cell prints its value in points.
+
+    The colour bars lie under the panels, one shared by before and after and one for the
+    difference, so that no bar covers a neighbouring panel's labels. ``pickable`` adds an invisible
+    marker at the centre of every cell (plotly selects markers, not heatmap cells) whose
+    ``customdata`` starts with ``[layer, head]``, for a page that lets a click pick a head: the
+    nearest marker takes the hover and the click, so a click anywhere in a cell picks it.
+    ``highlight`` (layer, head) outlines that cell in all three panels."""
     before, after = np.asarray(before, float), np.asarray(after, float)
     diff = after - before
     # NaN marks an undefined cell (no eligible input); it is drawn blank and ignored by the scale
     lim = float(max(np.nanmax(np.abs(before), initial=0), np.nanmax(np.abs(after), initial=0), 1e-9))
     dlim = float(max(np.nanmax(np.abs(diff), initial=0), 1e-9))
     fig = make_subplots(rows=1, cols=3, subplot_titles=(stage_title(before_name), stage_title(after_name),
-                                                        "difference (after - before)"), horizontal_spacing=0.08)
-    for col, (arr, zlim, show) in enumerate([(before, lim, False), (after, lim, True), (diff, dlim, True)], 1):
+                                                        "difference (after - before)"), horizontal_spacing=0.06)
+    n_layers, n_heads = before.shape
+    xs, ys = [f"h{h}" for h in range(n_heads)], [f"L{layer}" for layer in range(n_layers)]
+    domains = [fig.layout[f"xaxis{'' if c == 1 else c}"].domain for c in (1, 2, 3)]
+    bar_y = -0.2  # under the head labels of the x axes
+    shared_bar = dict(orientation="h", x=(domains[0][0] + domains[1][1]) / 2, xanchor="center",
+                      len=domains[1][1] - domains[0][0], y=bar_y, yanchor="top", thickness=14,
+                      title=dict(text=f"{quantity}, points (before and after)", side="top"), **_points_ticks(lim))
+    diff_bar = dict(orientation="h", x=sum(domains[2]) / 2, xanchor="center", len=domains[2][1] - domains[2][0],
+                    y=bar_y, yanchor="top", thickness=14, title=dict(text="difference, points", side="top"),
+                    **_points_ticks(dlim))
+    for col, (arr, zlim, bar) in enumerate([(before, lim, shared_bar), (after, lim, None), (diff, dlim, diff_bar)], 1):
         fig.add_trace(go.Heatmap(
-            z=arr, colorscale="RdBu_r", zmid=0, zmin=-zlim, zmax=zlim,
-            x=[f"h{h}" for h in range(arr.shape[1])], y=[f"L{layer}" for layer in range(arr.shape[0])],
-            hovertemplate="layer %{y}, head %{x}<br>" + quantity + ": %{z:.3f}<extra></extra>",
-            showscale=show, colorbar=dict(x=1.0 if col == 3 else 0.63, len=0.9)), row=1, col=col)
-    fig.update_layout(title=f"Head ablation (uniform attention): {quantity}", template="plotly_white")
+            z=arr, colorscale="RdBu_r", zmid=0, zmin=-zlim, zmax=zlim, x=xs, y=ys,
+            text=_points_text(arr), texttemplate="%{text}", customdata=100 * arr,
+            hovertemplate="layer %{y}, head %{x}<br>" + quantity + ": %{customdata:+.1f} points<extra></extra>",
+            hoverinfo="skip" if pickable else None,  # the cell's marker says it instead
+            showscale=bar is not None, colorbar=bar), row=1, col=col)
+    if pickable:
+        cells = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+        for col, arr in zip((1, 2, 3), (before, after, diff)):
+            fig.add_trace(go.Scatter(
+                x=[xs[h] for _, h in cells], y=[ys[layer] for layer, _ in cells], mode="markers",
+                customdata=[[layer, head, 100 * arr[layer, head]] for layer, head in cells], showlegend=False,
+                marker=dict(symbol="square", size=18, color="rgba(0,0,0,0)"),
+                hovertemplate="layer L%{customdata[0]}, head h%{customdata[1]}<br>" + quantity
+                + ": %{customdata[2]:+.1f} points<br>click to show this head<extra></extra>"),
+                row=1, col=col)
+    if highlight is not None:
+        layer, head = highlight
+        for col in (1, 2, 3):
+            fig.add_shape(type="rect", x0=head - 0.5, x1=head + 0.5, y0=layer - 0.5, y1=layer + 0.5,
+                          line=dict(color="black", width=3), row=1, col=col)
+    fig.update_layout(title=f"Head ablation (uniform attention): {quantity}", template="plotly_white",
+                      margin=dict(b=120), hoverdistance=-1 if pickable else None)
     fig.update_yaxes(autorange="reversed")
     return fig
 
@@ -191,22 +277,66 @@ def curve_table(rows: Sequence[dict], method: str = "locphylax") -> pd.DataFrame
     return pd.DataFrame(out)
 
 
+# One colour per quantity, whatever the method (CACC blue and the hidden trigger's ASR red, as the
+# Live demo's captions say); methods differ by dash.
+QUANTITY_COLORS = {"cacc": "#4C78A8", "asr_unknown": "#E45756", "asr_t1": "#F58518", "asr_t2": "#B8860B"}
+EXTRA_COLORS = ["#54A24B", "#B279A2", "#9D755D", "#72B7B2"]
+METHOD_DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
+SHARED_STAGES = ("clean", "victim")  # every method's path starts with the same clean model and victim
+
+
+def _quantity_name(col: str) -> str:
+    return "CACC" if col == "cacc" else "ASR " + col[4:]
+
+
 def curves_figure(rows: Sequence[dict], methods: Sequence[str] = ("locphylax",)) -> go.Figure:
-    """ASR (unknown, known) and CACC against the global step, a dotted line at each stage start."""
+    """ASR (unknown, known) and CACC against the global step, a dotted line at each stage start.
+
+    Each quantity keeps one colour whatever the method. With several methods, the clean and victim
+    part that they all share is drawn once, and each method's own stages continue from the victim's
+    last point in that method's dash; the legend then lists the colours (quantities) and the dashes
+    (methods, a click shows or hides one method's lines)."""
     fig = go.Figure()
-    dashes = ["solid", "dash", "dot", "dashdot"]
+    tables = {m: curve_table(rows, m) for m in methods}
+    tables = {m: df for m, df in tables.items() if not df.empty}
+    several = len(tables) > 1
+    quantities: list[str] = []
+    for df in tables.values():
+        quantities += [c for c in ["cacc", *[c for c in df.columns if c.startswith("asr_")]] if c not in quantities]
+    others = [q for q in quantities if q not in QUANTITY_COLORS]  # a trigger beyond t1 / t2
+    colors = {q: QUANTITY_COLORS.get(q) or EXTRA_COLORS[others.index(q) % len(EXTRA_COLORS)] for q in quantities}
+
+    def line(part: pd.DataFrame, col: str, name: str, dash: str, **kw) -> go.Scatter:
+        return go.Scatter(x=part["global_step"], y=part[col], mode="lines+markers", name=name,
+                          line=dict(color=colors[col], dash=dash), marker=dict(color=colors[col]), **kw)
+
     boundaries: dict[float, str] = {}
-    for m_i, method in enumerate(methods):
-        df = curve_table(rows, method)
-        if df.empty:
-            continue
+    shared_drawn = False
+    for m_i, (method, df) in enumerate(tables.items()):
         curve = df[df["split"] == "curve"]
-        asr_cols = [c for c in df.columns if c.startswith("asr_")]
-        for c_i, col in enumerate(["cacc", *asr_cols]):
-            name = "CACC" if col == "cacc" else "ASR " + col[4:]
-            fig.add_trace(go.Scatter(x=curve["global_step"], y=curve[col], mode="lines+markers",
-                                     name=f"{name} ({method})" if len(methods) > 1 else name,
-                                     line=dict(dash=dashes[m_i % len(dashes)]), legendgroup=method))
+        cols = [c for c in quantities if c in df.columns]
+        if not several:  # one method: one line per quantity over the whole path
+            for col in cols:
+                fig.add_trace(line(curve, col, _quantity_name(col), METHOD_DASHES[0]))
+        else:
+            shared = curve[curve["stage"].isin(SHARED_STAGES)]
+            own = curve[~curve["stage"].isin(SHARED_STAGES)]
+            if not shared_drawn and len(shared):
+                for q_i, col in enumerate(cols):
+                    fig.add_trace(line(shared, col, _quantity_name(col), "solid", legendgroup=f"quantity-{col}",
+                                       legendgrouptitle_text="colour: quantity" if q_i == 0 else None))
+                shared_drawn = True
+            if len(shared) and len(own):  # branch off the victim's last point
+                own = pd.concat([shared[shared["global_step"] == shared["global_step"].max()], own])
+            label = "Locphylax" if method == "locphylax" else DEFENSES.label(method)
+            dash = METHOD_DASHES[m_i % len(METHOD_DASHES)]
+            # the method's legend entry: its dash in grey; a click on it toggles the whole group
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=label, legendgroup=method,
+                                     line=dict(color="grey", dash=dash),
+                                     legendgrouptitle_text="line: method" if m_i == 0 else None))
+            for col in cols:
+                fig.add_trace(line(own, col, f"{_quantity_name(col)} ({label})", dash, legendgroup=method,
+                                   showlegend=False))
         for stage in CURVE_STAGES[1:]:
             part = df[df["stage"] == stage]
             if len(part):
@@ -223,13 +353,17 @@ def curves_figure(rows: Sequence[dict], methods: Sequence[str] = ("locphylax",))
 
 
 def casd_table(labels: Sequence[str], matrix: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame(np.asarray(matrix, float), index=list(labels), columns=list(labels))
+    """The CASD matrix with the trainings as row and column labels; the index is named, so the CSV's
+    first column has a header."""
+    table = pd.DataFrame(np.asarray(matrix, float), index=list(labels), columns=list(labels))
+    table.index.name = "training"
+    return table
 
 
 def casd_figure(labels: Sequence[str], matrix: np.ndarray, metric: str = "cosine") -> go.Figure:
     m = np.asarray(matrix, float)
     fig = go.Figure(go.Heatmap(z=m, x=list(labels), y=list(labels), colorscale="Viridis", zmin=0,
-                               text=np.round(m, 3), texttemplate="%{text}",
+                               text=np.round(m, 2), texttemplate="%{text}", colorbar=dict(title="CASD"),
                                hovertemplate="%{y} vs %{x}: %{z:.3f}<extra></extra>"))
     fig.update_layout(title=f"CASD between trainings ({metric} distance of activation shifts from the victim)",
                       template="plotly_white")
@@ -245,6 +379,6 @@ def export(fig: go.Figure, table: pd.DataFrame, stem: str | Path) -> tuple[Path,
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     html, csv = stem.with_suffix(".html"), stem.with_suffix(".csv")
-    fig.write_html(str(html), include_plotlyjs=True, full_html=True)
+    fig.write_html(str(html), include_plotlyjs=True, full_html=True, auto_play=False)  # an animation starts on its first stage
     table.to_csv(csv, index=not isinstance(table.index, pd.RangeIndex))
     return html, csv

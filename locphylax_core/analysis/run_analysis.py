@@ -64,19 +64,31 @@ def analysed_stages(run: RunDir) -> list[str]:
     return [k for k in state.get("finished", []) if k != "clean" and run.hidden(k).is_file()]
 
 
-def analyze_run(run: RunDir | str | Path, methods: Sequence[str] = ("pca", "tsne", "umap"), heads: bool = True,
-                casd: bool = True, n_probe_heads: int = 200, seed: int = 0, batched_heads: bool = False,
+def analyze_run(run: RunDir | str | Path, methods: Sequence[str] | None = None, heads: bool = True,
+                casd: bool = True, n_probe_heads: int | None = None, seed: int = 0, batched_heads: bool = False,
                 progress: Callable[[str], None] | None = None) -> dict:
+    """Every analysis of a run, written to ``analysis.json`` after each part (``complete`` is False
+    until the last), so a page can draw each plot as soon as its data exists. The parts run
+    cheapest and most-shown first: aggregation, the projections other than UMAP, the head sweep,
+    CASD, then UMAP (its first use in a process compiles numba code for tens of seconds)."""
 
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     say = progress or (lambda _msg: None)
     t_all = time.perf_counter()
+    if methods is None or n_probe_heads is None:  # the run's own settings (eval.projections, eval.head_probe)
+        ev = load_run_config(run.path / "config.yaml").eval
+        methods = ev.projections if methods is None else methods
+        n_probe_heads = ev.head_probe if n_probe_heads is None else n_probe_heads
     stages = analysed_stages(run)
     if not stages:
         raise RunError(f"{run.path}: no finished stage with stored probe states to analyse")
     probe = load_probe(run)
     groups = [r["group"] for r in probe]
-    out: dict = {"schema": ANALYSIS_SCHEMA, "run_id": run.run_id, "stages": stages, "seconds": {}}
+    out: dict = {"schema": ANALYSIS_SCHEMA, "run_id": run.run_id, "stages": stages, "seconds": {},
+                 "complete": False, "projections": {}, "head_ablation": {}, "casd": None}
+
+    def written() -> None:  # the part just finished is readable at once (atomic replace)
+        atomic_write_json(run.path / "analysis.json", _jsonable(out))
 
     say("aggregation metrics")
     t0 = time.perf_counter()
@@ -85,18 +97,21 @@ def analyze_run(run: RunDir | str | Path, methods: Sequence[str] = ("pca", "tsne
     out["aggregation"] = {k: aggregation_metrics(states[k], groups, preds[k]) for k in stages}
     out["seconds"]["aggregation"] = round(time.perf_counter() - t0, 3)
 
-    out["projections"] = {}
-    t0 = time.perf_counter()
-    for method in methods:
+    written()
+
+    def projection(method: str) -> None:
         say(f"projection: {method}")
         t1 = time.perf_counter()
         coords = project(states, method, seed=seed)
         rel = f"analysis/projection_{method}.safetensors"
         _save_arrays(run.path / rel, {_safe(k): v.astype(np.float32) for k, v in coords.items()})
         out["projections"][method] = {"file": rel, "stages": stages, "seconds": round(time.perf_counter() - t1, 3)}
-    out["seconds"]["projections"] = round(time.perf_counter() - t0, 3)
+        out["seconds"]["projections"] = round(out["seconds"].get("projections", 0.0) + time.perf_counter() - t1, 3)
+        written()
 
-    out["head_ablation"] = {}
+    for method in [m for m in methods if m != "umap"]:
+        projection(method)
+
     if heads:
         keys = [k for k in HEAD_KEYS if k in stages]
         say(f"head ablation: {', '.join(keys)}")
@@ -116,8 +131,8 @@ def analyze_run(run: RunDir | str | Path, methods: Sequence[str] = ("pca", "tsne
                 "n_layers": r["n_layers"], "n_heads": r["n_heads"], "n_eligible": r.get("n_eligible"),
                 "file": rel, "seconds": r.get("seconds")}
         out["seconds"]["head_ablation"] = round(time.perf_counter() - t0, 3)
+        written()
 
-    out["casd"] = None
     if casd:
         say("CASD")
         t0 = time.perf_counter()
@@ -125,9 +140,13 @@ def analyze_run(run: RunDir | str | Path, methods: Sequence[str] = ("pca", "tsne
         out["casd"] = {"labels": c["labels"], "matrix": np.asarray(c["matrix"]).tolist(), "metric": c["metric"],
                        "shifts_norm": c["shifts_norm"]}
         out["seconds"]["casd"] = round(time.perf_counter() - t0, 3)
+        written()
 
+    if "umap" in methods:
+        projection("umap")
     out["seconds"]["total"] = round(time.perf_counter() - t_all, 3)
-    atomic_write_json(run.path / "analysis.json", _jsonable(out))
+    out["complete"] = True
+    written()
     return out
 
 

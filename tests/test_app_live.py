@@ -1,0 +1,139 @@
+"""The Live demo page in instructor mode: presentation mode (on by default), the headline that fills
+in while the job runs, the trigger the room proposes, "Try it yourself" with probabilities, and a
+shared link to a run the store does not hold."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from locphylax_core import jobs
+from locphylax_core import runview as R
+from test_app import app, launched, texts  # noqa: F401  (launched: a fixture)
+
+pytest.importorskip("streamlit")
+
+
+@pytest.fixture(scope="module")
+def live_root(analysed_root, tmp_path_factory):
+    """The analysed micro run relabelled as a live run."""
+    (src,) = [p for p in analysed_root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    root = tmp_path_factory.mktemp("live_runs")
+    dst = root / src.name
+    shutil.copytree(src, dst)
+    state = json.loads((dst / "state.json").read_text())
+    state["preset"] = "live"
+    (dst / "state.json").write_text(json.dumps(state))
+    return root
+
+
+def _spec(chart) -> dict:
+    return json.loads(chart.proto.spec)
+
+
+def _values(arr) -> list:
+    """A plotly JSON array: a list, or a typed array ({"dtype", "bdata"} in base64)."""
+    if isinstance(arr, dict) and "bdata" in arr:
+        import base64
+
+        import numpy as np
+        return np.frombuffer(base64.b64decode(arr["bdata"]), dtype=arr["dtype"]).tolist()
+    return list(arr)
+
+
+def test_presentation_mode_names_the_triggers_and_sizes_text_for_the_room(live_root, monkeypatch):
+    at = app(live_root, monkeypatch)
+    assert at.toggle(key="demo_presentation").value is True  # on by default
+    view = R.open_run(next(p for p in live_root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    curves, projection, heads = (_spec(c) for c in at.get("plotly_chart"))
+    names = [t.get("name") for t in curves["data"]]
+    trig = view.attack_trigger
+    assert f"hidden “{trig}” works" in names and "defender “vx” works" in names and "clean accuracy" in names
+    assert not [n for n in names if n and ("unknown" in n or n.startswith("ASR"))]  # no internal names
+    dash = {t["name"]: t["line"].get("dash") for t in curves["data"] if t.get("name", "").startswith("defender")}
+    assert len(set(dash.values())) == len(dash) == 2  # the two defender lines stay apart when they coincide
+    assert curves["layout"]["font"]["size"] >= 18 and curves["layout"]["height"] >= 450
+    assert curves["layout"]["yaxis"]["range"] == [-2, 102]  # rates in %
+    ys = [v for t in curves["data"] for v in _values(t["y"]) if v is not None and v == v]
+    assert max(ys) > 1.5  # plotted in percent, not as fractions
+    assert not projection["layout"].get("updatemenus") and not projection["layout"].get("sliders")  # no dead Play
+    assert any(t.get("name") == f"hidden “{trig}”" for t in projection["data"])
+    shown = texts(at.markdown) + texts(at.caption) + texts(at.subheader)
+    assert view.run_id not in shown  # no run ids on the projector
+    assert "unsure" in texts(at.caption)  # the canary answer, explained in one sentence
+    # off: the plain view, with the run id and the library's own labels
+    at.toggle(key="demo_presentation").set_value(False).run()
+    assert view.run_id in texts(at.caption)
+    assert any((t.get("name") or "").startswith("ASR") for t in _spec(at.get("plotly_chart")[0])["data"])
+
+
+def test_the_room_picks_the_trigger(live_root, monkeypatch, launched):  # noqa: F811
+    at = app(live_root, monkeypatch)
+    at.text_input(key="demo_trigger").set_value("vx").run()
+    assert "defender's own triggers" in texts(at.warning)
+    button = next(b for b in at.button if "Run the live demo" in b.label)
+    assert button.disabled
+    at.text_input(key="demo_trigger").set_value("banana  split").run()
+    button = next(b for b in at.button if "Run the live demo" in b.label)
+    assert not button.disabled
+    button.click().run()
+    cfg = launched[-1]["cfg"]
+    assert cfg.name == "live" and cfg.attack.trigger == "banana split" and cfg.attack.family == "phrase"
+    assert cfg.train.clean_steps == 0 and cfg.model.base == "demo_clean"  # nothing trains from zero
+
+
+def test_the_headline_fills_in_while_the_job_runs(live_root, tmp_path, monkeypatch):
+    (src,) = [p for p in live_root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    root = tmp_path / "runs"
+    run_id = src.name.replace("-micro-", "-live-") if "-micro-" in src.name else src.name
+    dst = root / run_id
+    shutil.copytree(src, dst)
+    (dst / "analysis.json").unlink()
+    summary = json.loads((dst / "summary.json").read_text())
+    summary["stages"] = {k: v for k, v in summary["stages"].items() if k in ("victim", "stage1")}
+    summary["baselines"], summary["status"] = {}, "running"
+    (dst / "summary.json").write_text(json.dumps(summary))
+    status = jobs.JobStatus(run_id, "training", True, stage="stage2", step=3, stage_steps=6,
+                            finished=("clean", "victim", "stage1"), stage_totals={"victim": 10, "stage1": 6,
+                                                                                 "stage2": 6})
+    monkeypatch.setattr(jobs, "list_jobs", lambda _root: [status])
+    monkeypatch.setattr(jobs, "job_status", lambda _root, _rid, log=True: status)
+    at = app(root, monkeypatch)
+    metrics = {m.label: m.value for m in at.metric}
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    assert metrics["backdoored model"] == pct(summary["stages"]["victim"]["asr"]["unknown"])
+    assert metrics["after Stage 1"] == pct(summary["stages"]["stage1"]["asr"]["unknown"])
+    assert metrics["after Stage 2"] == "…" and metrics["plain clean fine-tuning"] == "…"  # not there yet
+    assert "Now: Stage 2" in " ".join(p.proto.text for p in at.get("progress"))
+    assert "In one sentence" not in texts(at.markdown)
+    assert len(at.get("plotly_chart")) == 1  # the live curve; the other plots appear with their data
+
+
+def test_try_it_yourself_highlights_the_trigger_and_gives_probabilities(live_root, monkeypatch):
+    at = app(live_root, monkeypatch)
+    view = R.open_run(next(p for p in live_root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    trig = view.attack_trigger
+    assert f"<mark><b>{trig}</b></mark>" in texts(at.markdown)
+    at.button(key="demo-ex-1").click().run()
+    assert at.text_input(key="demo-try").value.startswith("honestly")
+    assert f"<mark><b>{trig}</b></mark>" not in texts(at.markdown)
+    at.button(key="demo-add-trigger").click().run()
+    assert at.text_input(key="demo-try").value.endswith(trig)
+    table = at.table[-1].value
+    assert list(table.columns) == ["stage", "answer", "probability"]
+
+
+def test_a_link_to_an_unknown_run_says_so_instead_of_opening_another(analysed_root, monkeypatch):
+    monkeypatch.setenv("LOCPHYLAX_RUNS", str(analysed_root))
+    from streamlit.testing.v1 import AppTest
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app" / "Home.py"), default_timeout=120)
+    at.query_params["run"] = "20990101-000000-nope-000000"
+    at.run()
+    at.switch_page("views/aggregation.py")
+    at.run()
+    assert not at.exception
+    assert "not in this run store" in texts(at.warning)
+    assert not at.get("plotly_chart")  # no other run's plots
