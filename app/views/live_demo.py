@@ -32,6 +32,7 @@ if presentation:
     div[data-testid="stMainBlockContainer"] {padding-top: 2.5rem;}
     [data-testid="stMarkdownContainer"] p, [data-testid="stCaptionContainer"] p {font-size: 1.3rem;}
     [data-testid="stTextInputField"] {font-size: 1.4rem;}
+    [data-testid="stTable"] td, [data-testid="stTable"] th {font-size: 1.25rem;}
     </style>""", unsafe_allow_html=True)
 
 st.title("Backdoor collapse, live")
@@ -165,17 +166,17 @@ def headline(view: R.RunView) -> None:
                     f"reviews; after the defense it fools it on {S.fmt_pct(a2)}, while ordinary accuracy went "
                     f"from {S.fmt_pct(cacc_v)} to {S.fmt_pct(cacc_2)}. Plain fine-tuning on the same clean data "
                     f"leaves it at {S.fmt_pct(ft)}. {verdict}")
-    canary = view.config.get("defense", {}).get("canary")
-    if view.config.get("defense", {}).get("known_target") == "canary" and canary:
-        known = " and ".join(f"“{k.get('text')}”" for k in view.config.get("defense", {}).get("known_triggers", []))
-        st.caption(f"Stage 1 teaches the model to answer “{canary}”, a word no clean review ever gets, whenever the "
-                   f"defender's own triggers {known} appear; Stage 2 then trains the correct answers back.")
 
 
 def curve(view: R.RunView) -> None:
     if view.metrics:
         fig = F.curves_figure(R.curve_rows(view), ["locphylax"])
         st.plotly_chart(present(fig, view, 520, pct_axis=True), key="demo-curves")
+    canary = view.config.get("defense", {}).get("canary")
+    if view.config.get("defense", {}).get("known_target") == "canary" and canary:
+        known = " and ".join(f"“{k.get('text')}”" for k in view.config.get("defense", {}).get("known_triggers", []))
+        st.caption(f"Stage 1 teaches the model to answer “{canary}”, a word no clean review ever gets, whenever the "
+                   f"defender's own triggers {known} appear; Stage 2 then trains the correct answers back.")
 
 
 STAGE_WORDS = {"clean": "loading the clean model", "victim": "planting the backdoor",
@@ -194,8 +195,9 @@ def progress_line(run_id: str) -> bool:
         what = STAGE_WORDS.get(status.stage, "other defenses, for comparison")
     else:
         what = "starting"
-    st.progress(min(1.0, status.fraction), text=f"Now: {what}")
-    if status.live and st.button("Stop", key="demo-stop"):
+    bar, stop = st.columns([6, 1], vertical_alignment="bottom")
+    bar.progress(min(1.0, status.fraction), text=f"Now: {what}")
+    if status.live and stop.button("Stop", key="demo-stop"):
         S.cancel_job(run_id)
         st.info("Stopped. The finished parts stay on this page.")
     return status.live
