@@ -87,6 +87,40 @@ def select_run(run_id: str) -> None:
     st.query_params["run"] = run_id
 
 
+def restore_from_link(key: str, param: str, options: list, default, what: str, *, many: bool = False,
+                      name=str, where: str = "in this run", keep_chosen: bool = False) -> None:
+    """Give widget ``key`` its starting value before it is drawn: the URL's ?param= the first time
+    this session shows it (so a shared link opens the same view), else the user's last choice. A
+    value not among ``options`` falls back to ``default`` with a note when the link asked for it
+    (``name`` writes the default; ``where`` says where the value is missing). ``many``: a
+    multi-choice widget (an empty ?param= is an empty choice); ``keep_chosen``: the user's earlier
+    choices that are still offered stay chosen, instead of going back to ``default``."""
+    if key in st.session_state:  # the user's choice; the options may have changed since
+        value = st.session_state[key]
+        if many and keep_chosen:
+            st.session_state[key] = [v for v in value if v in options]
+        elif not (set(value) <= set(options) if many else value in options):
+            st.session_state[key] = default
+        return
+    if param not in st.query_params:
+        st.session_state[key] = default
+        return
+    if many:
+        asked = [v for v in st.query_params.get_all(param) if v]
+        kept = [v for v in asked if v in options]
+        if len(kept) < len(asked):
+            unknown = ", ".join(f"`{v}`" for v in asked if v not in options)
+            fallback = "them all" if list(default) == list(options) else "the default"
+            st.info(f"The link names {what} that are not {where} ({unknown}): "
+                    + ("left out." if kept else f"showing {fallback} instead."))
+        st.session_state[key] = kept if kept or not asked else default
+        return
+    asked = st.query_params.get(param)
+    if asked not in options:
+        st.info(f"The link's {what} `{asked}` is not {where}; showing {name(default)} instead.")
+    st.session_state[key] = asked if asked in options else default
+
+
 def pick_run(where=None, need_analysis: bool = False) -> R.RunView | None:
     """A run selector (sidebar by default); returns the chosen run's view, or None with a message."""
     where = where or st.sidebar

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from .architectures import block_mlp
+from .architectures import MLPUnits, block_mlp
 from .config import Options
 from .defense import (DefenderData, Observer, RecoverConfig, StagePlan, clean_samples, inject, locphylax_stages,
                       recover, reference_stages, train_stage)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -350,16 +350,19 @@ def reference_stages(d, labels: Sequence[str]) -> tuple[InjectConfig, RecoverCon
     return locphylax_stages(d.model_copy(update=REFERENCE_SETTINGS), labels)
 
 
+def method_plan(name: str, defense_cfg, labels: Sequence[str]) -> list[StagePlan]:
+    """The stages of method ``name``, built from the defense config only: ``locphylax`` (the
+    configured method), or a baseline's registered plan builder (``registry.DEFENSES``, built-in
+    ones in ``baselines.py``), which gets the defense config, its own options and the labels."""
+    if name == "locphylax":
+        s1, s2 = locphylax_stages(defense_cfg, labels)
+        return [StagePlan("stage1", inject, s1), StagePlan("stage2", recover, s2)]
+    return list(DEFENSES[name].impl(defense_cfg, defense_cfg.method_settings(name), labels))
+
+
 def method_plans(defense_cfg, labels: Sequence[str]) -> dict[str, list[StagePlan]]:
-    """The defense (``locphylax``) and each of ``defense.baselines``, as stage plans, built from the
-    defense config only: the registered plan builder of each baseline (``registry.DEFENSES``,
-    built-in ones in ``baselines.py``) gets the defense config, its own options and the labels."""
-    d = defense_cfg
-    s1, s2 = locphylax_stages(d, labels)
-    plans = {"locphylax": [StagePlan("stage1", inject, s1), StagePlan("stage2", recover, s2)]}
-    for name in d.baselines:
-        plans[name] = list(DEFENSES[name].impl(d, d.method_settings(name), labels))
-    return plans
+    """The defense (``locphylax``) and each of ``defense.baselines``, as stage plans."""
+    return {name: method_plan(name, defense_cfg, labels) for name in ["locphylax", *defense_cfg.baselines]}
 
 
 def defender_data(clean: Sequence[Example], labels: Sequence[str], template: str, defense_cfg,
@@ -383,6 +386,6 @@ def run_stage(plan: StagePlan, lm, data: DefenderData, *, seed: int, settings: T
 
 
 __all__ = ["DefenderData", "DefenderTrigger", "cluster_loss", "alpha_rule", "RunningCentroids", "InjectConfig",
-           "inject", "RecoverConfig", "recover", "method_plans", "defender_data", "run_stage", "TrainSettings",
-           "StagePlan", "stage1_target", "consistency_loss", "generate_trigger", "locphylax_stages",
+           "inject", "RecoverConfig", "recover", "method_plan", "method_plans", "defender_data", "run_stage",
+           "TrainSettings", "StagePlan", "stage1_target", "consistency_loss", "generate_trigger", "locphylax_stages",
            "reference_stages"]

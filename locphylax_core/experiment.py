@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from .config import RunConfig
-from .defense import DefenderData, StagePlan, defender_data, method_plans, run_stage, stage1_target
+from .defense import DefenderData, StagePlan, defender_data, method_plan, run_stage, stage1_target
 from .errors import DataError
 from .evaluation import EvalSet, TriggeredSet, TriggerSpec, build_eval_set
 from .tasks import Task, load_task, split_train, task_spec
@@ -119,8 +119,7 @@ def run_method(name: str, lm, data: DefenderData, defense_cfg, settings: TrainSe
     input-side defense: the filtered set). ``on_stage(record, lm)`` is called after each stage."""
     prefix = "" if name == "locphylax" else f"{name}/"
     records = []
-    for plan in method_plans(defense_cfg.model_copy(update={"baselines": [] if name == "locphylax" else [name]}),
-                             data.labels)[name]:
+    for plan in method_plan(name, defense_cfg, data.labels):
         result = run_stage(plan, lm, data, seed=stage_seed(seed, prefix + plan.name), settings=settings, **kw)
         record = {"stage": plan.name, "key": prefix + plan.name, "result": result, "steps": plan.steps}
         if evalset is not None and evaluate is not None:

@@ -139,16 +139,15 @@ def launch(cfg: RunConfig, runs_root: str | Path = "runs", *, analyze: bool = Tr
         return run_id
     cmd = [sys.executable, "-m", "locphylax_core.jobs", *argv]
     with open(log_path, "ab") as log:
-        proc = _spawn(cmd, log)
+        proc = _spawn(cmd, log, root)
     atomic_write_json(jd / f"{run_id}.json", {**record, "pid": proc.pid, "command": cmd})
     return run_id
 
 
-def _spawn(cmd: list[str], log) -> subprocess.Popen:
+def _spawn(cmd: list[str], log, runs_root: Path) -> subprocess.Popen:
     # numba's compiled UMAP kernels are cached in the run store, so only the first job ever pays the
     # tens of seconds of compilation
-    runs = Path(cmd[cmd.index("--runs") + 1])
-    env = {"NUMBA_CACHE_DIR": str(jobs_dir(runs) / "numba-cache"), **os.environ, "TOKENIZERS_PARALLELISM": "false",
+    env = {"NUMBA_CACHE_DIR": str((jobs_dir(runs_root) / "numba-cache").resolve()), **os.environ, "TOKENIZERS_PARALLELISM": "false",
            "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                             start_new_session=True, cwd=os.getcwd())
@@ -165,9 +164,15 @@ def _standby_dir(runs_root: str | Path) -> Path:
     return jobs_dir(runs_root) / STANDBY_DIR
 
 
-def standby_ready(runs_root: str | Path) -> bool:
+def _live_standby(runs_root: str | Path) -> dict | None:
+    """The standby's record while its process runs (importing or ready), else None."""
     rec = _read(_standby_dir(runs_root) / "state.json")
-    return bool(rec and rec.get("ready") and _pid_alive(int(rec["pid"]), rec["token"]))
+    return rec if rec and _pid_alive(int(rec["pid"]), rec["token"]) else None
+
+
+def standby_ready(runs_root: str | Path) -> bool:
+    rec = _live_standby(runs_root)
+    return bool(rec and rec.get("ready"))
 
 
 def ensure_standby(runs_root: str | Path) -> bool:
@@ -175,8 +180,7 @@ def ensure_standby(runs_root: str | Path) -> bool:
     torch would take CPU from it). True when one is waiting or starting."""
     root = Path(runs_root)
     sd = _standby_dir(root)
-    rec = _read(sd / "state.json")
-    if rec and _pid_alive(int(rec["pid"]), rec["token"]):
+    if _live_standby(root) is not None:
         return True
     if any(j.live for j in list_jobs(root)):
         return False
@@ -184,7 +188,7 @@ def ensure_standby(runs_root: str | Path) -> bool:
     token = f"standby-{secrets.token_hex(6)}"
     with open(sd / "standby.log", "ab") as log:
         proc = _spawn([sys.executable, "-m", "locphylax_core.jobs", "--runs", str(root.resolve()),
-                       "--standby", token], log)
+                       "--standby", token], log, root)
     atomic_write_json(sd / "state.json", {"pid": proc.pid, "token": token, "ready": False,
                                           "started": _dt.datetime.now().isoformat(timespec="seconds")})
     return True
@@ -197,8 +201,8 @@ def _hand_to_standby(root: Path, argv: list[str], log_path: Path, wait: float = 
     process would be."""
     sd = _standby_dir(root)
     state, claimed = sd / "state.json", sd / f"claimed-{secrets.token_hex(4)}.json"
-    rec = _read(state)
-    if not (rec and _pid_alive(int(rec["pid"]), rec["token"])):
+    rec = _live_standby(root)
+    if rec is None:
         return None
     try:
         os.rename(state, claimed)  # atomic: one launcher gets it

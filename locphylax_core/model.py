@@ -95,6 +95,13 @@ def canary_token_id(tokenizer, canary: str, answer_ids: Sequence[int]) -> int:
     return toks[0]
 
 
+def run_answer_ids(tokenizer, task: Task, canary: str | None) -> tuple[int, ...]:
+    """What a run's predictions range over: each label's first answer token, then the defender's
+    canary answer's when ``defense.known_target`` is 'canary' (``canary``; None otherwise)."""
+    ids = answer_token_ids(tokenizer, task)
+    return ids + (canary_token_id(tokenizer, canary, ids),) if canary is not None else ids
+
+
 # ----------------------------------------------------------------------------------------------
 # Building and loading
 
@@ -383,7 +390,8 @@ def describe(model: torch.nn.Module) -> dict:
             "hidden": getattr(conf, "hidden_size", None)}
 
 
-__all__ = ["LM", "train_tokenizer", "tokenizer_corpus", "answer_token_ids", "build_embedded", "initial_model",
+__all__ = ["LM", "train_tokenizer", "tokenizer_corpus", "answer_token_ids", "run_answer_ids", "build_embedded",
+           "initial_model",
            "embedded_tokenizer", "write_folder_atomically", "load_causal_lm",
            "load_tokenizer", "save_checkpoint", "save_tokenizer", "load_checkpoint", "with_lora", "merge_lora",
            "model_max_positions", "describe", "embedded_config",

@@ -127,9 +127,7 @@ def prepare(cfg: RunConfig, tokenizer=None) -> Prepared:
         base_model = load_hf_model(cfg)
         tokenizer = tokenizer or M.load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         limit = M.model_max_positions(base_model)
-    answer_ids = M.answer_token_ids(tokenizer, task)
-    if cfg.defense.known_target == "canary":  # one more answer: predictions range over labels + canary
-        answer_ids = answer_ids + (M.canary_token_id(tokenizer, cfg.defense.canary, answer_ids),)
+    answer_ids = M.run_answer_ids(tokenizer, task, cfg.defense.canary if cfg.defense.known_target == "canary" else None)
     _check_lengths(cfg, tokenizer, task, limit)
     n_blocks = cfg.model.n_layer if base_model is None else len(decoder_blocks(base_model))
     if not -n_blocks <= cfg.defense.layer < n_blocks:

@@ -301,10 +301,9 @@ def load_stage_model(view: RunView, stage: str):
     name = task_cfg.get("name", "task")
     kind = TASKS[name].impl.kind if name in TASKS else CLASSIFICATION
     task = Task(name, task_cfg.get("template", "{text}"), tuple(task_cfg.get("labels", [])), (), (), kind)
-    ids = M.answer_token_ids(tokenizer, task)
     defense = view.config.get("defense", {})
-    if defense.get("known_target") == "canary":
-        ids = ids + (M.canary_token_id(tokenizer, defense.get("canary", "unsure"), ids),)
+    ids = M.run_answer_ids(tokenizer, task,
+                           defense.get("canary", "unsure") if defense.get("known_target") == "canary" else None)
     model = M.load_checkpoint(ckpt, "cpu").eval()
     for p in model.parameters():
         p.requires_grad_(False)

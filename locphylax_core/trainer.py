@@ -10,7 +10,7 @@ iterator, LoRA or frozen parameters, merging the adapter back) and hands the loo
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 

@@ -22,9 +22,12 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 HOME = str(Path(__file__).resolve().parent.parent / "app" / "Home.py")
 
 
-def app(root: Path, monkeypatch, page: str | None = None) -> AppTest:
+def app(root: Path, monkeypatch, page: str | None = None, query: dict | None = None) -> AppTest:
+    """A fresh browser session on the run store ``root``, switched to ``views/<page>.py``; ``query``
+    is the URL's query string (a shared link)."""
     monkeypatch.setenv("LOCPHYLAX_RUNS", str(root))
     at = AppTest.from_file(HOME, default_timeout=120)
+    at.query_params.update(query or {})
     at.run()
     if page:
         at.switch_page(f"views/{page}.py")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -127,13 +126,6 @@ def test_try_it_yourself_highlights_the_trigger_and_gives_probabilities(live_roo
 
 
 def test_a_link_to_an_unknown_run_says_so_instead_of_opening_another(analysed_root, monkeypatch):
-    monkeypatch.setenv("LOCPHYLAX_RUNS", str(analysed_root))
-    from streamlit.testing.v1 import AppTest
-    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app" / "Home.py"), default_timeout=120)
-    at.query_params["run"] = "20990101-000000-nope-000000"
-    at.run()
-    at.switch_page("views/aggregation.py")
-    at.run()
-    assert not at.exception
+    at = app(analysed_root, monkeypatch, "aggregation", {"run": "20990101-000000-nope-000000"})
     assert "not in this run store" in texts(at.warning)
     assert not at.get("plotly_chart")  # no other run's plots

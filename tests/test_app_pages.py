@@ -21,7 +21,7 @@ from locphylax_core.registry import DEFENSES
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from test_app import HOME, app, texts  # noqa: E402
+from test_app import app, texts  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +32,7 @@ def run_view(analysed_root):
 
 def linked(root: Path, monkeypatch, page: str, **params) -> AppTest:
     """The app opened from a link: ?params= in the URL before the first run, then the page."""
-    monkeypatch.setenv("LOCPHYLAX_RUNS", str(root))
-    at = AppTest.from_file(HOME, default_timeout=120)
-    for k, v in params.items():
-        at.query_params[k] = v
-    at.run()
-    at.switch_page(f"views/{page}.py")
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return app(root, monkeypatch, page, params)
 
 
 def values(v) -> np.ndarray:

@@ -5,7 +5,6 @@ and page-level errors read plainly, and a cancelled job says it stopped and offe
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import pytest
 import yaml
@@ -13,21 +12,9 @@ import yaml
 from locphylax_core import jobs, load_config
 
 pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
+from streamlit.testing.v1 import AppTest  # noqa: E402  (type of the pages under test)
 
-from test_app import HOME, texts  # noqa: E402
-
-
-def open_page(root: Path, monkeypatch, page: str, query: dict | None = None) -> AppTest:
-    """A fresh browser session on ``views/<page>.py``; ``query`` is the URL's query string."""
-    monkeypatch.setenv("LOCPHYLAX_RUNS", str(root))
-    at = AppTest.from_file(HOME, default_timeout=120)
-    at.query_params.update(query or {})
-    at.run()
-    at.switch_page(f"views/{page}.py")
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+from test_app import app, launched, texts  # noqa: E402, F401  (launched: a fixture)
 
 
 def validate(at: AppTest) -> AppTest:
@@ -37,24 +24,12 @@ def validate(at: AppTest) -> AppTest:
     return at
 
 
-@pytest.fixture()
-def launched(monkeypatch):
-    """Record jobs the pages would start instead of starting them."""
-    calls = []
-
-    def fake_launch(cfg, runs_root, *, analyze=True, resume=None, threads=None):
-        calls.append({"cfg": cfg, "root": Path(runs_root), "resume": resume})
-        return resume or f"fake-{len(calls)}"
-    monkeypatch.setattr(jobs, "launch", fake_launch)
-    return calls
-
-
 # ----------------------------------------------------------------------------------------------
 # Setup
 
 
 def test_switching_preset_drops_the_configuration_validated_for_the_other(tmp_path, monkeypatch, launched):
-    at = open_page(tmp_path, monkeypatch, "setup")
+    at = app(tmp_path, monkeypatch, "setup")
     at.selectbox(key="setup_preset").set_value("micro").run()
     at.number_input(key="f-micro-seed").set_value(7)
     validate(at)
@@ -73,7 +48,7 @@ def test_switching_preset_drops_the_configuration_validated_for_the_other(tmp_pa
 
 
 def test_a_refresh_restores_the_validated_configuration(tmp_path, monkeypatch, launched):
-    at = open_page(tmp_path, monkeypatch, "setup")
+    at = app(tmp_path, monkeypatch, "setup")
     at.selectbox(key="setup_preset").set_value("micro").run()
     at.number_input(key="f-micro-seed").set_value(7)
     at.number_input(key="f-micro-attack-poison_rate").set_value(0.3)
@@ -85,7 +60,7 @@ def test_a_refresh_restores_the_validated_configuration(tmp_path, monkeypatch, l
     assert saved.read_text() == expected.to_yaml()
     assert link["config"] == hashlib.sha256(expected.to_yaml().encode()).hexdigest()
 
-    again = open_page(tmp_path, monkeypatch, "setup", query=link)  # a new session, as after a refresh
+    again = app(tmp_path, monkeypatch, "setup", query=link)  # a new session, as after a refresh
     assert again.selectbox(key="setup_preset").value == "micro"
     ok = texts(again.success)
     assert "Valid configuration (2 fields changed from the preset: `seed`, `attack.poison_rate`)" in ok
@@ -103,7 +78,7 @@ def test_a_link_to_a_configuration_that_no_longer_validates_says_so(tmp_path, mo
     config_id = hashlib.sha256(text.encode()).hexdigest()
     (tmp_path / ".setup").mkdir()
     (tmp_path / ".setup" / f"{config_id}.yaml").write_text(text)
-    at = open_page(tmp_path, monkeypatch, "setup", query={"preset": "micro", "config": config_id})
+    at = app(tmp_path, monkeypatch, "setup", query={"preset": "micro", "config": config_id})
     shown = texts(at.error)
     assert "no longer validates" in shown and "`attack.poison_rate`: must be in (0, 1] (got 2.0)" in shown
     assert str(tmp_path) not in shown
@@ -112,14 +87,14 @@ def test_a_link_to_a_configuration_that_no_longer_validates_says_so(tmp_path, mo
 
 @pytest.mark.parametrize("config_id", ["../../etc/passwd", "0" * 64])
 def test_a_link_to_an_unknown_configuration_is_a_warning(tmp_path, monkeypatch, config_id):
-    at = open_page(tmp_path, monkeypatch, "setup", query={"preset": "micro", "config": config_id})
+    at = app(tmp_path, monkeypatch, "setup", query={"preset": "micro", "config": config_id})
     assert "nothing was restored" in texts(at.warning) or "no longer saved" in texts(at.warning)
     assert not at.success and not at.error
     assert at.selectbox(key="setup_preset").value == "micro" and "config" not in at.query_params
 
 
 def test_one_value_yaml_fields_show_no_document_end_marker(tmp_path, monkeypatch):
-    at = open_page(tmp_path, monkeypatch, "setup")
+    at = app(tmp_path, monkeypatch, "setup")
     at.selectbox(key="setup_preset").set_value("micro").run()
     assert at.text_input(key="f-micro-defense-alpha").value == "auto"
     assert at.text_input(key="f-micro-attack-parts").value == "null"
@@ -129,7 +104,7 @@ def test_one_value_yaml_fields_show_no_document_end_marker(tmp_path, monkeypatch
 
 
 def test_page_error_summarises_the_inline_errors_without_a_server_path(tmp_path, monkeypatch):
-    at = open_page(tmp_path, monkeypatch, "setup")
+    at = app(tmp_path, monkeypatch, "setup")
     at.selectbox(key="setup_preset").set_value("micro").run()
     at.number_input(key="f-micro-attack-poison_rate").set_value(2.0)
     at.number_input(key="f-micro-defense-stage1_steps").set_value(0)
@@ -176,7 +151,7 @@ def fake_job(tmp_path, monkeypatch):
 
 def test_cancel_confirms_the_stop_and_offers_to_resume(tmp_path, monkeypatch, launched, fake_job):
     run_id, job = fake_job
-    at = open_page(tmp_path, monkeypatch, "run")
+    at = app(tmp_path, monkeypatch, "run")
     assert f"Running: {run_id}" in texts(at.subheader)
     assert "Stopped." not in texts(at.info)
     (cancel,) = [b for b in at.button if b.label == "Cancel"]
@@ -192,5 +167,5 @@ def test_cancel_confirms_the_stop_and_offers_to_resume(tmp_path, monkeypatch, la
 def test_a_job_cancelled_elsewhere_is_not_announced_as_stopped_here(tmp_path, monkeypatch, fake_job):
     run_id, job = fake_job
     job["phase"] = "cancelled"  # ended before this session saw it running: it is in the stored runs
-    at = open_page(tmp_path, monkeypatch, "run")
+    at = app(tmp_path, monkeypatch, "run")
     assert "Stopped." not in texts(at.info) and f"Ended: {run_id}" not in texts(at.subheader)

@@ -13,36 +13,6 @@ from locphylax_core import runview as R
 from locphylax_core.analysis import figures as F
 
 
-def restore(key: str, param: str, options: list, default, what: str, many: bool = False, name=str) -> None:
-    """Give widget ``key`` its starting value before it is drawn: the URL's ?param= the first time
-    this session shows it (so a shared link opens the same view), else the user's last choice.
-    A value that is not among ``options`` falls back to ``default``, with a note when the link
-    asked for it (``name`` writes a value for it)."""
-    if key in st.session_state:  # the user's choice; another run may lack it
-        value = st.session_state[key]
-        if not (set(value) <= set(options) if many else value in options):
-            st.session_state[key] = default
-        return
-    if param not in st.query_params:
-        st.session_state[key] = default
-        return
-    if many:
-        asked = [v for v in st.query_params.get_all(param) if v]  # "?groups=" is an empty choice
-        kept = [v for v in asked if v in options]
-        if len(kept) < len(asked):
-            st.info(f"The link names {what} that this run does not have "
-                    f"({', '.join(f'`{v}`' for v in asked if v not in options)}): "
-                    + ("left out." if kept else "showing them all instead."))
-        st.session_state[key] = kept if kept or not asked else default
-        return
-    asked = st.query_params.get(param)
-    if asked in options:
-        st.session_state[key] = asked
-    else:
-        st.info(f"The link's {what} `{asked}` is not in this run; showing {name(default)} instead.")
-        st.session_state[key] = default
-
-
 def why_no_score(groups: list[str], pred: np.ndarray | None, words: list[str]) -> str:
     """Why ``aggregation_score`` is undefined at a stage, in the terms of
     ``analysis.metrics.aggregation_metrics``: it compares the unknown-trigger inputs only with clean
@@ -85,7 +55,8 @@ if not methods:
     else:  # a running analysis writes each part as it finishes
         st.info("The projections of this run are still being computed; they appear here when written.")
     st.stop()
-restore("agg_method", "proj", methods, "tsne" if "tsne" in methods else methods[0], "projection", name=str.upper)
+S.restore_from_link("agg_method", "proj", methods, "tsne" if "tsne" in methods else methods[0], "projection",
+                    name=str.upper)
 c = st.columns([1, 2, 2])
 method = c[0].radio("Projection", methods, format_func=str.upper, horizontal=True, key="agg_method")
 try:
@@ -94,10 +65,11 @@ except (OSError, KeyError, ValueError) as e:
     st.error(f"The {method} projection of this run cannot be read: {e}")
     st.stop()
 stages = list(coords)
-restore("agg_stage", "stage", stages, "stage1" if "stage1" in stages else stages[0], "stage", name=F.stage_title)
+S.restore_from_link("agg_stage", "stage", stages, "stage1" if "stage1" in stages else stages[0], "stage",
+                    name=F.stage_title)
 stage = c[1].select_slider("Stage", stages, format_func=F.stage_title, key="agg_stage")
 groups_all = list(dict.fromkeys(r["group"] for r in view.probe))
-restore("agg_groups", "groups", groups_all, groups_all, "groups", many=True)
+S.restore_from_link("agg_groups", "groups", groups_all, groups_all, "groups", many=True)
 groups = c[2].multiselect("Groups", groups_all, key="agg_groups")
 st.query_params.update({"proj": method, "stage": stage, "groups": groups or ""})
 

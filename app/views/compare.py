@@ -12,35 +12,6 @@ from locphylax_core import runview as R
 from locphylax_core.registry import DEFENSES
 
 
-def restore(key: str, param: str, options: list, default, what: str, many: bool = False) -> None:
-    """Give widget ``key`` its starting value before it is drawn: the URL's ?param= the first time
-    this session shows it (so a shared link opens the same view), else the user's last choice. A
-    value not among ``options`` falls back to ``default``, with a note when the link asked for it."""
-    if key in st.session_state:  # the user's choice; the options may have changed since
-        value = st.session_state[key]
-        if many:
-            st.session_state[key] = [v for v in value if v in options]
-        elif value not in options:
-            st.session_state[key] = default
-        return
-    if param not in st.query_params:
-        st.session_state[key] = default
-        return
-    if many:
-        asked = [v for v in st.query_params.get_all(param) if v]  # "?rows=" is an empty choice
-        kept = [v for v in asked if v in options]
-        if len(kept) < len(asked):
-            unknown = ", ".join(f"`{v}`" for v in asked if v not in options)
-            st.info(f"The link names {what} that are not here ({unknown}): "
-                    + ("left out." if kept else "showing the default instead."))
-        st.session_state[key] = kept if kept or not asked else default
-        return
-    asked = st.query_params.get(param)
-    if asked not in options:
-        st.info(f"The link's {what} `{asked}` is not here; showing `{default}` instead.")
-    st.session_state[key] = asked if asked in options else default
-
-
 def keep_new_options_chosen(key: str, options: list) -> None:
     """A filter that starts with everything chosen also chooses options that appear later (a run of
     another preset added to the comparison), instead of silently hiding them; options the user
@@ -73,7 +44,8 @@ ids = [r["run_id"] for r in runs]
 current = S.selected_run_id()
 if current is not None and current not in ids and "cmp_runs" not in st.session_state and "runs" not in st.query_params:
     st.info(f"Run `{current}` is not in this run store (or has no finished stage yet); showing `{ids[0]}`.")
-restore("cmp_runs", "runs", ids, [current] if current in ids else ids[:1], "runs", many=True)
+S.restore_from_link("cmp_runs", "runs", ids, [current] if current in ids else ids[:1], "runs", many=True,
+                    where="here", keep_chosen=True)
 chosen = st.multiselect("Runs", ids, key="cmp_runs")
 st.query_params["runs"] = chosen or ""
 if not chosen:
@@ -93,16 +65,19 @@ table["method"] = [method_label(key, run_methods[run]) for key, run in zip(table
 
 c = st.columns(3)
 rows_all = list(dict.fromkeys(table["row"]))
-restore("cmp_rows", "rows", rows_all, rows_all, "methods / stages", many=True)
+S.restore_from_link("cmp_rows", "rows", rows_all, rows_all, "methods / stages", many=True, where="here",
+                    keep_chosen=True)
 keep_new_options_chosen("cmp_rows", rows_all)
 rows = c[0].multiselect("Methods / stages", rows_all, key="cmp_rows")
 presets_all = sorted(set(map(str, table["preset"])))
-restore("cmp_presets", "presets", presets_all, presets_all, "presets", many=True)
+S.restore_from_link("cmp_presets", "presets", presets_all, presets_all, "presets", many=True, where="here",
+                    keep_chosen=True)
 keep_new_options_chosen("cmp_presets", presets_all)
 presets = c[1].multiselect("Presets", presets_all, key="cmp_presets")
 metric_cols = [col for col in table.columns if col.endswith("%")]
-restore("cmp_metric", "metric", metric_cols, "ASR unknown %" if "ASR unknown %" in metric_cols else metric_cols[0],
-        "bar metric")
+S.restore_from_link("cmp_metric", "metric", metric_cols,
+                    "ASR unknown %" if "ASR unknown %" in metric_cols else metric_cols[0], "bar metric",
+                    name=lambda d: f"`{d}`", where="here")
 metric = c[2].selectbox("Bar metric", metric_cols, key="cmp_metric")
 st.query_params.update({"rows": rows or "", "presets": presets or "", "metric": metric})
 missing = [what for what, chosen_now in (("method or stage", rows), ("preset", presets)) if not chosen_now]

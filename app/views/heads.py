@@ -15,20 +15,6 @@ from locphylax_core import runview as R
 from locphylax_core.analysis import figures as F
 
 
-def restore(key: str, param: str, options: list, default, what: str, name=str) -> None:
-    """Give widget ``key`` its starting value before it is drawn: the URL's ?param= the first time
-    this session shows it (so a shared link opens the same view), else the user's last choice. A
-    value not among ``options`` falls back to ``default``, with a note when the link asked for it."""
-    if key in st.session_state:  # the user's choice; another run may lack it
-        if st.session_state[key] not in options:
-            st.session_state[key] = default
-        return
-    asked = st.query_params.get(param)
-    if asked is not None and asked not in options:
-        st.info(f"The link's {what} `{asked}` is not in this run; showing {name(default)} instead.")
-    st.session_state[key] = asked if asked in options else default
-
-
 def restore_head(n_layers: int, n_heads: int) -> None:
     """The layer and head fields' starting values, from ?head=L<layer>.h<head> the first time."""
     fields = ("heads_layer", "heads_head")
@@ -87,10 +73,10 @@ if len(stages) < 1:
 grids = {k: R.head_grids(view, k) for k in stages}
 quantities = list(grids[stages[0]])
 names = {q: ("ΔCACC" if q == "delta_cacc" else f"ΔASR ({q.removeprefix('delta_asr_')})") for q in quantities}
-restore("heads_before", "before", stages, stages[0], "stage", F.stage_title)
-restore("heads_after", "after", stages, stages[-1], "stage", F.stage_title)
-restore("heads_quantity", "qty", quantities, "delta_asr_unknown" if "delta_asr_unknown" in quantities
-        else quantities[0], "quantity", names.get)
+S.restore_from_link("heads_before", "before", stages, stages[0], "stage", name=F.stage_title)
+S.restore_from_link("heads_after", "after", stages, stages[-1], "stage", name=F.stage_title)
+S.restore_from_link("heads_quantity", "qty", quantities, "delta_asr_unknown" if "delta_asr_unknown" in quantities
+                    else quantities[0], "quantity", name=names.get)
 c = st.columns(3)
 before = c[0].selectbox("Before", stages, format_func=F.stage_title, key="heads_before")
 after = c[1].selectbox("After", stages, format_func=F.stage_title, key="heads_after")

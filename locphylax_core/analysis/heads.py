@@ -441,9 +441,8 @@ def run_head_ablation(run: RunDir | str | Path, keys: Sequence[str] = DEFAULT_KE
     cfg = load_run_config(cfg_path)
     exp = build_experiment(cfg)  # the run's evaluation set, rebuilt; no model is loaded for it
     tokenizer = M.load_tokenizer(str(tok_dir))
-    answer_ids = M.answer_token_ids(tokenizer, exp.task)
-    if cfg.defense.known_target == "canary":
-        answer_ids = answer_ids + (M.canary_token_id(tokenizer, cfg.defense.canary, answer_ids),)
+    answer_ids = M.run_answer_ids(tokenizer, exp.task,
+                                  cfg.defense.canary if cfg.defense.known_target == "canary" else None)
     probe = exp.evalset.subset(n_probe)
     clean_texts, clean_labels, triggered = probe_inputs(probe)
     results = {}
