@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .runs import RunDir, atomic_write_json, atomic_write_text, new_run_id
+from .analysis.representations import warm_up
 from .analysis.run_analysis import analyze_run
 from .cli import quiet_libraries
 from .config import RunConfig, load_config
@@ -171,8 +172,9 @@ def _live_standby(runs_root: str | Path) -> dict | None:
 
 
 def standby_ready(runs_root: str | Path) -> bool:
+    """A standby waits with everything a job needs imported and UMAP compiled (``warm``)."""
     rec = _live_standby(runs_root)
-    return bool(rec and rec.get("ready"))
+    return bool(rec and rec.get("ready") and rec.get("warm"))
 
 
 def ensure_standby(runs_root: str | Path) -> bool:
@@ -225,11 +227,24 @@ def _standby(root: Path, token: str) -> int:
     from transformers import AutoModelForCausalLM, GPT2LMHeadModel  # noqa: F401  (most of a job's start)
     sd = _standby_dir(root)
     state, go = sd / "state.json", sd / "go.json"
+    # UMAP's compilation in a process of its own (a job can be taken meanwhile), into the cache
+    # that this process and the job it becomes then read
+    # (LOCPHYLAX_WARM_UP=0: skipped, e.g. by the tests, which share one cache)
+    warm = os.environ.get("LOCPHYLAX_WARM_UP", "1") == "0"
+    warming = None if warm else subprocess.Popen(
+        [sys.executable, "-m", "locphylax_core.jobs", "--runs", str(root), "--warm-up"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     rec = _read(state)
     if rec is not None and rec.get("token") == token:  # not yet claimed while we imported
-        atomic_write_json(state, {**rec, "ready": True})
+        atomic_write_json(state, {**rec, "ready": True, "warm": warm})
     deadline = time.monotonic() + STANDBY_IDLE_S
     while time.monotonic() < deadline:
+        if warming is not None and warming.poll() is not None:
+            warming = None
+            import umap  # noqa: F401  (the job's own import of it, done while nothing runs)
+            rec = _read(state)
+            if rec is not None and rec.get("token") == token:
+                atomic_write_json(state, {**rec, "warm": True})
         job = _read(go)
         if job is not None and job.get("token") == token:
             go.unlink(missing_ok=True)
@@ -389,7 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--no-analyze", action="store_true")
+    ap.add_argument("--warm-up", action="store_true", help="compile the analyses' numba kernels, then exit")
     args = ap.parse_args(argv)
+    if args.warm_up:
+        warm_up()
+        return 0
     if args.standby:
         return _standby(Path(args.runs), args.standby)
     if not (args.run_id and args.config):

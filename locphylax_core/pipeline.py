@@ -10,6 +10,7 @@ exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -37,6 +38,9 @@ from .runs import SUMMARY_SCHEMA, RunDir, atomic_write_text
 from .tasks import task_spec
 from .text import render_prompt
 from .trainer import TrainSettings, fit, stage_seed
+
+
+KEEP_IN_MEMORY_BYTES = 1 << 30  # models up to this size (fp32) stay in memory for the stages that start from them
 
 
 class Reporter:
@@ -243,6 +247,7 @@ class Pipeline:
         if not self.main:
             self.run = _FollowerRun(run.path)
         self.settings_defense = defense_settings(self.cfg, prep.max_length)
+        self._kept: dict[str, torch.nn.Module] = {}  # finished stages a later stage starts from
 
     # --- models
     def _lm(self, model) -> M.LM:
@@ -255,6 +260,8 @@ class Pipeline:
             if self.cfg.model.source == "hf":
                 return self._lm(self.p.base_model if self.p.base_model is not None else load_hf_model(self.cfg))
             return self._lm(M.initial_model(self.cfg.model, self.p.tokenizer, stage_seed(self.cfg.seed, "init")))
+        if spec.parent in self._kept:  # as loading its checkpoint would give, without the load time
+            return self._lm(copy.deepcopy(self._kept[spec.parent]).eval())
         path = self.run.checkpoint(spec.parent)
         if not path.is_dir():
             raise RunError(f"{path}: checkpoint of finished stage {spec.parent!r} is missing; cannot resume")
@@ -263,6 +270,16 @@ class Pipeline:
             return self._lm(M.load_checkpoint(path, self.device, quantization=m.quantization,
                                               dtype="bfloat16"))
         return self._lm(M.load_checkpoint(path, self.device))
+
+    def _keep(self, key: str, lm: M.LM, later: list[StageSpec]) -> None:
+        """Keep a small finished model in memory while a later stage starts from it (its checkpoint
+        is on disk too, and a resumed run loads that: same weights, eager attention either way)."""
+        for k in [k for k in self._kept if all(s.parent != k for s in later)]:
+            del self._kept[k]
+        small = M.count_parameters(lm.model) * 4 <= KEEP_IN_MEMORY_BYTES
+        if (small and self.dist is None and not M.is_quantized(lm.model) and any(s.parent == key for s in later)
+                and getattr(lm.model.config, "_attn_implementation", None) == "eager"):
+            self._kept[key] = copy.deepcopy(lm.model).cpu()
 
     # --- evaluation
     def _observer(self, spec: StageSpec, state: dict, lm: M.LM):
@@ -343,6 +360,7 @@ class Pipeline:
                 if self.main:
                     M.save_checkpoint(lm.model, self.run.checkpoint(spec.key))
                     self._store_hidden(spec, lm)
+                self._keep(spec.key, lm, [s for s in specs if s.key not in state["finished"] and s.key != spec.key])
                 state["seconds"][spec.key] = time.perf_counter() - t0
                 state["results"][spec.key] = result
                 state["finished"].append(spec.key)

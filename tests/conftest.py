@@ -28,6 +28,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the app must not start warm standby job processes while its pages are tested (tests/test_jobs.py
 # starts its own)
 os.environ["LOCPHYLAX_STANDBY"] = "0"
+# one numba cache for every test process (UMAP's kernels compile once, not per process), so a
+# standby need not compile them first
+os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / "tests" / "artifacts" / "numba-cache"))
+os.environ["LOCPHYLAX_WARM_UP"] = "0"
 
 
 def _quiet():

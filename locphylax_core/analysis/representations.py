@@ -23,6 +23,15 @@ POSITIONS = ("last", "mean")
 METHODS = ("pca", "tsne", "umap")
 
 
+def warm_up(n: int = 256, width: int = 128) -> None:
+    """Fit every projection once on random rows of about a live run's size: numba compiles UMAP's
+    kernels into ``NUMBA_CACHE_DIR`` (tens of seconds on 2 cores), so a job started afterwards
+    loads them instead of compiling on the way to its plots."""
+    rows = np.random.default_rng(0).standard_normal((n, width))
+    for method in METHODS:
+        project({"a": rows[: n // 2], "b": rows[n // 2:]}, method, seed=0)
+
+
 def load_probe(run: RunDir) -> list[dict]:
     """The run's fixed probe set: one dict per row with ``text``, ``group`` and ``label``."""
     path = run.path / "probe.jsonl"
