@@ -368,15 +368,24 @@ def test_sigterm_marks_the_run_cancelled(tmp_path, capsys):
                     pass
             time.sleep(0.02)
 
-    before = signal.getsignal(signal.SIGTERM)
+    class NotHandledByTheCli(Exception):
+        pass
+
+    def fallback(_signo, _frame):  # without the CLI's handler the signal would end the test process
+        raise NotHandledByTheCli("SIGTERM reached the test's fallback handler")
+
+    before = signal.signal(signal.SIGTERM, fallback)
     watcher = threading.Thread(target=terminate_once_training, daemon=True)
     watcher.start()
-    rc, out = _cli(capsys, "--runs", str(root), "run", "micro", "--no-analyze",
-                   "--set", "train.clean_steps=20000", "--set", "eval.clean_every=50")
-    watcher.join(5)
+    try:
+        rc, out = _cli(capsys, "--runs", str(root), "run", "micro", "--no-analyze",
+                       "--set", "train.clean_steps=20000", "--set", "eval.clean_every=50")
+        watcher.join(5)
+        assert signal.getsignal(signal.SIGTERM) is fallback  # the CLI's handler is gone again
+    finally:
+        signal.signal(signal.SIGTERM, before)
     assert sent.is_set() and rc == 130, out
     assert "stopped by SIGTERM" in out and "Traceback" not in out
-    assert signal.getsignal(signal.SIGTERM) is before  # the CLI's handler is gone again
     (run_path,) = root.glob("*/state.json")
     run = RunDir(run_path.parent)
     assert run.read_state()["status"] == "cancelled"
