@@ -445,11 +445,15 @@ def resume_run(run: RunDir, reporter: Reporter | None = None) -> dict:
         tok_dir = run.path / "tokenizer"
         tokenizer = M.load_tokenizer(str(tok_dir)) if tok_dir.is_dir() else None
         prep = prepare(cfg, tokenizer=tokenizer)
-        finished = [k for k in state.get("finished", []) if isinstance(k, str) and run.checkpoint(k).is_dir()]
+        # an edited or damaged state.json: keep only what a finished stage needs (its checkpoint and
+        # its result); a stage without them runs again, which gives what it gave the first time
+        results = state.get("results") if isinstance(state.get("results"), dict) else {}
+        seconds = state.get("seconds") if isinstance(state.get("seconds"), dict) else {}
+        state["results"] = {k: v for k, v in results.items() if isinstance(v, dict)}
+        state["seconds"] = {k: v for k, v in seconds.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        finished = [k for k in state.get("finished", []) if isinstance(k, str) and run.checkpoint(k).is_dir()
+                    and k in state["results"]]
         state["finished"] = finished
-        for key in ("seconds", "results"):
-            if not isinstance(state.get(key), dict):
-                state[key] = {}
         if main:
             run.write_state(state)
             run.keep_metrics(set(finished))  # drop the rows of the stage that was cut off
