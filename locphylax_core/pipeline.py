@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -434,6 +435,8 @@ def resume_run(run: RunDir, reporter: Reporter | None = None) -> dict:
     if lock is not None:
         lock.acquire()
     try:
+        if main and not os.access(run.path, os.W_OK | os.X_OK):  # the lock file may exist and be writable
+            raise RunError(f"run folder {run.path} is not writable; a run can only be continued where it can write")
         state = run.read_state()
         if state.get("status") == "done":
             return run.read_summary()
