@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from .analysis.run_analysis import analyze_run, export_figures
@@ -12,11 +14,11 @@ from .bases import BASES_DIR
 from .config import load_config
 from .corpus import build_corpus
 from .engine import Cancelled
-from .errors import ConfigError, LocphylaxError
+from .errors import ConfigError, LocphylaxError, RunError
 from .pipeline import resume_run, stage_specs, start_run
 from .pretrain import load_pretrain_config, pretrain
 from .registry import DEFENSES, PARADIGMS, TASKS
-from .runs import find_run, list_runs
+from .runs import find_run, holder_pid, list_runs, os_problem
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -237,7 +239,16 @@ def cmd_show(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    run = find_run(args.run, Path(args.runs))
+    root = Path(args.runs)
+    run = find_run(args.run, root)
+    if not run.is_run():
+        raise RunError(f"{run.path} is not a run folder (it has no config.yaml and state.json); nothing to cancel")
+    if root.resolve() not in run.path.resolve().parents:
+        raise RunError(f"{run.path} is not in the runs folder {root}; pass that folder with --runs")
+    if holder_pid(run.path) is None:
+        status = run.read_state().get("status")
+        raise RunError(f"run {run.run_id} is not running (no process holds it; its status is {str(status)[:40]!r}); "
+                       f"nothing to cancel. `locphylax resume {run.run_id}` continues it")
     run.cancel_file.touch()
     print(f"asked {run.run_id} to stop after its current step; `locphylax resume {run.run_id}` continues it")
     return 0
@@ -382,17 +393,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sigterm(_signo, _frame):
+    # a SIGTERM (kill, a scheduler's stop) ends a run like Ctrl-C: it is marked cancelled, resumable
+    raise KeyboardInterrupt("stopped by SIGTERM")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
+    if args.command in ("run", "demo", "resume", "analyze", "pretrain") and \
+            threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         return args.fn(args)
     except LocphylaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Cancelled as e:
-        print(f"stopped: {e}. The run keeps its finished stages; `locphylax resume` continues it.", file=sys.stderr)
+    except (Cancelled, KeyboardInterrupt) as e:
+        print(f"stopped: {e or 'interrupted'}. A run keeps its finished stages; `locphylax resume` continues it.",
+              file=sys.stderr)
         return 130
+    except OSError as e:  # the file system refused something no check above foresaw: one line, no traceback
+        print(f"error: {os_problem(e)}", file=sys.stderr)
+        return 2
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         _end_distributed()
 
 

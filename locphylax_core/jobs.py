@@ -36,19 +36,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runs import RunDir, atomic_write_json, atomic_write_text, new_run_id
+from .runs import RunDir, atomic_write_json, atomic_write_text, holder_pid, new_run_id
 from .analysis.representations import warm_up
 from .analysis.run_analysis import analyze_run
 from .cli import quiet_libraries
 from .config import RunConfig, load_config
 from .engine import Cancelled
-from .errors import LocphylaxError
+from .errors import LocphylaxError, RunError
 from .pipeline import resume_run, start_run
 
 JOBS_DIR = ".jobs"
 STANDBY_DIR = "standby"
 LIVE_PHASES = ("starting", "training", "analyzing")
 STANDBY_IDLE_S = 3600.0  # a standby process nobody used within an hour exits
+NOTHING_SAVED = "stopped before its run folder was written: nothing was started or saved; start it again"
 
 
 def jobs_dir(runs_root: str | Path) -> Path:
@@ -71,6 +72,7 @@ class JobStatus:
     error: str | None = None
     started: str | None = None
     log_tail: str = ""
+    resumable: bool = False  # a run folder exists that `resume` can continue
 
     @property
     def live(self) -> bool:
@@ -117,7 +119,17 @@ def launch(cfg: RunConfig, runs_root: str | Path = "runs", *, analyze: bool = Tr
     count each on a small CPU slow both by an order of magnitude) unless ``threads`` is given."""
     root = Path(runs_root)
     jd = jobs_dir(root)
-    jd.mkdir(parents=True, exist_ok=True)
+    try:
+        jd.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"runs folder {root}: cannot write its job records ({e.strerror or e})") from None
+    if resume:
+        holder = holder_pid(root / resume)
+        if holder is not None or job_status(root, resume, log=False).live:
+            # a second process on one run would interleave its files, and this job's record would
+            # replace the live one's (so Cancel would stop only the second)
+            raise RunError(f"run {resume} is live (held by process {holder or 'starting'}); cancel it or wait "
+                           "for it to end before resuming it")
     if threads is None and any(j.live for j in list_jobs(root)):
         threads = 1
     if threads is not None:
@@ -309,11 +321,14 @@ def job_status(runs_root: str | Path, run_id: str, log: bool = True) -> JobStatu
     else:  # the process is gone without an exit record: killed from outside (or the machine stopped)
         phase = "stopped"
         error = error or "the job's process is gone (killed?); the run can be resumed from its last finished stage"
+    resumable = RunDir(run_path).is_run()
+    if not alive and not resumable and phase in ("cancelled", "stopped"):
+        error = NOTHING_SAVED  # never "can be resumed" when there is no run folder to resume
     return JobStatus(run_id=run_id, phase=phase, alive=alive, stage=progress.get("key"),
                      step=int(progress.get("step") or 0), stage_steps=int(totals.get(progress.get("key"), 0) or 0),
                      finished=finished, stage_totals=dict(totals), analysis_part=progress.get("part"),
                      error=error, started=(rec or {}).get("started"),
-                     log_tail=_tail(jd / f"{run_id}.log") if rec and log else "")
+                     log_tail=_tail(jd / f"{run_id}.log") if rec and log else "", resumable=resumable)
 
 
 def list_jobs(runs_root: str | Path) -> list[JobStatus]:
@@ -333,7 +348,7 @@ def cancel(runs_root: str | Path, run_id: str, grace: float = 10.0) -> JobStatus
     root = Path(runs_root)
     rec = _read(jobs_dir(root) / f"{run_id}.json")
     run_path = root / run_id
-    if run_path.is_dir():
+    if holder_pid(run_path) is not None:  # only a held run reads it (a stale one would stop a later resume)
         RunDir(run_path).cancel_file.touch()
     token = (rec or {}).get("token", run_id)
     if rec is not None and _pid_alive(int(rec["pid"]), token):
@@ -354,6 +369,9 @@ def cancel(runs_root: str | Path, run_id: str, grace: float = 10.0) -> JobStatus
             while time.monotonic() < deadline and _pid_alive(pid, token):
                 time.sleep(0.05)
             _write_exit(root, run_id, 137, "cancelled", "killed after the grace period")
+        if not (jobs_dir(root) / f"{run_id}.exit.json").exists():
+            # SIGTERM before the job process could catch it (it was still importing): it wrote nothing
+            _write_exit(root, run_id, 143, "cancelled", None if RunDir(run_path).is_run() else NOTHING_SAVED)
     return job_status(root, run_id)
 
 
@@ -435,8 +453,10 @@ def main(argv: list[str] | None = None) -> int:
         phase, rc = "done", 0
     except (Cancelled, KeyboardInterrupt) as e:
         phase, rc, error = "cancelled", 130, str(e) or "cancelled"
-        if run_dir.is_dir() and (run_dir / "state.json").is_file():
+        if RunDir(run_dir).is_run():
             RunDir(run_dir).write_progress(status="cancelled")
+        else:
+            error = NOTHING_SAVED
     except LocphylaxError as e:
         phase, rc, error = "failed", 2, str(e)
         print(f"error: {e}", flush=True)

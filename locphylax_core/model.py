@@ -268,13 +268,46 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, dtype=Non
             extra["quantization_config"] = quant
         if device_map is not None:
             extra["device_map"] = device_map
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, config=conf, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code, dtype=dtype,
-                                                     attn_implementation=attn_implementation, **extra)
+        # mismatched shapes are reported in the loading info (and refused below, by name) instead
+        # of transformers' error, which points at a report the CLI's quiet logging hides
+        model, info = AutoModelForCausalLM.from_pretrained(
+            name_or_path, config=conf, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype,
+            attn_implementation=attn_implementation, output_loading_info=True, ignore_mismatched_sizes=True, **extra)
     except Exception as e:
         raise ModelLoadError(f"model.name_or_path {name_or_path!r}: cannot load safetensors weights "
                              f"({type(e).__name__}: {e})") from None
+    problem = loading_problem(info)
+    if problem:
+        raise ModelLoadError(f"model.name_or_path {name_or_path!r}: its safetensors weights do not fit its "
+                             f"config.json: {problem}")
     return model
+
+
+def _names(keys, limit: int = 20) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def loading_problem(info: dict) -> str | None:
+    """What transformers' loading info says is wrong with a checkpoint, or None. A weight the
+    checkpoint lacks would silently keep its random initialisation, one it has that the model lacks
+    would be dropped, and a mis-shaped one would be re-initialised: each is named here."""
+    parts = []
+    missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
+    mismatched = info.get("mismatched_keys") or ()
+    if missing:
+        parts.append(f"{len(missing)} weight(s) missing from the checkpoint ({_names(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weight(s) the model does not have ({_names(unexpected)})")
+    if mismatched:
+        shown = [f"{k} (checkpoint {tuple(found)}, model expects {tuple(expected)})"
+                 for k, found, expected in sorted(mismatched, key=lambda m: m[0])]
+        more = f" and {len(shown) - 8} more" if len(shown) > 8 else ""
+        parts.append(f"{len(shown)} weight(s) of the wrong shape: {', '.join(shown[:8])}{more}")
+    if info.get("error_msgs"):
+        parts.append("; ".join(str(m) for m in info["error_msgs"])[:400])
+    return "; ".join(parts) or None
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import shutil
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +34,7 @@ from .experiment import (ATTACK, Experiment, attack_trigger_spec, build_experime
                          filter_eval_set, known_trigger_specs)
 from .paradigms import owner_samples
 from .registry import PARADIGMS
-from .runs import SUMMARY_SCHEMA, RunDir, atomic_write_text
+from .runs import SUMMARY_SCHEMA, RunDir, RunLock, atomic_write_text, check_runs_root
 from .tasks import task_spec
 from .text import render_prompt
 from .trainer import TrainSettings, fit, stage_seed
@@ -418,51 +418,72 @@ def start_run(cfg: RunConfig, runs_root: str | Path = "runs", reporter: Reporter
         prep = prepare(cfg, tokenizer=M.load_tokenizer(str(run.path / "tokenizer")))
         return run, Pipeline(prep, run, reporter).run_all()
     try:
+        check_runs_root(Path(runs_root))  # a runs folder that cannot be written fails before any work
         prep = prepare(cfg)  # raises on bad input before anything is written
-        run = RunDir.create(Path(runs_root), cfg.name, run_id)
-        try:
-            atomic_write_text(run.path / "config.yaml", cfg.to_yaml())
-            M.save_tokenizer(prep.tokenizer, run.path / "tokenizer")
-            _write_probe(run, prep.probe)
-            run.write_state({"status": "created", "preset": cfg.name, "finished": [], "seconds": {}, "results": {},
+
+        def set_up(tmp: RunDir) -> None:  # in a hidden folder that appears as the run folder when complete
+            atomic_write_text(tmp.path / "config.yaml", cfg.to_yaml())
+            M.save_tokenizer(prep.tokenizer, tmp.path / "tokenizer")
+            _write_probe(tmp, prep.probe)
+            tmp.write_state({"status": "created", "preset": cfg.name, "finished": [], "seconds": {}, "results": {},
                              "prepare_seconds": time.perf_counter() - t0, "n_test": len(prep.task.test),
                              "config_sha256": hashlib.sha256(cfg.to_yaml().encode()).hexdigest()})
-        except BaseException:
-            shutil.rmtree(run.path, ignore_errors=True)  # nothing half-written is left behind
-            raise
+        run = RunDir.create(Path(runs_root), cfg.name, run_id, setup=set_up, lock=True)
     except BaseException as e:
         if dist is not None:
             dist.broadcast(e if isinstance(e, Exception) else RunError(f"rank 0 stopped: {e!r}"))
         raise
-    if dist is not None:
-        dist.broadcast(str(run.path))
-    if reporter:
-        reporter.message(f"run folder: {run.path}")
-    return run, Pipeline(prep, run, reporter).run_all()
+    with run.lock:  # held from before the folder appeared until the run ends (or its process does)
+        if dist is not None:
+            dist.broadcast(str(run.path))
+        if reporter:
+            reporter.message(f"run folder: {run.path}")
+        return run, Pipeline(prep, run, reporter).run_all()
 
 
 def resume_run(run: RunDir, reporter: Reporter | None = None) -> dict:
-    """Continue a killed or cancelled run from its last finished stage."""
+    """Continue a killed or cancelled run from its last finished stage. The resuming process holds
+    the run's lock (a second resume, or one of a run that is still going, is refused)."""
     if not (run.path / "config.yaml").is_file():
         raise RunError(f"{run.path}: no config.yaml, so this is not a resumable run folder")
     cfg = load_run_config(run.path / "config.yaml")
-    state = run.read_state()
-    if state.get("status") == "done":
-        return run.read_summary()
-    tok_dir = run.path / "tokenizer"
-    tokenizer = M.load_tokenizer(str(tok_dir)) if tok_dir.is_dir() else None
-    prep = prepare(cfg, tokenizer=tokenizer)
-    finished = [k for k in state.get("finished", []) if run.checkpoint(k).is_dir()]
-    state["finished"] = finished
-    state.setdefault("seconds", {})
-    state.setdefault("results", {})
     dist = distributed(cfg.train.device)
-    if dist is None or dist.is_main:  # under accelerate launch, rank 0 writes
-        run.write_state(state)
-        run.keep_metrics(set(finished))  # drop the rows of the stage that was cut off
-    if dist is not None:
-        dist.barrier()
-    return Pipeline(prep, run, reporter).run_all()
+    main = dist is None or dist.is_main  # under accelerate launch, rank 0 holds the run and writes
+    lock = RunLock(run.path) if main else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        if main and not os.access(run.path, os.W_OK | os.X_OK):  # the lock file may exist and be writable
+            raise RunError(f"run folder {run.path} is not writable; a run can only be continued where it can write")
+        state = run.read_state()
+        if state.get("status") == "done":
+            return run.read_summary()
+        if main:
+            # a cancel that arrived after its run had ended (killed) must not stop this resume, and
+            # what interrupted writes left (temporary files, half-saved checkpoint folders) goes
+            run.cancel_file.unlink(missing_ok=True)
+            run.clean_stale_temporaries()
+        tok_dir = run.path / "tokenizer"
+        tokenizer = M.load_tokenizer(str(tok_dir)) if tok_dir.is_dir() else None
+        prep = prepare(cfg, tokenizer=tokenizer)
+        # an edited or damaged state.json: keep only what a finished stage needs (its checkpoint and
+        # its result); a stage without them runs again, which gives what it gave the first time
+        results = state.get("results") if isinstance(state.get("results"), dict) else {}
+        seconds = state.get("seconds") if isinstance(state.get("seconds"), dict) else {}
+        state["results"] = {k: v for k, v in results.items() if isinstance(v, dict)}
+        state["seconds"] = {k: v for k, v in seconds.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        finished = [k for k in state.get("finished", []) if isinstance(k, str) and run.checkpoint(k).is_dir()
+                    and k in state["results"]]
+        state["finished"] = finished
+        if main:
+            run.write_state(state)
+            run.keep_metrics(set(finished))  # drop the rows of the stage that was cut off
+        if dist is not None:
+            dist.barrier()
+        return Pipeline(prep, run, reporter).run_all()
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 __all__ = ["Reporter", "prepare", "start_run", "resume_run", "stage_specs", "build_summary", "Pipeline",

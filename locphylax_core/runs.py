@@ -13,30 +13,50 @@ Layout of ``runs/<id>/`` (see docs/run_store.md)::
     probe.jsonl           the fixed probe set (text, group, label)
 
 Every whole-file write goes to a temporary file in the same folder and is moved into place with
-``os.replace``, so a reader or a crash never sees half a file. Run ids are created with
-``os.mkdir`` (which fails if the folder exists), so two runs started at once never share one.
+``os.replace``, so a reader or a crash never sees half a file. A run folder is set up (config,
+tokenizer, probe set, first state) in a hidden temporary folder that is renamed into place when
+complete, so a run folder either is resumable or does not exist; the rename fails if the name is
+taken, so two runs started at once never share one. One process at a time holds a run: an
+exclusive ``flock`` on ``<run>/.lock`` (:class:`RunLock`), which the OS releases when the process
+ends, however it ends.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import secrets
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import RunError
 
 SUMMARY_SCHEMA = 1
+LOCK_FILE = ".lock"
+SETUP_PREFIX = ".creating-"  # a run folder being set up (hidden: list_runs skips it)
+SETUP_SWEEP_AGE_S = 60.0
+
+
+def os_problem(e: OSError) -> str:
+    """An OSError as one line: what the OS said and about which path (no traceback)."""
+    where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+    return f"{where}{e.strerror or type(e).__name__}"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:  # a read-only folder, a file where a folder should be, a full disk...
+        raise RunError(f"cannot write {path}: {os_problem(e)}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -58,8 +78,62 @@ def read_json(path: Path) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RunError(f"{path}: missing") from None
+    except UnicodeDecodeError:
+        raise RunError(f"{path}: corrupt (not UTF-8 text; a binary file?)") from None
     except json.JSONDecodeError as e:
         raise RunError(f"{path}: corrupt JSON ({e})") from None
+    except OSError as e:
+        raise RunError(f"{path}: cannot be read ({os_problem(e)})") from None
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_block(block, where: str) -> str | None:
+    """Why a summary's result block (``{"cacc", "asr": {...}, ...}``) has the wrong shape, or None."""
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        return f"{where} is not a mapping"
+    if "cacc" not in block or not (block["cacc"] is None or _is_number(block["cacc"])):
+        return f"{where}.cacc is missing or not a number"
+    for key in ("asr", "asr_raw"):
+        rates = block.get(key, {})
+        if not isinstance(rates, dict) or (key == "asr" and key not in block):
+            return f"{where}.{key} is missing or not a mapping"
+        bad = [k for k, v in rates.items() if not (v is None or _is_number(v))]
+        if bad:
+            return f"{where}.{key}.{bad[0]} is not a number"
+    util = block.get("utility")
+    if util is not None and not (isinstance(util, dict) and (util.get("value") is None or _is_number(util.get("value")))):
+        return f"{where}.utility is not a mapping with a numeric value"
+    return None
+
+
+def summary_problem(s) -> str | None:
+    """Why a ``summary.json`` of schema 1 does not have the shape the readers rely on, or None."""
+    if not isinstance(s, dict):
+        return "not a mapping"
+    if not isinstance(s.get("run_id"), str):
+        return "run_id is missing or not a string"
+    for key in ("stages", "baselines"):
+        if not isinstance(s.get(key), dict):
+            return f"{key} is missing or not a mapping"
+        for name, block in s[key].items():
+            problem = _check_block(block, f"{key}.{name}")
+            if problem:
+                return problem
+    problem = _check_block(s.get("clean_model"), "clean_model")
+    if problem:
+        return problem
+    for key in ("seconds", "triggers"):
+        if not isinstance(s.get(key, {}), dict):
+            return f"{key} is not a mapping"
+    bad = [k for k, v in s.get("seconds", {}).items() if not _is_number(v)]
+    if bad:
+        return f"seconds.{bad[0]} is not a number"
+    return None
 
 
 def file_sha256(path: Path) -> str:
@@ -77,6 +151,88 @@ def new_run_id(preset: str) -> str:
     return f"{stamp}-{safe}-{secrets.token_hex(3)}"
 
 
+def check_runs_root(root: Path) -> Path:
+    """The runs folder, created if needed; a clear RunError when it is a file or cannot be written."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise RunError(f"runs folder {root} is a file, not a folder; pass --runs a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"runs folder {root} cannot be created ({os_problem(e)})") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise RunError(f"runs folder {root} is not writable; pass --runs a folder you can write to")
+    return root
+
+
+class RunLock:
+    """The one process that holds a run: an exclusive, non-blocking ``flock`` on ``<run>/.lock``,
+    which also holds the holder's pid for the refusal message. The OS drops the lock when its
+    process ends, however it ends (exit, exception, SIGKILL), so a crash never leaves a stale lock.
+    flock locks belong to an open file, so a second holder in the same process is refused too."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._fd: int | None = None
+
+    @property
+    def file(self) -> Path:
+        return self.folder / LOCK_FILE
+
+    def acquire(self) -> "RunLock":
+        try:
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunError(f"run folder {self.folder} is not writable ({os_problem(e)}); a run can only be "
+                           "continued where it can write") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunError(f"run folder {self.folder}: cannot take its lock ({os_problem(e)})") from None
+            pid = holder_pid(self.folder)
+            raise RunError(f"run {self.folder.name} is held by another process (pid {pid or 'unknown'}): it is "
+                           "running or being resumed there; wait for it to end or `locphylax cancel "
+                           f"{self.folder.name}`") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)  # the pid stays in the file; only the flock counts
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire() if self._fd is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def holder_pid(folder: Path) -> int | None:
+    """The pid of the process holding the run in ``folder``, or None when no process holds it."""
+    try:
+        fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                return int(os.read(fd, 32).decode("ascii", "replace").strip() or 0) or -1
+            except ValueError:
+                return -1  # held, by a pid we cannot read
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 class RunDir:
     """A run folder and its files. Create with :meth:`create`; open an existing one with ``RunDir(path)``."""
 
@@ -84,18 +240,57 @@ class RunDir:
         self.path = Path(path)
 
     @classmethod
-    def create(cls, root: Path, preset: str, run_id: str | None = None) -> "RunDir":
-        root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
+    def create(cls, root: Path, preset: str, run_id: str | None = None, setup=None,
+               lock: bool = False) -> "RunDir":
+        """A new run folder under ``root``. ``setup(tmp_run)`` first fills a hidden temporary folder
+        (config, tokenizer, probe set, first state), which is renamed into place only when complete:
+        a kill during set-up leaves no half run folder, only a hidden one that the next create
+        removes. ``lock``: hold the run's :class:`RunLock` from before it appears (``run.lock``)."""
+        root = check_runs_root(root)
+        _sweep_setup_folders(root)
         for _ in range(20):
             rid = run_id or new_run_id(preset)
-            try:
-                os.mkdir(root / rid)  # atomic: fails if another process took the name
-                return cls(root / rid)
-            except FileExistsError:
+            if (root / rid).exists():
                 if run_id is not None:
-                    raise RunError(f"run folder {root / rid} already exists") from None
+                    raise RunError(f"run folder {root / rid} already exists")
+                continue
+            tmp = root / f"{SETUP_PREFIX}{rid}.{secrets.token_hex(4)}"
+            try:
+                os.mkdir(tmp)
+            except OSError as e:
+                raise RunError(f"cannot create a run folder under {root} ({os_problem(e)})") from None
+            held = RunLock(tmp).acquire()  # marks the set-up folder live; moves with the rename
+            try:
+                if setup is not None:
+                    setup(cls(tmp))
+                try:
+                    # rename(2) onto an existing folder fails unless it is empty; a run folder is
+                    # never empty (it is created whole), so a taken name fails here
+                    if (root / rid).exists():
+                        raise FileExistsError(errno.EEXIST, "exists", str(root / rid))
+                    os.rename(tmp, root / rid)
+                except OSError as e:
+                    if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise RunError(f"cannot create run folder {root / rid} ({os_problem(e)})") from None
+                    if run_id is not None:
+                        raise RunError(f"run folder {root / rid} already exists") from None
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    held.release()
+                    continue
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
+                held.release()
+                raise
+            run = cls(root / rid)
+            held.folder = run.path
+            if lock:
+                run.lock = held
+            else:
+                held.release()
+            return run
         raise RunError(f"could not create a unique run folder under {root}")
+
+    lock: RunLock | None = None  # the lock create(lock=True) took for the caller
 
     # --- paths
     @property
@@ -112,9 +307,34 @@ class RunDir:
     def cancel_file(self) -> Path:
         return self.path / "CANCEL"
 
+    def is_run(self) -> bool:
+        """The folder was set up as a run (config.yaml and state.json)."""
+        return (self.path / "config.yaml").is_file() and (self.path / "state.json").is_file()
+
+    def clean_stale_temporaries(self) -> list[str]:
+        """Remove what interrupted writes left: hidden temporary files and folders of atomic writes
+        and checkpoint saves (``.name.XXXX``), in the run folder and its checkpoint/hidden folders.
+        Only the holder of the run's lock may call this (nothing else writes the folder then)."""
+        removed = []
+        for folder in (self.path, self.path / "checkpoints", self.path / "hidden"):
+            if not folder.is_dir():
+                continue
+            for p in folder.iterdir():
+                if not p.name.startswith(".") or p.name == LOCK_FILE:
+                    continue
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(str(p.relative_to(self.path)))
+        return removed
+
     # --- state
     def read_state(self) -> dict:
-        return read_json(self.path / "state.json")
+        state = read_json(self.path / "state.json")
+        if not isinstance(state, dict) or not isinstance(state.get("finished", []), list):
+            raise RunError(f"{self.path / 'state.json'}: corrupt (not a mapping with a list of finished stages)")
+        return state
 
     def write_state(self, state: dict) -> None:
         atomic_write_json(self.path / "state.json", state)
@@ -125,7 +345,11 @@ class RunDir:
     def read_summary(self) -> dict:
         s = read_json(self.path / "summary.json")
         if not isinstance(s, dict) or s.get("schema") != SUMMARY_SCHEMA:
-            raise RunError(f"{self.path / 'summary.json'}: unknown schema {s.get('schema') if isinstance(s, dict) else s!r}")
+            schema = s.get("schema") if isinstance(s, dict) else type(s).__name__
+            raise RunError(f"{self.path / 'summary.json'}: unknown schema {str(schema)[:40]!r}")
+        problem = summary_problem(s)
+        if problem:
+            raise RunError(f"{self.path / 'summary.json'}: corrupt ({problem})")
         return s
 
     def write_progress(self, **fields) -> None:
@@ -142,11 +366,17 @@ class RunDir:
         if not p.exists():
             return []
         rows = []
-        for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            text = p.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise RunError(f"{p}: cannot be read ({os_problem(e)})") from None
+        for line in text.splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill mid-write: skip it
+            if isinstance(row, dict):  # a line that is JSON but not a row is not one of ours
+                rows.append(row)
         return rows
 
     def keep_metrics(self, finished: set[str]) -> None:
@@ -162,13 +392,33 @@ def list_runs(root: Path) -> Iterator[dict]:
     for p in sorted((x for x in root.iterdir() if x.is_dir() and not x.name.startswith((".", "_"))), reverse=True):
         info = {"run_id": p.name, "path": str(p), "status": "unknown", "preset": None, "finished": []}
         try:
-            st = json.loads((p / "state.json").read_text())
-            info.update(status=st.get("status", "unknown"), preset=st.get("preset"), finished=st.get("finished", []))
+            st = json.loads((p / "state.json").read_text(encoding="utf-8"))
         except FileNotFoundError:
             info["status"] = "incomplete (no state.json)"
-        except (json.JSONDecodeError, OSError):
+        except (ValueError, OSError):  # ValueError: bad JSON or not UTF-8 (a binary file)
             info["status"] = "corrupt (state.json unreadable)"
+        else:
+            finished = st.get("finished", []) if isinstance(st, dict) else None
+            status = st.get("status", "unknown") if isinstance(st, dict) else None
+            preset = st.get("preset") if isinstance(st, dict) else None
+            if not isinstance(finished, list) or not isinstance(status, str) or not isinstance(preset, (str, type(None))):
+                info["status"] = "corrupt (state.json has the wrong shape)"
+            else:
+                info.update(status=status[:40], preset=preset, finished=finished)
         yield info
+
+
+def _sweep_setup_folders(root: Path) -> None:
+    """Remove set-up folders a killed ``create`` left: those whose lock no process holds, untouched
+    for a minute (a folder just made by a concurrent create may not hold its lock yet)."""
+    now = time.time()
+    for p in root.glob(f"{SETUP_PREFIX}*"):
+        try:
+            stale = p.is_dir() and now - p.stat().st_mtime > SETUP_SWEEP_AGE_S and holder_pid(p) is None
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def find_run(ref: str, root: Path) -> RunDir:

@@ -15,12 +15,12 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from .registry import DEFENSES, TASKS
-from .runs import SUMMARY_SCHEMA
+from .runs import SUMMARY_SCHEMA, summary_problem
 from . import model as M
-from .config import AttackConfig
+from .config import AttackConfig, load_yaml_text, read_config_text
+from .errors import ConfigError
 from .evaluation import answer_probabilities, predict
 from .tasks import CLASSIFICATION, Task
 
@@ -108,15 +108,17 @@ def open_run(path: str | Path) -> RunView:
         return RunView(p.name, str(p), "corrupt", (f"{p} is not a folder",))
     config, config_yaml = {}, ""
     try:
-        config_yaml = (p / "config.yaml").read_text(encoding="utf-8")
-        config = yaml.safe_load(config_yaml) or {}
+        config_yaml = read_config_text(p / "config.yaml")
+        config = load_yaml_text(config_yaml, "config.yaml") or {}
         if not isinstance(config, dict):
             problems.append("config.yaml is not a mapping")
             config = {}
-    except FileNotFoundError:
-        problems.append("config.yaml is missing")
-    except (OSError, yaml.YAMLError) as e:
-        problems.append(f"config.yaml is corrupt ({type(e).__name__})")
+    except ConfigError as e:
+        config_yaml = ""
+        if not (p / "config.yaml").exists():
+            problems.append("config.yaml is missing")
+        else:  # binary, too large, an alias bomb or not YAML: the project's message, not an exception
+            problems.append(f"config.yaml is corrupt ({str(e).replace(str(p / 'config.yaml'), 'config.yaml')[:200]})")
     state = _load_json(p / "state.json", problems) or {}
     if not isinstance(state, dict):
         problems.append("state.json is not a mapping")
@@ -124,6 +126,9 @@ def open_run(path: str | Path) -> RunView:
     summary = _load_json(p / "summary.json", problems, required=bool(state.get("finished")))
     if summary is not None and (not isinstance(summary, dict) or summary.get("schema") != SUMMARY_SCHEMA):
         problems.append("summary.json has an unknown schema")
+        summary = None
+    elif summary is not None and summary_problem(summary):
+        problems.append(f"summary.json is corrupt ({summary_problem(summary)})")
         summary = None
     analysis = _load_json(p / "analysis.json", problems, required=False)
     if analysis is not None and not isinstance(analysis, dict):

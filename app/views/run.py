@@ -7,6 +7,7 @@ import yaml
 import support as S
 from locphylax_core import ConfigError, RunConfig, list_presets, load_config
 from locphylax_core.config import load_run_config
+from locphylax_core.errors import RunError
 
 st.title("Run")
 
@@ -58,7 +59,11 @@ def resume_button(run_id: str) -> None:
             problems = "; ".join(f"{k}: {m}" for k, m in (e.fields or {}).items()) or "it is not valid YAML"
             st.error(f"Run `{run_id}` cannot be resumed: its config.yaml does not validate ({problems}).")
             return
-        S.start_job(cfg, resume=run_id)
+        try:
+            S.start_job(cfg, resume=run_id)
+        except RunError as e:  # the run is still held by a live process: resuming would run it twice
+            st.error(str(e))
+            return
         st.rerun()
 
 
@@ -107,5 +112,9 @@ else:
         c1, c2 = st.columns([3, 1])
         pick = c1.selectbox("Resume a stopped run", resumable, key="resume_pick")
         if c2.button("Resume", key="resume_btn"):
-            S.start_job(load_run_config(S.runs_root() / pick / "config.yaml"), resume=pick)
-            st.rerun()
+            try:
+                S.start_job(load_run_config(S.runs_root() / pick / "config.yaml"), resume=pick)
+            except (ConfigError, RunError) as e:  # a damaged config.yaml, or a run a live process holds
+                st.error(str(e))
+            else:
+                st.rerun()

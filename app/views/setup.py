@@ -15,6 +15,7 @@ import yaml
 
 import support as S
 from locphylax_core import ConfigError, RunConfig, list_presets, load_config
+from locphylax_core.config import load_yaml_text
 from locphylax_core.registry import FIELD_REGISTRIES
 from locphylax_core.runs import atomic_write_text
 
@@ -96,13 +97,10 @@ def _restore(config_id: str, preset: str) -> None:
         st.warning("The configuration this link names is no longer saved in the run store; validate it again.")
         return
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml_text(text, "the saved configuration")  # bounded: no alias bomb expands
         if not isinstance(data, dict):
             raise ConfigError(f"the top level must be a mapping of sections, got {type(data).__name__}")
         cfg = load_config(data)
-    except yaml.YAMLError:
-        st.error("The configuration this link names is no longer valid YAML; validate it again.")
-        return
     except ConfigError as e:
         st.error("The configuration this link names no longer validates:  \n" + _error_lines(_error_fields(e)))
         return
@@ -268,12 +266,10 @@ with st.expander("Edit the whole configuration as YAML instead"):
     text = st.text_area("YAML", value=validated_yaml or base.to_yaml(), height=300, key=f"yaml-{preset}")
     if st.button("Validate YAML", key="validate_yaml"):
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml_text(text, "the YAML")  # bounded: an alias bomb is refused, not expanded
             if not isinstance(data, dict):
                 raise ConfigError(f"the top level must be a mapping of sections, got {type(data).__name__}")
             cfg = load_config(data)
-        except yaml.YAMLError as e:
-            st.error(f"Not valid YAML: {e}")
         except ConfigError as e:
             st.error(_error_lines(_error_fields(e)))
         else:
