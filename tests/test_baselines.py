@@ -11,7 +11,7 @@ import torch
 from conftest import cli
 from locphylax_core import ConfigError, load_config
 from locphylax_core.baselines import CrowConfig, FinePruneConfig, crow, fine_prune, layer_consistency, mlp_unit_activity
-from locphylax_core.defense import RecoverConfig, method_plans, recover
+from locphylax_core.defense import RecoverConfig, clean_samples, method_plans, recover
 from locphylax_core.trainer import TrainSettings
 from locphylax_core import baselines as B
 from locphylax_core.engine import encode
@@ -33,7 +33,7 @@ def test_plans_for_the_new_baselines():
     assert [(p.fn, p.cfg.prune_rate) for p in fp] == [(fine_prune, d.options["fine_pruning"]["prune_rate"]),
                                                       (fine_prune, 0.0)]
     cr = plans["crow"]
-    assert [p.fn for p in cr] == [crow, crow] and cr[0].cfg == CrowConfig(d.stage1_steps, 1.0, 0.1)
+    assert [p.fn for p in cr] == [crow, crow] and cr[0].cfg == CrowConfig(d.stage1_steps, 5.5, 0.1, "peer")
 
 
 def test_dry_run_validates_the_new_baselines_and_rejects_bad_values():
@@ -74,12 +74,88 @@ def test_layer_consistency_by_hand():
     mask = torch.ones(2, 3, dtype=torch.long)
     emb = torch.randn(2, 3, 4)
     assert float(layer_consistency([emb, a, a, a], mask)) == pytest.approx(0.0, abs=1e-6)
-    assert float(layer_consistency([emb, a, -a], mask)) == pytest.approx(2.0, abs=1e-6)
+    assert float(layer_consistency([emb, a, -a], mask, "with_final_norm")) == pytest.approx(2.0, abs=1e-6)
+    assert float(layer_consistency([emb, a, -a, emb], mask)) == pytest.approx(2.0, abs=1e-6)  # the peer's pair
+    assert float(layer_consistency([emb, a, -a], mask)) == 0.0  # (block 1, norm(block 2)) is not the peer's
     # padded positions do not count
     b = a.clone()
     b[:, 0] = -a[:, 0]
     mask[:, 0] = 0
-    assert float(layer_consistency([emb, a, b], mask)) == pytest.approx(0.0, abs=1e-6)
+    assert float(layer_consistency([emb, a, b, emb], mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def _peer_consistency(hidden_states) -> torch.Tensor:
+    """CROW's own term (NayMyatMin/CROW, consistency_trainer.py compute_loss), transcribed for
+    this test: hidden_states[1:-2] against [2:-1], 1 - cos averaged over every position."""
+    h = torch.stack(hidden_states[1:-2])
+    nxt = torch.stack(hidden_states[2:-1])
+    return (1 - torch.nn.functional.cosine_similarity(h, nxt, dim=-1, eps=1e-8)).mean()
+
+
+def _hand_made_gpt2(n_layer: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=16, n_head=2, vocab_size=40, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+def test_crow_pairs_blocks_exactly_as_the_authors_code():
+    model = _hand_made_gpt2(5)
+    ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    blocks: list = []
+    hooks = [b.register_forward_hook(lambda _m, _i, o: blocks.append(o[0] if isinstance(o, tuple) else o))
+             for b in model.transformer.h]
+    with torch.no_grad():
+        hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for h in hooks:
+        h.remove()
+    peer = float(_peer_consistency(hs))
+    assert float(layer_consistency(hs, mask)) == pytest.approx(peer, rel=1e-6)  # 3 pairs: blocks (1,2),(2,3),(3,4)
+    assert len(B.crow_states(hs, blocks, "peer")) == 4
+    # blocks: the peer's 3 pairs plus (block 4, block 5) read before the final norm
+    last = float(1 - torch.nn.functional.cosine_similarity(blocks[3], blocks[4], dim=-1).mean())
+    assert float(B.consecutive_inconsistency(B.crow_states(hs, blocks, "blocks"), mask)) == pytest.approx(
+        (3 * peer + last) / 4, rel=1e-5)
+    # the project's earlier pairing added (block 4, norm(block 5)), which the peer leaves out
+    old = float(1 - torch.nn.functional.cosine_similarity(hs[4], hs[5], dim=-1).mean())
+    assert float(layer_consistency(hs, mask, "with_final_norm")) == pytest.approx((3 * peer + old) / 4, rel=1e-5)
+    # on a 2-block model the peer's pairing holds no pair (the 2-block presets' CROW is clean fine-tuning)
+    with torch.no_grad():
+        hs2 = _hand_made_gpt2(2)(input_ids=ids, output_hidden_states=True).hidden_states
+    assert float(layer_consistency(hs2, mask)) == 0.0 and float(layer_consistency(hs2, mask, "with_final_norm")) > 0
+    with pytest.raises(ValueError, match="defense.options.crow.pairs"):
+        B.crow_states(hs, blocks, "all")
+
+
+def test_crow_step_loss_equals_the_authors_on_an_unpadded_batch(micro_prepared, monkeypatch):
+    """One CROW step on a hand-made 4-block model: the FGSM-perturbed consistency term equals the
+    peer's compute_loss (unpadded rows, where masking pads changes nothing)."""
+    from locphylax_core import baselines
+    from locphylax_core import model as M
+    from locphylax_core.engine import batches
+    prep = micro_prepared
+    lm = M.LM(M.build_embedded(prep.cfg.model.model_copy(update={"n_layer": 4}), prep.tokenizer, seed=0),
+              prep.tokenizer, prep.answer_ids)
+    captured = {}
+    monkeypatch.setattr(baselines, "train_stage", lambda *a, **kw: captured.update(step_loss=a[6]) or {})
+    out = crow(lm, prep.defender, CrowConfig(steps=1), seed=0, settings=_settings(prep))
+    assert out["consistency_pairs"] == 2
+    samples = clean_samples(prep.defender, lm.answer_ids)
+    lengths = [len(prep.tokenizer(s.prompt)["input_ids"]) for s in samples]
+    same = [s for s, n in zip(samples, lengths) if n == max(set(lengths), key=lengths.count)][:6]
+    batch = next(batches(same, prep.defender.kind, lm.tokenizer, len(same), prep.max_length, lm.device,
+                         torch.Generator().manual_seed(0)))
+    assert bool(batch.attention_mask.all())
+    _, logs = captured["step_loss"](lm.model, batch, 1)
+    # the peer: grad of the clean consistency w.r.t. the embeddings, one signed step of 0.1, again
+    embeds = lm.model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)
+    hs = lm.model(inputs_embeds=embeds, position_ids=batch.position_ids, output_hidden_states=True).hidden_states
+    g, = torch.autograd.grad(_peer_consistency(hs), embeds)
+    pert = lm.model(inputs_embeds=embeds + 0.1 * g.sign(), position_ids=batch.position_ids,
+                    output_hidden_states=True).hidden_states
+    assert logs["l_consistency"] == pytest.approx(float(_peer_consistency(pert).detach()), rel=1e-4)  # noqa
+    assert logs["loss"] == pytest.approx(logs["l_ce"] + 5.5 * logs["l_consistency"], rel=1e-5)
 
 
 def test_crow_lowers_layer_inconsistency(micro_prepared):
