@@ -12,8 +12,9 @@ with the same step budget as Locphylax's.
   ``stage2_generated_rate``, or 1.0 if that is 0) and no known-trigger injection.
 - ``p2p``: P2P-style benign trigger injection (arXiv 2510.04503): the known triggers with the
   correct outputs, mixed into clean fine-tuning, no clustering.
-- ``fine_pruning``: prune ``prune_rate`` of the least active MLP units of block ``defense.layer``,
-  then clean fine-tuning with them held at zero.
+- ``fine_pruning``: prune the least active MLP units (by mean |activation|) of block
+  ``defense.layer`` step by step until held-out clean accuracy falls past a tolerance
+  (BackdoorBench's rule; or a fixed ``prune_rate``), then clean fine-tuning with them held at zero.
 - ``crow``: clean fine-tuning with CROW's layer-consistency term on perturbed embeddings (the
   authors' pairing of block outputs and weight; see the section below).
 - ``onion``: input-side (its own kind): the model is unchanged, and every test input loses the
@@ -22,8 +23,10 @@ with the same step budget as Locphylax's.
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass, replace
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -33,8 +36,9 @@ from .architectures import MLPUnits, block_mlp, decoder_blocks
 from .config import Options
 from .defense import (DefenderData, Observer, RecoverConfig, StagePlan, clean_samples, inject, locphylax_stages,
                       recover, reference_stages, train_stage)
-from .evaluation import encoded_batches
+from .evaluation import accuracy, encoded_batches, predict
 from .registry import DEFENSES
+from .text import Example
 from .trainer import TrainSettings
 
 
@@ -56,15 +60,40 @@ def clean_finetune(lm, data: DefenderData, cfg: CleanFinetuneConfig, *, seed: in
 
 # ----------------------------------------------------------------------------------------------
 # Baseline: fine-pruning (Liu et al. 2018): prune the MLP units of one block that are least
-# active on clean data, then fine-tune on clean data with the pruned units held at zero
+# active on clean data, then fine-tune on clean data with the pruned units held at zero.
+#
+# Checked against BackdoorBench's implementation (SCLBD/BackdoorBench, defense/fp.py; defaults in
+# config/defense/fp/*.yaml: acc_ratio 0.1, once_prune_ratio 0.01): units are sorted by their mean
+# activation on clean data, then pruned in steps of ceil(1% of the units) while the clean accuracy
+# stays within a relative 10% of the unpruned model's; the last model within the tolerance is
+# fine-tuned. Where this differs, and why:
+# - activity is the mean MAGNITUDE (mean |a| over non-pad tokens): BackdoorBench's signed mean is
+#   "least active" only after a ReLU; GELU and SwiGLU units take negative values (``rank: signed``
+#   keeps the signed mean);
+# - the accuracy is measured on a held-out part of the defender's clean data (``holdout``), not on
+#   the test set (the defender has no test set); ranking uses the rest;
+# - the tolerance is a DROP: BackdoorBench's ``abs(acc - acc0) / acc0 < acc_ratio`` also stops when
+#   accuracy RISES by more than 10%;
+# - pruning ``num`` prunes ``num`` units (BackdoorBench's ``seq_sort[0:num_pruned - 1]`` prunes one
+#   fewer than it records), and the model kept is the last one within the tolerance
+#   (BackdoorBench's ``last_net`` is the same object as the net it keeps pruning, so it fine-tunes
+#   the first model past the tolerance);
+# - fine-tuning uses all of the defender's clean data (the held-out part only stops the pruning).
+# ``prune_rate`` (a number) prunes that fixed fraction instead, without the accuracy rule.
 
 
 @dataclass(frozen=True)
 class FinePruneConfig:
     steps: int = 150
-    prune_rate: float = 0.0  # fraction of the block's MLP units to prune first (0: keep those already pruned)
+    # None: step by step until clean accuracy falls past acc_ratio; > 0: that fixed fraction of the
+    # block's MLP units; 0: no new pruning (keep those already pruned: fine-pruning's Stage 2)
+    prune_rate: float | None = 0.0
     layer: int = -1  # the decoder block whose MLP is pruned
     max_examples: int = 512  # clean inputs used to measure activity
+    acc_ratio: float = 0.1  # tolerated relative drop of held-out clean accuracy (BackdoorBench's)
+    step_ratio: float = 0.01  # fraction of the units pruned per step (BackdoorBench's once_prune_ratio)
+    holdout: float = 0.2  # fraction of the defender's clean data that measures the accuracy
+    rank: str = "magnitude"  # "magnitude": mean |activation|; "signed": mean activation (ReLU's view)
 
 
 def _along(axis: int, ndim: int, units):
@@ -79,12 +108,14 @@ def _keep_mask(keep: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
 
 @torch.no_grad()
 def mlp_unit_activity(lm, data: DefenderData, layer: int = -1, max_examples: int = 512,
-                      batch_size: int = 64, max_length: int | None = None) -> torch.Tensor:
-    """Mean activation of each MLP unit of block ``layer`` over the non-pad tokens of clean prompts:
-    the input of the MLP's output projection (GPT-2: act(c_fc(x)); GPT-NeoX: act(dense_h_to_4h(x));
-    Llama-style: act(gate(x)) * up(x))."""
+                      batch_size: int = 64, max_length: int | None = None, magnitude: bool = True,
+                      examples: Sequence[Example] | None = None) -> torch.Tensor:
+    """Mean activation (``magnitude``: mean absolute activation) of each MLP unit of block
+    ``layer`` over the non-pad tokens of clean prompts (``examples``, default the defender's clean
+    data): the input of the MLP's output projection (GPT-2: act(c_fc(x)); GPT-NeoX:
+    act(dense_h_to_4h(x)); Llama-style: act(gate(x)) * up(x))."""
     out_proj = block_mlp(lm.model, layer).output[0]
-    texts = [e.text for e in data.clean[:max_examples]]
+    texts = [e.text for e in (data.clean if examples is None else examples)[:max_examples]]
     total, count = None, 0
     was_training = lm.model.training
     lm.model.eval()
@@ -95,13 +126,38 @@ def mlp_unit_activity(lm, data: DefenderData, layer: int = -1, max_examples: int
             lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
                      logits_to_keep=1, use_cache=False)
             mask = b.attention_mask.unsqueeze(-1).to(store["out"].dtype)
-            s = (store["out"].float() * mask).sum((0, 1))
+            act = store["out"].float()
+            s = ((act.abs() if magnitude else act) * mask).sum((0, 1))
             total = s if total is None else total + s
             count += int(b.attention_mask.sum())
     finally:
         handle.remove()
     lm.model.train(was_training)
     return total / max(1, count)
+
+
+def prune_schedule(n_units: int, step_ratio: float) -> list[int]:
+    """The unit counts tried, as BackdoorBench's loop: 0, k, 2k, ... below ``n_units`` (k =
+    ceil(step_ratio * n_units))."""
+    return list(range(0, n_units, max(1, math.ceil(n_units * step_ratio))))
+
+
+def adaptive_prune_count(accuracy_at: Callable[[int], float], n_units: int, step_ratio: float,
+                         acc_ratio: float) -> tuple[int, list[tuple[int, float]]]:
+    """How many of the least active units to prune: the largest count of :func:`prune_schedule`
+    reached before the clean accuracy first drops by ``acc_ratio`` (relative) or more below the
+    unpruned accuracy; and the (count, accuracy) curve measured on the way."""
+    counts = prune_schedule(n_units, step_ratio)
+    base = accuracy_at(0)
+    curve, kept = [(0, base)], 0
+    for num in counts[1:]:
+        acc = accuracy_at(num)
+        curve.append((num, acc))
+        drop = (base - acc) / base if base > 0 else 0.0  # relative, as BackdoorBench's (but a drop only)
+        if drop >= acc_ratio:  # past the tolerance: keep the previous count
+            break
+        kept = num
+    return kept, curve
 
 
 def _pruned_units(mlp: MLPUnits) -> torch.Tensor:
@@ -115,21 +171,52 @@ def _pruned_units(mlp: MLPUnits) -> torch.Tensor:
     return zero.nonzero().flatten()
 
 
+def _holdout_split(data: DefenderData, fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(ranking part, held-out part) of the defender's clean data, by a seeded shuffle."""
+    rows = list(data.clean)
+    random.Random(f"{seed}:fine_pruning_holdout").shuffle(rows)
+    n_held = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+    return rows[n_held:], rows[:n_held]
+
+
 def fine_prune(lm, data: DefenderData, cfg: FinePruneConfig, *, seed: int, settings: TrainSettings = TrainSettings(),
                observer: Observer | None = None, **kw) -> dict:
-    """Prune (if ``prune_rate`` > 0) the least active MLP units of one block, then fine-tune on
-    the clean data; pruned units stay at zero (their gradients are masked by temporary hooks).
-    Any MLP of the architecture table (``architectures.ARCHITECTURES``)."""
+    """Prune the least active MLP units of one block (``prune_rate`` None: step by step while the
+    held-out clean accuracy stays within ``acc_ratio``; a number: that fraction; 0: none), then
+    fine-tune on the clean data; pruned units stay at zero (their gradients are masked by
+    temporary hooks). Any MLP of the architecture table (``architectures.ARCHITECTURES``)."""
     mlp = block_mlp(lm.model, cfg.layer)
     n_units = mlp.n_units
-    if cfg.prune_rate > 0:
+    extra: dict = {}
+    if cfg.prune_rate is None or cfg.prune_rate > 0:
+        ranked, held = _holdout_split(data, cfg.holdout, seed) if cfg.prune_rate is None else (list(data.clean), [])
         activity = mlp_unit_activity(lm, data, cfg.layer, cfg.max_examples, settings.batch_size,
-                                     settings.max_length)
-        k = int(round(cfg.prune_rate * n_units))
-        units = torch.argsort(activity)[:k]
-        with torch.no_grad():
-            for t, axis in mlp.tensors():
-                t[_along(axis, t.dim(), units)] = 0
+                                     settings.max_length, magnitude=cfg.rank == "magnitude", examples=ranked)
+        already = set(_pruned_units(mlp).tolist())  # an earlier stage's units stay pruned and are not re-counted
+        order = [u for u in torch.argsort(activity).tolist() if u not in already]
+        original = [(t, t.detach().clone()) for t, _ in mlp.tensors()]
+
+        def prune_first(k: int) -> None:
+            with torch.no_grad():
+                for (t, saved), (_, axis) in zip(original, mlp.tensors()):
+                    t.copy_(saved)
+                    if k:
+                        t[_along(axis, t.dim(), torch.tensor(order[:k], device=t.device))] = 0
+
+        if cfg.prune_rate is None:
+            texts, labels = [e.text for e in held], [e.label for e in held]
+
+            def accuracy_at(k: int) -> float:
+                prune_first(k)
+                pred = predict(lm, data.template, texts, settings.batch_size, settings.max_length).tolist()
+                return accuracy(pred, labels)
+
+            k, curve = adaptive_prune_count(accuracy_at, len(order), cfg.step_ratio, cfg.acc_ratio)
+            extra = {"holdout": len(held), "clean_acc_unpruned": curve[0][1],
+                     "clean_acc_pruned": dict(curve).get(k, curve[0][1]), "prune_curve": curve}
+        else:
+            k = int(round(cfg.prune_rate * n_units))
+        prune_first(min(k, len(order)))
     units = _pruned_units(mlp)
     keep_in = torch.ones(n_units, device=mlp.inputs[0][0].weight.device)
     keep_in[units] = 0
@@ -139,7 +226,7 @@ def fine_prune(lm, data: DefenderData, cfg: FinePruneConfig, *, seed: int, setti
     finally:
         for h in hooks:
             h.remove()
-    return {**logs, "samples": len(data.clean), "pruned": int(len(units)), "units": n_units}
+    return {**logs, **extra, "samples": len(data.clean), "pruned": int(len(units)), "units": n_units}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +398,14 @@ def onion_filter(lm, data: DefenderData, cfg: OnionConfig, max_length=None):
 
 
 class FinePruningOptions(Options):
-    prune_rate: float = Field(0.3, gt=0, lt=1)  # fraction of the block's MLP units pruned (block: defense.layer)
+    # None (default): prune step by step (step_ratio of the units at a time) until the held-out clean
+    # accuracy falls acc_ratio (relative) below the unpruned model's, BackdoorBench's rule; a number:
+    # that fixed fraction of the block's MLP units (the earlier behaviour; block: defense.layer)
+    prune_rate: float | None = Field(None, gt=0, lt=1)
+    acc_ratio: float = Field(0.1, gt=0, lt=1)  # BackdoorBench's default tolerance
+    step_ratio: float = Field(0.01, gt=0, le=0.5)  # BackdoorBench's once_prune_ratio
+    holdout: float = Field(0.2, gt=0, lt=1)  # fraction of the defender's clean data held out for the accuracy
+    rank: Literal["magnitude", "signed"] = "magnitude"  # mean |activation| (any activation) or signed mean (ReLU)
 
 
 class CrowOptions(Options):
@@ -370,8 +464,9 @@ def p2p_plan(d, _opts, labels):
 
 
 def fine_pruning_plan(d, opts: FinePruningOptions, labels):
-    return [StagePlan("stage1", fine_prune, FinePruneConfig(d.stage1_steps, opts.prune_rate, d.layer)),
-            StagePlan("stage2", fine_prune, FinePruneConfig(d.stage2_steps, 0.0, d.layer))]
+    prune = dict(acc_ratio=opts.acc_ratio, step_ratio=opts.step_ratio, holdout=opts.holdout, rank=opts.rank)
+    return [StagePlan("stage1", fine_prune, FinePruneConfig(d.stage1_steps, opts.prune_rate, d.layer, **prune)),
+            StagePlan("stage2", fine_prune, FinePruneConfig(d.stage2_steps, 0.0, d.layer, **prune))]
 
 
 def crow_plan(d, opts: CrowOptions, labels):
@@ -396,6 +491,7 @@ DEFENSES.register("fine_pruning", fine_pruning_plan, label="fine-pruning", optio
 DEFENSES.register("crow", crow_plan, label="CROW", options=CrowOptions, kind="model")
 DEFENSES.register("onion", onion_plan, label="ONION (input filter)", options=OnionOptions, kind="input")
 
-__all__ = ["CleanFinetuneConfig", "clean_finetune", "FinePruneConfig", "fine_prune", "mlp_unit_activity", "CrowConfig",
+__all__ = ["CleanFinetuneConfig", "clean_finetune", "FinePruneConfig", "fine_prune", "mlp_unit_activity", "prune_schedule",
+           "adaptive_prune_count", "CrowConfig",
            "crow", "layer_consistency", "consecutive_inconsistency", "crow_states", "CROW_PAIRS", "OnionConfig", "onion_filter", "onion_suspicion", "FinePruningOptions",
            "CrowOptions", "OnionOptions"]

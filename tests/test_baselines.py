@@ -222,3 +222,77 @@ def test_onion_runs_in_the_pipeline_and_leaves_the_model_unchanged(tmp_path):
     onion = load_file(str(run.checkpoint("onion/stage2") / "model.safetensors"))
     assert all(torch.equal(victim[k], onion[k]) for k in victim)
     assert (stage_predictions(RunDir(run.path), "victim") == stage_predictions(RunDir(run.path), "onion/stage2")).all()
+
+
+def _backdoorbench_last_index(accs: list[float], n_units: int, once_prune_ratio: float, acc_ratio: float) -> int:
+    """BackdoorBench's stopping loop (defense/fp.py), transcribed for this test, with
+    ``accs[num]`` the clean accuracy after pruning ``num`` units: the count it records as kept."""
+    import math
+    for num_pruned in range(0, n_units, math.ceil(n_units * once_prune_ratio)):
+        test_acc = accs[num_pruned]
+        if num_pruned == 0:
+            test_acc_cl_ori, last_index = test_acc, 0
+        if abs(test_acc - test_acc_cl_ori) / test_acc_cl_ori < acc_ratio:
+            last_index = num_pruned
+        else:
+            break
+    return last_index
+
+
+def test_adaptive_pruning_stops_where_backdoorbench_does():
+    n = 120
+    falling = [0.9 - 0.0011 * k for k in range(n)]  # down 10% (relative) from 82 units on
+    kept, curve = B.adaptive_prune_count(lambda k: falling[k], n, 0.05, 0.1)  # steps of 6
+    assert B.prune_schedule(n, 0.05) == list(range(0, n, 6))
+    assert kept == _backdoorbench_last_index(falling, n, 0.05, 0.1) == 78
+    assert curve[-1][0] == 84 and [c for c, _ in curve] == list(range(0, 85, 6))  # stopped at the first failure
+    cliff = [0.8] * 50 + [0.5] * 70
+    assert B.adaptive_prune_count(lambda k: cliff[k], n, 0.01, 0.1)[0] == _backdoorbench_last_index(cliff, n, 0.01, 0.1) == 48
+    # where ours differs on purpose: a RISE of accuracy past 10% stops BackdoorBench (abs), not us
+    rising = [0.5] * 10 + [0.6] * 110
+    assert _backdoorbench_last_index(rising, n, 0.05, 0.1) == 6
+    assert B.adaptive_prune_count(lambda k: rising[k], n, 0.05, 0.1)[0] == 114
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_unit_activity_is_mean_magnitude_of_the_output_projections_input(micro_prepared, arch):
+    """GELU (gpt2) and SwiGLU (llama) units take negative values, so the signed mean is not
+    activity: the ranking is by mean |a| over non-pad tokens of the down projection's input."""
+    from locphylax_core import model as M
+    from locphylax_core.architectures import block_mlp
+    from locphylax_core.evaluation import encoded_batches
+    prep = micro_prepared
+    net = M.build_embedded(prep.cfg.model.model_copy(update={"arch": arch}), prep.tokenizer, seed=0).eval()
+    lm = M.LM(net, prep.tokenizer, prep.answer_ids)
+    rows = prep.defender.clean[:24]
+    seen = []
+    out_proj = block_mlp(net, -1).output[0]
+    h = out_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach()))
+    for _, b in encoded_batches(lm.tokenizer, prep.defender.template, [e.text for e in rows], 8, prep.max_length,
+                                lm.device):
+        with torch.no_grad():
+            net(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids)
+        seen[-1] = seen[-1][b.attention_mask.bool()]  # non-pad tokens only
+    h.remove()
+    acts = torch.cat(seen)
+    got = mlp_unit_activity(lm, prep.defender, -1, batch_size=8, max_length=prep.max_length, examples=rows)
+    assert torch.allclose(got, acts.abs().mean(0), atol=1e-6)
+    signed = mlp_unit_activity(lm, prep.defender, -1, batch_size=8, max_length=prep.max_length, examples=rows,
+                               magnitude=False)
+    assert torch.allclose(signed, acts.mean(0), atol=1e-6)
+    assert (acts < 0).any() and set(torch.argsort(got)[:8].tolist()) != set(torch.argsort(signed)[:8].tolist())
+
+
+def test_fine_pruning_adaptive_keeps_the_last_count_within_tolerance(micro_prepared, tiny_lm):
+    prep, lm = micro_prepared, tiny_lm
+    cfg = FinePruneConfig(steps=2, prune_rate=None, step_ratio=0.05, acc_ratio=0.02)
+    logs = fine_prune(lm, prep.defender, cfg, seed=0, settings=_settings(prep))
+    curve = [tuple(c) for c in logs["prune_curve"]]
+    base = curve[0][1]
+    assert [c for c, _ in curve] == B.prune_schedule(logs["units"], 0.05)[:len(curve)]
+    ok = [(base - a) / base < 0.02 for _, a in curve]
+    kept = curve[ok.index(False) - 1][0] if False in ok else curve[-1][0]
+    assert logs["pruned"] == kept  # the last count before the first failure
+    assert logs["holdout"] == round(0.2 * len(prep.defender.clean))
+    mlp = lm.model.transformer.h[-1].mlp
+    assert int(((mlp.c_fc.weight == 0).all(0) & (mlp.c_fc.bias == 0)).sum()) == logs["pruned"]
