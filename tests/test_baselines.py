@@ -296,3 +296,56 @@ def test_fine_pruning_adaptive_keeps_the_last_count_within_tolerance(micro_prepa
     assert logs["holdout"] == round(0.2 * len(prep.defender.clean))
     mlp = lm.model.transformer.h[-1].mlp
     assert int(((mlp.c_fc.weight == 0).all(0) & (mlp.c_fc.bias == 0)).sum()) == logs["pruned"]
+
+
+def test_bdvax_recurrence_by_hand():
+    changes = [torch.tensor([1.0, 5, 3, 0]), torch.tensor([5.0, 1, 3, 0]), torch.tensor([0.0, 0, 3, 9])]
+    selected, votes = B.recurrent_units(changes, 0.5, 2)  # each flags its top 2
+    assert votes.tolist() == [1, 1, 3, 1] and selected.tolist() == [2]
+    assert B.recurrent_units(changes, 0.5, 1)[0].tolist() == [0, 1, 2, 3]
+    assert B.recurrent_units(changes, 0.25, 2)[0].tolist() == []  # top 1 each: 1, 0, 3 never recur
+
+
+def test_bdvax_weight_signal_finds_the_changed_unit(tiny_lm):
+    changed = copy.deepcopy(tiny_lm)
+    with torch.no_grad():
+        changed.model.transformer.h[-1].mlp.c_fc.weight[:, 7] += 0.5  # unit 7's input weights
+        changed.model.transformer.h[-1].mlp.c_proj.weight[3] -= 0.1  # unit 3's output row
+    cfg = B.VaccinateConfig(signal="weight")
+    d = B.unit_change(changed, tiny_lm, None, None, cfg, TrainSettings(), 0)
+    n_in = tiny_lm.model.transformer.h[-1].mlp.c_fc.weight.shape[0]
+    n_out = tiny_lm.model.transformer.h[-1].mlp.c_proj.weight.shape[1]
+    assert float(d[7]) == pytest.approx(0.5 * n_in ** 0.5, rel=1e-4) and float(d[3]) == pytest.approx(0.1 * n_out ** 0.5, rel=1e-3)
+    assert int((d > 0).sum()) == 2
+
+
+def test_bdvax_zeroes_the_recurring_units_then_holds_them_at_zero(micro_prepared, tiny_lm):
+    prep, lm = micro_prepared, tiny_lm
+    vaccines = B.vaccine_backdoors(prep.defender, 3, 0)
+    assert [t.text for t, _ in vaccines] == [t.text for t, _ in B.vaccine_backdoors(prep.defender, 3, 0)]  # seeded
+    assert len({t.text for t, _ in vaccines}) == 3 and [y for _, y in vaccines] == [0, 1, 0]  # labels by turn
+    assert not {t.text for t, _ in vaccines} & {t.text for t in prep.defender.triggers}
+    before = copy.deepcopy(lm.model.state_dict())
+    cfg = B.VaccinateConfig(steps=12, vaccine_steps=3, variants=3, units=0.1, recurrence=2)
+    twin = copy.deepcopy(lm)
+    out = B.vaccinate(lm, prep.defender, cfg, seed=0, settings=_settings(prep))
+    mlp = lm.model.transformer.h[-1].mlp
+    zero = ((mlp.c_fc.weight == 0).all(0) & (mlp.c_fc.bias == 0)).nonzero().flatten().tolist()
+    assert 0 < out["pruned"] == len(zero) and sum(out["votes"].values()) == out["units"]
+    assert out["pruned"] == sum(v for n, v in out["votes"].items() if int(n) >= 2)
+    assert [v["trigger"] for v in out["vaccines"]] == [t.text for t, _ in vaccines]
+    after = lm.model.state_dict()  # nothing else changed: the copies trained, not the model
+    assert all(torch.equal(after[k], v) for k, v in before.items() if "h.0.mlp" not in k)
+    assert B.vaccinate(twin, prep.defender, cfg, seed=0, settings=_settings(prep))["votes"] == out["votes"]
+    logs = fine_prune(lm, prep.defender, FinePruneConfig(steps=3, prune_rate=0.0), seed=1, settings=_settings(prep))
+    assert logs["pruned"] == out["pruned"]  # Stage 2 keeps them at zero
+
+
+def test_bdvax_plan_and_options():
+    d = load_config("demo", {"defense.baselines": ["bdvax"], "defense.options": {"bdvax": {"variants": 3}}}).defense
+    s1, s2 = method_plans(d, ("negative", "positive"))["bdvax"]
+    assert s1.fn is B.vaccinate and s1.cfg.vaccine_steps == d.stage1_steps and s1.steps == 4 * d.stage1_steps
+    assert s2.fn is fine_prune and s2.cfg.prune_rate == 0.0 and s2.steps == d.stage2_steps
+    with pytest.raises(ConfigError) as e:
+        load_config("micro", {"defense.baselines": ["bdvax"], "defense.options": {"bdvax": {"recurrence": 5}}})
+    assert "defense.options.bdvax.recurrence" in e.value.fields
