@@ -4,17 +4,20 @@ a function of the defense's shape, reachable through `defense.baselines`."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import cli
 from locphylax_core import ConfigError, load_config
 from locphylax_core.baselines import CrowConfig, FinePruneConfig, crow, fine_prune, layer_consistency, mlp_unit_activity
-from locphylax_core.defense import RecoverConfig, clean_samples, method_plans, recover
+from locphylax_core.defense import DefenderData, RecoverConfig, clean_samples, method_plans, recover
 from locphylax_core.trainer import TrainSettings
 from locphylax_core import baselines as B
 from locphylax_core.engine import encode
+from locphylax_core.text import Example
 
 
 def _settings(prep):
@@ -196,7 +199,7 @@ def test_onion_filter_drops_the_words_that_hurt_fluency(monkeypatch):
     monkeypatch.setattr(B, "_prompt_nll", fake_nll)
     clean = tuple(Example(f"a good film qq {i}" if i % 2 else f"a good film {i}", i % 2) for i in range(40))
     data = DefenderData(clean, ("negative", "positive"), "Review: {text} Sentiment:", ())
-    f = onion_filter(None, data, OnionConfig(clean_quantile=0.95))
+    f = onion_filter(None, data, OnionConfig(clean_quantile=0.95, fluency="victim"))
     assert f.bar == pytest.approx(0.05)  # the clean words' own scores set the bar
     assert f(["zz a dull film qq", "a dull zz film", "zz"]) == ["a dull film qq", "a dull film", "zz"]
     es = build_eval_set([Example("a dull film", 0), Example("a good film", 1)],
@@ -207,13 +210,56 @@ def test_onion_filter_drops_the_words_that_hurt_fluency(monkeypatch):
     assert fe.triggered["unknown"].indices == es.triggered["unknown"].indices
 
 
+def _onion_peer_ppl(model, tokenizer, sent: str) -> float:
+    """ONION's GPT2LM.__call__ (thunlp/ONION, experiments/gptlm.py), transcribed for this test."""
+    import math
+    ipt = tokenizer(sent, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        loss = model(input_ids=ipt["input_ids"], attention_mask=ipt["attention_mask"], labels=ipt.input_ids)[0]
+    return math.exp(loss) if ipt["input_ids"].shape[1] > 1 else float("nan")
+
+
+def test_onion_scores_with_the_separate_base_lm_as_the_peer_does():
+    import math
+    model, tok = B.fluency_model("small")
+    sentences = ["the film was a quiet delight", "the film cf was a bb quiet delight", "a dull mess", "a"]
+    got = B.sentence_perplexity(model, tok, sentences)
+    want = [_onion_peer_ppl(model, tok, s) for s in sentences]
+    assert all(math.isclose(g, w, rel_tol=1e-4) for g, w in zip(got.tolist()[:3], want[:3]))
+    assert math.isnan(got[3]) and math.isnan(want[3])  # one token: no perplexity
+    # the peer's word scores: ppl(without word j) - ppl(sentence); ours is its negative (the drop)
+    data = DefenderData((), ("negative", "positive"), "Review: {text} Sentiment:", ())
+    cfg = B.OnionConfig()
+    ours = B.onion_suspicion(None, data.template, sentences[1:2], cfg=cfg)[0]
+    words = sentences[1].split(" ")
+    peer = [_onion_peer_ppl(model, tok, " ".join(words[:j] + words[j + 1:])) - want[1] for j in range(len(words))]
+    assert ours == pytest.approx([-p for p in peer], rel=1e-3, abs=1e-3)
+    # the template plays no part (the bare sentence is scored), and the suspicious words are the planted ones
+    assert B.onion_suspicion(None, "Instruction: {text} Response:", sentences[1:2], cfg=cfg)[0] == ours
+    bar = sorted(ours)[-2]  # the filter drops a word when the peer's score is <= -bar
+    dropped = [w for w, p in zip(words, peer) if p <= -bar]
+    kept = [w for w, s in zip(words, ours) if not s >= bar]
+    assert len(dropped) == 2 and " ".join(kept) == " ".join(w for w in words if w not in dropped)
+    # the filter itself, its bar set on a few clean sentences
+    clean = tuple(Example(t, 1) for t in ("the film was a quiet delight", "a dull mess of a plot", "i loved it"))
+    f = B.onion_filter(None, replace(data, clean=clean), cfg)
+    clean_scores = [x for row in B.onion_suspicion(None, "", [e.text for e in clean], cfg=cfg) for x in row]
+    assert f.bar == pytest.approx(float(np.quantile(clean_scores, 0.95)))
+    out = f([sentences[1]])[0]
+    assert out == " ".join(w for w, x in zip(words, ours) if not x >= f.bar)
+
+
 def test_onion_runs_in_the_pipeline_and_leaves_the_model_unchanged(tmp_path):
+    # the victim-scored variant keeps this test at its old cost (the base LM's scores are checked
+    # above; it reads every word-removed variant of every test input)
     import json
 
     from locphylax_core import start_run
     from locphylax_core.analysis.representations import stage_predictions
     from locphylax_core.runs import RunDir
-    run, summary = start_run(load_config("micro", {"defense.baselines": ["onion"]}), runs_root=tmp_path)
+    run, summary = start_run(load_config("micro", {"defense.baselines": ["onion"],
+                                                   "defense.options": {"onion": {"fluency": "victim"}}}),
+                             runs_root=tmp_path)
     assert "onion" in summary["baselines"]
     state = json.loads((run.path / "state.json").read_text())
     assert state["results"]["onion/stage2"]["input_filter_bar"] is not None
