@@ -395,3 +395,17 @@ def test_bdvax_plan_and_options():
     with pytest.raises(ConfigError) as e:
         load_config("micro", {"defense.baselines": ["bdvax"], "defense.options": {"bdvax": {"recurrence": 5}}})
     assert "defense.options.bdvax.recurrence" in e.value.fields
+
+
+def test_old_flat_knobs_and_stored_options_keep_their_meaning():
+    """Run folders of earlier versions: flat knobs (defense.prune_rate, defense.crow_weight, ...) and
+    stored option values still load; a stored fine-pruning prune_rate keeps the fixed rate."""
+    d = load_config("demo", {"defense.baselines": ["fine_pruning", "crow", "onion"], "defense.prune_rate": 0.3,
+                             "defense.crow_weight": 1.0, "defense.onion_quantile": 0.9}).defense
+    plans = method_plans(d, ("negative", "positive"))
+    assert plans["fine_pruning"][0].cfg.prune_rate == 0.3 and plans["crow"][0].cfg.weight == 1.0
+    assert plans["onion"][1].cfg.clean_quantile == 0.9
+    fresh = method_plans(load_config("demo", {"defense.baselines": ["fine_pruning", "crow", "onion"]}).defense,
+                         ("negative", "positive"))
+    assert fresh["fine_pruning"][0].cfg.prune_rate is None and fresh["crow"][0].cfg.weight == 5.5
+    assert fresh["onion"][1].cfg.fluency == "base" and fresh["onion"][1].cfg.fluency_base == "small"
