@@ -159,6 +159,21 @@ def test_crow_step_loss_equals_the_authors_on_an_unpadded_batch(micro_prepared, 
                     output_hidden_states=True).hidden_states
     assert logs["l_consistency"] == pytest.approx(float(_peer_consistency(pert).detach()), rel=1e-4)  # noqa
     assert logs["loss"] == pytest.approx(logs["l_ce"] + 5.5 * logs["l_consistency"], rel=1e-5)
+    # pairs: blocks, the same step on every block's own output (read by hooks), 3 pairs on 4 blocks
+    out = crow(lm, prep.defender, CrowConfig(steps=1, pairs="blocks"), seed=0, settings=_settings(prep))
+    assert out["consistency_pairs"] == 3
+    _, logs = captured["step_loss"](lm.model, batch, 1)
+
+    def blocks_term(e):
+        outs: list = []
+        hooks = [b.register_forward_hook(lambda _m, _i, o: outs.append(o[0] if isinstance(o, tuple) else o))
+                 for b in lm.model.transformer.h]
+        lm.model(inputs_embeds=e, position_ids=batch.position_ids)
+        for h in hooks:
+            h.remove()
+        return B.consecutive_inconsistency(outs, batch.attention_mask)
+    g, = torch.autograd.grad(blocks_term(embeds), embeds)
+    assert logs["l_consistency"] == pytest.approx(float(blocks_term(embeds + 0.1 * g.sign()).detach()), rel=1e-4)
 
 
 def test_crow_lowers_layer_inconsistency(micro_prepared):
