@@ -379,6 +379,7 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+LEGACY_ASR_RULES = {"keyword": "gcg"}  # eval.asr_rule names of earlier versions -> today's
 DEFAULT_BASELINES = ("clean_ft", "unlearn_single", "no_cluster")
 # flat defense fields of earlier versions -> (method, its option)
 RETIRED_KNOBS = {"prune_rate": ("fine_pruning", "prune_rate"), "crow_weight": ("crow", "weight"),
@@ -551,10 +552,16 @@ class EvalConfig(_Section):
     projections: list[Literal["pca", "tsne", "umap"]] = Field(default_factory=lambda: ["pca", "tsne", "umap"],
                                                              min_length=1)
     # response tasks: greedy tokens generated per test prompt, and the ASR rule (tasks/response.py):
-    # keyword (no refusal keyword = jailbroken; a keyword = refused) or target_prefix (the response
-    # starts with the attack's target opening)
+    # gcg (the GCG-style refusal list: no keyword = jailbroken, a keyword = refused), backdoorllm
+    # (BackdoorLLM's own case-insensitive lists, empty outputs skipped) or target_prefix (the
+    # response starts with the attack's target opening)
     max_new_tokens: int = Field(20, ge=1, le=1024)
-    asr_rule: Literal["keyword", "target_prefix"] = "keyword"
+    asr_rule: Literal["gcg", "backdoorllm", "target_prefix"] = "gcg"
+
+    @field_validator("asr_rule", mode="before")
+    @classmethod
+    def _legacy_asr_rule(cls, v):
+        return LEGACY_ASR_RULES.get(v, v) if isinstance(v, str) else v  # run folders of earlier versions
 
 
 def edit_layer_problem(layer: int, n_blocks: int) -> str | None:

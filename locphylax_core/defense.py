@@ -94,11 +94,30 @@ class RunningCentroids:
 
 
 def alpha_rule(l_inj: float, l_cluster: float) -> float:
-    """``alpha = 10 ** (floor(log10 L_inj) - floor(log10 L_cluster))`` from the first batch, so
+    """``alpha = 10 ** (floor(log10 L_inj) - floor(log10 L_cluster))`` from the first batch that holds
+    known-trigger rows (:class:`AlphaWeight`), so
     both terms start at the same order of magnitude. A zero clustering loss gives alpha = 1."""
     if l_cluster <= 0 or not math.isfinite(l_cluster) or l_inj <= 0:
         return 1.0
     return 10.0 ** (math.floor(math.log10(l_inj)) - math.floor(math.log10(l_cluster)))
+
+
+class AlphaWeight:
+    """The clustering term's weight over a stage: a fixed number, or ``auto`` (``value`` None
+    until then): :func:`alpha_rule` on the losses of the first batch that holds known-trigger
+    rows. A batch without them has a zero clustering loss, so it cannot set the scale (fixing
+    alpha there would freeze it at 1 for the whole stage); its term is weighted 0 meanwhile."""
+
+    def __init__(self, alpha: float | None):
+        self.value = alpha
+
+    def __call__(self, l_inj: float, l_cluster: float, groups: torch.Tensor) -> float:
+        if self.value is None and bool((groups >= 0).any()):
+            self.value = alpha_rule(l_inj, l_cluster)
+        return 0.0 if self.value is None else self.value
+
+    def logs(self) -> dict:
+        return {} if self.value is None else {"alpha": self.value}
 
 
 def consistency_loss(h: torch.Tensor, h_clean: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -211,7 +230,7 @@ def inject(lm, data: DefenderData, cfg: InjectConfig, *, seed: int, settings: Tr
     carry the known triggers and the defender's target."""
     samples = clean_samples(data, lm.answer_ids) + _triggered_copies(
         data, cfg.trigger_ids, cfg.injection_rate, cfg.target, lm.answer_ids, seed)
-    state = {"alpha": 0.0 if not cfg.cluster else (None if cfg.alpha == "auto" else float(cfg.alpha))}
+    alpha = AlphaWeight(0.0 if not cfg.cluster else (None if cfg.alpha == "auto" else float(cfg.alpha)))
     running = RunningCentroids(cfg.centroid_momentum) if cfg.centroid == "running" else None
 
     def step_loss(model, batch, step):
@@ -222,10 +241,8 @@ def inject(lm, data: DefenderData, cfg: InjectConfig, *, seed: int, settings: Tr
         h = h.float()
         cents = running.update(h, batch.groups) if running is not None else None
         l_cl = cluster_loss(h, batch.groups, cents)
-        if state["alpha"] is None:  # fixed from the first batch's losses
-            state["alpha"] = alpha_rule(l_inj.item(), l_cl.item())
-        loss = l_inj + state["alpha"] * l_cl
-        return loss, {"loss": loss.item(), "l_inj": l_inj.item(), "l_cluster": l_cl.item(), "alpha": state["alpha"]}
+        loss = l_inj + alpha(l_inj.item(), l_cl.item(), batch.groups) * l_cl
+        return loss, {"loss": loss.item(), "l_inj": l_inj.item(), "l_cluster": l_cl.item(), **alpha.logs()}
 
     if cfg.cluster:  # grad accumulation / data parallelism: centroids of the whole batch (engine.SplitLoss)
         def rows(model, batch):
@@ -235,15 +252,13 @@ def inject(lm, data: DefenderData, cfg: InjectConfig, *, seed: int, settings: Tr
         def term(h, _consts, groups, l_inj, step):
             cents = running.update(h, groups) if running is not None else None
             l_cl = cluster_loss(h, groups, cents)
-            if state["alpha"] is None:
-                state["alpha"] = alpha_rule(l_inj, l_cl.item())
-            t = state["alpha"] * l_cl
-            return t, {"loss": l_inj + t.item(), "l_inj": l_inj, "l_cluster": l_cl.item(), "alpha": state["alpha"]}
+            t = alpha(l_inj, l_cl.item(), groups) * l_cl
+            return t, {"loss": l_inj + t.item(), "l_inj": l_inj, "l_cluster": l_cl.item(), **alpha.logs()}
 
         step_loss.split = SplitLoss(rows, term)
 
     logs = train_stage(lm, data, samples, cfg.steps, settings, seed, step_loss, observer, **kw)
-    return {**logs, "alpha": state["alpha"], "samples": len(samples)}
+    return {**logs, "alpha": alpha.value, "samples": len(samples)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,7 +400,7 @@ def run_stage(plan: StagePlan, lm, data: DefenderData, *, seed: int, settings: T
     return plan.fn(lm, data, plan.cfg, seed=seed, settings=settings, observer=observer, **kw)
 
 
-__all__ = ["DefenderData", "DefenderTrigger", "cluster_loss", "alpha_rule", "RunningCentroids", "InjectConfig",
+__all__ = ["DefenderData", "DefenderTrigger", "cluster_loss", "alpha_rule", "AlphaWeight", "RunningCentroids", "InjectConfig",
            "inject", "RecoverConfig", "recover", "method_plan", "method_plans", "defender_data", "run_stage",
            "TrainSettings", "StagePlan", "stage1_target", "consistency_loss", "generate_trigger", "locphylax_stages",
            "reference_stages"]

@@ -83,12 +83,19 @@ def test_defense_never_sees_the_attack(monkeypatch, tmp_path):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "run_stage", recording)
-    cfg = load_config("micro", [f"attack.trigger={TRIGGER}", "attack.position=end"])
+    # the default baselines plus bdvax, whose vaccines (the defender's own triggers) train copies
+    cfg = load_config("micro", [f"attack.trigger={TRIGGER}", "attack.position=end",
+                                "defense.baselines=[clean_ft, unlearn_single, no_cluster, bdvax]",
+                                "defense.options.bdvax.vaccine_steps=2", "defense.options.bdvax.variants=2"])
     run, summary = start_run(cfg, runs_root=tmp_path / "runs")
     assert summary["status"] == "done"
     # 2 Locphylax stages + 2 per baseline
-    assert len(calls) == 8
-    assert {c[0][0].fn for c in calls} == {defense.inject, defense.recover, baselines.clean_finetune}
+    assert len(calls) == 10
+    assert {c[0][0].fn for c in calls} == {defense.inject, defense.recover, baselines.clean_finetune,
+                                           baselines.vaccinate, baselines.fine_prune}
+    import json
+    vaccines = json.loads((run.path / "state.json").read_text())["results"]["bdvax/stage1"]["vaccines"]
+    assert len(vaccines) == 2 and not any(TRIGGER in v["trigger"] for v in vaccines)
 
     # The attack really used the trigger: the run folder's config and evaluation know it ...
     assert TRIGGER in (run.path / "config.yaml").read_text()
@@ -112,11 +119,12 @@ def test_defense_never_sees_the_attack(monkeypatch, tmp_path):
 def test_defense_functions_take_no_attack_parameter():
     for fn in (defense.inject, defense.recover, baselines.clean_finetune, defense.run_stage, defense.method_plans,
                defense.defender_data, defense.train_stage, experiment.run_method, baselines.fine_prune, baselines.crow,
-               baselines.onion_filter, *[e.impl for e in defense.DEFENSES]):
+               baselines.onion_filter, baselines.vaccinate, baselines.vaccine_backdoors, baselines.unit_change, *[e.impl for e in defense.DEFENSES]):
         params = inspect.signature(fn).parameters
         assert not [p for p in params if "attack" in p.lower()], fn.__name__
     for cls in (defense.DefenderData, defense.InjectConfig, defense.RecoverConfig, baselines.CleanFinetuneConfig,
-                defense.TrainSettings):
+                defense.TrainSettings, baselines.VaccinateConfig, baselines.FinePruneConfig, baselines.CrowConfig,
+                baselines.OnionConfig):
         assert not [f.name for f in dataclasses.fields(cls) if "attack" in f.name.lower()], cls.__name__
 
 

@@ -185,3 +185,35 @@ def test_inject_without_clustering_and_with_fixed_alpha(tiny_lm, micro_prepared)
     out = inject(tiny_lm, micro_prepared.defender, InjectConfig(steps=2, alpha=0.25), seed=0,
                  settings=TrainSettings(batch_size=16, every=1, max_length=micro_prepared.max_length), observer=lambda s, lg: logs.append(dict(lg)))
     assert out["alpha"] == 0.25 and all(lg["alpha"] == 0.25 for lg in logs)
+
+
+def test_auto_alpha_is_fixed_from_the_first_batch_that_holds_trigger_rows(tiny_lm, micro_prepared, monkeypatch):
+    """A batch stream whose first batch holds no known-trigger rows: alpha waits (the clustering
+    term is 0 there), is fixed by the second batch's losses, and stays fixed after it."""
+    from locphylax_core import defense as D
+    from locphylax_core.engine import HiddenSpec, batches
+    prep, lm = micro_prepared, tiny_lm
+    captured = {}
+
+    def capture(lm_, data, samples, steps, settings, seed, step_loss=None, observer=None, **kw):
+        captured["samples"], captured["step_loss"] = samples, step_loss
+        return {}
+    monkeypatch.setattr(D, "train_stage", capture)
+    out = D.inject(lm, prep.defender, D.InjectConfig(steps=3, hidden=HiddenSpec(-1)), seed=0,
+                   settings=D.TrainSettings(batch_size=16, max_length=prep.max_length))
+    assert out["alpha"] is None  # nothing trained yet
+    samples, step_loss = captured["samples"], captured["step_loss"]
+    clean = [s for s in samples if s.group < 0][:8]
+    mixed = clean[:4] + [s for s in samples if s.group == 0][:2] + [s for s in samples if s.group == 1][:2]
+
+    def encode(rows):  # one batch of exactly these rows, as the trainer builds it
+        return next(batches(rows, prep.defender.kind, lm.tokenizer, len(rows), prep.max_length, lm.device,
+                            torch.Generator().manual_seed(0)))
+    _, first = step_loss(lm.model, encode(clean), 1)
+    assert first["l_cluster"] == 0.0 and "alpha" not in first  # no trigger rows: alpha is not fixed here
+    _, second = step_loss(lm.model, encode(mixed), 2)
+    assert second["l_cluster"] > 0 and second["alpha"] == alpha_rule(second["l_inj"], second["l_cluster"])
+    assert second["alpha"] != 1.0  # the old rule froze it at 1 (the zero clustering loss of batch 1)
+    _, third = step_loss(lm.model, encode(mixed[::-1]), 3)
+    assert third["alpha"] == second["alpha"]  # fixed after the first batch with trigger rows
+    assert third["loss"] == pytest.approx(third["l_inj"] + third["alpha"] * third["l_cluster"], rel=1e-5)

@@ -158,7 +158,7 @@ def test_toys_run_in_the_pipeline_and_reach_casd_the_exports_the_cli_and_setup(t
 def test_stage_results_are_stored_whole_and_onion_trains_no_steps(tmp_path):
     """Before the registry, Pipeline.run_all kept 7 keys of a stage's result (CROW's l_consistency
     was dropped) and reported defense.stage1_steps for ONION, which trains nothing."""
-    cfg = load_config("micro", {"defense.baselines": ["crow", "onion"], "defense.options": {"onion": {"clean_quantile": 0.9}}})
+    cfg = load_config("micro", {"defense.baselines": ["crow", "onion"], "defense.options": {"onion": {"clean_quantile": 0.9, "fluency": "victim"}}})
     run, summary = start_run(cfg, runs_root=tmp_path)
     state = run.read_state()
     assert "l_consistency" in state["results"]["crow/stage1"] and "l_ce" in state["results"]["crow/stage2"]

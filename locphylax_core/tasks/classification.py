@@ -50,7 +50,7 @@ class Classification(TaskKind):
         return None
 
     def check_run(self, cfg) -> None:
-        if cfg.eval.asr_rule != "keyword":
+        if cfg.eval.asr_rule != "gcg":
             raise ValueError(f"eval.asr_rule: only response tasks (jailbreak, refusal) score responses by a rule; "
                              f"task.name is {cfg.task.name!r}")
 
