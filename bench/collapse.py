@@ -69,6 +69,8 @@ VARIANTS: dict[str, dict] = {
     # the baselines of issue 6 (P2P-style benign injection, fine-pruning, CROW), beside the default
     "default+new": {"baselines": ["p2p", "fine_pruning", "crow"]},
     "default+onion": {"baselines": ["onion"]},
+    # issue 17: the baselines made faithful to their peers' code, and the vaccination peer, on the same victims
+    "faithful": {"baselines": ["fine_pruning", "crow", "onion", "bdvax"]},
     # the report's default, reference and baselines in one variant, on the same victims (issue 13's base report)
     "default+reference+baselines": {"baselines": ["reference", *BASELINES]},  # input-side (issue 6); about a minute of filtering per cell
     # every defense of the families x defenses table on one victim (the paper's method as "reference")

@@ -161,6 +161,42 @@ def baselines6_table(rows: list[dict], default_name: str) -> str:
     return "\n".join(out)
 
 
+def faithful_table(old_runs: list[dict], new_runs: list[dict]) -> str:
+    """Issue 17: each baseline before (the earlier variants default+new / default+onion) and after it
+    was made faithful to its peer's code, plus the vaccination peer bdvax, on the same victims
+    (the cells present in both), unknown-trigger ASR after Stage 2 and CACC, in %."""
+    cells = {(r["preset"], r["trigger"], r["seed"]) for r in new_runs} & {(r["preset"], r["trigger"], r["seed"])
+                                                                          for r in old_runs}
+    old_variant = {"locphylax": "default+new", "fine_pruning": "default+new", "crow": "default+new",
+                   "onion": "default+onion"}
+    cols = [("locphylax", None), ("fine_pruning", "fine-pruning"), ("crow", "CROW"), ("onion", "ONION"),
+            ("bdvax", "bdvax")]
+
+    def pick(runs, cell, method, variant=None):
+        r = next((x for x in runs if (x["preset"], x["trigger"], x["seed"]) == cell and x["method"] == method
+                  and x["stage"] == ("victim" if method == "victim" else "stage2")
+                  and (variant is None or x["variant"] == variant)), None)
+        return r
+
+    def cell_text(old, new):
+        show = lambda r: "–" if r is None else f"{100 * float(r['asr_unknown']):.1f} ({100 * float(r['cacc']):.1f})"
+        return show(new) if old is None else f"{show(old)} → {show(new)}"
+
+    out = ["| family | seed | trigger | victim ASR (CACC) | " + " | ".join(n or "locphylax+" for _, n in cols) + " |",
+           "| --- | ---: | --- | ---: | " + " | ".join("---:" for _ in cols) + " |"]
+    for cell in sorted(cells, key=lambda c: (c[0], c[2], c[1])):
+        v = pick(new_runs, cell, "victim")
+        fam = v["family"] if v else "?"
+        texts = []
+        for method, _ in cols:
+            new = pick(new_runs, cell, method)
+            old = pick(old_runs, cell, method, old_variant[method]) if method in old_variant else None
+            texts.append(cell_text(old, new))
+        out.append(f"| {fam} | {int(float(cell[2]))} | `{cell[1][:24]}` | "
+                   f"{cell_text(None, v)} | " + " | ".join(texts) + " |")
+    return "\n".join(out)
+
+
 DEFENSES = [("locphylax", None), ("reference", "reference (paper)"), ("no_cluster", "no clustering"),
             ("unlearn_single", "unlearn single"), ("clean_ft", "clean FT"), ("p2p", "P2P"),
             ("fine_pruning", "fine-pruning"), ("crow", "CROW"), ("onion", "ONION")]
@@ -413,6 +449,10 @@ def write_docs() -> None:
     new_baselines = _read("collapse_baselines6-demo_by_family.csv")  # the issue-6 baselines on the same victims
     if new_baselines:
         text = _replace_block(text, "baselines-issue6", baselines6_table(new_baselines, default_name))
+    faithful = _read_runs("collapse_faithful-demo_runs.csv")  # issue 17: the corrected baselines, same victims
+    if faithful:
+        text = _replace_block(text, "baselines-faithful",
+                              faithful_table(_read_runs("collapse_baselines6-demo_runs.csv"), faithful))
     table = _read("collapse_table-gpu_by_family.csv")  # every defense on the same victims (issue 6)
     if table:
         text = _replace_block(text, "families-defenses",
