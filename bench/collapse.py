@@ -71,6 +71,11 @@ VARIANTS: dict[str, dict] = {
     "default+onion": {"baselines": ["onion"]},
     # issue 17: the baselines made faithful to their peers' code, and the vaccination peer, on the same victims
     "faithful": {"baselines": ["fine_pruning", "crow", "onion", "bdvax"]},
+    # the same three baselines as they were before issue 17 (their options keep the earlier rules)
+    "earlier": {"baselines": ["fine_pruning", "crow", "onion"],
+                "defense.options": {"fine_pruning": {"prune_rate": 0.3, "rank": "signed"},
+                                    "crow": {"pairs": "with_final_norm", "weight": 1.0},
+                                    "onion": {"fluency": "victim"}}},
     # the report's default, reference and baselines in one variant, on the same victims (issue 13's base report)
     "default+reference+baselines": {"baselines": ["reference", *BASELINES]},  # input-side (issue 6); about a minute of filtering per cell
     # every defense of the families x defenses table on one victim (the paper's method as "reference")

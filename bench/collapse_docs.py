@@ -162,13 +162,12 @@ def baselines6_table(rows: list[dict], default_name: str) -> str:
 
 
 def faithful_table(old_runs: list[dict], new_runs: list[dict]) -> str:
-    """Issue 17: each baseline before (the earlier variants default+new / default+onion) and after it
-    was made faithful to its peer's code, plus the vaccination peer bdvax, on the same victims
-    (the cells present in both), unknown-trigger ASR after Stage 2 and CACC, in %."""
+    """Issue 17: each baseline with its earlier rules (variant ``earlier``) and made faithful to its
+    peer's code (variant ``faithful``), plus the vaccination peer bdvax, on the same victims (the
+    cells present in both): unknown-trigger ASR after Stage 2 (CACC), in %."""
     cells = {(r["preset"], r["trigger"], r["seed"]) for r in new_runs} & {(r["preset"], r["trigger"], r["seed"])
                                                                           for r in old_runs}
-    old_variant = {"locphylax": "default+new", "fine_pruning": "default+new", "crow": "default+new",
-                   "onion": "default+onion"}
+    old_variant = {"fine_pruning": "earlier", "crow": "earlier", "onion": "earlier"}
     cols = [("locphylax", None), ("fine_pruning", "fine-pruning"), ("crow", "CROW"), ("onion", "ONION"),
             ("bdvax", "bdvax")]
 
@@ -452,7 +451,7 @@ def write_docs() -> None:
     faithful = _read_runs("collapse_faithful-demo_runs.csv")  # issue 17: the corrected baselines, same victims
     if faithful:
         text = _replace_block(text, "baselines-faithful",
-                              faithful_table(_read_runs("collapse_baselines6-demo_runs.csv"), faithful))
+                              faithful_table(_read_runs("collapse_earlier-demo_runs.csv"), faithful))
     table = _read("collapse_table-gpu_by_family.csv")  # every defense on the same victims (issue 6)
     if table:
         text = _replace_block(text, "families-defenses",
