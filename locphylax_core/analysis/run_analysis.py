@@ -34,6 +34,7 @@ from . import figures as F
 from ..config import load_run_config
 from .casd import run_casd
 from .heads import run_head_ablation
+from .layer_run import LayerProbe, layer_keys, run_lens_and_patching, run_localisation, run_salience
 from .metrics import aggregation_metrics
 from .representations import load_probe, project, stage_predictions, stage_states
 
@@ -66,11 +67,13 @@ def analysed_stages(run: RunDir) -> list[str]:
 
 def analyze_run(run: RunDir | str | Path, methods: Sequence[str] | None = None, heads: bool = True,
                 casd: bool = True, n_probe_heads: int | None = None, seed: int = 0, batched_heads: bool = False,
-                progress: Callable[[str], None] | None = None) -> dict:
+                progress: Callable[[str], None] | None = None, layers: bool = True,
+                n_probe_layers: int | None = None) -> dict:
     """Every analysis of a run, written to ``analysis.json`` after each part (``complete`` is False
     until the last), so a page can draw each plot as soon as its data exists. The parts run
     cheapest and most-shown first: aggregation, the projections other than UMAP, the head sweep,
-    CASD, then UMAP (its first use in a process compiles numba code for tens of seconds)."""
+    CASD, the layer analyses (logit lens and patching, salience, localisation), then UMAP (its
+    first use in a process compiles numba code for tens of seconds)."""
 
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     say = progress or (lambda _msg: None)
@@ -85,7 +88,8 @@ def analyze_run(run: RunDir | str | Path, methods: Sequence[str] | None = None, 
     probe = load_probe(run)
     groups = [r["group"] for r in probe]
     out: dict = {"schema": ANALYSIS_SCHEMA, "run_id": run.run_id, "stages": stages, "seconds": {},
-                 "complete": False, "projections": {}, "head_ablation": {}, "casd": None}
+                 "complete": False, "projections": {}, "head_ablation": {}, "casd": None,
+                 "logit_lens": {}, "patching": {}, "salience": {}, "localisation": None}
 
     def written() -> None:  # the part just finished is readable at once (atomic replace)
         atomic_write_json(run.path / "analysis.json", _jsonable(out))
@@ -142,12 +146,63 @@ def analyze_run(run: RunDir | str | Path, methods: Sequence[str] | None = None, 
         out["seconds"]["casd"] = round(time.perf_counter() - t0, 3)
         written()
 
+    if layers:
+        layer_parts(run, out, stages, n_probe_layers, written, say)
+
     if "umap" in methods:
         projection("umap")
     out["seconds"]["total"] = round(time.perf_counter() - t_all, 3)
     out["complete"] = True
     written()
     return out
+
+
+def layer_parts(run: RunDir, out: dict, stages: Sequence[str], n_probe: int | None, written, say) -> None:
+    """The logit lens and patching maps, then salience, then localisation, each written as soon
+    as it exists (analysis/layers_<stage>.safetensors holds the maps; the JSON has them too)."""
+    t0 = time.perf_counter()
+    probe = LayerProbe(run, n_probe)
+    skip = _layer_skip(probe)
+    if skip:
+        out["localisation"] = {"available": False, "reason": skip}
+        out["seconds"]["layers"] = round(time.perf_counter() - t0, 3)
+        written()
+        return
+    keys = layer_keys(run, stages)
+    say(f"logit lens and activation patching: {', '.join(keys)}")
+    lens, patch = run_lens_and_patching(probe, keys)
+    for key in keys:
+        rel = f"analysis/layers_{_safe(key)}.safetensors"
+        _save_arrays(run.path / rel, {"patching_residual": np.asarray(patch[key]["residual"], np.float32),
+                                      "patching_heads": np.asarray(patch[key]["heads"], np.float32),
+                                      **{f"lens_{k}": np.asarray(lens[key][k], np.float32) for k in LENS_KEYS}})
+        out["logit_lens"][key] = {**{k: lens[key][k] for k in LENS_KEYS}, "n_layers": lens[key]["n_layers"],
+                                  "n_inputs": lens[key]["n_inputs"], "file": rel}
+        out["patching"][key] = {**patch[key], "file": rel}
+    out["seconds"]["lens_patching"] = round(time.perf_counter() - t0, 3)
+    written()
+    t1 = time.perf_counter()
+    say("salience")
+    out["salience"] = run_salience(probe, keys)
+    out["seconds"]["salience"] = round(time.perf_counter() - t1, 3)
+    written()
+    t1 = time.perf_counter()
+    say("trigger localisation")
+    out["localisation"] = run_localisation(probe)
+    out["seconds"]["localisation"] = round(time.perf_counter() - t1, 3)
+    out["seconds"]["layers"] = round(time.perf_counter() - t0, 3)
+    written()
+
+
+LENS_KEYS = ("target_triggered", "correct_triggered", "target_clean", "correct_clean")
+
+
+def _layer_skip(probe: LayerProbe) -> str | None:
+    if not probe.classification:
+        return "the layer analyses score classification answers; this run's task generates responses"
+    if not probe.triggered:
+        return "the evaluation set has no triggered input of the attacker's trigger"
+    return None
 
 
 def _jsonable(obj):
