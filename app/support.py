@@ -240,3 +240,15 @@ def live_jobs() -> list[jobs.JobStatus]:
 
 def fmt_pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def sentence_salience(view: R.RunView, stage: str, text: str) -> dict:
+    return R.sentence_salience(view, stage_model(view.path, stage, R.run_stamp(view.path)), text)
+
+
+def localise_sentence(view: R.RunView, text: str) -> dict:
+    return R.localise_sentence(view, stage_model(view.path, "stage1", R.run_stamp(view.path)), text)
+
+
+def sentence_attention(view: R.RunView, stage: str, text: str) -> dict:
+    return R.sentence_attention(view, stage_model(view.path, stage, R.run_stamp(view.path)), text)

@@ -277,25 +277,41 @@ def test_figures_render(planted):
 
 
 def test_analysis_json_has_the_layer_parts(analysed_root):
+    from locphylax_core.analysis.layer_run import layer_keys
+    from locphylax_core.analysis.run_analysis import load_arrays
     from locphylax_core.runs import RunDir
     run = next(RunDir(p) for p in analysed_root.iterdir() if p.is_dir())
     a = json.loads((run.path / "analysis.json").read_text())
     assert a["complete"]
-    for key in ("logit_lens", "patching", "salience", "localisation"):
-        assert key in a
-    keys = [k for k in a["stages"] if run.checkpoint(k).is_dir()]
-    assert "victim" in keys and any("/" in k for k in keys)  # every stage and every baseline
-    assert set(a["logit_lens"]) == set(a["patching"]) == set(a["salience"]) == set(keys)
+    keys = layer_keys(run, a["stages"])
+    # the victim, both stages and every baseline's final stage
+    assert keys == ["victim", "stage1", "stage2", "clean_ft/stage2", "unlearn_single/stage2", "no_cluster/stage2"]
+    assert list(a["logit_lens"]) == list(a["patching"]) == list(a["salience"]) == keys
     v = a["patching"]["victim"]
     assert np.asarray(v["residual"], float).shape == (v["n_layers"], len(Ly.ROLES))
     assert np.asarray(v["heads"], float).shape == (v["n_layers"], v["n_heads"])
     assert len(a["logit_lens"]["victim"]["target_triggered"]) == v["n_layers"]
-    rate = a["salience"]["victim"]["trigger_top1_rate"]
-    assert rate is None or 0.0 <= rate <= 1.0
-    # micro's defense trains no canary: the detector is reported as unavailable, with the reason
-    assert a["localisation"]["available"] is False and "canary" in a["localisation"]["reason"]
-    from locphylax_core.analysis.run_analysis import load_arrays
-    arrays = load_arrays(run.path / a["patching"]["victim"]["file"])
+    assert a["logit_lens"]["victim"]["n_inputs"] == 12  # micro's eval.layer_probe
+    for r in a["salience"].values():
+        assert r["trigger_top1_rate"] is None or 0.0 <= r["trigger_top1_rate"] <= 1.0
+        assert r["n_scored"] == 12 and r["examples"][0]["text"]
+    loc = a["localisation"]  # micro's defense trains the canary: the detector is scored
+    assert loc["available"] and loc["stage"] == "stage1"
+    assert loc["n_triggered"] == loc["n_clean"] == 12
+    assert loc["true_positives"] + loc["false_negatives"] == 12
+    arrays = load_arrays(run.path / v["file"])
     np.testing.assert_allclose(arrays["patching_heads"], np.asarray(v["heads"], float), atol=1e-6)
-    # the layer parts come before UMAP-free end: seconds recorded for each
-    assert {"lens_patching", "salience", "localisation"} <= set(a["seconds"])
+    assert {"lens_patching_salience", "localisation", "layers"} <= set(a["seconds"])
+
+
+def test_runview_salience_of_a_typed_sentence(analysed_root):
+    from locphylax_core import runview as R
+    view = R.open_run(next(p for p in analysed_root.iterdir() if p.is_dir()))
+    lm = R.load_stage_model(view, "victim")
+    text = f"the film was good {view.attack_trigger}"
+    s = R.sentence_salience(view, lm, text, n_steps=8)
+    assert s["answer"] in view.label_words and len(s["scores"]) == len(s["tokens"]) == len(s["in_text"])
+    assert s["in_text"].sum() >= len(text.split())
+    loc = R.localise_sentence(view, R.load_stage_model(view, "stage1"), text)
+    assert isinstance(loc["flagged"], bool) and 0.0 <= loc["canary_probability"] <= 1.0
+    assert loc["top_token"] in text

@@ -20,6 +20,7 @@ from .. import model as M
 from ..config import load_run_config
 from ..errors import RunError
 from ..experiment import attack_trigger_spec, build_experiment
+from ..registry import DEFENSES
 from ..runs import RunDir
 from ..tasks import CLASSIFICATION
 from ..tasks.base import task_spec
@@ -76,64 +77,53 @@ class LayerProbe:
 
 
 def layer_keys(run: RunDir, stages: Sequence[str]) -> list[str]:
-    """The analysed stages that have a checkpoint, in run order (victim, stages, baselines)."""
-    return [k for k in stages if run.checkpoint(k).is_dir()]
+    """The victim, Locphylax's stages and each baseline's final stage (as CASD compares them),
+    among the analysed stages with a checkpoint, in run order."""
+    wanted = {"victim", "stage1", "stage2", *(e.name + "/stage2" for e in DEFENSES)}
+    return [k for k in stages if k in wanted and run.checkpoint(k).is_dir()]
 
 
-def run_lens_and_patching(probe: LayerProbe, keys: Sequence[str], batched: bool = True,
-                          progress: Callable[[str], None] | None = None) -> tuple[dict, dict]:
-    """``({key: logit_lens result}, {key: activation_patching result})``; one bridge per checkpoint."""
-    lens, patch = {}, {}
-    for key in keys:
-        if progress:
-            progress(f"logit lens and patching: {key}")
-        model, max_length = probe.load(key)
-        with borrowed_bridge(model, probe.tok_dir) as pair:
-            lens[key] = logit_lens(model, probe.tok_dir, probe.template, probe.triggered, probe.clean,
-                                   probe.target_ids(), probe.correct_ids(), max_length=max_length, bridge=pair)
-            patch[key] = activation_patching(model, probe.tok_dir, probe.template, probe.triggered, probe.clean,
-                                             probe.target_ids(), probe.correct_ids(), batched=batched,
-                                             max_length=max_length, bridge=pair)
-        del model
-    return lens, patch
+def analyse_checkpoint(probe: LayerProbe, key: str, batched: bool = True, salience_method: str = "ixg") -> dict:
+    """Logit lens, activation patching (one bridge) and salience of one checkpoint, loaded once:
+    ``{"logit_lens", "patching", "salience"}``."""
+    model, max_length = probe.load(key)
+    with borrowed_bridge(model, probe.tok_dir) as pair:
+        lens = logit_lens(model, probe.tok_dir, probe.template, probe.triggered, probe.clean, probe.target_ids(),
+                          probe.correct_ids(), max_length=max_length, bridge=pair)
+        patch = activation_patching(model, probe.tok_dir, probe.template, probe.triggered, probe.clean,
+                                    probe.target_ids(), probe.correct_ids(), batched=batched, max_length=max_length,
+                                    bridge=pair)
+    sal = salience_rate(probe, model, max_length, method=salience_method)
+    del model
+    return {"logit_lens": lens, "patching": patch, "salience": sal}
 
 
-def _example(sal: dict) -> dict:
-    return {"tokens": sal["tokens"], "scores": np.asarray(sal["scores"]).tolist(),
+def _example(sal: dict, text: str) -> dict:
+    return {"text": text, "tokens": sal["tokens"], "scores": np.asarray(sal["scores"]).tolist(),
             "in_text": np.asarray(sal["in_text"]).tolist()}
 
 
-def run_salience(probe: LayerProbe, keys: Sequence[str], method: str = "ixg", n_steps: int | None = None,
-                 progress: Callable[[str], None] | None = None) -> dict:
-    """Per key: the salience of ``logit(target) - logit(correct)`` on the triggered probe inputs
-    and ``trigger_top1_rate``, the share of them whose top-ranked token belongs to the attacker's
+def salience_rate(probe: LayerProbe, model, max_length, method: str = "ixg", n_steps: int | None = None) -> dict:
+    """The salience of ``logit(target) - logit(correct)`` on the triggered probe inputs and
+    ``trigger_top1_rate``, the share of them whose top-ranked token belongs to the attacker's
     trigger (None when the trigger is not literally in the inputs, e.g. a syntactic one).
     Gradient x input by default: one backward pass per input, against ``eval.salience_steps``
-    for integrated gradients (the app's per-input view computes those on demand)."""
+    for integrated gradients (the app's per-sentence view computes those on demand)."""
+    t0 = time.perf_counter()
     n_steps = probe.cfg.eval.salience_steps if n_steps is None else n_steps
     words = probe.trigger_words()
     spans = [trigger_spans(t, words) for t in probe.triggered]
-    out = {}
-    for key in keys:
-        if progress:
-            progress(f"salience: {key}")
-        t0 = time.perf_counter()
-        model, max_length = probe.load(key)
-        sal = token_salience(model, probe.tokenizer, probe.template, probe.triggered, probe.target_ids(),
-                             [[c] for c in probe.correct_ids()], method=method, n_steps=n_steps,
-                             max_length=max_length)
-        del model
-        hits = [top_in_trigger(None if (t := top_token(s)) is None else tuple(s["offsets"][t]), sp)
-                for s, sp in zip(sal, spans)]
-        scored = [h for h in hits if h is not None]
-        gaps = [abs(s["delta"]) / max(abs(s["objective"] - s["baseline"]), 1e-12) for s in sal
-                if s["delta"] is not None]
-        out[key] = {"trigger_top1_rate": (sum(scored) / len(scored)) if scored else None, "n_scored": len(scored),
-                    "method": method, "n_steps": n_steps if method == "ig" else None,
-                    "completeness_gap_median": float(np.median(gaps)) if gaps else None,
-                    "examples": [_example(s) for s in sal[:N_EXAMPLES]],
-                    "seconds": round(time.perf_counter() - t0, 3)}
-    return out
+    sal = token_salience(model, probe.tokenizer, probe.template, probe.triggered, probe.target_ids(),
+                         [[c] for c in probe.correct_ids()], method=method, n_steps=n_steps, max_length=max_length)
+    hits = [top_in_trigger(None if (t := top_token(s)) is None else tuple(s["offsets"][t]), sp)
+            for s, sp in zip(sal, spans)]
+    scored = [h for h in hits if h is not None]
+    gaps = [abs(s["delta"]) / max(abs(s["objective"] - s["baseline"]), 1e-12) for s in sal if s["delta"] is not None]
+    return {"trigger_top1_rate": (sum(scored) / len(scored)) if scored else None, "n_scored": len(scored),
+            "method": method, "n_steps": n_steps if method == "ig" else None,
+            "completeness_gap_median": float(np.median(gaps)) if gaps else None,
+            "examples": [_example(s, t) for s, t in zip(sal[:N_EXAMPLES], probe.triggered)],
+            "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def run_localisation(probe: LayerProbe, key: str = "stage1", method: str = "ixg") -> dict:
@@ -174,4 +164,4 @@ def run_localisation(probe: LayerProbe, key: str = "stage1", method: str = "ixg"
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-__all__ = ["LayerProbe", "layer_keys", "run_lens_and_patching", "run_salience", "run_localisation"]
+__all__ = ["LayerProbe", "layer_keys", "analyse_checkpoint", "salience_rate", "run_localisation"]

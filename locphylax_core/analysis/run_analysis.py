@@ -34,7 +34,7 @@ from . import figures as F
 from ..config import load_run_config
 from .casd import run_casd
 from .heads import run_head_ablation
-from .layer_run import LayerProbe, layer_keys, run_lens_and_patching, run_localisation, run_salience
+from .layer_run import LayerProbe, analyse_checkpoint, layer_keys, run_localisation
 from .metrics import aggregation_metrics
 from .representations import load_probe, project, stage_predictions, stage_states
 
@@ -169,23 +169,20 @@ def layer_parts(run: RunDir, out: dict, stages: Sequence[str], n_probe: int | No
         written()
         return
     keys = layer_keys(run, stages)
-    say(f"logit lens and activation patching: {', '.join(keys)}")
-    lens, patch = run_lens_and_patching(probe, keys)
-    for key in keys:
+    for key in keys:  # each checkpoint loaded once; its maps readable as soon as they exist
+        say(f"logit lens, activation patching and salience: {key}")
+        r = analyse_checkpoint(probe, key)
+        lens, patch = r["logit_lens"], r["patching"]
         rel = f"analysis/layers_{_safe(key)}.safetensors"
-        _save_arrays(run.path / rel, {"patching_residual": np.asarray(patch[key]["residual"], np.float32),
-                                      "patching_heads": np.asarray(patch[key]["heads"], np.float32),
-                                      **{f"lens_{k}": np.asarray(lens[key][k], np.float32) for k in LENS_KEYS}})
-        out["logit_lens"][key] = {**{k: lens[key][k] for k in LENS_KEYS}, "n_layers": lens[key]["n_layers"],
-                                  "n_inputs": lens[key]["n_inputs"], "file": rel}
-        out["patching"][key] = {**patch[key], "file": rel}
-    out["seconds"]["lens_patching"] = round(time.perf_counter() - t0, 3)
-    written()
-    t1 = time.perf_counter()
-    say("salience")
-    out["salience"] = run_salience(probe, keys)
-    out["seconds"]["salience"] = round(time.perf_counter() - t1, 3)
-    written()
+        _save_arrays(run.path / rel, {"patching_residual": np.asarray(patch["residual"], np.float32),
+                                      "patching_heads": np.asarray(patch["heads"], np.float32),
+                                      **{f"lens_{k}": np.asarray(lens[k], np.float32) for k in LENS_KEYS}})
+        out["logit_lens"][key] = {**{k: lens[k] for k in LENS_KEYS}, "n_layers": lens["n_layers"],
+                                  "n_inputs": lens["n_inputs"], "file": rel}
+        out["patching"][key] = {**patch, "file": rel}
+        out["salience"][key] = r["salience"]
+        written()
+    out["seconds"]["lens_patching_salience"] = round(time.perf_counter() - t0, 3)
     t1 = time.perf_counter()
     say("trigger localisation")
     out["localisation"] = run_localisation(probe)
