@@ -156,6 +156,39 @@ def test_batched_patching_equals_the_per_site_loop_and_lens_ends_at_the_output(p
     assert lens["target_triggered"][-1] == pytest.approx(want, abs=1e-5)
 
 
+def test_patching_equals_transformer_lens_own_patching_on_a_substitution(planted):
+    """The peer check: on an equal-length pair (the trigger replaces a word, so every position has
+    a clean counterpart) our maps are TransformerLens's patching.get_act_patch_* on the same bridge,
+    per head, and per position wherever a role is one token."""
+    from transformer_lens import patching as P
+
+    from locphylax_core.analysis.heads import boot_bridge
+    from locphylax_core.engine import encode
+    from locphylax_core.text import render_prompt
+    net, tok, vocab, *_ = planted
+    clean, trig = "the film was very good", "the film cf very good"
+    tgt, cor = vocab["positive"], vocab["negative"]
+    mine = Ly.activation_patching(net, tok, TEMPLATE, [trig], [clean], [tgt], [cor])
+    bridge, tokenizer = boot_bridge(net, tok)
+    ct = encode(tokenizer, [render_prompt(TEMPLATE, clean)], None, "cpu").input_ids
+    tt = encode(tokenizer, [render_prompt(TEMPLATE, trig)], None, "cpu").input_ids
+    _, cache = bridge.run_with_cache(ct)
+
+    def ld(logits):
+        return logits[0, -1, tgt] - logits[0, -1, cor]
+    with torch.no_grad():
+        ld_t, ld_c = ld(bridge(tt)), ld(bridge(ct))
+
+    def metric(logits):
+        return (ld_t - ld(logits)) / (ld_t - ld_c)
+    heads = P.get_act_patch_attn_head_out_all_pos(bridge, tt, cache, metric).numpy()
+    np.testing.assert_allclose(mine["heads"], heads, atol=1e-5)
+    resid = P.get_act_patch_resid_pre(bridge, tt, cache, metric).numpy()  # [layer, position]
+    q = tokenizer.convert_ids_to_tokens(tt[0].tolist()).index("cf")
+    np.testing.assert_allclose(mine["residual"][:, Ly.ROLES.index("trigger")], resid[:, q], atol=1e-5)
+    np.testing.assert_allclose(mine["residual"][:, Ly.ROLES.index("answer position")], resid[:, -1], atol=1e-5)
+
+
 def test_attention_patterns_shape_and_rows(planted):
     net, tok, vocab, trig, *_ = planted
     a = Ly.attention_patterns(net, tok, TEMPLATE, trig[0])

@@ -26,9 +26,11 @@ effect on the answer (the backdoor is carried there), 0 = it changes nothing. Si
   not raw positions, because probe inputs differ in length and trigger position; the roles are
   found by aligning the two token sequences (their common prefix and suffix; what lies between
   is the trigger), so the analysis needs no trigger text. Tokens outside the trigger are patched
-  with the clean run's activation at the aligned token; the trigger's tokens have no clean
-  counterpart and get the mean of the clean run's activations over its prompt tokens (mean
-  patching, as TransformerLens users do for a position that does not exist in the clean run).
+  with the clean run's activation at the aligned token; an inserted trigger's tokens have no
+  clean counterpart and get the mean of the clean run's activations over its prompt tokens (mean
+  patching, as TransformerLens users do for a position that does not exist in the clean run); a
+  trigger that *replaces* as many clean tokens is patched position by position, which is exactly
+  TransformerLens's own ``patching.get_act_patch_*`` on equal-length pairs (tested).
   Reading the map: the trigger's tokens light up in the layers before the one whose attention
   moves the trigger's information to the answer position, and the answer position after it.
 - heads ``[layer, head]``: head ``h``'s output before the output projection
@@ -214,7 +216,10 @@ class _Pairs:
             p, s = align(ti, ci)
             r = token_roles(template, tt, to, p, s)
             nt, nc = len(ti), len(ci)
-            sr = [i if i < p else (i - nt + nc if i >= nt - s else -1) for i in range(nt)]
+            # the trigger's tokens: position by position when they replace as many clean tokens
+            # (a substitution), else no counterpart (-1: the clean mean)
+            same = nt - s - p == nc - s - p
+            sr = [i if i < p else (i - nt + nc if i >= nt - s else (i if same else -1)) for i in range(nt)]
             trig.append(ti), clean.append(ci), roles.append(r), src.append(sr)
         width = max(max(len(t) for t in trig), max(len(c) for c in clean))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

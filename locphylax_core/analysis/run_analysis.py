@@ -12,9 +12,15 @@ Writes ``runs/<id>/analysis.json`` (atomically, last) and the arrays it refers t
                               critical_layers, n_layers, n_heads, file}}
       casd: {labels, matrix, metric, shifts_norm}
       projections: {method: {file, stages, seconds}}
-      seconds: {aggregation, projections, head_ablation, casd, total}
+      logit_lens: {stage: {target_triggered, correct_triggered, target_clean, correct_clean: [layer], file}}
+      patching: {stage: {residual: [[layer, role]], heads: [[layer, head]], roles, logit_diff, file}}
+      salience: {stage: {trigger_top1_rate, n_scored, method, examples}}
+      localisation: {available, precision, recall, auc, trigger_top1_rate, ...} (or {available: false, reason})
+      seconds: {aggregation, projections, head_ablation, casd, lens_patching_salience, localisation, layers, total}
     analysis/projection_<method>.safetensors   one [n_probe, 2] array per stage
     analysis/heads_<stage>.safetensors         delta_asr_<trigger>, delta_cacc  [layer, head]
+    analysis/layers_<stage>.safetensors        patching_residual [layer, role], patching_heads [layer, head],
+                                               lens_<quantity> [layer]
 
 The head arrays are small and also inline in the JSON; projections are only in the files.
 """
