@@ -247,6 +247,19 @@ def export_figures(run: RunDir | str | Path, folder: str | Path | None = None, m
         written += F.export(F.head_heatmaps(before, after), F.head_table({"victim": before, "stage2": after,
                                                                           "difference": after - before}),
                             folder / "heads_unknown")
+    pa, lens = a.get("patching") or {}, a.get("logit_lens") or {}
+    if "victim" in pa and "stage2" in pa:
+        for part, x_labels in (("residual", pa["victim"]["roles"]), ("heads", None)):
+            before = np.array(pa["victim"][part], dtype=float)
+            after = np.array(pa["stage2"][part], dtype=float)
+            labels_x = x_labels or [f"h{h}" for h in range(before.shape[1])]
+            written += F.export(F.patching_heatmaps(before, after, x_labels=labels_x),
+                                F.patching_table({"victim": before, "stage2": after, "difference": after - before},
+                                                 labels_x), folder / f"patching_{part}")
+    if lens:
+        shown = {k: {q: np.array(v[q], dtype=float) for q in LENS_KEYS} for k, v in lens.items()
+                 if k in ("victim", "stage1", "stage2")}
+        written += F.export(F.logit_lens_figure(shown), F.logit_lens_table(shown), folder / "logit_lens")
     rows = run.read_metrics()
     methods = ["locphylax", *[e.name for e in DEFENSES if any(r.get("method") == e.name for r in rows)]]
     import pandas as pd
