@@ -348,3 +348,12 @@ def test_runview_salience_of_a_typed_sentence(analysed_root):
     loc = R.localise_sentence(view, R.load_stage_model(view, "stage1"), text)
     assert isinstance(loc["flagged"], bool) and 0.0 <= loc["canary_probability"] <= 1.0
     assert loc["top_token"] in text
+
+
+def test_layer_probe_options_are_validated():
+    from locphylax_core.errors import ConfigError
+    assert load_config("micro").eval.layer_probe == 12 and load_config("demo").eval.layer_probe == 32
+    for field, bad in (("eval.layer_probe", 1), ("eval.salience_steps", 0), ("eval.layer_probe", "many")):
+        with pytest.raises(ConfigError) as e:
+            load_config("micro", {field: bad})
+        assert field in e.value.fields
