@@ -62,6 +62,43 @@ def patching_times(run: RunDir, keys, repeats: int = 2) -> list[dict]:
     return rows
 
 
+def write_figures(out: dict, keys) -> None:
+    """docs/figures/layers_*.html (plotly from its CDN, so the files stay small)."""
+    from locphylax_core.analysis import figures as F
+    from locphylax_core.analysis.run_analysis import LENS_KEYS
+    docs = ROOT / "docs" / "figures"
+    pa = out["patching"]
+    if "victim" in pa and "stage2" in pa:
+        for part, xl in (("residual", pa["victim"]["roles"]), ("heads", None)):
+            fig = F.patching_heatmaps(np.asarray(pa["victim"][part], float), np.asarray(pa["stage2"][part], float),
+                                      x_labels=xl)
+            fig.write_html(str(docs / f"layers_patching_{part}_demo.html"), include_plotlyjs="cdn")
+    lens = {k: {q: np.asarray(out["logit_lens"][k][q], float) for q in LENS_KEYS} for k in keys
+            if k in ("victim", "stage1", "stage2")}
+    F.logit_lens_figure(lens).write_html(str(docs / "layers_logit_lens_demo.html"), include_plotlyjs="cdn")
+
+
+def stage_rows(out: dict, keys) -> list[str]:
+    """Per stage: the answer gap, the lens, the strongest sites and the salience rate."""
+    lines = ["| stage | LD triggered / clean | P(target) after each block, triggered | residual: trigger role by "
+             "layer | residual: answer position by layer | heads (top 2) | trigger ranked first |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for k in keys:
+        p, lens, sal = out["patching"][k], out["logit_lens"][k], out["salience"][k]
+        roles = p["roles"]
+        res = np.asarray(p["residual"], float)
+        heads = np.asarray(p["heads"], float)
+        order = np.argsort(-np.nan_to_num(heads.ravel(), nan=-9))[:2]
+        top = ", ".join(f"L{i // heads.shape[1]}h{i % heads.shape[1]} {heads.ravel()[i]:.2f}" for i in order)
+        fmt = lambda a: " / ".join("n/a" if not np.isfinite(v) else f"{v:.2f}" for v in a)  # noqa: E731
+        rate = sal["trigger_top1_rate"]
+        lines.append(f"| {k} | {p['logit_diff']['triggered']:+.2f} / {p['logit_diff']['clean']:+.2f} | "
+                     f"{fmt(np.asarray(lens['target_triggered']))} | {fmt(res[:, roles.index('trigger')])} | "
+                     f"{fmt(res[:, roles.index('answer position')])} | {top} | "
+                     f"{'n/a' if rate is None else f'{100 * rate:.0f}%'} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", help="a finished run folder")
@@ -78,6 +115,7 @@ def main() -> None:
         total = time.perf_counter() - t0
         keys = layer_keys(run, out["stages"])
         rows = patching_times(run, keys)
+        write_figures(out, keys)
     sec = out["seconds"]
     layer_parts = ("lens_patching_salience", "localisation")
     today = {k: v for k, v in sec.items() if k not in layer_parts + ("layers", "total")}
@@ -106,6 +144,16 @@ def main() -> None:
         "| --- | --- | --- | --- | --- | --- | --- |",
         *[f"| {r['stage']} | {r['sites']} | {r['inputs']} | {r['loop_s']:.2f} | {r['batched_s']:.2f} | "
           f"{r['loop_s'] / r['batched_s']:.2f}x | {r['same']} |" for r in rows],
+        "",
+        "## Where the backdoor sits, per stage",
+        "",
+        "Restoration: 1 = patching that site with the clean run's activation undoes the trigger's effect "
+        "on the answer. Residual rows are block inputs (L0 = embeddings).",
+        "",
+        *stage_rows(out, keys),
+        "",
+        "Trigger localisation (defender, Stage 1 model, no trigger given): "
+        + json.dumps({k: v for k, v in (out.get("localisation") or {}).items() if k != "examples"}),
         "",
         "Reproduce: `.venv/bin/python bench/layers_bench.py RUN_FOLDER`.",
     ]
