@@ -17,6 +17,7 @@ PAGES = [
     st.Page("views/heads.py", title="Heads", icon="🧠", url_path="heads"),
     st.Page("views/compare.py", title="Compare", icon="📊", url_path="compare"),
     st.Page("views/casd.py", title="CASD", icon="🧭", url_path="casd"),
+    st.Page("views/layers.py", title="Layers", icon="🪜", url_path="layers"),
     st.Page("views/export.py", title="Export", icon="💾", url_path="export"),
 ]
 st.navigation(PAGES).run()

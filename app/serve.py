@@ -17,9 +17,9 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 # the default page is served at the root URL; the others at their url_path
 PAGE_URLS = {"live_demo": "", "setup": "setup", "run": "run", "aggregation": "aggregation", "heads": "heads",
-             "compare": "compare", "casd": "casd", "export": "export"}
+             "compare": "compare", "casd": "casd", "layers": "layers", "export": "export"}
 PAGE_TITLES = {"live_demo": "Backdoor collapse, live", "setup": "Setup", "run": "Run", "aggregation": "Aggregation",
-               "heads": "Heads", "compare": "Compare", "casd": "CASD", "export": "Export"}
+               "heads": "Heads", "compare": "Compare", "casd": "CASD", "layers": "Layers", "export": "Export"}
 
 
 def free_port() -> int:

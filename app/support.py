@@ -240,3 +240,27 @@ def live_jobs() -> list[jobs.JobStatus]:
 
 def fmt_pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _sentence_salience(path: str, stage: str, text: str, stamp: tuple) -> dict:
+    view = R.open_run(path)
+    return R.sentence_salience(view, stage_model(path, stage, stamp), text)
+
+
+def sentence_salience(view: R.RunView, stage: str, text: str) -> dict:
+    """Integrated-gradients salience of a typed sentence (cached per run, stage and text)."""
+    return _sentence_salience(view.path, stage, text, R.run_stamp(view.path))
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _localise_sentence(path: str, text: str, stamp: tuple) -> dict:
+    return R.localise_sentence(R.open_run(path), stage_model(path, "stage1", stamp), text)
+
+
+def localise_sentence(view: R.RunView, text: str) -> dict:
+    return _localise_sentence(view.path, text, R.run_stamp(view.path))
+
+
+def sentence_attention(view: R.RunView, stage: str, text: str) -> dict:
+    return R.sentence_attention(view, stage_model(view.path, stage, R.run_stamp(view.path)), text)

@@ -141,9 +141,9 @@ def _end_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _analyze(run, export: str | None = None, heads: bool = True, casd: bool = True) -> None:
+def _analyze(run, export: str | None = None, heads: bool = True, casd: bool = True, layers: bool = True) -> None:
     t0 = time.perf_counter()
-    result = analyze_run(run, heads=heads, casd=casd, progress=lambda m: print(f"analysis: {m} ...", file=sys.stderr))
+    result = analyze_run(run, heads=heads, casd=casd, layers=layers, progress=lambda m: print(f"analysis: {m} ...", file=sys.stderr))
     agg = result["aggregation"]
     print(f"analysis written to {run.path / 'analysis.json'} in {time.perf_counter() - t0:.1f} s "
           f"({', '.join(f'{k} {v:.1f} s' for k, v in result['seconds'].items() if k != 'total')})")
@@ -159,7 +159,7 @@ def _analyze(run, export: str | None = None, heads: bool = True, casd: bool = Tr
 def cmd_analyze(args) -> int:
     quiet_libraries()
     run = find_run(args.run, Path(args.runs))
-    _analyze(run, export=args.export, heads=not args.no_heads, casd=not args.no_casd)
+    _analyze(run, export=args.export, heads=not args.no_heads, casd=not args.no_casd, layers=not args.no_layers)
     return 0
 
 
@@ -357,10 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run")
     sp.add_argument("--json", action="store_true", help="print summary.json")
     sp.set_defaults(fn=cmd_show)
-    sp = sub.add_parser("analyze", help="compute the aggregation, head-ablation, CASD and projection analyses")
+    sp = sub.add_parser("analyze", help="compute the aggregation, head-ablation, CASD, layer (logit lens, patching, salience) and projection analyses")
     sp.add_argument("run")
     sp.add_argument("--no-heads", action="store_true", help="skip the head-ablation sweep")
     sp.add_argument("--no-casd", action="store_true", help="skip CASD")
+    sp.add_argument("--no-layers", action="store_true",
+                    help="skip the logit lens, activation patching, salience and trigger localisation")
     sp.add_argument("--export", nargs="?", const="", default=None, metavar="DIR",
                     help="also write every figure as HTML + CSV (default folder: RUN/analysis/figures)")
     sp.set_defaults(fn=cmd_analyze)

@@ -548,6 +548,10 @@ class EvalConfig(_Section):
     batch_size: int = Field(256, ge=1)
     probe_per_group: int = Field(64, ge=2)  # probe-set size per group for stored hidden states
     head_probe: int = Field(200, ge=4)  # clean test inputs (and their triggered copies) of the head sweep
+    # triggered test inputs (and their clean copies) of the logit lens, activation patching and
+    # salience; clean + triggered inputs per group scored by the defender's trigger detector
+    layer_probe: int = Field(32, ge=2, le=4096)
+    salience_steps: int = Field(16, ge=2, le=512)  # integrated-gradients steps per input
     # the projections the analyses compute (UMAP's first use in a process compiles for tens of seconds)
     projections: list[Literal["pca", "tsne", "umap"]] = Field(default_factory=lambda: ["pca", "tsne", "umap"],
                                                              min_length=1)

@@ -22,6 +22,8 @@ from . import model as M
 from .config import AttackConfig, load_yaml_text, read_config_text
 from .errors import ConfigError
 from .evaluation import answer_probabilities, predict
+from .analysis.layers import attention_patterns
+from .analysis.salience import localise, token_salience
 from .tasks import CLASSIFICATION, Task
 
 STAGE_ROWS = (("victim", "victim"), ("stage1", "Locphylax Stage 1"), ("stage2", "Locphylax Stage 2"))
@@ -337,5 +339,101 @@ def answer_with_probability(view: RunView, lm, texts: Sequence[str]) -> list[tup
     return [(words[int(p.argmax())], float(p.max())) for p in probs]
 
 
-__all__ = ["RunView", "answer_with_probability", "open_run", "run_stamp", "results_table", "compare_table", "aggregation_table", "projection",
+# ----------------------------------------------------------------------------------------------
+# Layer analyses: stored maps, and salience of a typed sentence
+
+
+def layer_maps(view: RunView, stage: str) -> dict:
+    """One stage's stored layer analyses: ``residual`` ``[layer, role]`` and ``heads``
+    ``[layer, head]`` patching restorations (NaN where undefined), ``roles``, ``logit_diff`` and the
+    logit lens ``lens`` (``{target_triggered, correct_triggered, target_clean, correct_clean:
+    [layer]}``). KeyError when the run's analysis has none for ``stage``."""
+    a = view.analysis or {}
+    patch, lens = (a.get("patching") or {}).get(stage), (a.get("logit_lens") or {}).get(stage)
+    if not patch or not lens:
+        raise KeyError(f"no layer analyses for stage {stage!r}")
+    keys = ("target_triggered", "correct_triggered", "target_clean", "correct_clean")
+    return {"residual": np.array(patch["residual"], dtype=float), "heads": np.array(patch["heads"], dtype=float),
+            "roles": [str(r) for r in patch["roles"]], "logit_diff": dict(patch.get("logit_diff") or {}),
+            "lens": {k: np.array(lens[k], dtype=float) for k in keys}}
+
+
+def layer_stages(view: RunView) -> list[str]:
+    """The stages with stored layer analyses, in the analysis's order."""
+    a = view.analysis or {}
+    both = set((a.get("patching") or {})) & set((a.get("logit_lens") or {}))
+    return [k for k in (a.get("patching") or {}) if k in both]
+
+
+def salience_table(view: RunView) -> pd.DataFrame:
+    """Per stage: how often the top-salience token of a triggered probe input is the trigger."""
+    rows = []
+    for stage, r in ((view.analysis or {}).get("salience") or {}).items():
+        rate = r.get("trigger_top1_rate")
+        rows.append({"stage": stage, "trigger ranked first": None if rate is None else round(100 * rate, 1),
+                     "inputs": r.get("n_scored"), "method": r.get("method")})
+    return pd.DataFrame(rows, columns=["stage", "trigger ranked first", "inputs", "method"])
+
+
+def localisation_summary(view: RunView) -> dict | None:
+    """The stored ``localisation`` block (the defender's detector), or None."""
+    loc = (view.analysis or {}).get("localisation")
+    return dict(loc) if isinstance(loc, dict) else None
+
+
+def _template(view: RunView) -> str:
+    return view.config.get("task", {}).get("template", "{text}")
+
+
+def _max_length(view: RunView) -> int | None:
+    model = view.config.get("model", {})
+    return model.get("n_positions") if model.get("source") == "embedded" else None
+
+
+def sentence_salience(view: RunView, lm, text: str, method: str = "ig", n_steps: int = 32) -> dict:
+    """Which words of ``text`` push ``lm`` toward the answer it gives: ``{"answer": word,
+    "tokens", "scores" [position], "in_text" [position]}`` (integrated gradients by default; the
+    objective is that answer's logit minus the mean of the other answers')."""
+    import torch
+
+    with torch.no_grad():
+        probs = answer_probabilities(lm, _template(view), [text])[0]
+    k = int(probs.argmax())
+    ids = list(lm.answer_ids)
+    others = [a for j, a in enumerate(ids) if j != k]
+    s = token_salience(lm.model, lm.tokenizer, _template(view), [text], [ids[k]], [others], method=method,
+                       n_steps=n_steps, max_length=_max_length(view))[0]
+    return {"answer": view.label_words[k], "probability": float(probs[k]), "tokens": s["tokens"],
+            "scores": np.asarray(s["scores"]), "in_text": np.asarray(s["in_text"])}
+
+
+def sentence_attention(view: RunView, lm, text: str) -> dict:
+    """Every head's attention pattern on ``text``: ``{"pattern": [layer, head, query, key],
+    "tokens"}`` (a TransformerLens bridge over a copy of the model: the shared ``lm`` is untouched)."""
+    r = attention_patterns(lm.model, lm.tokenizer, _template(view), text, max_length=_max_length(view))
+    r["tokens"] = [t.replace("Ġ", " ") for t in r["tokens"]]
+    return r
+
+
+def has_canary(view: RunView) -> bool:
+    return view.config.get("defense", {}).get("known_target") == "canary"
+
+
+def localise_sentence(view: RunView, stage1_lm, text: str) -> dict:
+    """The defender's detector on ``text`` with the Stage 1 model: ``{"flagged": bool,
+    "canary_probability", "top_token": the word pushing hardest toward the canary}``. Needs a
+    run whose defense trained a canary (:func:`has_canary`)."""
+    if not has_canary(view):
+        raise ValueError("this run's defense trains no canary answer (defense.known_target), so Stage 1 marks "
+                         "no input as triggered")
+    n_labels = len(view.config.get("task", {}).get("labels", []))
+    r = localise(stage1_lm.model, stage1_lm.tokenizer, _template(view), [text], list(stage1_lm.answer_ids),
+                 n_labels, max_length=_max_length(view))
+    tok = r["top_token"][0]
+    return {"flagged": bool(r["flagged"][0]), "canary_probability": float(r["suspect_prob"][0]),
+            "top_token": None if tok is None else tok.replace("Ġ", " ").strip()}
+
+
+__all__ = ["RunView", "layer_maps", "layer_stages", "salience_table", "localisation_summary", "sentence_salience",
+           "has_canary", "localise_sentence", "sentence_attention", "answer_with_probability", "open_run", "run_stamp", "results_table", "compare_table", "aggregation_table", "projection",
            "head_grids", "critical_heads", "curve_rows", "load_stage_model", "answer", "HEALTHY"]

@@ -5,6 +5,7 @@ shared link to a run the store does not hold."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -123,6 +124,10 @@ def test_try_it_yourself_highlights_the_trigger_and_gives_probabilities(live_roo
     assert at.text_input(key="demo-try").value.endswith(trig)
     table = at.table[-1].value
     assert list(table.columns) == ["stage", "answer", "probability"]
+    # salience: the review's words as coloured spans, per stage, the trigger among them
+    coloured = [str(m.value) for m in at.markdown if "<span title=" in str(m.value)]
+    assert len(coloured) == len([k for k in ("victim", "stage2") if k in view.finished])
+    assert all(trig in re.sub(r"<[^>]+>", "", m) for m in coloured)  # a word may be several tokens
 
 
 def test_a_link_to_an_unknown_run_says_so_instead_of_opening_another(analysed_root, monkeypatch):

@@ -416,3 +416,39 @@ def test_damaged_run_folders_never_crash_these_pages(run_view, tmp_path, monkeyp
     at = linked(tmp_path, monkeypatch, page, run=corrupt.name, stage="x", head="L0")
     if page != "compare":
         assert "analysis.json is corrupt" in texts(at.error)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+def test_layers_page_draws_lens_and_patching_maps_for_two_stages(analysed_root, run_view, monkeypatch):
+    at = app(analysed_root, monkeypatch, "layers")
+    stages = R.layer_stages(run_view)
+    assert at.selectbox(key="layers_before").value == "victim"
+    assert at.selectbox(key="layers_after").value == "stage2"
+    charts = [drawn(at, i) for i in range(len(at.get("plotly_chart")))]
+    assert len(charts) == 3  # lens, residual map, head map
+    resid = R.layer_maps(run_view, "stage2")["residual"]
+    z = values(charts[1].data[1].z).astype(float)  # the "after" panel
+    np.testing.assert_allclose(z, resid, atol=1e-9)
+    diff = values(charts[1].data[2].z).astype(float)
+    np.testing.assert_allclose(diff, resid - R.layer_maps(run_view, "victim")["residual"], atol=1e-9)
+    assert [b.proto.label for b in at.get("download_button")] == ["patching.csv"]
+    other = [s for s in stages if "/" in s][0]  # a baseline
+    at.selectbox(key="layers_after").set_value(other).run()
+    assert not at.exception
+    again = linked(analysed_root, monkeypatch, "layers", **dict(at.query_params))
+    assert again.selectbox(key="layers_after").value == other
+    assert "defender's detector" in texts(at.markdown)
+
+
+def test_layers_page_without_layer_analyses_says_why(run_view, tmp_path, monkeypatch):
+    dst = tmp_path / run_view.run_id
+    shutil.copytree(run_view.path, dst)
+    analysis = json.loads((dst / "analysis.json").read_text())
+    analysis["patching"], analysis["logit_lens"] = {}, {}
+    (dst / "analysis.json").write_text(json.dumps(analysis))
+    at = app(tmp_path, monkeypatch, "layers")
+    assert "no layer analyses" in texts(at.info)
+    assert not at.get("plotly_chart")

@@ -133,6 +133,11 @@ def test_pipeline_and_analyses_per_architecture(arch, tmp_path):
             assert np.asarray(arr, dtype=float).shape == (2, 2)
         assert np.isfinite(np.asarray(h["delta_cacc"], dtype=float)).all()
     assert a["casd"]["labels"] == ["stage1", "stage2", "clean_ft", "fine_pruning"]  # every trained baseline
+    # the layer analyses run on every architecture's bridge
+    assert list(a["patching"]) == ["victim", "stage1", "stage2", "clean_ft/stage2", "fine_pruning/stage2"]
+    for key, p in a["patching"].items():
+        assert np.asarray(p["heads"], dtype=float).shape == (2, 2) and len(p["residual"]) == 2
+        assert len(a["logit_lens"][key]["target_triggered"]) == 2
     m = np.asarray(a["casd"]["matrix"], dtype=float)
     assert m.shape == (4, 4) and np.isfinite(m).all() and np.allclose(m, m.T)
     # hidden states: the stored default view and a recomputed layer/pooling

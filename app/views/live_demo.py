@@ -301,3 +301,16 @@ if shown is not None and shown.health == "done":
         st.table({"stage": [F.stage_title(k) for k in answers],
                   "answer": [w for w, _ in answers.values()],
                   "probability": [f"{100 * p:.0f}%" for _, p in answers.values()]})
+        # which words push each model toward its answer (integrated gradients), and what the
+        # defender's Stage 1 model alone makes of the sentence (it is never told the trigger)
+        st.markdown("**Which words decide the answer** (red: toward the answer given, blue: away)")
+        for k in [k for k in ("victim", "stage2") if k in stages_avail]:
+            sal = S.sentence_salience(shown, k, text)
+            st.markdown(f"{F.stage_title(k)} → *{html.escape(sal['answer'])}*: "
+                        + F.salience_html(sal["tokens"], sal["scores"], sal["in_text"]), unsafe_allow_html=True)
+        if R.has_canary(shown) and "stage1" in stages_avail:
+            loc = S.localise_sentence(shown, text)
+            verdict = "flags this review as triggered" if loc["flagged"] else "does not flag this review"
+            st.markdown(f"**Defender's detector** (Stage 1 model, canary probability "
+                        f"{100 * loc['canary_probability']:.0f}%): {verdict}; the word that pushes it most toward "
+                        f"the canary: **{html.escape(loc['top_token'] or '')}**.")

@@ -382,3 +382,120 @@ def export(fig: go.Figure, table: pd.DataFrame, stem: str | Path) -> tuple[Path,
     fig.write_html(str(html), include_plotlyjs=True, full_html=True, auto_play=False)  # an animation starts on its first stage
     table.to_csv(csv, index=not isinstance(table.index, pd.RangeIndex))
     return html, csv
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer analyses: logit lens, patching maps, attention patterns, salience
+
+
+LENS_LINES = (("target_triggered", "target answer, triggered inputs", "#E45756", "solid"),
+              ("correct_triggered", "correct answer, triggered inputs", "#4C78A8", "solid"),
+              ("target_clean", "target answer, clean inputs", "#E45756", "dot"),
+              ("correct_clean", "correct answer, clean inputs", "#4C78A8", "dot"))
+
+
+def logit_lens_table(lens: Mapping[str, Mapping]) -> pd.DataFrame:
+    rows = []
+    for stage, r in lens.items():
+        for key, *_ in LENS_LINES:
+            for layer, v in enumerate(np.asarray(r[key], float)):
+                rows.append({"stage": stage, "layer": layer, "quantity": key, "probability": float(v)})
+    return pd.DataFrame(rows)
+
+
+def logit_lens_figure(lens: Mapping[str, Mapping]) -> go.Figure:
+    """One panel per stage: after each block, the probability of the attacker's target answer and
+    of the correct answer, on triggered (solid) and clean (dotted) probe inputs. ``lens``:
+    ``{stage: {target_triggered, correct_triggered, target_clean, correct_clean: [layer]}}``."""
+    stages = list(lens)
+    fig = make_subplots(rows=1, cols=max(1, len(stages)), subplot_titles=[stage_title(s) for s in stages],
+                        shared_yaxes=True, horizontal_spacing=0.04)
+    for col, stage in enumerate(stages, 1):
+        for key, name, color, dash in LENS_LINES:
+            y = np.asarray(lens[stage][key], float)
+            fig.add_trace(go.Scatter(x=np.arange(len(y)), y=y, mode="lines+markers", name=name, legendgroup=key,
+                                     showlegend=col == 1, line=dict(color=color, dash=dash),
+                                     hovertemplate=f"{stage_title(stage)}<br>after block %{{x}}<br>{name}: "
+                                                   "%{y:.3f}<extra></extra>"), row=1, col=col)
+        fig.update_xaxes(title_text="after block", dtick=1, row=1, col=col)
+    fig.update_yaxes(range=[0, 1], title_text="probability (whole vocabulary)", row=1, col=1)
+    fig.update_layout(title="Logit lens: where the answer appears", template="plotly_white",
+                      legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def patching_table(arrays: Mapping[str, np.ndarray], x_labels: Sequence[str]) -> pd.DataFrame:
+    rows = []
+    for name, arr in arrays.items():
+        arr = np.asarray(arr, float)
+        for layer in range(arr.shape[0]):
+            for j in range(arr.shape[1]):
+                rows.append({"panel": name, "layer": layer, "site": x_labels[j], "restoration": float(arr[layer, j])})
+    return pd.DataFrame(rows)
+
+
+def patching_heatmaps(before: np.ndarray, after: np.ndarray, before_name: str = "victim", after_name: str = "stage2",
+                      x_labels: Sequence[str] | None = None, quantity: str = "restoration") -> go.Figure:
+    """Before / after / difference maps of an activation-patching array ``[layer, site]`` (sites:
+    token roles for the residual stream, heads for head outputs). 1 = patching that site restores
+    the clean answer fully, 0 = not at all; NaN (a role no input has) is blank."""
+    before, after = np.asarray(before, float), np.asarray(after, float)
+    diff = after - before
+    lim = float(max(np.nanmax(np.abs(before), initial=0), np.nanmax(np.abs(after), initial=0), 1e-9))
+    dlim = float(max(np.nanmax(np.abs(diff), initial=0), 1e-9))
+    n_layers, n_sites = before.shape
+    xs = list(x_labels) if x_labels is not None else [f"h{h}" for h in range(n_sites)]
+    ys = [f"L{layer}" for layer in range(n_layers)]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=(stage_title(before_name), stage_title(after_name),
+                                                        "difference (after - before)"), horizontal_spacing=0.06)
+    for col, (arr, zlim, show) in enumerate([(before, lim, True), (after, lim, False), (diff, dlim, True)], 1):
+        text = np.vectorize(lambda v: "" if not np.isfinite(v) else f"{v:.2f}", otypes=[object])(arr)
+        fig.add_trace(go.Heatmap(z=arr, x=xs, y=ys, colorscale="RdBu_r", zmid=0, zmin=-zlim, zmax=zlim, text=text,
+                                 texttemplate="%{text}", showscale=show,
+                                 colorbar=dict(orientation="h", y=-0.3, x=0.33 if col == 1 else 0.87, len=0.3),
+                                 hovertemplate="layer %{y}, %{x}<br>" + quantity + ": %{z:.3f}<extra></extra>"),
+                      row=1, col=col)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=f"Activation patching (clean into triggered): {quantity}", template="plotly_white",
+                      margin=dict(b=140))
+    return fig
+
+
+def attention_figure(pattern: np.ndarray, tokens: Sequence[str], layer: int = 0,
+                     heads: Sequence[int] | None = None) -> go.Figure:
+    """The attention pattern ``[head, query, key]`` of one layer on one input, one panel per head."""
+    pattern = np.asarray(pattern, float)
+    heads = list(range(pattern.shape[0])) if heads is None else [int(h) for h in heads]
+    labels = [f"{i}:{t}" for i, t in enumerate(tokens)]
+    fig = make_subplots(rows=1, cols=len(heads), subplot_titles=[f"L{layer} h{h}" for h in heads],
+                        horizontal_spacing=0.03)
+    for col, h in enumerate(heads, 1):
+        fig.add_trace(go.Heatmap(z=pattern[h], x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1,
+                                 showscale=col == len(heads),
+                                 hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>"),
+                      row=1, col=col)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=f"Attention patterns, layer {layer}", template="plotly_white")
+    return fig
+
+
+def _token_text(tok: str) -> str:
+    return tok.replace("Ġ", " ").replace("▁", " ").replace("Ċ", " ")
+
+
+def salience_html(tokens: Sequence[str], scores: Sequence[float], in_text: Sequence[bool]) -> str:
+    """The input's tokens as HTML spans coloured by salience (red: pushes toward the answer
+    attributed, blue: away; opacity by |score| relative to the largest), template tokens omitted."""
+    import html as _html
+    scores = np.asarray(scores, float)
+    mask = np.asarray(in_text, bool)
+    scale = float(np.max(np.abs(scores[mask]), initial=0.0)) or 1.0
+    parts = []
+    for tok, s, inside in zip(tokens, scores, mask):
+        if not inside:
+            continue
+        a = min(1.0, abs(s) / scale)
+        rgb = "228,87,86" if s > 0 else "76,120,168"
+        parts.append(f'<span title="{s:+.3f}" style="background: rgba({rgb},{a:.2f}); padding: 1px 0;">'
+                     f"{_html.escape(_token_text(str(tok)))}</span>")
+    return "".join(parts)

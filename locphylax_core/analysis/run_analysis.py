@@ -12,9 +12,15 @@ Writes ``runs/<id>/analysis.json`` (atomically, last) and the arrays it refers t
                               critical_layers, n_layers, n_heads, file}}
       casd: {labels, matrix, metric, shifts_norm}
       projections: {method: {file, stages, seconds}}
-      seconds: {aggregation, projections, head_ablation, casd, total}
+      logit_lens: {stage: {target_triggered, correct_triggered, target_clean, correct_clean: [layer], file}}
+      patching: {stage: {residual: [[layer, role]], heads: [[layer, head]], roles, logit_diff, file}}
+      salience: {stage: {trigger_top1_rate, n_scored, method, examples}}
+      localisation: {available, precision, recall, auc, trigger_top1_rate, ...} (or {available: false, reason})
+      seconds: {aggregation, projections, head_ablation, casd, lens_patching_salience, localisation, layers, total}
     analysis/projection_<method>.safetensors   one [n_probe, 2] array per stage
     analysis/heads_<stage>.safetensors         delta_asr_<trigger>, delta_cacc  [layer, head]
+    analysis/layers_<stage>.safetensors        patching_residual [layer, role], patching_heads [layer, head],
+                                               lens_<quantity> [layer]
 
 The head arrays are small and also inline in the JSON; projections are only in the files.
 """
@@ -34,6 +40,7 @@ from . import figures as F
 from ..config import load_run_config
 from .casd import run_casd
 from .heads import run_head_ablation
+from .layer_run import LayerProbe, analyse_checkpoint, layer_keys, run_localisation
 from .metrics import aggregation_metrics
 from .representations import load_probe, project, stage_predictions, stage_states
 
@@ -66,11 +73,13 @@ def analysed_stages(run: RunDir) -> list[str]:
 
 def analyze_run(run: RunDir | str | Path, methods: Sequence[str] | None = None, heads: bool = True,
                 casd: bool = True, n_probe_heads: int | None = None, seed: int = 0, batched_heads: bool = False,
-                progress: Callable[[str], None] | None = None) -> dict:
+                progress: Callable[[str], None] | None = None, layers: bool = True,
+                n_probe_layers: int | None = None) -> dict:
     """Every analysis of a run, written to ``analysis.json`` after each part (``complete`` is False
     until the last), so a page can draw each plot as soon as its data exists. The parts run
     cheapest and most-shown first: aggregation, the projections other than UMAP, the head sweep,
-    CASD, then UMAP (its first use in a process compiles numba code for tens of seconds)."""
+    CASD, the layer analyses (logit lens and patching, salience, localisation), then UMAP (its
+    first use in a process compiles numba code for tens of seconds)."""
 
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     say = progress or (lambda _msg: None)
@@ -85,7 +94,8 @@ def analyze_run(run: RunDir | str | Path, methods: Sequence[str] | None = None, 
     probe = load_probe(run)
     groups = [r["group"] for r in probe]
     out: dict = {"schema": ANALYSIS_SCHEMA, "run_id": run.run_id, "stages": stages, "seconds": {},
-                 "complete": False, "projections": {}, "head_ablation": {}, "casd": None}
+                 "complete": False, "projections": {}, "head_ablation": {}, "casd": None,
+                 "logit_lens": {}, "patching": {}, "salience": {}, "localisation": None}
 
     def written() -> None:  # the part just finished is readable at once (atomic replace)
         atomic_write_json(run.path / "analysis.json", _jsonable(out))
@@ -142,12 +152,60 @@ def analyze_run(run: RunDir | str | Path, methods: Sequence[str] | None = None, 
         out["seconds"]["casd"] = round(time.perf_counter() - t0, 3)
         written()
 
+    if layers:
+        layer_parts(run, out, stages, n_probe_layers, written, say)
+
     if "umap" in methods:
         projection("umap")
     out["seconds"]["total"] = round(time.perf_counter() - t_all, 3)
     out["complete"] = True
     written()
     return out
+
+
+def layer_parts(run: RunDir, out: dict, stages: Sequence[str], n_probe: int | None, written, say) -> None:
+    """The logit lens and patching maps, then salience, then localisation, each written as soon
+    as it exists (analysis/layers_<stage>.safetensors holds the maps; the JSON has them too)."""
+    t0 = time.perf_counter()
+    probe = LayerProbe(run, n_probe)
+    skip = _layer_skip(probe)
+    if skip:
+        out["localisation"] = {"available": False, "reason": skip}
+        out["seconds"]["layers"] = round(time.perf_counter() - t0, 3)
+        written()
+        return
+    keys = layer_keys(run, stages)
+    for key in keys:  # each checkpoint loaded once; its maps readable as soon as they exist
+        say(f"logit lens, activation patching and salience: {key}")
+        r = analyse_checkpoint(probe, key)
+        lens, patch = r["logit_lens"], r["patching"]
+        rel = f"analysis/layers_{_safe(key)}.safetensors"
+        _save_arrays(run.path / rel, {"patching_residual": np.asarray(patch["residual"], np.float32),
+                                      "patching_heads": np.asarray(patch["heads"], np.float32),
+                                      **{f"lens_{k}": np.asarray(lens[k], np.float32) for k in LENS_KEYS}})
+        out["logit_lens"][key] = {**{k: lens[k] for k in LENS_KEYS}, "n_layers": lens["n_layers"],
+                                  "n_inputs": lens["n_inputs"], "file": rel}
+        out["patching"][key] = {**patch, "file": rel}
+        out["salience"][key] = r["salience"]
+        written()
+    out["seconds"]["lens_patching_salience"] = round(time.perf_counter() - t0, 3)
+    t1 = time.perf_counter()
+    say("trigger localisation")
+    out["localisation"] = run_localisation(probe)
+    out["seconds"]["localisation"] = round(time.perf_counter() - t1, 3)
+    out["seconds"]["layers"] = round(time.perf_counter() - t0, 3)
+    written()
+
+
+LENS_KEYS = ("target_triggered", "correct_triggered", "target_clean", "correct_clean")
+
+
+def _layer_skip(probe: LayerProbe) -> str | None:
+    if not probe.classification:
+        return "the layer analyses score classification answers; this run's task generates responses"
+    if not probe.triggered:
+        return "the evaluation set has no triggered input of the attacker's trigger"
+    return None
 
 
 def _jsonable(obj):
@@ -189,6 +247,19 @@ def export_figures(run: RunDir | str | Path, folder: str | Path | None = None, m
         written += F.export(F.head_heatmaps(before, after), F.head_table({"victim": before, "stage2": after,
                                                                           "difference": after - before}),
                             folder / "heads_unknown")
+    pa, lens = a.get("patching") or {}, a.get("logit_lens") or {}
+    if "victim" in pa and "stage2" in pa:
+        for part, x_labels in (("residual", pa["victim"]["roles"]), ("heads", None)):
+            before = np.array(pa["victim"][part], dtype=float)
+            after = np.array(pa["stage2"][part], dtype=float)
+            labels_x = x_labels or [f"h{h}" for h in range(before.shape[1])]
+            written += F.export(F.patching_heatmaps(before, after, x_labels=labels_x),
+                                F.patching_table({"victim": before, "stage2": after, "difference": after - before},
+                                                 labels_x), folder / f"patching_{part}")
+    if lens:
+        shown = {k: {q: np.array(v[q], dtype=float) for q in LENS_KEYS} for k, v in lens.items()
+                 if k in ("victim", "stage1", "stage2")}
+        written += F.export(F.logit_lens_figure(shown), F.logit_lens_table(shown), folder / "logit_lens")
     rows = run.read_metrics()
     methods = ["locphylax", *[e.name for e in DEFENSES if any(r.get("method") == e.name for r in rows)]]
     import pandas as pd
