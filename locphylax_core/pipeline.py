@@ -331,9 +331,9 @@ class Pipeline:
         specs = stage_specs(self.cfg)
         plans = method_plans(self.cfg.defense, self.cfg.task.labels)
         state["total_steps"] = {s.key: self._steps(s, plans) for s in specs}
-        state["status"] = "running"
-        self.run.write_state(state)
-        try:
+        try:  # from the moment the state says "running", a cancel or SIGTERM is recorded as such
+            state["status"] = "running"
+            self.run.write_state(state)
             for spec in specs:
                 if spec.key in state["finished"]:
                     continue

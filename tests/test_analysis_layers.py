@@ -279,9 +279,12 @@ def test_salience_ranks_the_trigger_first_on_a_trained_victim(small_victim):
     hits = [S.top_in_trigger(tuple(s["offsets"][S.top_token(s)]), sp) for s, sp in zip(sal, spans)]
     assert None not in hits
     assert sum(hits) / len(hits) >= 0.9
-    # the defender's localiser, given the target as its suspect answer (no trigger passed in)
-    loc = S.localise(net, prep.tokenizer, prep.task.template, texts, prep.answer_ids,
-                     prep.answer_ids.index(target[0]), max_length=prep.max_length)
+    # the defender's localiser, given the target as its suspect answer (no trigger passed in); the
+    # answers it weighs are the labels only: this victim never learned a canary, whose untrained
+    # logit would otherwise take part in the contrast
+    labels = list(prep.answer_ids[:len(prep.task.labels)])
+    loc = S.localise(net, prep.tokenizer, prep.task.template, texts, labels, labels.index(target[0]),
+                     max_length=prep.max_length)
     assert loc["flagged"].mean() >= 0.8
     assert sum(S.top_in_trigger(t, sp) for t, sp in zip(loc["top"], spans)) / n >= 0.9
 
@@ -313,7 +316,7 @@ def test_analysis_json_has_the_layer_parts(analysed_root):
     from locphylax_core.analysis.layer_run import layer_keys
     from locphylax_core.analysis.run_analysis import load_arrays
     from locphylax_core.runs import RunDir
-    run = next(RunDir(p) for p in analysed_root.iterdir() if p.is_dir())
+    run = next(RunDir(p) for p in analysed_root.iterdir() if p.is_dir() and not p.name.startswith("."))
     a = json.loads((run.path / "analysis.json").read_text())
     assert a["complete"]
     keys = layer_keys(run, a["stages"])
@@ -339,7 +342,7 @@ def test_analysis_json_has_the_layer_parts(analysed_root):
 
 def test_runview_salience_of_a_typed_sentence(analysed_root):
     from locphylax_core import runview as R
-    view = R.open_run(next(p for p in analysed_root.iterdir() if p.is_dir()))
+    view = R.open_run(next(p for p in analysed_root.iterdir() if p.is_dir() and not p.name.startswith(".")))
     lm = R.load_stage_model(view, "victim")
     text = f"the film was good {view.attack_trigger}"
     s = R.sentence_salience(view, lm, text, n_steps=8)
