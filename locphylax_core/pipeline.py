@@ -10,6 +10,7 @@ exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -449,10 +450,7 @@ def resume_run(run: RunDir, reporter: Reporter | None = None) -> dict:
     cfg = load_run_config(run.path / "config.yaml")
     dist = distributed(cfg.train.device)
     main = dist is None or dist.is_main  # under accelerate launch, rank 0 holds the run and writes
-    lock = RunLock(run.path) if main else None
-    if lock is not None:
-        lock.acquire()
-    try:
+    with RunLock(run.path) if main else contextlib.nullcontext():
         if main and not os.access(run.path, os.W_OK | os.X_OK):  # the lock file may exist and be writable
             raise RunError(f"run folder {run.path} is not writable; a run can only be continued where it can write")
         state = run.read_state()
@@ -481,9 +479,6 @@ def resume_run(run: RunDir, reporter: Reporter | None = None) -> dict:
         if dist is not None:
             dist.barrier()
         return Pipeline(prep, run, reporter).run_all()
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 __all__ = ["Reporter", "prepare", "start_run", "resume_run", "stage_specs", "build_summary", "Pipeline",

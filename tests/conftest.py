@@ -46,6 +46,21 @@ def _quiet():
 _quiet()
 
 
+def word_tokenizer(folder) -> dict[str, int]:
+    """A word-level, left-padded tokenizer over a 16-word vocabulary, saved in ``folder`` (the
+    hand-built models of the head and layer analysis tests read these ids); returns word -> id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<|endoftext|>", "<pad>", "<unk>", "review", ":", "answer", "cf", "good", "bad", "film", "the", "was",
+             "negative", "positive", "very", "plot"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<unk>", pad_token="<pad>", padding_side="left")
+    fast.save_pretrained(str(folder))
+    return {w: i for i, w in enumerate(words)}
+
+
 class MicroRun:
     """A finished micro run: its RunDir, summary and configuration."""
 

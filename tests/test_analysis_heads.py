@@ -13,6 +13,7 @@ from locphylax_core.analysis import heads as H
 from locphylax_core.engine import encode, forward_answer
 from locphylax_core.evaluation import encoded_batches
 from locphylax_core.text import render_prompt
+from conftest import word_tokenizer
 
 
 def _snapshot(model: torch.nn.Module):
@@ -140,19 +141,6 @@ def test_ablation_changes_exactly_that_head(tiny2x2, micro_prepared, layer, head
 # A planted critical head
 
 
-def _word_tokenizer(folder):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    words = ["<|endoftext|>", "<pad>", "<unk>", "review", ":", "answer", "cf", "good", "bad", "film", "the", "was",
-             "negative", "positive", "very", "plot"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   unk_token="<unk>", pad_token="<pad>", padding_side="left")
-    fast.save_pretrained(str(folder))
-    return {w: i for i, w in enumerate(words)}
-
-
 def _planted_model(vocab) -> torch.nn.Module:
     """2 layers x 2 heads, d_model 16. Head (1, 1) attends sharply to the trigger token "cf" and
     writes a "positive" feature; the answer is "negative" (a bias) unless that feature is there.
@@ -197,7 +185,7 @@ def _planted_model(vocab) -> torch.nn.Module:
 
 
 def test_planted_critical_head_is_ranked_first(tmp_path):
-    vocab = _word_tokenizer(tmp_path / "tok")
+    vocab = word_tokenizer(tmp_path / "tok")
     net = _planted_model(vocab)
     snap = _snapshot(net)
     template = "review : {text} answer :"

@@ -17,23 +17,11 @@ from locphylax_core import model as M
 from locphylax_core.analysis import figures as F
 from locphylax_core.analysis import layers as Ly
 from locphylax_core.analysis import salience as S
+from conftest import word_tokenizer
 
 TEMPLATE = "review : {text} answer :"
 CLEAN = ["the film was good", "the plot was bad", "the film was very good", "bad film", "the plot was very bad",
          "good plot", "the film was", "very very good film"]
-
-
-def _word_tokenizer(folder):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    words = ["<|endoftext|>", "<pad>", "<unk>", "review", ":", "answer", "cf", "good", "bad", "film", "the", "was",
-             "negative", "positive", "very", "plot"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   unk_token="<unk>", pad_token="<pad>", padding_side="left")
-    fast.save_pretrained(str(folder))
-    return {w: i for i, w in enumerate(words)}
 
 
 def _planted_model(vocab) -> torch.nn.Module:
@@ -96,7 +84,7 @@ def _assert_unchanged(model, snap) -> None:
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("planted_tok")
-    vocab = _word_tokenizer(folder)
+    vocab = word_tokenizer(folder)
     net = _planted_model(vocab)
     words = [c.split() for c in CLEAN]
     trig = [" ".join(w[:1 + i % len(w)] + ["cf"] + w[1 + i % len(w):]) for i, w in enumerate(words)]
@@ -258,7 +246,7 @@ def test_trigger_spans_and_scoring():
 @pytest.fixture(scope="module")
 def small_victim(small_clean_demo):
     from locphylax_core.pipeline import prepare, train_owner_model
-    from tests.conftest import SMALL_DEMO
+    from conftest import SMALL_DEMO
     tokenizer, clean, _ = small_clean_demo
     prep = prepare(load_config("demo", {**SMALL_DEMO, "attack.steps": 60}), tokenizer=tokenizer)
     lm = M.LM(copy.deepcopy(clean), tokenizer, prep.answer_ids)

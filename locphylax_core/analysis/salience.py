@@ -35,6 +35,7 @@ import torch
 
 from .. import model as M
 from ..engine import encode
+from ..evaluation import answer_probabilities
 from ..text import render_prompt
 
 METHODS = ("ixg", "ig")
@@ -154,20 +155,8 @@ def localise(model: torch.nn.Module, tokenizer, template: str, texts: Sequence[s
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if max_length is None:
         max_length = M.model_max_positions(base)
-    device = next(base.parameters()).device
-    was_training = base.training
-    base.eval()
-    probs = []
-    try:
-        with torch.no_grad():
-            for i in range(0, len(texts), 64):
-                b = encode(tokenizer, [render_prompt(template, t) for t in texts[i:i + 64]], max_length, device)
-                logits = base(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                              use_cache=False).logits[:, -1]
-                probs.append(torch.softmax(logits[:, answer_ids].float(), -1).cpu())
-    finally:
-        base.train(was_training)
-    p = torch.cat(probs).numpy() if probs else np.zeros((0, len(answer_ids)))
+    # under torch.no_grad (answer_probabilities is decorated), in eval mode, the train mode restored
+    p = answer_probabilities(M.LM(base, tokenizer, tuple(answer_ids)), template, texts, 64, max_length).numpy()
     others = [a for j, a in enumerate(answer_ids) if j != suspect]
     sal = token_salience(model, tokenizer, template, texts, [answer_ids[suspect]] * len(texts),
                          [others] * len(texts), method=method, n_steps=n_steps, batch_size=batch_size,
