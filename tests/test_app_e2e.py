@@ -62,7 +62,7 @@ def test_live_demo_then_every_page_then_shared_links(tmp_path, monkeypatch):
         for i, name in enumerate(PAGES):
             page.goto(f"{url}/{PAGE_URLS[name]}?run={run_id}")
             page.get_by_role("heading", name=PAGE_TITLES[name]).first.wait_for(timeout=60_000)
-            if name in ("aggregation", "heads", "compare", "casd"):
+            if name in ("aggregation", "heads", "compare", "casd", "layers"):
                 page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
             page.wait_for_timeout(1500)  # let plotly finish drawing
             assert page.locator('[data-testid="stException"]').count() == 0, name
