@@ -7,6 +7,7 @@ read-only by contract (``st.cache_resource`` models, never trained here).
 from __future__ import annotations
 
 import os
+import html
 from pathlib import Path
 
 import streamlit as st
@@ -264,3 +265,31 @@ def localise_sentence(view: R.RunView, text: str) -> dict:
 
 def sentence_attention(view: R.RunView, stage: str, text: str) -> dict:
     return R.sentence_attention(view, stage_model(view.path, stage, R.run_stamp(view.path)), text)
+
+
+def trigger_marked(text: str, trigger: str) -> str:
+    """``text`` as HTML with the words of the attacker's ``trigger`` marked (display only)."""
+    trig = set(trigger.split())
+    return " ".join(f"<mark><b>{html.escape(w)}</b></mark>" if w in trig else html.escape(w) for w in text.split())
+
+
+def input_report(view: R.RunView, text: str, stages: list[str], salience: list[str] | None = None) -> None:
+    """What each of ``stages`` answers to ``text`` and with what probability; which words decide
+    the answer of each of ``salience`` (default: the victim and the last stage; integrated
+    gradients); and what the defender's Stage 1 detector, never told the trigger, makes of it."""
+    answers = {k: answer_with_probability(view, k, [text])[0] for k in stages}
+    st.table({"stage": [F.stage_title(k) for k in answers], "answer": [w for w, _ in answers.values()],
+              "probability": [f"{100 * p:.0f}%" for _, p in answers.values()]})
+    if salience is None:
+        salience = list(dict.fromkeys(k for k in (stages[:1] + stages[-1:]) if k in stages))
+    st.markdown("**Which words decide the answer** (red: toward the answer given, blue: away)")
+    for k in salience:
+        sal = sentence_salience(view, k, text)
+        st.markdown(f"{F.stage_title(k)} → *{html.escape(sal['answer'])}*: "
+                    + F.salience_html(sal["tokens"], sal["scores"], sal["in_text"]), unsafe_allow_html=True)
+    if R.has_canary(view) and "stage1" in view.finished:
+        loc = localise_sentence(view, text)
+        verdict = "flags this sentence as triggered" if loc["flagged"] else "does not flag this sentence"
+        st.markdown(f"**Defender's detector** (Stage 1 model, canary probability "
+                    f"{100 * loc['canary_probability']:.0f}%): {verdict}; the word that pushes it most toward "
+                    f"the canary: **{html.escape(loc['top_token'] or '')}**.")

@@ -262,6 +262,40 @@ def projection(view: RunView, method: str) -> tuple[dict[str, np.ndarray], dict[
     return coords, preds
 
 
+def probe_search(view: RunView, query: str) -> list[int]:
+    """Indices of the probe inputs whose text contains every word of ``query`` (case-insensitive;
+    an empty query finds nothing)."""
+    words = query.lower().split()
+    if not words:
+        return []
+    return [i for i, r in enumerate(view.probe) if all(w in str(r.get("text", "")).lower() for w in words)]
+
+
+def probe_rows(view: RunView, indices: Sequence[int], preds: dict[str, np.ndarray],
+               stages: Sequence[str]) -> pd.DataFrame:
+    """One row per probe input in ``indices`` (out-of-range ones left out): its index, group, text,
+    correct answer and the stored answer at each of ``stages`` (None where a stage stored none)."""
+    words = view.label_words
+    rows = []
+    for i in dict.fromkeys(int(i) for i in indices):
+        if not 0 <= i < len(view.probe):
+            continue
+        r = view.probe[i]
+        row = {"index": i, "group": r.get("group"), "text": r.get("text"), "correct": words[int(r["label"])]
+               if 0 <= int(r.get("label", -1)) < len(words) else None}
+        for k in stages:
+            p = preds.get(k)
+            row[k] = words[int(p[i])] if p is not None and i < len(p) and 0 <= int(p[i]) < len(words) else None
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["index", "group", "text", "correct", *stages])
+
+
+def stages_with_model(view: RunView) -> list[str]:
+    """The finished stages whose checkpoint is stored (so a typed sentence can be answered)."""
+    ckpts = Path(view.path) / "checkpoints"
+    return [k for k in view.finished if (ckpts / k.replace("/", "__")).is_dir()]
+
+
 def head_grids(view: RunView, stage: str) -> dict[str, np.ndarray]:
     """``[layer, head]`` arrays of one stage's head ablation: ``delta_cacc`` and ``delta_asr_<trigger>``
     (NaN where no input qualified)."""
@@ -434,6 +468,6 @@ def localise_sentence(view: RunView, stage1_lm, text: str) -> dict:
             "top_token": None if tok is None else tok.replace("Ġ", " ").strip()}
 
 
-__all__ = ["RunView", "layer_maps", "layer_stages", "salience_table", "localisation_summary", "sentence_salience",
+__all__ = ["RunView", "probe_search", "probe_rows", "stages_with_model", "layer_maps", "layer_stages", "salience_table", "localisation_summary", "sentence_salience",
            "has_canary", "localise_sentence", "sentence_attention", "answer_with_probability", "open_run", "run_stamp", "results_table", "compare_table", "aggregation_table", "projection",
            "head_grids", "critical_heads", "curve_rows", "load_stage_model", "answer", "HEALTHY"]

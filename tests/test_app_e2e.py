@@ -73,6 +73,11 @@ def test_live_demo_then_every_page_then_shared_links(tmp_path, monkeypatch):
         page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
         assert "stage=stage1" in page.url and f"run={run_id}" in page.url
         assert page.get_by_text("after Stage 1").count() > 0
+        # a shared link to one probe input opens its inspector (answers, salience) under the plot
+        page.goto(f"{url}/aggregation?run={run_id}&point=0&q=the")
+        page.get_by_text("Which words decide the answer").wait_for(timeout=60_000)
+        assert page.get_by_role("heading", name="Inspector").count() == 1
+        assert page.locator('[data-testid="stException"]').count() == 0
         page.goto(f"{url}/aggregation?run=20990101-000000-nope-000000")
         page.get_by_text("not in this run store").wait_for(timeout=60_000)
         assert page.locator(".js-plotly-plot").count() == 0

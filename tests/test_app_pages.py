@@ -244,6 +244,97 @@ def test_aggregation_link_with_unknown_values_falls_back_with_a_note(analysed_ro
     assert len(at.multiselect(key="agg_groups").value) == 5
 
 
+def test_projection_points_carry_their_probe_index_and_marked_points_are_ringed():
+    coords, probe, preds = toy_projection(2)
+    fig = F.projection_figure(coords, probe, preds, ["neg"], active="stage1", animate=False, marked=[2, 3])
+    data = {t.name: t for t in fig.data}
+    assert [int(c[3]) for c in data["unknown"].customdata] == [2]
+    ring = data["found (2)"]
+    assert [int(c[3]) for c in ring.customdata] == [2, 3]
+    np.testing.assert_allclose(values(ring.x).astype(float), coords["stage1"][[2, 3], 0])
+    assert ring.marker.line.color == "black"
+    assert "found" not in {t.name for t in F.projection_figure(coords, probe, preds, ["neg"], animate=False).data}
+
+
+def pick_points(at: AppTest, indices, key: str = "agg_fig") -> AppTest:
+    """What the browser sends when points of a projection are clicked or lassoed."""
+    at.session_state[key] = {"selection": {"points": [{"curve_number": 0, "point_index": k, "customdata":
+                                                       ["text", "group", "answer", i]} for k, i in enumerate(indices)],
+                                           "point_indices": list(range(len(indices))), "box": [], "lasso": []}}
+    return at.run()
+
+
+def test_aggregation_picked_points_fill_a_table_and_a_row_opens_the_inspector(analysed_root, run_view, monkeypatch):
+    at = app(analysed_root, monkeypatch, "aggregation")
+    assert set(at.get("plotly_chart")[0].proto.selection_mode) >= {0, 1, 2}  # points, box, lasso
+    unknown = [i for i, r in enumerate(run_view.probe) if r["group"] == "unknown"][:2]
+    pick_points(at, unknown)
+    assert not at.exception, [e.value for e in at.exception]
+    rows = at.dataframe(key="agg_rows").value
+    assert list(rows["index"]) == unknown
+    assert list(rows["text"]) == [run_view.probe[i]["text"] for i in unknown]
+    _, preds = R.projection(run_view, "tsne")
+    assert list(rows[F.stage_title("stage1")]) == [run_view.label_words[int(preds["stage1"][i])] for i in unknown]
+    at.session_state["agg_rows"] = {"selection": {"rows": [1], "columns": []}}
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.query_params["point"] == str(unknown[1])
+    assert f"**Input {unknown[1]}** (unknown" in texts(at.markdown)
+    answers = at.table[0].value
+    assert list(answers["stage"]) == [F.stage_title(k) for k in ("victim", "stage1", "stage2")]
+    assert all(a in run_view.label_words for a in answers["answer"])
+    assert all(p.endswith("%") and 0 <= int(p[:-1]) <= 100 for p in answers["probability"])
+    assert "Which words decide the answer" in texts(at.markdown)
+
+
+def test_aggregation_link_opens_the_inspector_and_an_unknown_point_says_so(analysed_root, run_view, monkeypatch):
+    at = linked(analysed_root, monkeypatch, "aggregation", point="3")
+    assert f"**Input 3** ({run_view.probe[3]['group']}" in texts(at.markdown)
+    bad = linked(analysed_root, monkeypatch, "aggregation", point="99999")
+    assert "`99999` is not a probe input of this run" in texts(bad.info)
+    assert "Inspector" not in texts(bad.subheader)
+
+
+def test_aggregation_text_search_rings_its_hits_and_lists_them(analysed_root, run_view, monkeypatch):
+    word = run_view.probe[0]["text"].split()[1]
+    hits = [i for i, r in enumerate(run_view.probe) if word.lower() in r["text"].lower()]
+    at = app(analysed_root, monkeypatch, "aggregation")
+    at.text_input(key="agg_q").set_value(word).run()
+    assert sorted(at.dataframe(key="agg_rows").value["index"]) == hits
+    ring = [t for t in drawn(at).data if t.name.startswith("found")]
+    assert ring and sorted(int(c[3]) for c in ring[0].customdata) == hits
+    assert at.query_params["q"] == word
+    at.text_input(key="agg_q").set_value("zzqx-nothing").run()
+    assert "No probe input of this run contains “zzqx-nothing”" in texts(at.info)
+
+
+def test_aggregation_two_stages_side_by_side_share_one_slider(analysed_root, monkeypatch):
+    at = linked(analysed_root, monkeypatch, "aggregation", side="stages", stages=["victim", "clean_ft/stage2"])
+    assert at.select_slider(key="agg_pair").value == ("victim", "clean_ft/stage2")
+    titles = [drawn(at, i).layout.title.text for i in range(2)]
+    assert titles == [F.stage_title("victim"), F.stage_title("clean_ft/stage2")]
+    # both panels share one projection: the same axis ranges
+    assert drawn(at, 0).layout.xaxis.range == drawn(at, 1).layout.xaxis.range
+    at.select_slider(key="agg_pair").set_range("stage1", "stage2").run()
+    assert [drawn(at, i).layout.title.text for i in range(2)] == [F.stage_title("stage1"), F.stage_title("stage2")]
+    assert at.query_params["stages"] == ["stage1", "stage2"]
+    bad = linked(analysed_root, monkeypatch, "aggregation", side="stages", stages=["victim", "stage9"])
+    assert "are not two stages of this run" in texts(bad.info)
+
+
+def test_aggregation_two_runs_side_by_side_follow_one_stage_slider(two_preset_root, monkeypatch):
+    root, micro, demo = two_preset_root
+    at = linked(root, monkeypatch, "aggregation", run=micro, side="runs", other=demo)
+    assert at.selectbox(key="agg_other").value == demo
+    titles = [drawn(at, i).layout.title.text for i in range(2)]
+    assert titles == [f"{micro}: {F.stage_title('stage1')}", f"{demo}: {F.stage_title('stage1')}"]
+    at.select_slider(key="agg_stage").set_value("victim").run()
+    assert [drawn(at, i).layout.title.text for i in range(2)] == [f"{micro}: victim", f"{demo}: victim"]
+    assert at.query_params["other"] == demo
+    at.radio(key="agg_side").set_value("one").run()
+    assert "other" not in at.query_params and len(at.get("plotly_chart")) == 1
+
+
 # ----------------------------------------------------------------------------------------------
 # Heads
 

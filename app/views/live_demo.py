@@ -3,7 +3,6 @@ headline (victim -> Stage 1 -> Stage 2, plain clean fine-tuning beside it) lands
 plot appears as soon as its data exists. Presentation mode (on by default) is sized for a
 projector: large text, tall charts, no run ids or stage keys, triggers named by their text."""
 
-import html
 import os
 
 import numpy as np
@@ -292,25 +291,5 @@ if shown is not None and shown.health == "done":
     st.session_state.setdefault("demo-try", f"{EXAMPLES[0]} {trigger}")
     text = st.text_input("A review", key="demo-try")
     if text.strip():
-        words = [html.escape(w) for w in text.split()]
-        trig = [html.escape(w) for w in trigger.split()]
-        marked = " ".join(f"<mark><b>{w}</b></mark>" if w in trig else w for w in words)
-        st.markdown(f"Review: {marked}", unsafe_allow_html=True)
-        stages_avail = [k for k in ("victim", "stage1", "stage2") if k in shown.finished]
-        answers = {k: S.answer_with_probability(shown, k, [text])[0] for k in stages_avail}
-        st.table({"stage": [F.stage_title(k) for k in answers],
-                  "answer": [w for w, _ in answers.values()],
-                  "probability": [f"{100 * p:.0f}%" for _, p in answers.values()]})
-        # which words push each model toward its answer (integrated gradients), and what the
-        # defender's Stage 1 model alone makes of the sentence (it is never told the trigger)
-        st.markdown("**Which words decide the answer** (red: toward the answer given, blue: away)")
-        for k in [k for k in ("victim", "stage2") if k in stages_avail]:
-            sal = S.sentence_salience(shown, k, text)
-            st.markdown(f"{F.stage_title(k)} → *{html.escape(sal['answer'])}*: "
-                        + F.salience_html(sal["tokens"], sal["scores"], sal["in_text"]), unsafe_allow_html=True)
-        if R.has_canary(shown) and "stage1" in stages_avail:
-            loc = S.localise_sentence(shown, text)
-            verdict = "flags this review as triggered" if loc["flagged"] else "does not flag this review"
-            st.markdown(f"**Defender's detector** (Stage 1 model, canary probability "
-                        f"{100 * loc['canary_probability']:.0f}%): {verdict}; the word that pushes it most toward "
-                        f"the canary: **{html.escape(loc['top_token'] or '')}**.")
+        st.markdown(f"Review: {S.trigger_marked(text, trigger)}", unsafe_allow_html=True)
+        S.input_report(shown, text, [k for k in ("victim", "stage1", "stage2") if k in shown.finished])

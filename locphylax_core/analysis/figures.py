@@ -52,6 +52,12 @@ def projection_table(coords: Mapping[str, np.ndarray], probe: Sequence[dict],
     return pd.DataFrame(rows)
 
 
+def _point_data(part: pd.DataFrame):
+    if not len(part):
+        return None
+    return np.stack([part["text"], part["group"], part["answer"].fillna("?"), part["index"].astype(object)], axis=-1)
+
+
 def _stage_short(key: str) -> str:
     """A stage's name for one tick of the slider under an animated plot: nine of them must fit side
     by side, so the method goes on one line and the stage on the next."""
@@ -64,14 +70,19 @@ def _stage_short(key: str) -> str:
 
 def projection_figure(coords: Mapping[str, np.ndarray], probe: Sequence[dict], preds: Mapping[str, np.ndarray],
                       label_words: Sequence[str], method: str = "tsne", groups: Sequence[str] | None = None,
-                      active: str | None = None, animate: bool | None = None) -> go.Figure:
+                      active: str | None = None, animate: bool | None = None,
+                      marked: Sequence[int] | None = None, title: str | None = None) -> go.Figure:
     """Scatter of the probe set at stage ``active`` (default: the first). Hover shows the input
     text, its group and the model's answer; ``groups`` limits the groups drawn. The axis ranges
-    cover every stage, so points keep their place when the stage changes.
+    cover every stage, so points keep their place when the stage changes. Each point's
+    ``customdata`` is ``[text, group, answer, probe index]``, so a selection names its inputs;
+    ``marked`` (probe indices, e.g. a text search's hits) are ringed in black on top, in their own
+    legend entry. ``title`` replaces the default title (the method and stage).
 
     ``animate`` (default: when there is more than one stage) adds one frame per stage, a slider and
     Play / Pause under the plot, and the title names the stage shown. A page that picks the stage
     with its own control passes ``animate=False``: the figure then cannot drift from that control."""
+    hover = "%{customdata[0]}<br>group: %{customdata[1]}<br>answer: %{customdata[2]}<extra></extra>"
     df = projection_table(coords, probe, preds, label_words)
     if groups is not None:
         df = df[df["group"].isin(list(groups))]
@@ -89,18 +100,22 @@ def projection_figure(coords: Mapping[str, np.ndarray], probe: Sequence[dict], p
                 x=part["x"], y=part["y"], mode="markers", name=g,
                 marker=dict(size=7, color=_group_color(g, clean_order), opacity=0.8,
                             symbol="circle" if g.startswith("clean:") else "diamond"),
-                customdata=np.stack([part["text"], part["group"], part["answer"].fillna("?")], axis=-1)
-                if len(part) else None,
-                hovertemplate="%{customdata[0]}<br>group: %{customdata[1]}<br>answer: %{customdata[2]}<extra></extra>"))
+                customdata=_point_data(part), hovertemplate=hover))
+        if marked is not None:
+            part = sub[sub["index"].isin([int(i) for i in marked])]
+            out.append(go.Scatter(
+                x=part["x"], y=part["y"], mode="markers", name=f"found ({len(part)})",
+                marker=dict(size=12, color="rgba(0,0,0,0)", line=dict(color="black", width=1.5)),
+                customdata=_point_data(part), hovertemplate=hover))
         return out
 
-    def title(stage):
-        return f"Hidden states ({method.upper()}): {stage_title(stage)}"
+    def heading(stage):
+        return title or f"Hidden states ({method.upper()}): {stage_title(stage)}"
 
     first = stages.index(active) if active in stages else 0
     pad = 0.05 * max(1e-9, float(np.ptp(df["x"])) if len(df) else 1.0)
     layout = dict(
-        title=title(stages[first]),
+        title=heading(stages[first]),
         xaxis=dict(range=[df["x"].min() - pad, df["x"].max() + pad] if len(df) else None, title=f"{method.upper()} 1"),
         yaxis=dict(range=[df["y"].min() - pad, df["y"].max() + pad] if len(df) else None, title=f"{method.upper()} 2"),
         legend_title="group", template="plotly_white")
@@ -109,7 +124,7 @@ def projection_figure(coords: Mapping[str, np.ndarray], probe: Sequence[dict], p
     # each frame also sets the title, so the stage shown is named in full above the plot while the
     # slider's ticks stay short
     fig = go.Figure(data=traces(stages[first]),
-                    frames=[go.Frame(data=traces(s), name=s, layout=dict(title_text=title(s))) for s in stages])
+                    frames=[go.Frame(data=traces(s), name=s, layout=dict(title_text=heading(s))) for s in stages])
     step_args = dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))
     fig.update_layout(
         **layout,
