@@ -114,7 +114,8 @@ def load_hf_model(cfg: RunConfig) -> torch.nn.Module:
     m = cfg.model
     quantized = m.quantization != "none"
     return M.load_causal_lm(m.name_or_path, m.trust_remote_code, dtype=m.dtype, quantization=m.quantization,
-                            device_map=M.quantized_device_map() if quantized else None)
+                            device_map=M.quantized_device_map() if quantized else None,
+                            fused_activation=m.fused_activation)
 
 
 def prepare(cfg: RunConfig, tokenizer=None) -> Prepared:

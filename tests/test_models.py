@@ -141,3 +141,21 @@ def test_forward_answer_independent_of_padding(tiny_lm):
         alone, _ = forward_answer(tiny_lm.model, encode(tiny_lm.tokenizer, [short], None, "cpu"))
         both, _ = forward_answer(tiny_lm.model, encode(tiny_lm.tokenizer, [long, short], None, "cpu"))
     assert torch.allclose(alone[0], both[1], atol=1e-5)
+
+
+def test_fused_activation_is_opt_in_and_computes_the_same_function(micro_prepared, tmp_path):
+    from transformers.activations import ACT2FN
+    folder = tmp_path / "tiny"
+    net = _save_tiny(micro_prepared, folder)
+    assert net.config.activation_function == "gelu_new"  # the default model is unchanged
+    fused = M.load_checkpoint(folder, fused_activation=True)
+    assert fused.config.activation_function == "gelu_pytorch_tanh"
+    assert all(type(b.mlp.act) is type(ACT2FN["gelu_pytorch_tanh"]) for b in fused.transformer.h)
+    assert M.load_checkpoint(folder).config.activation_function == "gelu_new"
+    ids = micro_prepared.tokenizer(["the plot was dull ."], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b = net(input_ids=ids).logits, fused(input_ids=ids).logits
+    assert (a - b).abs().max().item() < 1e-5
+    cfg = load_config("micro", {"model.fused_activation": True})
+    assert M.embedded_config(cfg.model, micro_prepared.tokenizer).activation_function == "gelu_pytorch_tanh"
+    assert load_config("live").model.fused_activation and not load_config("demo").model.fused_activation
