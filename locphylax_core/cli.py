@@ -141,9 +141,12 @@ def _end_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _analyze(run, export: str | None = None, heads: bool = True, casd: bool = True, layers: bool = True) -> None:
+def _analyze(run, export: str | None = None, heads: bool | None = None, casd: bool | None = None,
+             layers: bool | None = None, methods=None) -> None:
+    """None: as the run's config says (eval.analyses, eval.projections)."""
     t0 = time.perf_counter()
-    result = analyze_run(run, heads=heads, casd=casd, layers=layers, progress=lambda m: print(f"analysis: {m} ...", file=sys.stderr))
+    result = analyze_run(run, methods=methods, heads=heads, casd=casd, layers=layers,
+                         progress=lambda m: print(f"analysis: {m} ...", file=sys.stderr))
     agg = result["aggregation"]
     print(f"analysis written to {run.path / 'analysis.json'} in {time.perf_counter() - t0:.1f} s "
           f"({', '.join(f'{k} {v:.1f} s' for k, v in result['seconds'].items() if k != 'total')})")
@@ -159,7 +162,10 @@ def _analyze(run, export: str | None = None, heads: bool = True, casd: bool = Tr
 def cmd_analyze(args) -> int:
     quiet_libraries()
     run = find_run(args.run, Path(args.runs))
-    _analyze(run, export=args.export, heads=not args.no_heads, casd=not args.no_casd, layers=not args.no_layers)
+    def part(skip: bool) -> bool | None:  # None: as the run's eval.analyses says
+        return False if skip else (True if args.all else None)
+    _analyze(run, export=args.export, heads=part(args.no_heads), casd=part(args.no_casd), layers=part(args.no_layers),
+             methods=["pca", "tsne", "umap"] if args.all else None)
     return 0
 
 
@@ -359,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_show)
     sp = sub.add_parser("analyze", help="compute the aggregation, head-ablation, CASD, layer (logit lens, patching, salience) and projection analyses")
     sp.add_argument("run")
+    sp.add_argument("--all", action="store_true",
+                    help="every projection and analysis, also those the run's eval.projections / eval.analyses leave out")
     sp.add_argument("--no-heads", action="store_true", help="skip the head-ablation sweep")
     sp.add_argument("--no-casd", action="store_true", help="skip CASD")
     sp.add_argument("--no-layers", action="store_true",

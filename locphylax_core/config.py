@@ -560,6 +560,9 @@ class EvalConfig(_Section):
     # the projections the analyses compute (UMAP's first use in a process compiles for tens of seconds)
     projections: list[Literal["pca", "tsne", "umap"]] = Field(default_factory=lambda: ["pca", "tsne", "umap"],
                                                              min_length=1)
+    # the analyses after the projections: the head-ablation sweep, CASD, and the layer analyses
+    # (logit lens, patching, salience, localisation); `locphylax analyze --all` runs every one
+    analyses: list[Literal["heads", "casd", "layers"]] = Field(default_factory=lambda: ["heads", "casd", "layers"])
     # response tasks: greedy tokens generated per test prompt, and the ASR rule (tasks/response.py):
     # gcg (the GCG-style refusal list: no keyword = jailbroken, a keyword = refused), backdoorllm
     # (BackdoorLLM's own case-insensitive lists, empty outputs skipped) or target_prefix (the

@@ -130,3 +130,30 @@ def test_notebook_reproduces_every_figure(analysed):
     last = nb.cells[-1].outputs[0]["text"]
     for name in ("projection_pca", "projection_tsne", "heads", "curves", "casd"):
         assert f"'{name}'" in last
+
+
+def test_the_runs_eval_analyses_choose_the_parts_and_analyze_all_adds_the_rest(micro_run, tmp_path, monkeypatch):
+    """A run configured like the live preset (eval.projections [pca], eval.analyses [heads]) gets
+    those parts only; `locphylax analyze --all` asks for every one, and a --no-X flag still wins."""
+    import yaml
+
+    from locphylax_core import cli
+    dst = tmp_path / "runs" / micro_run.run.run_id
+    shutil.copytree(micro_run.run.path, dst)
+    cfg = yaml.safe_load((dst / "config.yaml").read_text())
+    cfg["eval"].update(projections=["pca"], analyses=["heads"], head_probe=8)
+    (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = analyze_run(RunDir(dst))
+    assert list(out["projections"]) == ["pca"] and out["head_ablation"]
+    assert out["casd"] is None and not out["logit_lens"] and not out["patching"]
+    asked = []
+
+    def fake(run, **kw):
+        asked.append(kw)
+        return out
+    monkeypatch.setattr(cli, "analyze_run", fake)
+    for flags in ([], ["--all", "--no-heads"]):
+        assert cli.main(["--runs", str(tmp_path / "runs"), "analyze", micro_run.run.run_id, *flags]) == 0
+    parts = [{k: kw[k] for k in ("methods", "heads", "casd", "layers")} for kw in asked]
+    assert parts[0] == {"methods": None, "heads": None, "casd": None, "layers": None}  # the run's own config
+    assert parts[1] == {"methods": ["pca", "tsne", "umap"], "heads": False, "casd": True, "layers": True}

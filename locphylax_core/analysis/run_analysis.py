@@ -71,23 +71,28 @@ def analysed_stages(run: RunDir) -> list[str]:
     return [k for k in state.get("finished", []) if k != "clean" and run.hidden(k).is_file()]
 
 
-def analyze_run(run: RunDir | str | Path, methods: Sequence[str] | None = None, heads: bool = True,
-                casd: bool = True, n_probe_heads: int | None = None, seed: int = 0, batched_heads: bool = False,
-                progress: Callable[[str], None] | None = None, layers: bool = True,
+def analyze_run(run: RunDir | str | Path, methods: Sequence[str] | None = None, heads: bool | None = None,
+                casd: bool | None = None, n_probe_heads: int | None = None, seed: int = 0, batched_heads: bool = False,
+                progress: Callable[[str], None] | None = None, layers: bool | None = None,
                 n_probe_layers: int | None = None) -> dict:
     """Every analysis of a run, written to ``analysis.json`` after each part (``complete`` is False
     until the last), so a page can draw each plot as soon as its data exists. The parts run
     cheapest and most-shown first: aggregation, the projections other than UMAP, the head sweep,
     CASD, the layer analyses (logit lens and patching, salience, localisation), then UMAP (its
-    first use in a process compiles numba code for tens of seconds)."""
+    first use in a process compiles numba code for tens of seconds). ``methods``, ``heads``,
+    ``casd``, ``layers`` and ``n_probe_heads`` left at None follow the run's own config
+    (``eval.projections``, ``eval.analyses``, ``eval.head_probe``)."""
 
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     say = progress or (lambda _msg: None)
     t_all = time.perf_counter()
-    if methods is None or n_probe_heads is None:  # the run's own settings (eval.projections, eval.head_probe)
+    if None in (methods, n_probe_heads, heads, casd, layers):  # the run's own settings (its eval section)
         ev = load_run_config(run.path / "config.yaml").eval
         methods = ev.projections if methods is None else methods
         n_probe_heads = ev.head_probe if n_probe_heads is None else n_probe_heads
+        heads, casd, layers = (("heads" in ev.analyses) if heads is None else heads,
+                               ("casd" in ev.analyses) if casd is None else casd,
+                               ("layers" in ev.analyses) if layers is None else layers)
     stages = analysed_stages(run)
     if not stages:
         raise RunError(f"{run.path}: no finished stage with stored probe states to analyse")
