@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from locphylax_core import jobs
+
 HOME = Path(__file__).resolve().parent / "Home.py"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -55,5 +57,6 @@ def streamlit_server(runs_root: str | Path, log: str | Path | None = None, timeo
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 15)
         proc.wait(timeout=20)
+        jobs.stop_standby(runs_root)  # the warm job process the page started has no app to serve now
         if log:
             out.close()

@@ -71,9 +71,10 @@ def app_demo(root: Path, shots: Path | None, rep: int) -> dict:
         page.get_by_text("More plots are on their way").wait_for(state="hidden", timeout=120_000)
         page.locator(".js-plotly-plot .main-svg").nth(2).wait_for(timeout=60_000)  # curves, projection, heads
         out["full_page_s"] = time.perf_counter() - t0
-        if shots:
-            page.wait_for_timeout(1500)
-            page.screenshot(path=str(shots / f"live_demo_full_{rep}.png"), full_page=True)
+        if shots:  # the app scrolls inside its own container, so a tall window shows the whole page
+            page.set_viewport_size({"width": 1600, "height": 3400})
+            page.wait_for_timeout(2500)
+            page.screenshot(path=str(shots / f"live_demo_full_{rep}.png"))
         browser.close()
     return out
 

@@ -208,6 +208,22 @@ def ensure_standby(runs_root: str | Path) -> bool:
     return True
 
 
+def stop_standby(runs_root: str | Path) -> bool:
+    """Retire the run store's idle standby (it and its warm-up exit within moments), e.g. when the
+    app that started it stops. A standby that has taken a job is that job now and is left alone.
+    True when one was retired."""
+    sd = _standby_dir(runs_root)
+    if _live_standby(runs_root) is None:
+        return False
+    retired = sd / f"retired-{secrets.token_hex(4)}.json"
+    try:
+        os.rename(sd / "state.json", retired)  # atomic against a launcher claiming it at this moment
+    except OSError:
+        return False
+    retired.unlink(missing_ok=True)
+    return True
+
+
 def _hand_to_standby(root: Path, argv: list[str], log_path: Path, wait: float = 3.0) -> dict | None:
     """Give the job to the standby process; its job-record fields, or None (there is none, or a
     ready one did not take the job in ``wait`` seconds: the caller starts a fresh process). A
@@ -264,8 +280,10 @@ def _standby(root: Path, token: str) -> int:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
             return main(job["argv"])
-        if not state.exists() and not any(sd.glob("claimed-*.json")):
-            return 0  # removed: nobody will hand us a job
+        if not state.exists() and not any(sd.glob("claimed-*.json")):  # removed: nobody will hand us a job
+            if warming is not None:
+                warming.terminate()
+            return 0
         time.sleep(0.05)
     state.unlink(missing_ok=True)
     return 0

@@ -365,6 +365,21 @@ def test_heads_a_click_on_a_cell_picks_that_head(analysed_root, run_view, monkey
     assert at.number_input(key="heads_head").value == 0
 
 
+def test_heads_the_picked_head_shows_its_attention_before_and_after(analysed_root, monkeypatch):
+    at = app(analysed_root, monkeypatch, "heads")
+    click_head(at, 0, 1)
+    at.toggle(key="heads_attn").set_value(True).run()
+    assert not at.exception, [e.value for e in at.exception]
+    figs = [drawn(at, i) for i in range(len(at.get("plotly_chart")))]
+    attn = [f for f in figs if "L0.h1" in (f.layout.title.text or "")]
+    assert [f.layout.title.text for f in attn] == [f"{F.stage_title('victim')}: L0.h1", f"{F.stage_title('stage2')}: L0.h1"]
+    for f in attn:
+        (heat,) = f.data
+        z = values(heat.z).astype(float)
+        assert z.shape[0] == z.shape[1] == len(heat.x)  # query x key over the input's tokens
+        np.testing.assert_allclose(np.nansum(z, axis=1), 1.0, atol=1e-4)  # each query's weights sum to 1
+
+
 def test_heads_figure_prints_values_and_tables_fit(analysed_root, monkeypatch):
     at = app(analysed_root, monkeypatch, "heads")
     at.selectbox(key="heads_quantity").set_value("delta_asr_t1").run()

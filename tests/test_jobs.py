@@ -136,11 +136,23 @@ def test_a_warm_standby_takes_the_next_job_and_starts_it_at_once(tmp_path):
     run_id = jobs.launch(load_config("micro", {"defense.baselines": []}), tmp_path, analyze=False)
     rec = json.loads((tmp_path / ".jobs" / f"{run_id}.json").read_text())
     assert rec["pid"] == pid and rec["standby"] is True
+    assert not jobs.stop_standby(tmp_path)  # it is the job now: left alone
     s = _wait(tmp_path, run_id, lambda s: not s.live)
     assert s.phase == "done", (s, (tmp_path / ".jobs" / f"{run_id}.log").read_text()[-2000:])
     assert "victim" in json.loads((tmp_path / run_id / "summary.json").read_text())["stages"]
     assert _gone(pid) and not jobs.standby_ready(tmp_path)  # one job per standby; without one, launch
     # starts a fresh process as before (test_job_runs_to_the_end_in_its_own_process)
+
+
+def test_an_idle_standby_is_retired_when_its_app_stops(tmp_path):
+    assert jobs.ensure_standby(tmp_path)
+    pid = json.loads((tmp_path / ".jobs" / "standby" / "state.json").read_text())["pid"]
+    assert jobs.stop_standby(tmp_path)
+    t0 = time.monotonic()
+    while not _gone(pid):
+        assert time.monotonic() - t0 < 60, "the retired standby did not exit"
+        time.sleep(0.1)
+    assert not jobs.standby_ready(tmp_path) and not jobs.stop_standby(tmp_path)
 
 
 def test_cancel_stops_a_job_run_by_the_standby(tmp_path):

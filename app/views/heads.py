@@ -1,6 +1,7 @@
 """Heads: attention-head ablation sensitivity, [layer, head], before / after / difference.
 
-A head is picked by clicking its cell in any panel, or with the layer / head fields. The stages,
+A head is picked by clicking its cell in any panel, or with the layer / head fields; its attention
+pattern on an input is drawn for the two stages compared. The stages,
 quantity and head are kept in the URL (?before=, ?after=, ?qty=, ?head=L<layer>.h<head>), so a link
 restores the view.
 """
@@ -111,6 +112,22 @@ points = {names[q]: st.column_config.NumberColumn(names[q], format="%+.1f", help
 st.dataframe(rows, hide_index=True, key="heads_one", width="stretch",
              column_config={"stage": st.column_config.TextColumn("stage", width="medium"), **points})
 st.caption(f"Head L{layer}.h{head}, in points (percentage points of the rate).")
+
+st.markdown(f"**Attention of head L{layer}.h{head}** on one input, {F.stage_title(before)} and "
+            f"{F.stage_title(after)}")
+probe_texts = [r["text"] for r in view.probe if r["group"] == "unknown"] or [r["text"] for r in view.probe]
+st.session_state.setdefault("heads_text", probe_texts[0] if probe_texts else "")
+text = st.text_input("An input (a hidden-trigger probe sentence to start with)", key="heads_text")
+if text.strip() and st.toggle("Show this head's attention", key="heads_attn"):
+    with_model = R.stages_with_model(view)
+    panels = st.columns(2)
+    for col, k in zip(panels, dict.fromkeys([before, after])):
+        if k not in with_model:
+            col.info(f"{F.stage_title(k)} has no stored checkpoint to compute attention with.")
+            continue
+        r = S.sentence_attention(view, k, text)
+        col.plotly_chart(F.attention_figure(r["pattern"][layer], r["tokens"], layer, heads=[head]).update_layout(
+            title=f"{F.stage_title(k)}: L{layer}.h{head}"), key=f"heads_attn_{k}")
 
 critical = {"ΔASR unknown (points)": st.column_config.NumberColumn("ΔASR unknown", format="%+.1f",
                                                                     help="points: percentage points of the rate"),

@@ -20,6 +20,7 @@ from ..registry import DEFENSES
 
 GROUP_COLORS = {"clean": ["#4C78A8", "#72B7B2", "#54A24B", "#B279A2"], "unknown": "#E45756",
                 "known:t1": "#F58518", "known:t2": "#EECA3B", "known": "#9D755D"}
+READABLE_FONT = 15  # px: the layer figures' text, legible on a projected page (plotly's default is 12)
 STAGE_TITLES = {"victim": "victim", "stage1": "after Stage 1", "stage2": "after Stage 2 (Locphylax)"}
 
 
@@ -434,8 +435,8 @@ def logit_lens_figure(lens: Mapping[str, Mapping]) -> go.Figure:
                                                    "%{y:.3f}<extra></extra>"), row=1, col=col)
         fig.update_xaxes(title_text="after block", dtick=1, row=1, col=col)
     fig.update_yaxes(range=[0, 1], title_text="probability (whole vocabulary)", row=1, col=1)
-    fig.update_layout(title="Logit lens: where the answer appears", template="plotly_white",
-                      legend=dict(orientation="h", y=-0.25))
+    fig.update_layout(title="Logit lens: where the answer appears", template="plotly_white", height=460,
+                      font=dict(size=READABLE_FONT), legend=dict(orientation="h", y=-0.3))
     return fig
 
 
@@ -472,7 +473,7 @@ def patching_heatmaps(before: np.ndarray, after: np.ndarray, before_name: str = 
                       row=1, col=col)
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(title=f"Activation patching (clean into triggered): {quantity}", template="plotly_white",
-                      margin=dict(b=140))
+                      margin=dict(b=150), height=480, font=dict(size=READABLE_FONT))
     return fig
 
 
@@ -490,7 +491,8 @@ def attention_figure(pattern: np.ndarray, tokens: Sequence[str], layer: int = 0,
                                  hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>"),
                       row=1, col=col)
     fig.update_yaxes(autorange="reversed")
-    fig.update_layout(title=f"Attention patterns, layer {layer}", template="plotly_white")
+    fig.update_layout(title=f"Attention patterns, layer {layer}", template="plotly_white", height=460,
+                      font=dict(size=READABLE_FONT))
     return fig
 
 
