@@ -290,6 +290,13 @@ def probe_rows(view: RunView, indices: Sequence[int], preds: dict[str, np.ndarra
     return pd.DataFrame(rows, columns=["index", "group", "text", "correct", *stages])
 
 
+def analysis_left_out(view: RunView, part: str) -> bool:
+    """True when the run's own config leaves analysis ``part`` (heads, casd, layers) out
+    (``eval.analyses``; the live preset keeps only what its page draws)."""
+    analyses = (view.config.get("eval") or {}).get("analyses")
+    return isinstance(analyses, list) and part not in analyses
+
+
 def stages_with_model(view: RunView) -> list[str]:
     """The finished stages whose checkpoint is stored (so a typed sentence can be answered)."""
     ckpts = Path(view.path) / "checkpoints"
@@ -468,6 +475,6 @@ def localise_sentence(view: RunView, stage1_lm, text: str) -> dict:
             "top_token": None if tok is None else tok.replace("Ġ", " ").strip()}
 
 
-__all__ = ["RunView", "probe_search", "probe_rows", "stages_with_model", "layer_maps", "layer_stages", "salience_table", "localisation_summary", "sentence_salience",
+__all__ = ["RunView", "analysis_left_out", "probe_search", "probe_rows", "stages_with_model", "layer_maps", "layer_stages", "salience_table", "localisation_summary", "sentence_salience",
            "has_canary", "localise_sentence", "sentence_attention", "answer_with_probability", "open_run", "run_stamp", "results_table", "compare_table", "aggregation_table", "projection",
            "head_grids", "critical_heads", "curve_rows", "load_stage_model", "answer", "HEALTHY"]

@@ -556,5 +556,15 @@ def test_layers_page_without_layer_analyses_says_why(run_view, tmp_path, monkeyp
     analysis["patching"], analysis["logit_lens"] = {}, {}
     (dst / "analysis.json").write_text(json.dumps(analysis))
     at = app(tmp_path, monkeypatch, "layers")
-    assert "no layer analyses" in texts(at.info)
+    assert "no layer analyses" in texts(at.info) and "--all" not in texts(at.info)
     assert not at.get("plotly_chart")
+    # a run whose config leaves them out (the live preset) says so and how to compute them
+    import yaml
+    cfg = yaml.safe_load((dst / "config.yaml").read_text())
+    cfg["eval"]["analyses"] = ["heads"]
+    (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
+    analysis["casd"] = None
+    (dst / "analysis.json").write_text(json.dumps(analysis))
+    for page in ("layers", "casd"):
+        at = app(tmp_path, monkeypatch, page)
+        assert f"`locphylax analyze {run_view.run_id} --all` computes" in texts(at.info), page

@@ -8,6 +8,7 @@ import numpy as np
 import streamlit as st
 
 import support as S
+from locphylax_core import runview as R
 from locphylax_core.analysis import figures as F
 from locphylax_core.registry import DEFENSES
 
@@ -47,6 +48,10 @@ if view is None or not view.analysed:
 casd = view.analysis.get("casd")
 if not casd and not view.analysis.get("complete", True):  # a running analysis writes each part as it finishes
     st.info(f"The CASD of run `{view.run_id}` is still being computed; it appears here when written.")
+    st.stop()
+if not casd and R.analysis_left_out(view, "casd"):
+    st.info(f"Run `{view.run_id}` has no CASD: its config leaves it out (`eval.analyses`, as the live preset "
+            f"does). `locphylax analyze {view.run_id} --all` computes it.")
     st.stop()
 if not casd:
     st.info(f"Run `{view.run_id}` has no CASD: its analysis was run without it (`--no-casd`), or the run has "

@@ -23,6 +23,9 @@ if not stages:
     loc = R.localisation_summary(view) or {}
     if not view.analysis.get("complete", True):
         st.info(f"The layer analyses of run `{view.run_id}` are still being computed; they appear here when written.")
+    elif R.analysis_left_out(view, "layers"):
+        st.info(f"Run `{view.run_id}` has no layer analyses: its config leaves them out (`eval.analyses`, as the "
+                f"live preset does). `locphylax analyze {view.run_id} --all` computes them.")
     else:
         st.info(f"Run `{view.run_id}` has no layer analyses"
                 + (f": {loc['reason']}." if loc.get("reason") else " (analysed before they existed: run "

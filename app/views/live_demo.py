@@ -192,6 +192,8 @@ def progress_line(run_id: str) -> bool:
         what = "drawing the plots"
     elif status.stage:
         what = STAGE_WORDS.get(status.stage, "other defenses, for comparison")
+    elif status.finished:  # between two parts, or the last one written and the process ending
+        what = "finishing"
     else:
         what = "starting"
     bar, stop = st.columns([6, 1], vertical_alignment="bottom")
