@@ -64,7 +64,7 @@ def test_live_demo_then_every_page_then_shared_links(tmp_path, monkeypatch):
             page.get_by_role("heading", name=PAGE_TITLES[name]).first.wait_for(timeout=60_000)
             if name in ("aggregation", "heads", "compare", "casd", "layers"):
                 page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
-            page.wait_for_timeout(1500)  # let plotly finish drawing
+            page.wait_for_timeout(800)  # let plotly finish drawing
             assert page.locator('[data-testid="stException"]').count() == 0, name
             assert page.get_by_text("Page not found").count() == 0, name
             page.screenshot(path=str(shots / f"{i + 1:02d}_{name}.png"), full_page=True)
