@@ -197,8 +197,9 @@ _pin_xdist_worker()
 
 # The slowest test files (seconds of one worker, measured with `pytest --durations=0` under
 # `make test`): scheduled first, so that under pytest-xdist's --dist loadfile, which hands out
-# whole files in collection order, the two workers do not end with one of them still running a
-# long file while the other is idle. The second file needs no small_clean_demo: the first one
+# whole files in collection order with --no-loadscope-reorder (`make test`; xdist's default order
+# is by number of tests, which puts these one- and few-test files last), the two workers do not
+# end with one of them still running a long file while the other is idle. The second file needs no small_clean_demo: the first one
 # trains it, and a second worker needing it at once would wait on its lock all that time.
 SLOW_FILES_FIRST = ("test_paradigms.py", "test_app_e2e.py", "test_attack_families.py", "test_distributed.py",
                     "test_jobs.py", "test_bench_collapse.py", "test_architectures.py", "test_generative.py")
