@@ -468,12 +468,14 @@ def patching_heatmaps(before: np.ndarray, after: np.ndarray, before_name: str = 
         text = np.vectorize(lambda v: "" if not np.isfinite(v) else f"{v:.2f}", otypes=[object])(arr)
         fig.add_trace(go.Heatmap(z=arr, x=xs, y=ys, colorscale="RdBu_r", zmid=0, zmin=-zlim, zmax=zlim, text=text,
                                  texttemplate="%{text}", showscale=show,
-                                 colorbar=dict(orientation="h", y=-0.3, x=0.33 if col == 1 else 0.87, len=0.3),
+                                 # below the x tick labels (token roles are long and drawn slanted)
+                                 colorbar=dict(orientation="h", y=-0.42, yanchor="top", x=0.33 if col == 1 else 0.87,
+                                               len=0.3, thickness=14),
                                  hovertemplate="layer %{y}, %{x}<br>" + quantity + ": %{z:.3f}<extra></extra>"),
                       row=1, col=col)
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(title=f"Activation patching (clean into triggered): {quantity}", template="plotly_white",
-                      margin=dict(b=150), height=480, font=dict(size=READABLE_FONT))
+                      margin=dict(b=190), height=540, font=dict(size=READABLE_FONT))
     return fig
 
 
