@@ -61,6 +61,74 @@ def word_tokenizer(folder) -> dict[str, int]:
     return {w: i for i, w in enumerate(words)}
 
 
+def planted_trigger_model(vocab: dict[str, int], n_layer: int, distractors):
+    """A hand-built GPT-2 (``n_layer`` x 2 heads, d_model 16) whose backdoor is carried by head
+    (1, 1) alone: at the answer position it attends sharply to the trigger token "cf" (its key
+    reads the trigger's own embedding direction, dim 0) and writes a "positive" feature; without
+    it the answer is "negative" (a bias). The heads in ``distractors`` ((layer, head) pairs) get
+    random q/k/v and small outputs into dims 7..15, which the answer does not read (4..6); every
+    other weight is zero, so a layer above 1 does nothing. For the head and layer analysis tests,
+    with :func:`word_tokenizer`'s ids."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    d, dh = 16, 8
+    conf = GPT2Config(vocab_size=len(vocab), n_positions=32, n_embd=d, n_layer=n_layer, n_head=2,
+                      tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      pad_token_id=vocab["<pad>"])
+    conf._attn_implementation = "eager"
+    net = GPT2LMHeadModel(conf).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        for name, p in net.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.fill_(1.0)
+        wte = net.transformer.wte.weight
+        wte[:, 2], wte[:, 3] = 1.0, -1.0  # every token: "ordinary"
+        t = vocab["cf"]
+        wte[t].zero_()
+        wte[t, 0], wte[t, 1] = 1.0, -1.0  # the trigger: its own direction
+        for layer, h in distractors:
+            attn = net.transformer.h[layer].attn
+            for part in range(3):
+                cols = slice(part * d + h * dh, part * d + (h + 1) * dh)
+                attn.c_attn.weight[:, cols] = torch.randn(d, dh, generator=g)
+            attn.c_proj.weight[h * dh:(h + 1) * dh, 7:] = 0.02 * torch.randn(dh, d - 7, generator=g)
+        # the critical head (1, 1): constant query, key and value read the trigger direction (dim 0)
+        attn = net.transformer.h[1].attn
+        c = 1 * dh  # first dimension of head 1
+        attn.c_attn.bias[c] = 5.0  # q
+        attn.c_attn.weight[0, d + c] = 5.0  # k: score 25 on the trigger, 0 elsewhere
+        attn.c_attn.weight[0, 2 * d + c] = 1.0  # v
+        attn.c_proj.weight[c, 4], attn.c_proj.weight[c, 5] = 1.0, -1.0  # "positive" feature
+        net.transformer.ln_f.bias[6] = 1.0
+        net.lm_head.weight[vocab["negative"], 6] = 3.0  # answer "negative" by default (logit 3)
+        net.lm_head.weight[vocab["positive"], 4] = 2.0  # "positive" when the feature is there
+    return net
+
+
+def model_snapshot(model):
+    """What :func:`assert_model_unchanged` compares: weights, modules, and the number of hooks."""
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            [(n, type(m).__name__) for n, m in model.named_modules()],
+            sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()))
+
+
+def assert_model_unchanged(model, snap) -> None:
+    """An analysis left ``model`` as it found it: the same weights and modules, no hook left
+    behind, no gradient stored."""
+    import torch
+    state, mods, n_hooks = snap
+    now = model.state_dict()
+    assert set(now) == set(state)
+    for k, v in state.items():
+        assert torch.equal(now[k], v), k
+    assert [(n, type(m).__name__) for n, m in model.named_modules()] == mods
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == n_hooks
+    assert all(p.grad is None for p in model.parameters())
+
+
 class MicroRun:
     """A finished micro run: its RunDir, summary and configuration."""
 

@@ -13,21 +13,7 @@ from locphylax_core.analysis import heads as H
 from locphylax_core.engine import encode, forward_answer
 from locphylax_core.evaluation import encoded_batches
 from locphylax_core.text import render_prompt
-from conftest import word_tokenizer
-
-
-def _snapshot(model: torch.nn.Module):
-    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
-            [(n, type(m).__name__) for n, m in model.named_modules()])
-
-
-def _assert_unchanged(model: torch.nn.Module, snap) -> None:
-    state, mods = snap
-    now = model.state_dict()
-    assert set(now) == set(state)
-    for k, v in state.items():
-        assert torch.equal(now[k], v), k
-    assert [(n, type(m).__name__) for n, m in model.named_modules()] == mods
+from conftest import assert_model_unchanged, model_snapshot, planted_trigger_model, word_tokenizer
 
 
 def _prompts(prep, n=12):
@@ -142,52 +128,16 @@ def test_ablation_changes_exactly_that_head(tiny2x2, micro_prepared, layer, head
 
 
 def _planted_model(vocab) -> torch.nn.Module:
-    """2 layers x 2 heads, d_model 16. Head (1, 1) attends sharply to the trigger token "cf" and
-    writes a "positive" feature; the answer is "negative" (a bias) unless that feature is there.
-    With a uniform pattern the trigger's value is diluted ~1/n and the answer stays negative.
-    The other heads are random distractors with small outputs."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    d, dh = 16, 8
-    conf = GPT2Config(vocab_size=len(vocab), n_positions=32, n_embd=d, n_layer=2, n_head=2, tie_word_embeddings=False,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=vocab["<pad>"])
-    conf._attn_implementation = "eager"
-    net = GPT2LMHeadModel(conf).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.zero_()
-        for name, p in net.named_parameters():
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.fill_(1.0)
-        wte = net.transformer.wte.weight
-        wte[:, 2], wte[:, 3] = 1.0, -1.0  # every token: "ordinary"
-        t = vocab["cf"]
-        wte[t].zero_()
-        wte[t, 0], wte[t, 1] = 1.0, -1.0  # the trigger: its own direction
-        # distractors: heads (0, 0), (0, 1), (1, 0) get random q/k/v and small outputs into dims 7..15
-        for l, h in [(0, 0), (0, 1), (1, 0)]:
-            attn = net.transformer.h[l].attn
-            for part in range(3):
-                cols = slice(part * d + h * dh, part * d + (h + 1) * dh)
-                attn.c_attn.weight[:, cols] = torch.randn(d, dh, generator=g)
-            attn.c_proj.weight[h * dh:(h + 1) * dh, 7:] = 0.02 * torch.randn(dh, d - 7, generator=g)
-        # the critical head (1, 1): constant query, key and value read the trigger direction (dim 0)
-        attn = net.transformer.h[1].attn
-        c = 1 * dh  # first dimension of head 1
-        attn.c_attn.bias[c] = 5.0  # q
-        attn.c_attn.weight[0, d + c] = 5.0  # k: score 25 on the trigger, 0 elsewhere
-        attn.c_attn.weight[0, 2 * d + c] = 1.0  # v
-        attn.c_proj.weight[c, 4], attn.c_proj.weight[c, 5] = 1.0, -1.0  # "positive" feature
-        net.transformer.ln_f.bias[6] = 1.0
-        net.lm_head.weight[vocab["negative"], 6] = 3.0  # answer "negative" by default (logit 3)
-        net.lm_head.weight[vocab["positive"], 4] = 2.0  # "positive" when the feature is there
-    return net
+    """2 layers x 2 heads: head (1, 1) carries the trigger; heads (0, 0), (0, 1) and (1, 0) are
+    random distractors. With a uniform pattern the trigger's value is diluted ~1/n and the answer
+    stays negative."""
+    return planted_trigger_model(vocab, 2, [(0, 0), (0, 1), (1, 0)])
 
 
 def test_planted_critical_head_is_ranked_first(tmp_path):
     vocab = word_tokenizer(tmp_path / "tok")
     net = _planted_model(vocab)
-    snap = _snapshot(net)
+    snap = model_snapshot(net)
     template = "review : {text} answer :"
     clean = ["the film was good", "the plot was bad", "the film was very good", "bad film", "the plot was very bad",
              "good plot", "the film", "very very good film"]
@@ -210,7 +160,7 @@ def test_planted_critical_head_is_ranked_first(tmp_path):
     np.testing.assert_array_equal(r["delta_cacc"], np.zeros((2, 2)))
     assert [l for l, _ in r["critical_layers"]] == [1, 0]
     assert r["critical_layers"][0][1] == pytest.approx(1.0)
-    _assert_unchanged(net, snap)
+    assert_model_unchanged(net, snap)
     # the naive sweep agrees
     r2 = H.head_ablation(net, tmp_path / "tok", template, clean, labels, triggered, answer_ids, batched=False, top_k=4)
     np.testing.assert_array_equal(r2["delta_asr"]["unknown"], r["delta_asr"]["unknown"])
@@ -246,7 +196,7 @@ def test_batched_equals_naive_on_micro_victim(micro_run):
     prep = prepare(load_config(str(run.path / "config.yaml")), tokenizer=M.load_tokenizer(str(tok_dir)))
     clean_texts, clean_labels, triggered = H.probe_inputs(prep.evalset)
     victim = M.load_checkpoint(run.checkpoint("victim"))
-    snap = _snapshot(victim)
+    snap = model_snapshot(victim)
     args = (victim, tok_dir, prep.task.template, clean_texts, clean_labels, triggered, prep.answer_ids)
     rb = H.head_ablation(*args, batched=True, max_length=prep.max_length)
     rn = H.head_ablation(*args, batched=False, max_length=prep.max_length)
@@ -267,7 +217,7 @@ def test_batched_equals_naive_on_micro_victim(micro_run):
     np.testing.assert_allclose(batched, naive, atol=1e-5, rtol=0)
     np.testing.assert_allclose(base_b, base_n, atol=1e-6, rtol=0)
     assert np.abs(naive - base_n[None]).max() > 1e-4
-    _assert_unchanged(victim, snap)
+    assert_model_unchanged(victim, snap)
 
 
 def test_run_head_ablation_on_micro_run(micro_run):
@@ -278,7 +228,7 @@ def test_run_head_ablation_on_micro_run(micro_run):
     tok = M.load_tokenizer(str(run.path / "tokenizer"))
     prep = prepare(load_config(str(run.path / "config.yaml")), tokenizer=tok)
     victim = M.load_checkpoint(run.checkpoint("victim"))
-    snap = _snapshot(victim)
+    snap = model_snapshot(victim)
     prompts = [render_prompt(prep.task.template, e.text) for e in prep.evalset.clean[:16]]
     before, _ = forward_answer(victim, encode(tok, prompts, prep.max_length, "cpu"))
 
@@ -308,11 +258,11 @@ def test_run_head_ablation_on_micro_run(micro_run):
     # the checkpoint model is untouched and gives the same outputs after the sweep
     after, _ = forward_answer(victim, encode(tok, prompts, prep.max_length, "cpu"))
     assert torch.equal(before, after)
-    _assert_unchanged(victim, snap)
+    assert_model_unchanged(victim, snap)
 
 
 def test_model_outputs_unchanged_after_sweep(tiny2x2, micro_prepared):
-    snap = _snapshot(tiny2x2)
+    snap = model_snapshot(tiny2x2)
     batch = encode(micro_prepared.tokenizer, _prompts(micro_prepared), micro_prepared.max_length, "cpu")
     before, _ = forward_answer(tiny2x2, batch)
     clean_texts, clean_labels, triggered = H.probe_inputs(micro_prepared.evalset.subset(20))
@@ -321,7 +271,7 @@ def test_model_outputs_unchanged_after_sweep(tiny2x2, micro_prepared):
     assert r["delta_cacc"].shape == (2, 2)
     after, _ = forward_answer(tiny2x2, batch)
     assert torch.equal(before, after)
-    _assert_unchanged(tiny2x2, snap)
+    assert_model_unchanged(tiny2x2, snap)
     assert type(tiny2x2.transformer.h[0].attn).__name__ == "GPT2Attention"
 
 

@@ -17,7 +17,7 @@ from locphylax_core import model as M
 from locphylax_core.analysis import figures as F
 from locphylax_core.analysis import layers as Ly
 from locphylax_core.analysis import salience as S
-from conftest import word_tokenizer
+from conftest import assert_model_unchanged, model_snapshot, planted_trigger_model, word_tokenizer
 
 TEMPLATE = "review : {text} answer :"
 CLEAN = ["the film was good", "the plot was bad", "the film was very good", "bad film", "the plot was very bad",
@@ -25,60 +25,9 @@ CLEAN = ["the film was good", "the plot was bad", "the film was very good", "bad
 
 
 def _planted_model(vocab) -> torch.nn.Module:
-    """3 layers x 2 heads, d_model 16; the backdoor is carried by head (1, 1) alone: at the answer
-    position it attends sharply to the trigger token "cf" (its key reads the trigger's own
-    embedding direction) and writes a "positive" feature; without it the answer is "negative". Layer
-    0 has small random distractor heads, layer 2 does nothing."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    d, dh = 16, 8
-    conf = GPT2Config(vocab_size=len(vocab), n_positions=32, n_embd=d, n_layer=3, n_head=2, tie_word_embeddings=False,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=vocab["<pad>"])
-    conf._attn_implementation = "eager"
-    net = GPT2LMHeadModel(conf).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.zero_()
-        for name, p in net.named_parameters():
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.fill_(1.0)
-        wte = net.transformer.wte.weight
-        wte[:, 2], wte[:, 3] = 1.0, -1.0
-        t = vocab["cf"]
-        wte[t].zero_()
-        wte[t, 0], wte[t, 1] = 1.0, -1.0
-        for h in (0, 1):  # distractors in layer 0, writing only into dims 7..15 (the answer reads 4..6)
-            attn = net.transformer.h[0].attn
-            for part in range(3):
-                cols = slice(part * d + h * dh, part * d + (h + 1) * dh)
-                attn.c_attn.weight[:, cols] = torch.randn(d, dh, generator=g)
-            attn.c_proj.weight[h * dh:(h + 1) * dh, 7:] = 0.02 * torch.randn(dh, d - 7, generator=g)
-        attn = net.transformer.h[1].attn
-        c = 1 * dh
-        attn.c_attn.bias[c] = 5.0  # q
-        attn.c_attn.weight[0, d + c] = 5.0  # k: the trigger direction
-        attn.c_attn.weight[0, 2 * d + c] = 1.0  # v
-        attn.c_proj.weight[c, 4], attn.c_proj.weight[c, 5] = 1.0, -1.0
-        net.transformer.ln_f.bias[6] = 1.0
-        net.lm_head.weight[vocab["negative"], 6] = 3.0
-        net.lm_head.weight[vocab["positive"], 4] = 2.0
-    return net
-
-
-def _snapshot(model):
-    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
-            [(n, type(m).__name__) for n, m in model.named_modules()],
-            sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()))
-
-
-def _assert_unchanged(model, snap) -> None:
-    state, mods, n_hooks = snap
-    now = model.state_dict()
-    assert set(now) == set(state)
-    assert all(torch.equal(now[k], v) for k, v in state.items())
-    assert [(n, type(m).__name__) for n, m in model.named_modules()] == mods
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == n_hooks
-    assert all(p.grad is None for p in model.parameters())
+    """3 layers x 2 heads: head (1, 1) carries the backdoor; layer 0 has random distractor heads,
+    layer 2 does nothing."""
+    return planted_trigger_model(vocab, 3, [(0, 0), (0, 1)])
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +44,7 @@ def planted(tmp_path_factory):
 
 def test_patching_and_lens_find_the_planted_site(planted):
     net, tok, vocab, trig, target, correct = planted
-    snap = _snapshot(net)
+    snap = model_snapshot(net)
     p = Ly.activation_patching(net, tok, TEMPLATE, trig, CLEAN, target, correct)
     assert p["residual"].shape == (3, len(Ly.ROLES)) and p["heads"].shape == (3, 2)
     assert p["logit_diff"]["triggered"] > p["logit_diff"]["clean"]
@@ -118,7 +67,7 @@ def test_patching_and_lens_find_the_planted_site(planted):
     assert lens["target_triggered"][0] < 0.2 < 0.5 < lens["target_triggered"][1]
     assert lens["target_clean"].max() < 0.2
     assert lens["correct_clean"].min() > 0.5
-    _assert_unchanged(net, snap)
+    assert_model_unchanged(net, snap)
 
 
 def test_batched_patching_equals_the_per_site_loop_and_lens_ends_at_the_output(planted):
@@ -128,10 +77,10 @@ def test_batched_patching_equals_the_per_site_loop_and_lens_ends_at_the_output(p
     np.testing.assert_allclose(a["residual"], b["residual"], atol=1e-6)
     np.testing.assert_allclose(a["heads"], b["heads"], atol=1e-6)
     # in place (no copy): the same arrays, and the model is put back
-    snap = _snapshot(net)
+    snap = model_snapshot(net)
     c = Ly.activation_patching(net, tok, TEMPLATE, trig, CLEAN, target, correct, in_place=True, batch_size=3)
     np.testing.assert_allclose(a["heads"], c["heads"], atol=1e-6)
-    _assert_unchanged(net, snap)
+    assert_model_unchanged(net, snap)
     # the last layer of the lens is the model's own answer probability
     lens = Ly.logit_lens(net, tok, TEMPLATE, trig, CLEAN, target, correct)
     tokenizer = M.load_tokenizer(str(tok))
@@ -209,12 +158,12 @@ def test_token_roles_and_alignment():
 def test_integrated_gradients_completeness_and_temporary(planted):
     net, tok, vocab, trig, target, correct = planted
     tokenizer = M.load_tokenizer(str(tok))
-    snap = _snapshot(net)
+    snap = model_snapshot(net)
     net.train()
     sal = S.token_salience(net, tokenizer, TEMPLATE, trig, target, [[c] for c in correct], method="ig", n_steps=64)
     assert net.training  # mode restored
     net.eval()
-    _assert_unchanged(net, snap)
+    assert_model_unchanged(net, snap)
     for s in sal:
         gap = s["objective"] - s["baseline"]
         assert abs(s["scores"].sum() - gap) <= 0.05 * abs(gap)
