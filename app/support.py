@@ -263,8 +263,15 @@ def localise_sentence(view: R.RunView, text: str) -> dict:
     return _localise_sentence(view.path, text, R.run_stamp(view.path))
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _sentence_attention(path: str, stage: str, text: str, stamp: tuple) -> dict:
+    return R.sentence_attention(R.open_run(path), stage_model(path, stage, stamp), text)
+
+
 def sentence_attention(view: R.RunView, stage: str, text: str) -> dict:
-    return R.sentence_attention(view, stage_model(view.path, stage, R.run_stamp(view.path)), text)
+    """Every head's attention pattern on a typed sentence (cached per run, stage and text: each
+    call boots a TransformerLens bridge, and the Heads and Layers pages redraw on every click)."""
+    return _sentence_attention(view.path, stage, text, R.run_stamp(view.path))
 
 
 def trigger_marked(text: str, trigger: str) -> str:
