@@ -166,6 +166,24 @@ def test_planted_critical_head_is_ranked_first(tmp_path):
     np.testing.assert_array_equal(r2["delta_asr"]["unknown"], r["delta_asr"]["unknown"])
 
 
+def test_the_sweep_unembeds_only_the_answer_position(tmp_path):
+    """The output layer over the whole vocabulary at every position was most of a sweep's cost; the
+    sweep reads the answer position only, so only that position is unembedded."""
+    vocab = word_tokenizer(tmp_path / "tok")
+    net = _planted_model(vocab)
+    widths = []
+    handle = net.lm_head.register_forward_hook(lambda _m, inp, _out: widths.append(inp[0].shape[1]))
+    clean = ["the film was good", "the plot was very bad"]
+    triggered = {"unknown": (["the film cf was good", "cf the plot was very bad"], [1, 1], [0, 1])}
+    try:
+        r = H.head_ablation(net, tmp_path / "tok", "review : {text} answer :", clean, [0, 0], triggered,
+                            (vocab["negative"], vocab["positive"]), in_place=True)
+    finally:
+        handle.remove()
+    assert r["critical_heads"][0][:2] == [1, 1]
+    assert widths and set(widths) == {1}
+
+
 # ----------------------------------------------------------------------------------------------
 # Batched == naive, and the run-level entry point
 

@@ -246,8 +246,9 @@ def bridge_answer_logits(bridge, batch: Batch, heads: Sequence[tuple[int, int]] 
         if name not in known:
             raise ConfigError(f"head ablation: the bridge has no hook {name!r}")
     with bridge.hooks(fwd_hooks=hooks):
+        # only the answer position's logits: the unembedding of every position was most of the cost
         logits = bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                        use_cache=False)
+                        use_cache=False, logits_to_keep=1)
     missing = {l for l, _ in heads} - fired
     if missing:
         raise RuntimeError(f"head ablation: hook_pattern of layer(s) {sorted(missing)} never fired "

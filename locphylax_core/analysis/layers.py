@@ -109,7 +109,7 @@ def _lens_probs(bridge, batch: Batch, ids_a: torch.Tensor, ids_b: torch.Tensor) 
     with torch.no_grad():
         with bridge.hooks(fwd_hooks=[(n, make(l)) for l, n in enumerate(names)]):
             bridge(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                   use_cache=False)
+                   use_cache=False, logits_to_keep=1)
         rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
         pa, pb = [], []
         for l in range(n_layers):
@@ -266,8 +266,11 @@ def _stack(b: Batch, k: int) -> Batch:
 
 
 def _run(bridge, b: Batch, hooks=()):
+    """The answer position's logits ``[rows, 1, V]`` (the unembedding of every position is most of a small
+    model's cost)."""
     with torch.no_grad(), bridge.hooks(fwd_hooks=list(hooks)):
-        return bridge(b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=False)
+        return bridge(b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=False,
+                      logits_to_keep=1)
 
 
 def _patch_hooks(sites: Sequence[tuple], pairs: _Pairs, clean_acts: dict, n_rows: int, fired: set) -> list:
