@@ -118,11 +118,15 @@ def cmd_run(args) -> int:
         return 0
     quiet_libraries()
     main = _is_main_process()
-    run, summary = start_run(cfg, runs_root=args.runs, reporter=_TqdmReporter() if main else None)
+    run, summary = start_run(cfg, runs_root=args.runs, reporter=_TqdmReporter() if main else None,
+                             stop_after=args.stop_after)
     if not main:  # accelerate launch: rank 0 reports and analyses
         return 0
     _print_summary(summary)
     print(f"run folder: {run.path}")
+    if summary.get("status") == "prepared":
+        print(f"stopped after {args.stop_after}, as asked; `locphylax resume {run.run_id}` runs the rest")
+        return 0
     if not args.no_analyze:
         _analyze(run)
     return 0
@@ -350,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="run a preset (demo, sst2, ...) or a YAML config")
     sp.add_argument("config", help="preset name or path to a YAML file")
     add_set(sp)
+    sp.add_argument("--stop-after", metavar="STAGE", default=None,
+                    help="stop once this stage (e.g. victim) is finished; `resume` runs the rest")
     sp.set_defaults(fn=cmd_run)
     sp = sub.add_parser("resume", help="continue a killed or cancelled run from its last finished stage")
     sp.add_argument("run", help="run id, id prefix or folder")

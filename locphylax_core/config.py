@@ -11,6 +11,7 @@ evaluate. The defense code path never receives it (see ``defense.py``).
 from __future__ import annotations
 
 import copy
+import hashlib
 import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -659,6 +660,10 @@ class RunConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def sha256(self) -> str:
+        """The configuration's identity (of its YAML): two runs of equal digests compute the same."""
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import os
 import time
@@ -326,7 +325,10 @@ class Pipeline:
                                  seed=stage_seed(self.cfg.seed, spec.key), observer=observer,
                                  cancel_file=self.run.cancel_file, reporter=self.reporter, key=spec.key)
 
-    def run_all(self) -> dict:
+    def run_all(self, stop_after: str | None = None) -> dict:
+        """Run every stage not finished yet. ``stop_after``: stop once that stage is finished and
+        leave the run ``prepared`` (resumable: :func:`resume_run` continues it as if it had never
+        stopped; the app plants the live demo's backdoor this way before the click)."""
         state = self.run.read_state()
         if self.dist is not None:  # every rank has read the state before rank 0 changes it
             self.dist.barrier()
@@ -371,6 +373,11 @@ class Pipeline:
                 self.reporter.stage_finished(spec.key, result)
                 if self.dist is not None:  # the next stage may load this checkpoint from disk
                     self.dist.barrier()
+                if spec.key == stop_after and any(s.key not in state["finished"] for s in specs):
+                    state["status"] = "prepared"
+                    self.run.write_state(state)
+                    self.run.write_progress(status="prepared", finished=state["finished"])
+                    return build_summary(self.run, self.cfg, state)
         except (Cancelled, KeyboardInterrupt) as e:
             state["status"] = "cancelled"
             self.run.write_state(state)
@@ -405,8 +412,9 @@ def _write_probe(run: RunDir, probe: list[dict]) -> None:
 
 
 def start_run(cfg: RunConfig, runs_root: str | Path = "runs", reporter: Reporter | None = None,
-              run_id: str | None = None) -> tuple[RunDir, dict]:
-    """Validate everything, then create the run folder and run every stage.
+              run_id: str | None = None, stop_after: str | None = None) -> tuple[RunDir, dict]:
+    """Validate everything, then create the run folder and run every stage (up to the stage
+    ``stop_after``, leaving the run ``prepared``: :meth:`Pipeline.run_all`).
 
     Under ``accelerate launch`` (several processes) rank 0 prepares and creates the one run folder,
     then tells the other ranks its path (or its error); they prepare with rank 0's tokenizer."""
@@ -419,6 +427,9 @@ def start_run(cfg: RunConfig, runs_root: str | Path = "runs", reporter: Reporter
         run = RunDir(Path(got))
         prep = prepare(cfg, tokenizer=M.load_tokenizer(str(run.path / "tokenizer")))
         return run, Pipeline(prep, run, reporter).run_all()
+    keys = [s.key for s in stage_specs(cfg)]
+    if stop_after is not None and stop_after not in keys:
+        raise ConfigError(f"stop after: {stop_after!r} is not a stage of this run (its stages: {', '.join(keys)})")
     try:
         check_runs_root(Path(runs_root))  # a runs folder that cannot be written fails before any work
         prep = prepare(cfg)  # raises on bad input before anything is written
@@ -429,7 +440,7 @@ def start_run(cfg: RunConfig, runs_root: str | Path = "runs", reporter: Reporter
             _write_probe(tmp, prep.probe)
             tmp.write_state({"status": "created", "preset": cfg.name, "finished": [], "seconds": {}, "results": {},
                              "prepare_seconds": time.perf_counter() - t0, "n_test": len(prep.task.test),
-                             "config_sha256": hashlib.sha256(cfg.to_yaml().encode()).hexdigest()})
+                             "config_sha256": cfg.sha256()})
         run = RunDir.create(Path(runs_root), cfg.name, run_id, setup=set_up, lock=True)
     except BaseException as e:
         if dist is not None:
@@ -440,7 +451,7 @@ def start_run(cfg: RunConfig, runs_root: str | Path = "runs", reporter: Reporter
             dist.broadcast(str(run.path))
         if reporter:
             reporter.message(f"run folder: {run.path}")
-        return run, Pipeline(prep, run, reporter).run_all()
+        return run, Pipeline(prep, run, reporter).run_all(stop_after)
 
 
 def resume_run(run: RunDir, reporter: Reporter | None = None) -> dict:

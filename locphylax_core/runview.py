@@ -157,7 +157,7 @@ def open_run(path: str | Path) -> RunView:
         health = "corrupt"
     elif "config.yaml is missing" in problems or "state.json is missing" in problems:
         health = "incomplete"
-    elif status in ("done", "running", "cancelled", "failed"):
+    elif status in ("done", "running", "cancelled", "failed", "prepared"):
         health = status
     else:
         health = "incomplete"

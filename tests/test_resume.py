@@ -184,6 +184,26 @@ def test_cancel_then_resume(micro_run, tmp_path, capsys):
     assert run.read_state()["finished"] == micro_run.run.read_state()["finished"]
 
 
+def test_stop_after_leaves_a_prepared_run_that_resume_finishes_as_if_uninterrupted(micro_run, tmp_path, capsys):
+    root = tmp_path / "runs"
+    run, summary = start_run(load_config("micro"), runs_root=root, stop_after="victim")
+    assert summary["status"] == "prepared" and set(summary["stages"]) == {"victim"}  # the clean model is not a stage row
+    assert run.read_state()["finished"] == ["clean", "victim"] and not run.checkpoint("stage1").exists()
+    assert json.loads((run.path / "progress.json").read_text())["status"] == "prepared"
+    assert {i["run_id"]: i["status"] for i in list_runs(root)} == {run.run_id: "prepared"}
+    summary = resume_run(run)
+    assert summary["status"] == "done"
+    assert numbers(summary) == numbers(micro_run.summary)
+    assert _same_weights(run, micro_run.run, "stage2")
+    # a stage the run does not have is refused before anything is written
+    with pytest.raises(LocphylaxError, match="'stage9' is not a stage of this run"):
+        start_run(load_config("micro"), runs_root=tmp_path / "other", stop_after="stage9")
+    assert not (tmp_path / "other").exists()
+    # the command line
+    assert cli_mod.main(["--runs", str(root), "run", "micro", "--stop-after", "victim", "--no-analyze"]) == 0
+    assert "runs the rest" in capsys.readouterr().out
+
+
 def test_cli_cancel_and_resume_unknown_run(tmp_path, capsys):
     assert cli_mod.main(["--runs", str(tmp_path), "cancel", "nope"]) == 2
     assert "no run 'nope'" in capsys.readouterr().err
