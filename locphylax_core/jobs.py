@@ -13,21 +13,31 @@ Layout of ``<runs>/.jobs/`` (``list_runs`` skips dot folders)::
     <run_id>.yaml        the configuration the job runs
     <run_id>.log         the job's stdout and stderr
     <run_id>.exit.json   written by the job as it ends: return code and phase
-    standby/state.json   a warm job process waiting for work (pid, token, ready)
+    standby/state.json   a warm job process waiting for work (pid, token, ready, busy, prepared)
     standby/go.json      the job handed to it (the arguments of ``main``)
+    standby/prepare.json a run it should start ahead of time, up to one stage (:func:`prepare`)
 
 A fresh job process spends seconds importing torch and transformers before it trains anything.
 :func:`ensure_standby` starts one ahead of time, while nothing else runs; :func:`launch` hands the
 next job to it when it is ready (the job then starts at once) and starts a fresh process otherwise.
+
+:func:`prepare` goes one step further for a job that is likely next (the Live demo's, for the
+trigger typed in its box): the waiting standby runs it up to a stage (``victim``: the backdoor is
+planted) and keeps the run ``prepared``; a :func:`launch` of the same configuration (equal
+:meth:`RunConfig.sha256`) then resumes that run instead of starting from nothing, with the same
+results (resume is bit-identical). A prepared run nobody launched is deleted when another
+configuration is prepared or launched, and when the standby exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +59,7 @@ JOBS_DIR = ".jobs"
 STANDBY_DIR = "standby"
 LIVE_PHASES = ("starting", "training", "analyzing")
 STANDBY_IDLE_S = 3600.0  # a standby process nobody used within an hour exits
+PREPARE_STAGE = "victim"  # what :func:`prepare` runs ahead of the click: the backdoor is planted
 NOTHING_SAVED = "stopped before its run folder was written: nothing was started or saved; start it again"
 
 
@@ -134,19 +145,24 @@ def launch(cfg: RunConfig, runs_root: str | Path = "runs", *, analyze: bool = Tr
         threads = 1
     if threads is not None:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"threads": int(threads)})})
-    run_id = resume or new_run_id(cfg.name)
+    standby = _claim_standby(root)
+    held = (standby or {}).get("rec", {}).get("prepared")
+    use_prepared = not resume and held is not None and held.get("sha256") == cfg.sha256()
+    if held is not None and not use_prepared and not held.get("done"):
+        _stop_preparing(root, held["run_id"])  # another configuration: the standby drops it and takes this job
+    run_id = held["run_id"] if use_prepared else (resume or new_run_id(cfg.name))
     cfg_path = jd / f"{run_id}.yaml"
     log_path = jd / f"{run_id}.log"
-    atomic_write_text(cfg_path, cfg.to_yaml())
+    atomic_write_text(cfg_path, cfg.to_yaml())  # also marks the run as launched: it is never discarded
     (jd / f"{run_id}.exit.json").unlink(missing_ok=True)  # a resumed job's old ending
     argv = ["--runs", str(root.resolve()), "--run-id", run_id, "--config", str(cfg_path.resolve())]
     if not analyze:
         argv.append("--no-analyze")
-    if resume:
+    if resume or use_prepared:
         argv.append("--resume")
     record = {"run_id": run_id, "started": _dt.datetime.now().isoformat(timespec="seconds"),
-              "config": str(cfg_path), "log": str(log_path), "resume": bool(resume)}
-    warm = _hand_to_standby(root, argv, log_path)
+              "config": str(cfg_path), "log": str(log_path), "resume": bool(resume), "prepared": use_prepared}
+    warm = _hand_to_standby(root, standby, argv, log_path) if standby is not None else None
     if warm is not None:
         atomic_write_json(jd / f"{run_id}.json", {**record, **warm})
         return run_id
@@ -181,6 +197,11 @@ def _live_standby(runs_root: str | Path) -> dict | None:
     """The standby's record while its process runs (importing or ready), else None."""
     rec = _read(_standby_dir(runs_root) / "state.json")
     return rec if rec and _pid_alive(int(rec["pid"]), rec["token"]) else None
+
+
+def standby_alive(runs_root: str | Path) -> bool:
+    """A standby process runs (still importing, waiting, or preparing a run)."""
+    return _live_standby(runs_root) is not None
 
 
 def standby_ready(runs_root: str | Path) -> bool:
@@ -224,30 +245,131 @@ def stop_standby(runs_root: str | Path) -> bool:
     return True
 
 
-def _hand_to_standby(root: Path, argv: list[str], log_path: Path, wait: float = 3.0) -> dict | None:
-    """Give the job to the standby process; its job-record fields, or None (there is none, or a
-    ready one did not take the job in ``wait`` seconds: the caller starts a fresh process). A
-    standby still importing takes the job as soon as it is ready, which is sooner than a fresh
-    process would be."""
+def prepare(cfg: RunConfig, runs_root: str | Path, stop_after: str = PREPARE_STAGE) -> str | None:
+    """Have the waiting standby run ``cfg`` up to the stage ``stop_after`` now, so that a later
+    :func:`launch` of the same configuration starts from there. Returns the id of the run being
+    prepared (or prepared already), or None: no ready standby, or a job is running (the work would
+    take its CPU). Cheap and idempotent: the app calls it on every page run. Preparing another
+    configuration stops and deletes the one prepared before."""
+    root = Path(runs_root)
+    rec = _live_standby(root)
+    if rec is None or not rec.get("ready") or any(j.live for j in list_jobs(root)):
+        return None
+    sha, sd = cfg.sha256(), _standby_dir(root)
+    # the request first, then the state: the standby records a request in its state before it
+    # removes the request file, so one of the two reads sees it
+    asked = _read(sd / "prepare.json")
+    if asked is not None and asked.get("token") == rec["token"] and asked.get("sha256") == sha:
+        return asked["run_id"]
+    held = (_read(sd / "state.json") or rec).get("prepared")
+    if held is not None and held.get("sha256") == sha:
+        return held["run_id"]
+    if held is not None and not held.get("done"):
+        _stop_preparing(root, held["run_id"])
+    run_id = new_run_id(cfg.name)
+    cfg_path = sd / f"prepare-{run_id}.yaml"
+    atomic_write_text(cfg_path, cfg.to_yaml())
+    atomic_write_json(sd / "prepare.json", {"token": rec["token"], "run_id": run_id, "config": str(cfg_path.resolve()),
+                                            "sha256": sha, "stop_after": stop_after})
+    return run_id
+
+
+def prepared_run(runs_root: str | Path, cfg: RunConfig) -> tuple[str, bool] | None:
+    """The run the standby prepares (or has prepared) for ``cfg``, and whether it is ready."""
+    rec = _live_standby(runs_root)
+    held = (rec or {}).get("prepared")
+    if held is None or held.get("sha256") != cfg.sha256():
+        return None
+    return held["run_id"], bool(held.get("done"))
+
+
+def _stop_preparing(root: Path, run_id: str, wait: float = 5.0) -> None:
+    """Ask the standby's preparing run to stop at its next step (its folder may still be being set
+    up: wait for it a few seconds)."""
+    run = RunDir(root / run_id)
+    deadline = time.monotonic() + wait
+    while not run.is_run() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if run.is_run() and holder_pid(run.path) is not None:
+        run.cancel_file.touch()
+
+
+def _discard_prepared(root: Path, run_id: str) -> None:
+    """Delete a run the standby prepared and nobody launched (never one a job was launched for,
+    nor one another process holds)."""
+    (_standby_dir(root) / f"prepare-{run_id}.yaml").unlink(missing_ok=True)
+    path = root / run_id
+    if (jobs_dir(root) / f"{run_id}.yaml").exists() or holder_pid(path) is not None:
+        return
+    if (_read(path / "state.json") or {}).get("status") in ("prepared", "cancelled", "created", "running"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _claim_standby(root: Path) -> dict | None:
+    """Take the live standby for one launch (``rec``: its record, ``claimed``: where its state file
+    now is), or None."""
     sd = _standby_dir(root)
-    state, claimed = sd / "state.json", sd / f"claimed-{secrets.token_hex(4)}.json"
     rec = _live_standby(root)
     if rec is None:
         return None
+    claimed = sd / f"claimed-{secrets.token_hex(4)}.json"
     try:
-        os.rename(state, claimed)  # atomic: one launcher gets it
+        os.rename(sd / "state.json", claimed)  # atomic: one launcher gets it
     except OSError:
         return None
-    go = sd / "go.json"
+    return {"rec": _read(claimed) or rec, "claimed": claimed}
+
+
+def _hand_to_standby(root: Path, standby: dict, argv: list[str], log_path: Path, wait: float = 3.0) -> dict | None:
+    """Give the job to the claimed standby process; its job-record fields, or None (a ready, idle
+    one did not take the job in ``wait`` seconds: the caller starts a fresh process). A standby
+    still importing, or busy preparing a run, takes the job as soon as it can, which is sooner than
+    a fresh process would be."""
+    rec, claimed = standby["rec"], standby["claimed"]
+    go = _standby_dir(root) / "go.json"
     atomic_write_json(go, {"token": rec["token"], "argv": argv, "log": str(log_path)})
-    deadline = time.monotonic() + (wait if rec.get("ready") else 0.0)
+    idle = rec.get("ready") and not rec.get("busy")
+    deadline = time.monotonic() + (wait if idle else 0.0)
     while go.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     claimed.unlink(missing_ok=True)
-    if go.exists() and rec.get("ready"):  # a ready standby did not answer: take the job back
+    if go.exists() and idle:  # a ready standby did not answer: take the job back
         go.unlink(missing_ok=True)
         return None
     return {"pid": int(rec["pid"]), "token": rec["token"], "command": ["(standby)", *argv], "standby": True}
+
+
+def _prepare_run(root: Path, asked: dict) -> bool:
+    """In the standby: run the asked configuration up to its stage; False (and nothing left) when
+    it was stopped or failed (the launch then runs it from the start and reports any error)."""
+    run_id = asked["run_id"]
+    try:
+        quiet_libraries()
+        start_run(load_config(asked["config"]), runs_root=root, reporter=_ProgressReporter(root / run_id),
+                  run_id=run_id, stop_after=asked.get("stop_after") or PREPARE_STAGE)
+        return True
+    except (Cancelled, KeyboardInterrupt):
+        pass
+    except Exception:  # noqa: BLE001 - into the standby's log; the launch will report it properly
+        import traceback
+        traceback.print_exc()
+    _discard_prepared(root, run_id)
+    return False
+
+
+@contextlib.contextmanager
+def _paused(proc: subprocess.Popen | None):
+    """Stop a child process for the duration (SIGSTOP, then SIGCONT): the standby's warm-up yields
+    both CPUs to the run it prepares or the job it becomes, and finishes afterwards (a compile
+    killed midway could leave numba's cache half-written)."""
+    running = proc is not None and proc.poll() is None
+    if running:
+        proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        if running and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
 
 
 def _standby(root: Path, token: str) -> int:
@@ -256,37 +378,61 @@ def _standby(root: Path, token: str) -> int:
     sd = _standby_dir(root)
     state, go = sd / "state.json", sd / "go.json"
     # UMAP's compilation in a process of its own (a job can be taken meanwhile), into the cache
-    # that this process and the job it becomes then read
+    # that this process and the job it becomes then read; paused while a run is prepared or a job
+    # runs, which need the CPUs first (a job that needs UMAP before the warm-up ended compiles it
+    # itself, as a fresh process would)
     # (LOCPHYLAX_WARM_UP=0: skipped, e.g. by the tests, which share one cache)
     warm = os.environ.get("LOCPHYLAX_WARM_UP", "1") == "0"
     warming = None if warm else subprocess.Popen(
         [sys.executable, "-m", "locphylax_core.jobs", "--runs", str(root), "--warm-up"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    rec = _read(state)
-    if rec is not None and rec.get("token") == token:  # not yet claimed while we imported
-        atomic_write_json(state, {**rec, "ready": True, "warm": warm})
+    def update(**fields) -> None:  # our state file, unless a launcher has claimed it meanwhile
+        rec = _read(state)
+        if rec is not None and rec.get("token") == token:
+            atomic_write_json(state, {**rec, **fields})
+
+    update(ready=True, warm=warm)
+    prepared = None  # the run prepared ahead of a launch: {"run_id", "sha256", "done"}
     deadline = time.monotonic() + STANDBY_IDLE_S
-    while time.monotonic() < deadline:
-        if warming is not None and warming.poll() is not None:
-            warming = None
-            import umap  # noqa: F401  (the job's own import of it, done while nothing runs)
-            rec = _read(state)
-            if rec is not None and rec.get("token") == token:
-                atomic_write_json(state, {**rec, "warm": True})
-        job = _read(go)
-        if job is not None and job.get("token") == token:
-            go.unlink(missing_ok=True)
-            log = open(job["log"], "ab")
-            os.dup2(log.fileno(), 1)
-            os.dup2(log.fileno(), 2)
-            return main(job["argv"])
-        if not state.exists() and not any(sd.glob("claimed-*.json")):  # removed: nobody will hand us a job
-            if warming is not None:
-                warming.terminate()
-            return 0
-        time.sleep(0.05)
-    state.unlink(missing_ok=True)
-    return 0
+    try:
+        while time.monotonic() < deadline:
+            if warming is not None and warming.poll() is not None:
+                warming = None
+                import umap  # noqa: F401  (the job's own import of it, done while nothing runs)
+                update(warm=True)
+            job = _read(go)
+            if job is not None and job.get("token") == token:
+                go.unlink(missing_ok=True)
+                if prepared is not None and prepared["run_id"] not in job["argv"]:
+                    _discard_prepared(root, prepared["run_id"])
+                prepared = None  # the job's now, or gone
+                log = open(job["log"], "ab")
+                os.dup2(log.fileno(), 1)
+                os.dup2(log.fileno(), 2)
+                with _paused(warming):
+                    return main(job["argv"])
+            asked = _read(sd / "prepare.json")
+            if asked is not None and asked.get("token") == token:
+                if prepared is not None:
+                    _discard_prepared(root, prepared["run_id"])
+                prepared = {"run_id": asked["run_id"], "sha256": asked["sha256"], "done": False}
+                update(busy=True, prepared=prepared)
+                (sd / "prepare.json").unlink(missing_ok=True)  # after the state says so (see prepare())
+                with _paused(warming):
+                    ok = _prepare_run(root, asked)
+                prepared = {**prepared, "done": True} if ok else None
+                update(busy=False, prepared=prepared)
+                continue
+            if not state.exists() and not any(sd.glob("claimed-*.json")):  # removed: nobody will hand us a job
+                if warming is not None:
+                    warming.terminate()
+                return 0
+            time.sleep(0.05)
+        state.unlink(missing_ok=True)
+        return 0
+    finally:
+        if prepared is not None:  # prepared for a launch that never came
+            _discard_prepared(root, prepared["run_id"])
 
 
 def _read(path: Path) -> dict | None:

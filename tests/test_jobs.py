@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+from conftest import load_tensors, numbers
 
 from locphylax_core import jobs, load_config
 
@@ -153,6 +156,71 @@ def test_an_idle_standby_is_retired_when_its_app_stops(tmp_path):
         assert time.monotonic() - t0 < 60, "the retired standby did not exit"
         time.sleep(0.1)
     assert not jobs.standby_ready(tmp_path) and not jobs.stop_standby(tmp_path)
+
+
+def _ready_standby(root) -> int:
+    assert jobs.ensure_standby(root)
+    t0 = time.monotonic()
+    while not jobs.standby_ready(root):
+        assert time.monotonic() - t0 < 120, "the standby never became ready"
+        time.sleep(0.1)
+    return json.loads((root / ".jobs" / "standby" / "state.json").read_text())["pid"]
+
+
+def _prepared(root, cfg, timeout=120.0) -> str:
+    t0 = time.monotonic()
+    while True:
+        got = jobs.prepared_run(root, cfg)
+        if got is not None and got[1]:
+            return got[0]
+        assert time.monotonic() - t0 < timeout, "the standby never finished preparing"
+        time.sleep(0.1)
+
+
+def test_a_prepared_run_is_continued_by_the_launch_of_its_configuration(tmp_path, micro_run):
+    """prepare() has the standby plant the backdoor ahead of the click; the launch of the same
+    configuration continues that run, with the results of a run that never stopped."""
+    pid = _ready_standby(tmp_path)
+    cfg = load_config("micro")
+    run_id = jobs.prepare(cfg, tmp_path)
+    assert run_id is not None and jobs.prepare(cfg, tmp_path) == run_id  # asked once
+    assert _prepared(tmp_path, cfg) == run_id
+    state = json.loads((tmp_path / run_id / "state.json").read_text())
+    assert state["status"] == "prepared" and state["finished"] == ["clean", "victim"]
+    assert jobs.list_jobs(tmp_path) == []  # a prepared run is not a job
+    assert jobs.launch(cfg, tmp_path, analyze=False) == run_id
+    rec = json.loads((tmp_path / ".jobs" / f"{run_id}.json").read_text())
+    assert rec["pid"] == pid and rec["prepared"] is True
+    s = _wait(tmp_path, run_id, lambda s: not s.live)
+    assert s.phase == "done", (s, (tmp_path / ".jobs" / f"{run_id}.log").read_text()[-2000:])
+    summary = json.loads((tmp_path / run_id / "summary.json").read_text())
+    assert numbers(summary) == numbers(micro_run.summary)
+    a = load_tensors(tmp_path / run_id / "checkpoints" / "stage2" / "model.safetensors")
+    b = load_tensors(micro_run.run.checkpoint("stage2") / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_another_configuration_replaces_the_prepared_run_and_nothing_unused_is_left(tmp_path):
+    _ready_standby(tmp_path)
+    a = load_config("micro", {"defense.baselines": []})
+    b = load_config("micro", {"defense.baselines": [], "attack.trigger": "zq"})
+    c = load_config("micro", {"defense.baselines": [], "attack.trigger": "jw"})
+    run_a = jobs.prepare(a, tmp_path)
+    _prepared(tmp_path, a)
+    run_b = jobs.prepare(b, tmp_path)
+    assert run_b != run_a and _prepared(tmp_path, b) == run_b
+    assert not (tmp_path / run_a).exists() and jobs.prepared_run(tmp_path, a) is None
+    run_c = jobs.launch(c, tmp_path, analyze=False)  # another configuration: run from the start
+    assert run_c not in (run_a, run_b)
+    assert _wait(tmp_path, run_c, lambda s: not s.live).phase == "done"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [run_c]
+    # a standby retired with a prepared run deletes it
+    pid = _ready_standby(tmp_path)
+    run_d = jobs.prepare(a, tmp_path)
+    _prepared(tmp_path, a)
+    assert jobs.stop_standby(tmp_path) and _gone(pid, timeout=30)
+    assert not (tmp_path / run_d).exists()
+    assert jobs.prepare(a, tmp_path) is None  # no standby: nothing is prepared
 
 
 def test_cancel_stops_a_job_run_by_the_standby(tmp_path):
