@@ -235,6 +235,21 @@ def warm_standby() -> None:
         jobs.ensure_standby(runs_root())
 
 
+def prepare_job(cfg) -> tuple[str, bool] | None:
+    """Have the waiting standby run ``cfg`` up to its backdoored model now, so that a click on it
+    starts from there (``jobs.prepare``); the run id and whether it is ready, or None (no standby)."""
+    if os.environ.get("LOCPHYLAX_STANDBY", "1") == "0":
+        return None
+    run_id = jobs.prepare(cfg, runs_root())
+    if run_id is None:
+        return None
+    return jobs.prepared_run(runs_root(), cfg) or (run_id, False)  # asked, not yet taken up
+
+
+def standby_alive() -> bool:
+    return os.environ.get("LOCPHYLAX_STANDBY", "1") != "0" and jobs.standby_alive(runs_root())
+
+
 def live_jobs() -> list[jobs.JobStatus]:
     return [j for j in jobs.list_jobs(runs_root()) if j.live]
 

@@ -1,9 +1,15 @@
 """The instructor's path, timed in a real browser: an empty run store, `streamlit run`, the Live demo
-page open (its warm job process starts), one click on "Run the live demo", until the headline
-(victim -> Stage 1 -> Stage 2 and plain clean fine-tuning) and then the whole page (every plot,
-the analyses complete) are on screen. Median of ``--repeats`` runs, each from an empty run store.
-Baseline in the same run: `locphylax demo` on the command line (the full demo preset: pipeline and
-analyses, no app).
+page open (its warm job process starts and plants the backdoor of the trigger in the box while the
+page waits), one click on "Run the live demo", until the headline (victim -> Stage 1 -> Stage 2
+and plain clean fine-tuning) and then the whole page (every plot, the analyses complete) are on
+screen. Two paths, each from an empty run store:
+
+- **planted**: the click comes once the page says the backdoor (`cf`) is planted;
+- **typed, clicked at once**: the room proposes another trigger (`zq`); it is typed and clicked
+  at once, so the backdoor is planted after the click, as before the standby prepared it.
+
+Median of ``--repeats`` runs of each. Baseline in the same run: `locphylax demo` on the command
+line (the full demo preset: pipeline and analyses, no app).
 
     .venv/bin/python bench/app_live_demo.py [--repeats 3] [--no-baseline] [--screenshots DIR]
 
@@ -28,7 +34,6 @@ sys.path.insert(0, str(REPO / "app"))
 sys.path.insert(0, str(REPO))
 from serve import CHROMIUM, CHROMIUM_FLAGS, streamlit_server  # noqa: E402
 
-from locphylax_core import jobs  # noqa: E402
 
 
 def _analysis_complete(root: Path) -> bool:
@@ -40,7 +45,10 @@ def _analysis_complete(root: Path) -> bool:
     return False
 
 
-def app_demo(root: Path, shots: Path | None, rep: int) -> dict:
+ROOM_TRIGGER = "zq"  # the trigger "the room" proposes on the second path
+
+
+def app_demo(root: Path, shots: Path | None, rep: int, typed: str | None = None) -> dict:
     from playwright.sync_api import sync_playwright
     out = {}
     with streamlit_server(root) as url, sync_playwright() as p:
@@ -49,12 +57,16 @@ def app_demo(root: Path, shots: Path | None, rep: int) -> dict:
         t_open = time.perf_counter()
         page.goto(url)
         page.get_by_text("No demo run is stored yet").wait_for(timeout=120_000)
-        # as in a class: the page is open before the click, long enough for its warm job process
-        while not jobs.standby_ready(root):
-            if time.perf_counter() - t_open > 180:
-                raise RuntimeError("the standby job process never became ready")
-            time.sleep(0.2)
-        out["standby_ready_after_open_s"] = time.perf_counter() - t_open
+        # as in a class: the page is open before the click, until it says the backdoor is planted
+        page.get_by_text("Ready: the backdoor").wait_for(timeout=180_000)
+        out["planted_after_open_s"] = time.perf_counter() - t_open
+        if shots:
+            page.screenshot(path=str(shots / f"live_demo_planted_{rep}.png"))
+        if typed is not None:
+            box = page.get_by_role("textbox", name="Trigger proposed by the room")
+            box.fill(typed)
+            box.press("Enter")
+            page.wait_for_timeout(300)  # the box's value reaches the app before the click
         t0 = time.perf_counter()
         page.get_by_role("button", name="Run the live demo").click()
         page.get_by_text("Now:").first.wait_for(timeout=60_000)
@@ -95,26 +107,34 @@ def main() -> int:
     shots = Path(args.screenshots) if args.screenshots else None
     if shots:
         shots.mkdir(parents=True, exist_ok=True)
-    reps = [app_demo(Path(tempfile.mkdtemp(prefix="app_demo_")), shots if i == 0 else None, i)
-            for i in range(args.repeats)]
+    paths = {"planted": None, "typed": ROOM_TRIGGER}
+    reps = {name: [app_demo(Path(tempfile.mkdtemp(prefix="app_demo_")), shots if i == 0 and name == "planted"
+                            else None, i, typed) for i in range(args.repeats)] for name, typed in paths.items()}
     cli = None if args.no_baseline else cli_demo(Path(tempfile.mkdtemp(prefix="cli_demo_")))
-    med = {k: statistics.median(r[k] for r in reps) for k in ("progress_shown_s", "headline_s", "full_page_s")}
-    each = lambda k: ", ".join(f"{r[k]:.1f}" for r in reps)  # noqa: E731
+
+    def row(what, name, key, target=""):
+        runs = [r[key] for r in reps[name]]
+        return f"| {what} | {statistics.median(runs):.1f} | {', '.join(f'{v:.1f}' for v in runs)} | {target} |"
     lines = ["# The live demo from the app (bench/app_live_demo.py)", "",
-             f"An empty run store each time, the Live demo page open in headless Chromium until its warm job "
-             f"process is ready, then one click on **Run the live demo** (preset `live`, trigger `cf`); this "
-             f"machine ({os.cpu_count()} CPU cores, no GPU). Seconds from the click, median of {len(reps)} "
-             f"(each run in brackets).", "",
+             f"An empty run store each time, the Live demo page open in headless Chromium (preset `live`); this "
+             f"machine ({os.cpu_count()} CPU cores, no GPU). Median of {args.repeats} runs of each path (each run "
+             f"in brackets), in seconds from the click unless said otherwise.", "",
+             f"- **planted**: the page open until it says the backdoor `cf` is planted (its waiting job process "
+             f"trains the backdoored model meanwhile), then one click on **Run the live demo**.",
+             f"- **typed, clicked at once**: the same, then the room's trigger `{ROOM_TRIGGER}` is typed and "
+             f"clicked at once: the backdoor is planted after the click.", "",
              "| what | median s | runs | target |", "| --- | ---: | --- | ---: |",
-             f"| progress shown | {med['progress_shown_s']:.1f} | {each('progress_shown_s')} | |",
-             f"| headline: victim, Stage 1, Stage 2 and clean fine-tuning | {med['headline_s']:.1f} | "
-             f"{each('headline_s')} | 30 |",
-             f"| full page: every baseline and plot, analyses complete | {med['full_page_s']:.1f} | "
-             f"{each('full_page_s')} | 60 |"]
+             row("page open → backdoor planted (before the click)", "planted", "planted_after_open_s"),
+             row("planted: progress shown", "planted", "progress_shown_s"),
+             row("planted: headline (victim, Stage 1, Stage 2 and clean fine-tuning)", "planted", "headline_s", "30"),
+             row("planted: full page (every baseline and plot, analyses complete)", "planted", "full_page_s", "60"),
+             row(f"typed `{ROOM_TRIGGER}`, clicked at once: headline", "typed", "headline_s", "30"),
+             row(f"typed `{ROOM_TRIGGER}`, clicked at once: full page", "typed", "full_page_s", "60")]
     if cli is not None:
         lines.append(f"| baseline, same session: `locphylax demo` on the command line (demo preset, pipeline + "
                      f"analyses) | {cli:.1f} | | |")
-    lines += ["", f"The page said (first run): {reps[0]['sentence']}"]
+    lines += ["", f"The page said (first planted run): {reps['planted'][0]['sentence']}", "",
+              f"The page said (first typed run): {reps['typed'][0]['sentence']}"]
     (REPO / "bench" / "results" / "app_live_demo.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -99,6 +99,43 @@ def test_live_demo_shows_the_collapse_in_plain_sentences(demo_root, run_view, mo
     assert all(p.endswith("%") and 0 < float(p[:-1]) <= 100 for p in table["probability"])
 
 
+def test_live_demo_plants_the_backdoor_of_the_trigger_in_the_box_before_the_click(run_view, tmp_path, monkeypatch):
+    """The waiting job process builds the backdoored model for the trigger in the box while the
+    instructor talks (jobs.prepare); the page says so, then shows what the planted backdoor does."""
+    root = tmp_path / "runs"
+    prepared = root / "prep-1"
+    shutil.copytree(run_view.path, prepared)
+    state = json.loads((prepared / "state.json").read_text())
+    (prepared / "state.json").write_text(json.dumps({**state, "status": "prepared", "preset": "live"}))
+    asked, ready = [], {"now": False}
+    monkeypatch.setenv("LOCPHYLAX_STANDBY", "1")
+    monkeypatch.setattr(jobs, "ensure_standby", lambda _root: True)
+    monkeypatch.setattr(jobs, "standby_alive", lambda _root: True)
+    monkeypatch.setattr(jobs, "prepare", lambda cfg, _root: asked.append(cfg) or "prep-1")
+    monkeypatch.setattr(jobs, "prepared_run", lambda _root, cfg: ("prep-1", ready["now"]))
+    at = app(root, monkeypatch)
+    assert asked and asked[-1].name == "live" and asked[-1].attack.trigger == "cf"
+    assert "Planting the backdoor “cf” while the page waits" in texts(at.caption)
+    ready["now"] = True
+    at.run()
+    victim = run_view.summary["stages"]["victim"]
+    said = texts(at.success)
+    assert "Ready: the backdoor “cf” is planted." in said and "One click runs the defense." in said
+    if victim["asr"]["unknown"] is not None:  # the micro victim's may be undefined
+        assert f"It fools the backdoored model on {100 * victim['asr']['unknown']:.1f}%" in said
+    # the room proposes another trigger: that one is planted instead
+    at.text_input(key="demo_trigger").set_value("as if").run()
+    assert asked[-1].attack.trigger == "as if" and asked[-1].attack.family == "phrase"
+    # the run shown already is that very configuration: nothing is planted again
+    asked.clear()
+    shown = root / "shown-1"
+    shutil.copytree(run_view.path, shown)
+    cfg = load_config("live", {"attack.trigger": "cf", "attack.family": "word"})
+    (shown / "state.json").write_text(json.dumps({**state, "preset": "live", "config_sha256": cfg.sha256()}))
+    at = app(root, monkeypatch)
+    assert asked == [] and "Ready: the backdoor" not in texts(at.success)
+
+
 def test_setup_shows_validation_errors_beside_the_field(analysed_root, monkeypatch):
     at = app(analysed_root, monkeypatch, "setup")
     at.selectbox(key="setup_preset").set_value("micro").run()

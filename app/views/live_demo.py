@@ -76,6 +76,7 @@ def latest_shown() -> R.RunView | None:
 live = [j for j in S.live_jobs() if j.run_id.split("-")[2:3] in ([p] for p in SHOWN_PRESETS)]
 if not live:
     S.warm_standby()  # the next click starts training at once instead of importing torch first
+shown = None if live else latest_shown()
 c1, c2 = st.columns([3, 2], vertical_alignment="bottom")
 proposed = c1.text_input("Trigger proposed by the room", value=DEFAULT_TRIGGER, max_chars=40, key="demo_trigger",
                          help="Any word or short phrase: the app plants it as the hidden backdoor, then defends "
@@ -91,6 +92,44 @@ if c2.button("▶ Run the live demo", type="primary", disabled=bool(live) or pro
         st.error(f"That trigger cannot be used: {'; '.join((e.fields or {}).values()) or e}")
 if problem and proposed.strip():
     c1.warning(problem)
+
+
+def planted_line(run_id: str, trigger: str) -> None:
+    view = S.load_view(S.runs_root() / run_id)
+    victim = ((view.summary or {}).get("stages") or {}).get("victim") if view is not None else None
+    if victim is None:
+        return
+    works = "" if _asr(victim) is None else (f" It fools the backdoored model on {S.fmt_pct(_asr(victim))} of the "
+                                             f"reviews that carry it (clean accuracy {S.fmt_pct(victim.get('cacc'))}).")
+    st.success(f"Ready: the backdoor “{trigger}” is planted.{works} One click runs the defense.")
+
+
+@st.fragment(run_every=3.0)
+def planting_line(cfg, trigger: str) -> None:
+    got = S.prepare_job(cfg)  # asked again until the waiting job process, once it is ready, takes it
+    if (got is not None and got[1]) or (got is None and not S.standby_alive()):
+        st.rerun(scope="app")  # planted (or nobody can plant it): the page shows it once, without polling
+    st.caption(f"Planting the backdoor “{trigger}” while the page waits, so that the click only has to run "
+               "the defense …")
+
+
+def plant_ahead(trigger: str) -> None:
+    """The backdoored model for the trigger in the box is built while the instructor talks (by the
+    waiting job process: ``jobs.prepare``), unless the run shown already is that very run."""
+    cfg = live_config(trigger)
+    if shown is not None and (shown.state or {}).get("config_sha256") == cfg.sha256():
+        return
+    got = S.prepare_job(cfg)
+    if got is not None and got[1]:
+        planted_line(got[0], " ".join(trigger.split()))
+    elif got is not None or S.standby_alive():
+        planting_line(cfg, " ".join(trigger.split()))
+
+
+def _asr(block):
+    return (block or {}).get("asr", {}).get("unknown")
+
+
 
 
 def trigger_names(view: R.RunView) -> dict[str, str]:
@@ -135,10 +174,6 @@ def present(fig, view: R.RunView, height: int, pct_axis: bool = False):
     return fig
 
 
-def _asr(block):
-    return (block or {}).get("asr", {}).get("unknown")
-
-
 def headline(view: R.RunView) -> None:
     s = view.summary or {}
     stages, base = s.get("stages", {}), s.get("baselines", {})
@@ -146,16 +181,16 @@ def headline(view: R.RunView) -> None:
     v, a1, a2 = (_asr(stages.get(k)) if k in stages else None for k in ("victim", "stage1", "stage2"))
     ft = _asr(base.get("clean_ft")) if "clean_ft" in base else None
 
-    def shown(key, value, where):
+    def cell(key, value, where):
         return S.fmt_pct(value) if key in where else waiting
     trig = view.attack_trigger or "?"
     st.subheader(f"How often the hidden trigger “{trig}” still works")  # rates in %
     m = st.columns(4)
-    m[0].metric("backdoored model", shown("victim", v, stages))
-    m[1].metric("after Stage 1", shown("stage1", a1, stages))
-    m[2].metric("after Stage 2", shown("stage2", a2, stages),
+    m[0].metric("backdoored model", cell("victim", v, stages))
+    m[1].metric("after Stage 1", cell("stage1", a1, stages))
+    m[2].metric("after Stage 2", cell("stage2", a2, stages),
                 delta=None if v is None or a2 is None else f"{100 * (a2 - v):+.1f} points", delta_color="inverse")
-    m[3].metric("plain clean fine-tuning", shown("clean_ft", ft, base))
+    m[3].metric("plain clean fine-tuning", cell("clean_ft", ft, base))
     if "stage2" in stages and "clean_ft" in base:
         cacc_v, cacc_2 = stages.get("victim", {}).get("cacc"), stages["stage2"].get("cacc")
         verdict = ("" if a2 is None or v is None else "The defense removed most of the backdoor." if a2 <= 0.1
@@ -247,38 +282,36 @@ def extras(view: R.RunView) -> None:
         st.caption("More plots are on their way …")
 
 
-def board(run_id: str | None, view: R.RunView | None) -> None:
-    running = False
-    if run_id is not None:
-        running = progress_line(run_id)
-        view = S.load_view(S.runs_root() / run_id)
-    if view is None or view.summary is None:
-        if running:
-            st.info("Starting: loading the clean model …")
-        return
+def board(view: R.RunView) -> None:
     if not presentation:
         st.caption(f"run `{view.run_id}`")
     headline(view)
     curve(view)
     extras(view)
-    if run_id is not None and not running:
-        st.rerun(scope="app")
 
 
-@st.fragment(run_every=3.0)  # polls the job's files: each redraw costs CPU the job (another process) needs
+@st.fragment(run_every=4.0)  # polls the job's files: each redraw costs CPU the job (another process) needs
 def live_board(run_id: str) -> None:
-    board(run_id, None)
+    running = progress_line(run_id)
+    view = S.load_view(S.runs_root() / run_id)
+    if view is None or view.summary is None:
+        if running:
+            st.info("Starting: loading the clean model …")
+    else:
+        board(view)
+    if not running:
+        st.rerun(scope="app")  # the job ended: the whole page shows the finished run
 
 
+if not live and problem is None:
+    plant_ahead(proposed)
 if live:
     live_board(live[0].run_id)
-    shown = None
 else:
-    shown = latest_shown()
     if shown is None:
         st.info("No demo run is stored yet: one click on **Run the live demo** computes it, with progress here.")
     else:
-        board(None, shown)
+        board(shown)
 
 if shown is not None and shown.health == "done":
     st.markdown("#### Try it yourself")
