@@ -347,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config field, e.g. --set attack.family=phrase (repeatable)")
         sp.add_argument("--dry-run", action="store_true", help="validate and print the plan, train nothing")
         sp.add_argument("--no-analyze", action="store_true", help="skip the analyses after the run (see `analyze`)")
+        sp.add_argument("--stop-after", metavar="STAGE", default=None,
+                        help="stop once this stage (e.g. victim) is finished; `resume` runs the rest")
 
     sp = sub.add_parser("demo", help="the whole pipeline on the embedded default (about 3 minutes on 2 CPU cores)")
     add_set(sp)
@@ -354,8 +356,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="run a preset (demo, sst2, ...) or a YAML config")
     sp.add_argument("config", help="preset name or path to a YAML file")
     add_set(sp)
-    sp.add_argument("--stop-after", metavar="STAGE", default=None,
-                    help="stop once this stage (e.g. victim) is finished; `resume` runs the rest")
     sp.set_defaults(fn=cmd_run)
     sp = sub.add_parser("resume", help="continue a killed or cancelled run from its last finished stage")
     sp.add_argument("run", help="run id, id prefix or folder")

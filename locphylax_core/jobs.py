@@ -148,12 +148,17 @@ def launch(cfg: RunConfig, runs_root: str | Path = "runs", *, analyze: bool = Tr
     standby = _claim_standby(root)
     held = (standby or {}).get("rec", {}).get("prepared")
     use_prepared = not resume and held is not None and held.get("sha256") == cfg.sha256()
-    if held is not None and not use_prepared and not held.get("done"):
-        _stop_preparing(root, held["run_id"])  # another configuration: the standby drops it and takes this job
     run_id = held["run_id"] if use_prepared else (resume or new_run_id(cfg.name))
     cfg_path = jd / f"{run_id}.yaml"
     log_path = jd / f"{run_id}.log"
-    atomic_write_text(cfg_path, cfg.to_yaml())  # also marks the run as launched: it is never discarded
+    try:
+        atomic_write_text(cfg_path, cfg.to_yaml())  # also marks the run as launched: it is never discarded
+    except BaseException:
+        if standby is not None:  # give the standby back, untouched
+            os.replace(standby["claimed"], _standby_dir(root) / "state.json")
+        raise
+    if held is not None and not use_prepared and not held.get("done"):
+        _stop_preparing(root, held["run_id"])  # another configuration: the standby drops it and takes this job
     (jd / f"{run_id}.exit.json").unlink(missing_ok=True)  # a resumed job's old ending
     argv = ["--runs", str(root.resolve()), "--run-id", run_id, "--config", str(cfg_path.resolve())]
     if not analyze:
