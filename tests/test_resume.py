@@ -199,9 +199,11 @@ def test_stop_after_leaves_a_prepared_run_that_resume_finishes_as_if_uninterrupt
     with pytest.raises(LocphylaxError, match="'stage9' is not a stage of this run"):
         start_run(load_config("micro"), runs_root=tmp_path / "other", stop_after="stage9")
     assert not (tmp_path / "other").exists()
-    # the command line
+    # the command line, `run` and `demo` (which shares run's arguments)
     assert cli_mod.main(["--runs", str(root), "run", "micro", "--stop-after", "victim", "--no-analyze"]) == 0
     assert "runs the rest" in capsys.readouterr().out
+    assert cli_mod.main(["--runs", str(root), "demo", "--stop-after", "stage9"]) == 2
+    assert "'stage9' is not a stage of this run" in capsys.readouterr().err
 
 
 def test_cli_cancel_and_resume_unknown_run(tmp_path, capsys):
