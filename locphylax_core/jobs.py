@@ -365,8 +365,7 @@ def _prepare_run(root: Path, asked: dict) -> bool:
 @contextlib.contextmanager
 def _paused(proc: subprocess.Popen | None):
     """Stop a child process for the duration (SIGSTOP, then SIGCONT): the standby's warm-up yields
-    both CPUs to the run it prepares or the job it becomes, and finishes afterwards (a compile
-    killed midway could leave numba's cache half-written)."""
+    both CPUs to the run it prepares, and goes on while the standby waits."""
     running = proc is not None and proc.poll() is None
     if running:
         proc.send_signal(signal.SIGSTOP)
@@ -383,9 +382,9 @@ def _standby(root: Path, token: str) -> int:
     sd = _standby_dir(root)
     state, go = sd / "state.json", sd / "go.json"
     # UMAP's compilation in a process of its own (a job can be taken meanwhile), into the cache
-    # that this process and the job it becomes then read; paused while a run is prepared or a job
-    # runs, which need the CPUs first (a job that needs UMAP before the warm-up ended compiles it
-    # itself, as a fresh process would)
+    # that this process and the job it becomes then read; paused while a run is prepared and
+    # stopped when a job is taken, which need the CPUs first (a job that needs UMAP before the
+    # warm-up ended compiles it itself, as a fresh process would)
     # (LOCPHYLAX_WARM_UP=0: skipped, e.g. by the tests, which share one cache)
     warm = os.environ.get("LOCPHYLAX_WARM_UP", "1") == "0"
     warming = None if warm else subprocess.Popen(
@@ -414,8 +413,11 @@ def _standby(root: Path, token: str) -> int:
                 log = open(job["log"], "ab")
                 os.dup2(log.fileno(), 1)
                 os.dup2(log.fileno(), 2)
-                with _paused(warming):
-                    return main(job["argv"])
+                if warming is not None and warming.poll() is None:
+                    # the job needs the CPUs; one that needs UMAP compiles what is missing itself, and
+                    # numba's cache only ever holds whole files (written aside, then renamed)
+                    warming.kill()
+                return main(job["argv"])
             asked = _read(sd / "prepare.json")
             if asked is not None and asked.get("token") == token:
                 if prepared is not None:
