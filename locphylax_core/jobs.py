@@ -13,7 +13,7 @@ Layout of ``<runs>/.jobs/`` (``list_runs`` skips dot folders)::
     <run_id>.yaml        the configuration the job runs
     <run_id>.log         the job's stdout and stderr
     <run_id>.exit.json   written by the job as it ends: return code and phase
-    standby/state.json   a warm job process waiting for work (pid, token, ready, busy, prepared)
+    standby/state.json   a warm job process waiting for work (pid, token, ready, prepared)
     standby/go.json      the job handed to it (the arguments of ``main``)
     standby/prepare.json a run it should start ahead of time, up to one stage (:func:`prepare`)
 
@@ -333,7 +333,8 @@ def _hand_to_standby(root: Path, standby: dict, argv: list[str], log_path: Path,
     rec, claimed = standby["rec"], standby["claimed"]
     go = _standby_dir(root) / "go.json"
     atomic_write_json(go, {"token": rec["token"], "argv": argv, "log": str(log_path)})
-    idle = rec.get("ready") and not rec.get("busy")
+    preparing = rec.get("prepared") is not None and not rec["prepared"].get("done")
+    idle = rec.get("ready") and not preparing
     deadline = time.monotonic() + (wait if idle else 0.0)
     while go.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -351,7 +352,7 @@ def _prepare_run(root: Path, asked: dict) -> bool:
     try:
         quiet_libraries()
         start_run(load_config(asked["config"]), runs_root=root, reporter=_ProgressReporter(root / run_id),
-                  run_id=run_id, stop_after=asked.get("stop_after") or PREPARE_STAGE)
+                  run_id=run_id, stop_after=asked["stop_after"])
         return True
     except (Cancelled, KeyboardInterrupt):
         pass
@@ -423,12 +424,12 @@ def _standby(root: Path, token: str) -> int:
                 if prepared is not None:
                     _discard_prepared(root, prepared["run_id"])
                 prepared = {"run_id": asked["run_id"], "sha256": asked["sha256"], "done": False}
-                update(busy=True, prepared=prepared)
+                update(prepared=prepared)  # not done: busy, so a launcher does not wait for an answer
                 (sd / "prepare.json").unlink(missing_ok=True)  # after the state says so (see prepare())
                 with _paused(warming):
                     ok = _prepare_run(root, asked)
                 prepared = {**prepared, "done": True} if ok else None
-                update(busy=False, prepared=prepared)
+                update(prepared=prepared)
                 continue
             if not state.exists() and not any(sd.glob("claimed-*.json")):  # removed: nobody will hand us a job
                 if warming is not None:

@@ -124,16 +124,30 @@ def test_progress_fraction_counts_finished_and_current_steps():
     assert Path(jobs.jobs_dir("x")).name == ".jobs"
 
 
+def _ready_standby(root) -> int:
+    assert jobs.ensure_standby(root)
+    t0 = time.monotonic()
+    while not jobs.standby_ready(root):
+        assert time.monotonic() - t0 < 120, "the standby never became ready"
+        time.sleep(0.1)
+    return json.loads((root / ".jobs" / "standby" / "state.json").read_text())["pid"]
+
+
+def _prepared(root, cfg, timeout=120.0) -> str:
+    t0 = time.monotonic()
+    while True:
+        got = jobs.prepared_run(root, cfg)
+        if got is not None and got[1]:
+            return got[0]
+        assert time.monotonic() - t0 < timeout, "the standby never finished preparing"
+        time.sleep(0.1)
+
+
 def test_a_warm_standby_takes_the_next_job_and_starts_it_at_once(tmp_path):
     """ensure_standby starts a process that imports torch and transformers ahead of time; launch
     hands it the job (the record names the standby's pid) instead of starting a cold process."""
-    assert jobs.ensure_standby(tmp_path)
+    pid = _ready_standby(tmp_path)
     state = tmp_path / ".jobs" / "standby" / "state.json"
-    t0 = time.monotonic()
-    while not jobs.standby_ready(tmp_path):
-        assert time.monotonic() - t0 < 120, "the standby never became ready"
-        time.sleep(0.1)
-    pid = json.loads(state.read_text())["pid"]
     assert jobs.ensure_standby(tmp_path) and json.loads(state.read_text())["pid"] == pid  # one is enough
     assert [j.run_id for j in jobs.list_jobs(tmp_path)] == []  # the standby is not a job
     run_id = jobs.launch(load_config("micro", {"defense.baselines": []}), tmp_path, analyze=False)
@@ -156,25 +170,6 @@ def test_an_idle_standby_is_retired_when_its_app_stops(tmp_path):
         assert time.monotonic() - t0 < 60, "the retired standby did not exit"
         time.sleep(0.1)
     assert not jobs.standby_ready(tmp_path) and not jobs.stop_standby(tmp_path)
-
-
-def _ready_standby(root) -> int:
-    assert jobs.ensure_standby(root)
-    t0 = time.monotonic()
-    while not jobs.standby_ready(root):
-        assert time.monotonic() - t0 < 120, "the standby never became ready"
-        time.sleep(0.1)
-    return json.loads((root / ".jobs" / "standby" / "state.json").read_text())["pid"]
-
-
-def _prepared(root, cfg, timeout=120.0) -> str:
-    t0 = time.monotonic()
-    while True:
-        got = jobs.prepared_run(root, cfg)
-        if got is not None and got[1]:
-            return got[0]
-        assert time.monotonic() - t0 < timeout, "the standby never finished preparing"
-        time.sleep(0.1)
 
 
 def test_a_prepared_run_is_continued_by_the_launch_of_its_configuration(tmp_path, micro_run):

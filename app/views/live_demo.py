@@ -47,9 +47,14 @@ else:
     st.write(STORY)
 
 
+def room_trigger(text: str) -> str:
+    """The trigger as typed, with its spacing made plain."""
+    return " ".join(text.split())
+
+
 def trigger_problem(text: str) -> str | None:
     """Why the room's trigger cannot be used, or None."""
-    t = " ".join(text.split())
+    t = room_trigger(text)
     if not t:
         return "Type a trigger word or phrase."
     if len(t) > 40 or len(t.split()) > 6:
@@ -61,7 +66,7 @@ def trigger_problem(text: str) -> str | None:
 
 
 def live_config(trigger: str):
-    t = " ".join(trigger.split())
+    t = room_trigger(trigger)
     return load_config(PRESET, {"attack.trigger": t, "attack.family": "phrase" if " " in t else "word"})
 
 
@@ -121,15 +126,13 @@ def plant_ahead(trigger: str) -> None:
         return
     got = S.prepare_job(cfg)
     if got is not None and got[1]:
-        planted_line(got[0], " ".join(trigger.split()))
+        planted_line(got[0], room_trigger(trigger))
     elif got is not None or S.standby_alive():
-        planting_line(cfg, " ".join(trigger.split()))
+        planting_line(cfg, room_trigger(trigger))
 
 
 def _asr(block):
     return (block or {}).get("asr", {}).get("unknown")
-
-
 
 
 def trigger_names(view: R.RunView) -> dict[str, str]:
