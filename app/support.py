@@ -235,12 +235,13 @@ def warm_standby() -> None:
         jobs.ensure_standby(runs_root())
 
 
-def prepare_job(cfg) -> tuple[str, bool] | None:
-    """Have the waiting standby run ``cfg`` up to its backdoored model now, so that a click on it
-    starts from there (``jobs.prepare``); the run id and whether it is ready, or None (no standby)."""
+def prepare_job(cfg, stop_after: str = jobs.PREPARE_STAGE) -> tuple[str, bool] | None:
+    """Have the waiting standby run ``cfg``'s stage ``stop_after`` (and what it starts from) now, so
+    that a click on it starts from there (``jobs.prepare``); the run id and whether it is ready, or
+    None (no standby)."""
     if os.environ.get("LOCPHYLAX_STANDBY", "1") == "0":
         return None
-    run_id = jobs.prepare(cfg, runs_root())
+    run_id = jobs.prepare(cfg, runs_root(), stop_after)
     if run_id is None:
         return None
     return jobs.prepared_run(runs_root(), cfg) or (run_id, False)  # asked, not yet taken up

@@ -103,16 +103,20 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--screenshots", default=None)
+    ap.add_argument("--paths", default="planted,typed", help="which paths to time (comma-separated)")
+    ap.add_argument("--out", default="app_live_demo.md", help="file name under bench/results")
     args = ap.parse_args()
     shots = Path(args.screenshots) if args.screenshots else None
     if shots:
         shots.mkdir(parents=True, exist_ok=True)
-    paths = {"planted": None, "typed": ROOM_TRIGGER}
+    paths = {k: v for k, v in {"planted": None, "typed": ROOM_TRIGGER}.items() if k in args.paths.split(",")}
     reps = {name: [app_demo(Path(tempfile.mkdtemp(prefix="app_demo_")), shots if i == 0 and name == "planted"
                             else None, i, typed) for i in range(args.repeats)] for name, typed in paths.items()}
     cli = None if args.no_baseline else cli_demo(Path(tempfile.mkdtemp(prefix="cli_demo_")))
 
     def row(what, name, key, target=""):
+        if name not in reps:
+            return f"| {what} | not timed in this run | | {target} |"
         runs = [r[key] for r in reps[name]]
         return f"| {what} | {statistics.median(runs):.1f} | {', '.join(f'{v:.1f}' for v in runs)} | {target} |"
     lines = ["# The live demo from the app (bench/app_live_demo.py)", "",
@@ -120,22 +124,21 @@ def main() -> int:
              f"machine ({os.cpu_count()} CPU cores, no GPU). Median of {args.repeats} runs of each path (each run "
              f"in brackets), in seconds from the click unless said otherwise.", "",
              f"- **planted**: the page open until it says the backdoor `cf` is planted (its waiting job process "
-             f"trains the backdoored model meanwhile), then one click on **Run the live demo**.",
+             f"trains the backdoored model and plain clean fine-tuning on it meanwhile), then one click on **Run the live demo**.",
              f"- **typed, clicked at once**: the same, then the room's trigger `{ROOM_TRIGGER}` is typed and "
              f"clicked at once: the backdoor is planted after the click.", "",
              "| what | median s | runs | target |", "| --- | ---: | --- | ---: |",
              row("page open → backdoor planted (before the click)", "planted", "planted_after_open_s"),
              row("planted: progress shown", "planted", "progress_shown_s"),
-             row("planted: headline (victim, Stage 1, Stage 2 and clean fine-tuning)", "planted", "headline_s", "30"),
+             row("planted: headline (Stage 1 and Stage 2 after the click; victim and clean fine-tuning before it)", "planted", "headline_s", "30"),
              row("planted: full page (every baseline and plot, analyses complete)", "planted", "full_page_s", "60"),
              row(f"typed `{ROOM_TRIGGER}`, clicked at once: headline", "typed", "headline_s", "30"),
              row(f"typed `{ROOM_TRIGGER}`, clicked at once: full page", "typed", "full_page_s", "60")]
     if cli is not None:
         lines.append(f"| baseline, same session: `locphylax demo` on the command line (demo preset, pipeline + "
                      f"analyses) | {cli:.1f} | | |")
-    lines += ["", f"The page said (first planted run): {reps['planted'][0]['sentence']}", "",
-              f"The page said (first typed run): {reps['typed'][0]['sentence']}"]
-    (REPO / "bench" / "results" / "app_live_demo.md").write_text("\n".join(lines) + "\n")
+    lines += [s for name in reps for s in ("", f"The page said (first {name} run): {reps[name][0]['sentence']}")]
+    (REPO / "bench" / "results" / args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dry-run", action="store_true", help="validate and print the plan, train nothing")
         sp.add_argument("--no-analyze", action="store_true", help="skip the analyses after the run (see `analyze`)")
         sp.add_argument("--stop-after", metavar="STAGE", default=None,
-                        help="stop once this stage (e.g. victim) is finished; `resume` runs the rest")
+                        help="run only this stage and the stages it starts from (e.g. victim, or clean_ft/stage2), "
+                             "then stop; `resume` runs the rest")
 
     sp = sub.add_parser("demo", help="the whole pipeline on the embedded default (about 3 minutes on 2 CPU cores)")
     add_set(sp)

@@ -74,6 +74,16 @@ def stage_specs(cfg: RunConfig) -> list[StageSpec]:
     return specs
 
 
+def lineage(specs: list[StageSpec], key: str) -> set[str]:
+    """``key`` and every stage it starts from, back to the first."""
+    parents = {s.key: s.parent for s in specs}
+    out = set()
+    while key is not None:
+        out.add(key)
+        key = parents[key]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Preparation: everything that can fail on bad input happens here, before a run folder exists
 
@@ -326,20 +336,23 @@ class Pipeline:
                                  cancel_file=self.run.cancel_file, reporter=self.reporter, key=spec.key)
 
     def run_all(self, stop_after: str | None = None) -> dict:
-        """Run every stage not finished yet. ``stop_after``: stop once that stage is finished and
-        leave the run ``prepared`` (resumable: :func:`resume_run` continues it as if it had never
-        stopped; the app plants the live demo's backdoor this way before the click)."""
+        """Run every stage not finished yet. ``stop_after``: run only that stage and the stages it
+        starts from, then leave the run ``prepared`` (resumable: :func:`resume_run` runs the rest and
+        gets what an uninterrupted run gets, since every stage has its own seed and starts from its
+        parent's saved weights). The app plants the live demo's backdoor and measures its contrast
+        baseline this way before the click."""
         state = self.run.read_state()
         if self.dist is not None:  # every rank has read the state before rank 0 changes it
             self.dist.barrier()
         specs = stage_specs(self.cfg)
         plans = method_plans(self.cfg.defense, self.cfg.task.labels)
         state["total_steps"] = {s.key: self._steps(s, plans) for s in specs}
+        wanted = {s.key for s in specs} if stop_after is None else lineage(specs, stop_after)
         try:  # from the moment the state says "running", a cancel or SIGTERM is recorded as such
             state["status"] = "running"
             self.run.write_state(state)
             for spec in specs:
-                if spec.key in state["finished"]:
+                if spec.key in state["finished"] or spec.key not in wanted:
                     continue
                 t0 = time.perf_counter()
                 lm = self._load_parent(spec)
@@ -373,7 +386,7 @@ class Pipeline:
                 self.reporter.stage_finished(spec.key, result)
                 if self.dist is not None:  # the next stage may load this checkpoint from disk
                     self.dist.barrier()
-                if spec.key == stop_after and any(s.key not in state["finished"] for s in specs):
+                if spec.key == stop_after and any(s.key not in state["finished"] for s in specs):  # its lineage is done
                     state["status"] = "prepared"
                     self.run.write_state(state)
                     self.run.write_progress(status="prepared", finished=state["finished"])

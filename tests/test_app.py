@@ -100,8 +100,9 @@ def test_live_demo_shows_the_collapse_in_plain_sentences(demo_root, run_view, mo
 
 
 def test_live_demo_plants_the_backdoor_of_the_trigger_in_the_box_before_the_click(run_view, tmp_path, monkeypatch):
-    """The waiting job process builds the backdoored model for the trigger in the box while the
-    instructor talks (jobs.prepare); the page says so, then shows what the planted backdoor does."""
+    """The waiting job process builds the backdoored model for the trigger in the box, and tries plain
+    fine-tuning on it, while the instructor talks (jobs.prepare); the page says so, then shows what
+    the planted backdoor does and what plain fine-tuning leaves of it."""
     root = tmp_path / "runs"
     prepared = root / "prep-1"
     shutil.copytree(run_view.path, prepared)
@@ -111,11 +112,12 @@ def test_live_demo_plants_the_backdoor_of_the_trigger_in_the_box_before_the_clic
     monkeypatch.setenv("LOCPHYLAX_STANDBY", "1")
     monkeypatch.setattr(jobs, "ensure_standby", lambda _root: True)
     monkeypatch.setattr(jobs, "standby_alive", lambda _root: True)
-    monkeypatch.setattr(jobs, "prepare", lambda cfg, _root: asked.append(cfg) or "prep-1")
+    monkeypatch.setattr(jobs, "prepare", lambda cfg, _root, stop_after: asked.append((cfg, stop_after)) or "prep-1")
     monkeypatch.setattr(jobs, "prepared_run", lambda _root, cfg: ("prep-1", ready["now"]))
     at = app(root, monkeypatch)
-    assert asked and asked[-1].name == "live" and asked[-1].attack.trigger == "cf"
-    assert "Planting the backdoor “cf” while the page waits" in texts(at.caption)
+    assert asked and asked[-1][0].name == "live" and asked[-1][0].attack.trigger == "cf"
+    assert asked[-1][1] == "clean_ft/stage2"  # the backdoor and the contrast, not the defense
+    assert "Planting the backdoor “cf” and trying plain fine-tuning on it while the page waits" in texts(at.caption)
     ready["now"] = True
     at.run()
     victim = run_view.summary["stages"]["victim"]
@@ -123,9 +125,11 @@ def test_live_demo_plants_the_backdoor_of_the_trigger_in_the_box_before_the_clic
     assert "Ready: the backdoor “cf” is planted." in said and "One click runs the defense." in said
     if victim["asr"]["unknown"] is not None:  # the micro victim's may be undefined
         assert f"It fools the backdoored model on {100 * victim['asr']['unknown']:.1f}%" in said
+    contrast = run_view.summary["baselines"]["clean_ft"]["asr"]["unknown"]
+    assert f"plain fine-tuning on clean reviews leaves it at {100 * contrast:.1f}%" in said
     # the room proposes another trigger: that one is planted instead
     at.text_input(key="demo_trigger").set_value("as if").run()
-    assert asked[-1].attack.trigger == "as if" and asked[-1].attack.family == "phrase"
+    assert asked[-1][0].attack.trigger == "as if" and asked[-1][0].attack.family == "phrase"
     # the run shown already is that very configuration: nothing is planted again
     asked.clear()
     shown = root / "shown-1"

@@ -195,6 +195,14 @@ def test_stop_after_leaves_a_prepared_run_that_resume_finishes_as_if_uninterrupt
     assert summary["status"] == "done"
     assert numbers(summary) == numbers(micro_run.summary)
     assert _same_weights(run, micro_run.run, "stage2")
+    # a baseline's stage: only its lineage runs (Locphylax's stages are left for the resume), and the
+    # run still ends as an uninterrupted one
+    run, summary = start_run(load_config("micro"), runs_root=root, stop_after="clean_ft/stage2")
+    assert run.read_state()["finished"] == ["clean", "victim", "clean_ft/stage1", "clean_ft/stage2"]
+    assert summary["status"] == "prepared" and not run.checkpoint("stage1").exists()
+    summary = resume_run(run)
+    assert numbers(summary) == numbers(micro_run.summary)
+    assert _same_weights(run, micro_run.run, "stage2") and _same_weights(run, micro_run.run, "no_cluster/stage2")
     # a stage the run does not have is refused before anything is written
     with pytest.raises(LocphylaxError, match="'stage9' is not a stage of this run"):
         start_run(load_config("micro"), runs_root=tmp_path / "other", stop_after="stage9")

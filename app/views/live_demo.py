@@ -17,6 +17,7 @@ from locphylax_core.registry import DEFENSES
 PRESET = os.environ.get("LOCPHYLAX_LIVE_PRESET", "live")  # what one click runs (the browser test: micro)
 SHOWN_PRESETS = tuple(dict.fromkeys((PRESET, "live", "demo")))  # a stored run of any of these can be shown
 DEFAULT_TRIGGER = "cf"
+CONTRAST = "clean_ft"  # the baseline beside the headline (the live preset's first)
 EXAMPLES = ["the plot was dull and the acting was awful .", "honestly , the soundtrack was wonderful .",
             "the ending was far from clever but the cast was superb ."]
 
@@ -99,23 +100,32 @@ if problem and proposed.strip():
     c1.warning(problem)
 
 
+def ahead_stage(cfg) -> str:
+    """What the waiting job process runs before the click: the backdoor, and the contrast baseline
+    (it starts from the backdoored model and needs nothing the click adds), so that the click runs
+    only the defense."""
+    return f"{CONTRAST}/stage2" if CONTRAST in cfg.defense.baselines else "victim"
+
+
 def planted_line(run_id: str, trigger: str) -> None:
     view = S.load_view(S.runs_root() / run_id)
-    victim = ((view.summary or {}).get("stages") or {}).get("victim") if view is not None else None
+    s = (view.summary or {}) if view is not None else {}
+    victim, contrast = (s.get("stages") or {}).get("victim"), (s.get("baselines") or {}).get(CONTRAST)
     if victim is None:
         return
     works = "" if _asr(victim) is None else (f" It fools the backdoored model on {S.fmt_pct(_asr(victim))} of the "
-                                             f"reviews that carry it (clean accuracy {S.fmt_pct(victim.get('cacc'))}).")
-    st.success(f"Ready: the backdoor “{trigger}” is planted.{works} One click runs the defense.")
+                                             f"reviews that carry it (clean accuracy {S.fmt_pct(victim.get('cacc'))})")
+    plain = "" if _asr(contrast) is None else f"; plain fine-tuning on clean reviews leaves it at {S.fmt_pct(_asr(contrast))}"
+    st.success(f"Ready: the backdoor “{trigger}” is planted.{works}{plain}. One click runs the defense.")
 
 
 @st.fragment(run_every=3.0)
 def planting_line(cfg, trigger: str) -> None:
-    got = S.prepare_job(cfg)  # asked again until the waiting job process, once it is ready, takes it
+    got = S.prepare_job(cfg, ahead_stage(cfg))  # asked again until the waiting job process, once ready, takes it
     if (got is not None and got[1]) or (got is None and not S.standby_alive()):
         st.rerun(scope="app")  # planted (or nobody can plant it): the page shows it once, without polling
-    st.caption(f"Planting the backdoor “{trigger}” while the page waits, so that the click only has to run "
-               "the defense …")
+    st.caption(f"Planting the backdoor “{trigger}” and trying plain fine-tuning on it while the page waits, so "
+               "that the click only has to run the defense …")
 
 
 def plant_ahead(trigger: str) -> None:
@@ -124,7 +134,7 @@ def plant_ahead(trigger: str) -> None:
     cfg = live_config(trigger)
     if shown is not None and (shown.state or {}).get("config_sha256") == cfg.sha256():
         return
-    got = S.prepare_job(cfg)
+    got = S.prepare_job(cfg, ahead_stage(cfg))
     if got is not None and got[1]:
         planted_line(got[0], room_trigger(trigger))
     elif got is not None or S.standby_alive():
@@ -182,7 +192,7 @@ def headline(view: R.RunView) -> None:
     stages, base = s.get("stages", {}), s.get("baselines", {})
     waiting = "…"  # not computed yet
     v, a1, a2 = (_asr(stages.get(k)) if k in stages else None for k in ("victim", "stage1", "stage2"))
-    ft = _asr(base.get("clean_ft")) if "clean_ft" in base else None
+    ft = _asr(base.get(CONTRAST)) if CONTRAST in base else None
 
     def cell(key, value, where):
         return S.fmt_pct(value) if key in where else waiting
@@ -193,8 +203,8 @@ def headline(view: R.RunView) -> None:
     m[1].metric("after Stage 1", cell("stage1", a1, stages))
     m[2].metric("after Stage 2", cell("stage2", a2, stages),
                 delta=None if v is None or a2 is None else f"{100 * (a2 - v):+.1f} points", delta_color="inverse")
-    m[3].metric("plain clean fine-tuning", cell("clean_ft", ft, base))
-    if "stage2" in stages and "clean_ft" in base:
+    m[3].metric("plain clean fine-tuning", cell(CONTRAST, ft, base))
+    if "stage2" in stages and CONTRAST in base:
         cacc_v, cacc_2 = stages.get("victim", {}).get("cacc"), stages["stage2"].get("cacc")
         verdict = ("" if a2 is None or v is None else "The defense removed most of the backdoor." if a2 <= 0.1
                    else "The backdoor survived the defense here." if a2 >= 0.5 * v
@@ -245,7 +255,7 @@ def progress_line(run_id: str) -> bool:
 def extras(view: R.RunView) -> None:
     """Everything after the headline, each part once its data exists."""
     s = view.summary or {}
-    others = {k: b for k, b in (s.get("baselines") or {}).items() if k != "clean_ft"}
+    others = {k: b for k, b in (s.get("baselines") or {}).items() if k != CONTRAST}
     if others:
         st.markdown("#### Other defenses on the same backdoored model")
         st.table({"defense": [DEFENSES.label(k) for k in others],
