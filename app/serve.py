@@ -16,7 +16,8 @@ from locphylax_core import jobs
 
 HOME = Path(__file__).resolve().parent / "Home.py"
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+                  "--no-first-run", "--disable-component-update", "--disable-sync"]  # no calls to a closed network
 # the default page is served at the root URL; the others at their url_path
 PAGE_URLS = {"live_demo": "", "setup": "setup", "run": "run", "aggregation": "aggregation", "heads": "heads",
              "compare": "compare", "casd": "casd", "layers": "layers", "export": "export"}

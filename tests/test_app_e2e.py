@@ -30,6 +30,20 @@ def _shots_dir() -> Path:
     return d
 
 
+def _idle(page, timeout_ms: int = 120_000) -> None:
+    """Wait until the page's script run has ended (Streamlit's running indicator is gone), so that
+    the next navigation does not queue behind work this session is still doing on the server."""
+    page.wait_for_timeout(300)
+    page.locator('[data-testid="stStatusWidget"]').wait_for(state="detached", timeout=timeout_ms)
+
+
+def _context(page, log: Path) -> str:
+    """What a failed wait saw: the page's text and the end of the server's log."""
+    text = page.inner_text("body")[:1500] if page else ""
+    tail = log.read_text(errors="replace")[-3000:] if log.is_file() else "(no log)"
+    return f"page text:\n{text}\n--- streamlit log, end:\n{tail}"
+
+
 def test_live_demo_then_every_page_then_shared_links(tmp_path, monkeypatch):
     """One click on the Live demo page (presentation mode, a trigger typed by the room) runs a job
     (the micro preset: seconds, the page is what is tested) to its headline; then every page of
@@ -38,7 +52,8 @@ def test_live_demo_then_every_page_then_shared_links(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCPHYLAX_LIVE_PRESET", "micro")
     runs = tmp_path / "runs"
     shots = _shots_dir()
-    with streamlit_server(runs, log=tmp_path / "streamlit.log") as url, playwright_sync.sync_playwright() as p:
+    log = tmp_path / "streamlit.log"
+    with streamlit_server(runs, log=log) as url, playwright_sync.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.goto(url)
@@ -52,7 +67,8 @@ def test_live_demo_then_every_page_then_shared_links(tmp_path, monkeypatch):
         page.get_by_text("In one sentence:").wait_for(timeout=300_000)
         page.get_by_text("Try it yourself").wait_for(timeout=300_000)
         page.get_by_text("How often the hidden trigger “zz top” still works").wait_for(timeout=10_000)
-        page.wait_for_timeout(1500)
+        page.get_by_text("Which words decide the answer").wait_for(timeout=120_000)
+        _idle(page)
         assert page.locator('[data-testid="stException"]').count() == 0
         page.screenshot(path=str(shots / "live_demo_presentation.png"), full_page=True)
         run_ids = [d.name for d in runs.iterdir() if d.is_dir() and not d.name.startswith(".")]
@@ -61,7 +77,10 @@ def test_live_demo_then_every_page_then_shared_links(tmp_path, monkeypatch):
         assert (runs / run_id / "analysis.json").is_file()
         for i, name in enumerate(PAGES):
             page.goto(f"{url}/{PAGE_URLS[name]}?run={run_id}")
-            page.get_by_role("heading", name=PAGE_TITLES[name]).first.wait_for(timeout=60_000)
+            try:
+                page.get_by_role("heading", name=PAGE_TITLES[name]).first.wait_for(timeout=90_000)
+            except playwright_sync.TimeoutError:
+                pytest.fail(f"the {name} page showed no heading in 90 s\n{_context(page, log)}")
             if name in ("aggregation", "heads", "compare", "casd", "layers"):
                 page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
             page.wait_for_timeout(800)  # let plotly finish drawing
