@@ -246,21 +246,32 @@ def analysed_root(micro_run, tmp_path_factory) -> Path:
     return root
 
 
-def _pin_xdist_worker() -> None:
-    """Under pytest-xdist (`make test` runs two workers), worker k runs on CPU k only, and so do the
-    processes it starts: the library never uses more threads than that (engine.set_torch_threads),
-    so two workers never oversubscribe the cores."""
+MAKE_TEST_WORKERS = 2  # `make test` runs pytest -n 2
+
+
+def _pin_test_process() -> None:
+    """Each test process runs on its share of the CPUs, and so do the processes it starts (the
+    library never uses more threads than that: engine.set_torch_threads). Under pytest-xdist worker
+    k of n runs on the k-th share, so workers never oversubscribe the cores; a plain `pytest` takes
+    the share a `make test` worker gets, so a test run alone computes what it computes in the suite
+    (fixed seeds give the same numbers only at the same thread count)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if worker.startswith("gw") and hasattr(os, "sched_setaffinity"):
-        cpus = sorted(os.sched_getaffinity(0))
-        n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-        if n > 1 and len(cpus) >= n:
-            k = int(worker[2:])
-            share = len(cpus) // n
-            os.sched_setaffinity(0, set(cpus[k * share:(k + 1) * share]))
+    n, k = ((int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), int(worker[2:])) if worker.startswith("gw")
+            else (MAKE_TEST_WORKERS, 0))
+    cpus = sorted(os.sched_getaffinity(0))
+    if n > 1 and len(cpus) >= n:
+        share = len(cpus) // n
+        os.sched_setaffinity(0, set(cpus[k * share:(k + 1) * share]))
+        if "torch" in sys.modules:  # its thread pool may have been sized before
+            sys.modules["torch"].set_num_threads(share)
 
 
-_pin_xdist_worker()
+def pytest_configure(config):
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        _pin_test_process()  # a worker, or pytest without xdist (not xdist's controller: its workers inherit it)
+
 
 
 # The slowest test files (seconds of one worker, measured with `pytest --durations=0` under
