@@ -15,6 +15,7 @@ import streamlit as st
 from locphylax_core import jobs, list_runs, load_config
 from locphylax_core import runview as R
 from locphylax_core.analysis import figures as F
+from locphylax_core.registry import LOCPHYLAX
 
 PRESET_NAMES = {"demo": "Live demo (embedded, ~3 min)", "sst2": "SST-2 (real data, ~7 min)",
                 "micro": "Micro (seconds; numbers meaningless)", "agnews": "AG News (real data, 4 topics, ~8 min)",
@@ -216,7 +217,7 @@ def job_panel(run_id: str, key: str, curves: bool = True, caption: str | None = 
         if view.metrics:
             if caption:
                 st.caption(caption)
-            st.plotly_chart(F.curves_figure(R.curve_rows(view), ["locphylax"]), key=f"curves-{key}-{run_id}")
+            st.plotly_chart(F.curves_figure(R.curve_rows(view), [LOCPHYLAX]), key=f"curves-{key}-{run_id}")
     return status
 
 

@@ -24,7 +24,7 @@ import torch
 from .attack import insert_trigger, target_label
 from .config import REFERENCE_SETTINGS
 from .engine import HiddenSpec, Sample, SplitLoss, forward_answer, forward_loss
-from .registry import DEFENSES
+from .registry import DEFENSES, LOCPHYLAX
 from .tasks import CLASSIFICATION, TaskKind
 from .text import Example, render_prompt
 from .trainer import TrainSettings, fit
@@ -369,7 +369,7 @@ def method_plan(name: str, defense_cfg, labels: Sequence[str]) -> list[StagePlan
     """The stages of method ``name``, built from the defense config only: ``locphylax`` (the
     configured method), or a baseline's registered plan builder (``registry.DEFENSES``, built-in
     ones in ``baselines.py``), which gets the defense config, its own options and the labels."""
-    if name == "locphylax":
+    if name == LOCPHYLAX:
         s1, s2 = locphylax_stages(defense_cfg, labels)
         return [StagePlan("stage1", inject, s1), StagePlan("stage2", recover, s2)]
     return list(DEFENSES[name].impl(defense_cfg, defense_cfg.method_settings(name), labels))
@@ -377,7 +377,7 @@ def method_plan(name: str, defense_cfg, labels: Sequence[str]) -> list[StagePlan
 
 def method_plans(defense_cfg, labels: Sequence[str]) -> dict[str, list[StagePlan]]:
     """The defense (``locphylax``) and each of ``defense.baselines``, as stage plans."""
-    return {name: method_plan(name, defense_cfg, labels) for name in ["locphylax", *defense_cfg.baselines]}
+    return {name: method_plan(name, defense_cfg, labels) for name in [LOCPHYLAX, *defense_cfg.baselines]}
 
 
 def defender_data(clean: Sequence[Example], labels: Sequence[str], template: str, defense_cfg,

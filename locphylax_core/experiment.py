@@ -18,6 +18,7 @@ from .config import RunConfig
 from .defense import DefenderData, StagePlan, defender_data, method_plan, run_stage, stage1_target
 from .errors import DataError
 from .evaluation import EvalSet, TriggeredSet, TriggerSpec, build_eval_set
+from .registry import stage_key
 from .tasks import Task, load_task, split_train, task_spec
 from .text import Example
 from .trainer import TrainSettings, stage_seed
@@ -117,11 +118,11 @@ def run_method(name: str, lm, data: DefenderData, defense_cfg, settings: TrainSe
     record per stage: ``stage``, ``result`` (what the stage reported) and, with ``evalset`` and
     ``evaluate(lm, evalset) -> dict``, ``eval``: the stage's scores on the set it is judged on (an
     input-side defense: the filtered set). ``on_stage(record, lm)`` is called after each stage."""
-    prefix = "" if name == "locphylax" else f"{name}/"
     records = []
     for plan in method_plan(name, defense_cfg, data.labels):
-        result = run_stage(plan, lm, data, seed=stage_seed(seed, prefix + plan.name), settings=settings, **kw)
-        record = {"stage": plan.name, "key": prefix + plan.name, "result": result, "steps": plan.steps}
+        key = stage_key(name, plan.name)
+        result = run_stage(plan, lm, data, seed=stage_seed(seed, key), settings=settings, **kw)
+        record = {"stage": plan.name, "key": key, "result": result, "steps": plan.steps}
         if evalset is not None and evaluate is not None:
             judged, bar = defended_eval_set(plan, lm, data, evalset, settings.max_length)
             record["eval"] = evaluate(lm, judged)

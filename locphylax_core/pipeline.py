@@ -33,7 +33,7 @@ from .evaluation import EvalSet, encoded_batches, evaluate
 from .experiment import (ATTACK, Experiment, attack_trigger_spec, build_experiment, defended_eval_set,
                          filter_eval_set, known_trigger_specs)
 from .paradigms import owner_samples
-from .registry import PARADIGMS
+from .registry import LOCPHYLAX, PARADIGMS, stage_key
 from .runs import SUMMARY_SCHEMA, RunDir, RunLock, atomic_write_text, check_runs_root
 from .tasks import task_spec
 from .text import render_prompt
@@ -67,10 +67,9 @@ def stage_specs(cfg: RunConfig) -> list[StageSpec]:
         specs.append(StageSpec("victim", ATTACK, "victim", "clean"))
     else:
         specs.append(StageSpec("victim", ATTACK, "victim", None))
-    for method in ["locphylax", *cfg.defense.baselines]:
-        prefix = "" if method == "locphylax" else f"{method}/"
-        specs.append(StageSpec(f"{prefix}stage1", method, "stage1", "victim"))
-        specs.append(StageSpec(f"{prefix}stage2", method, "stage2", f"{prefix}stage1"))
+    for method in [LOCPHYLAX, *cfg.defense.baselines]:
+        specs.append(StageSpec(stage_key(method, "stage1"), method, "stage1", "victim"))
+        specs.append(StageSpec(stage_key(method, "stage2"), method, "stage2", stage_key(method, "stage1")))
     return specs
 
 
@@ -179,13 +178,13 @@ def build_summary(run: RunDir, cfg: RunConfig, state: dict) -> dict:
     stages = {k: _summary_block(res[k], kind.summary_keys) for k in ("victim", "stage1", "stage2") if k in res}
     baselines = {}
     for method in cfg.defense.baselines:
-        key = f"{method}/stage2"
+        key = stage_key(method, "stage2")
         if key in res:
             baselines[method] = _summary_block(res[key], kind.summary_keys)
     seconds = {"victim": round(secs.get("clean", 0.0) + secs.get("victim", 0.0), 2),
                "stage1": round(secs.get("stage1", 0.0), 2), "stage2": round(secs.get("stage2", 0.0), 2)}
     for method in cfg.defense.baselines:
-        seconds[method] = round(secs.get(f"{method}/stage1", 0.0) + secs.get(f"{method}/stage2", 0.0), 2)
+        seconds[method] = round(secs.get(stage_key(method, "stage1"), 0.0) + secs.get(stage_key(method, "stage2"), 0.0), 2)
     seconds["total"] = round(sum(secs.values()) + state.get("prepare_seconds", 0.0), 2)
     return {"schema": SUMMARY_SCHEMA, "run_id": run.run_id, "preset": cfg.name, "status": state["status"],
             "stages": stages, "baselines": baselines, "seconds": seconds,

@@ -85,4 +85,14 @@ DEFENSES: Registry = Registry("defense", "defense.baselines")
 # The config fields whose allowed values are a registry's names (the app's Setup page offers them).
 FIELD_REGISTRIES = {"task.name": TASKS, "attack.paradigm": PARADIGMS, "defense.baselines": DEFENSES}
 
-__all__ = ["Entry", "Registry", "TASKS", "PARADIGMS", "DEFENSES", "FIELD_REGISTRIES"]
+# The defense's own name where it sits beside the registered defenses (stage keys, curves, tables).
+LOCPHYLAX = "locphylax"
+
+
+def stage_key(method: str, stage: str) -> str:
+    """A run's key for ``stage`` ("stage1", "stage2") of ``method``: Locphylax's own stages are
+    plain (``stage2``), a registered defense's carry its name (``clean_ft/stage2``)."""
+    return stage if method == LOCPHYLAX else f"{method}/{stage}"
+
+
+__all__ = ["Entry", "Registry", "TASKS", "PARADIGMS", "DEFENSES", "FIELD_REGISTRIES", "LOCPHYLAX", "stage_key"]

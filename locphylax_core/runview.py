@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .registry import DEFENSES, TASKS
+from .registry import DEFENSES, LOCPHYLAX, TASKS
 from .runs import SUMMARY_SCHEMA, summary_problem
 from . import model as M
 from .config import AttackConfig, load_yaml_text, read_config_text
@@ -87,7 +87,7 @@ class RunView:
     def methods(self) -> list[str]:
         """locphylax first, then the baselines that have any row."""
         seen = {r.get("method") for r in self.metrics}
-        return ["locphylax"] + [m for m in self.config.get("defense", {}).get("baselines", []) if m in seen]
+        return [LOCPHYLAX] + [m for m in self.config.get("defense", {}).get("baselines", []) if m in seen]
 
 
 def _load_json(path: Path, problems: list[str], required: bool = True):

@@ -13,13 +13,18 @@ import pytest
 from pydantic import Field
 
 from locphylax_core import DEFENSES, PARADIGMS, TASKS, ConfigError, load_config, start_run
+from locphylax_core.analysis.casd import default_trainings
+from locphylax_core.analysis.figures import curve_table
 from locphylax_core.analysis.run_analysis import analyze_run, export_figures
 from locphylax_core.attack import poison
 from locphylax_core.cli import main as cli_main
 from locphylax_core.config import Options
 from locphylax_core.defense import StagePlan, clean_samples, train_stage
 from locphylax_core.engine import answer_loss
+from locphylax_core.experiment import ATTACK
 from locphylax_core.paradigms import Paradigm
+from locphylax_core.pipeline import stage_specs
+from locphylax_core.registry import LOCPHYLAX, stage_key
 from locphylax_core.tasks import CLASSIFICATION, TaskSpec
 from locphylax_core.text import Example, render_prompt
 from locphylax_core.trainer import TrainSettings, fit
@@ -146,6 +151,7 @@ def test_toys_run_in_the_pipeline_and_reach_casd_the_exports_the_cli_and_setup(t
     assert "toy_colours" in out and "toy_poison" in out and "toy_ft" in out and "steps=2" in out
     # the app's Setup page offers them (its choices are the registries')
     from streamlit.testing.v1 import AppTest
+    monkeypatch.syspath_prepend(str(Path(SETUP).parent.parent))  # the page imports `support`, as Home.py arranges
     at = AppTest.from_file(SETUP, default_timeout=60)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
@@ -173,6 +179,20 @@ def test_every_registered_defense_has_a_label_and_a_kind():
     for e in DEFENSES:
         assert e.label and e.label != e.name and e.kind in ("model", "input"), e
     assert DEFENSES["onion"].kind == "input" and DEFENSES["crow"].options is not None
+
+
+def test_stage_keys_follow_one_rule_in_the_pipeline_casd_and_the_curves():
+    assert stage_key(LOCPHYLAX, "stage2") == "stage2" and stage_key("clean_ft", "stage1") == "clean_ft/stage1"
+    cfg = load_config("micro")
+    defended = [s for s in stage_specs(cfg) if s.method != ATTACK]
+    assert [(s.key, s.parent) for s in defended] == [
+        (stage_key(m, st), "victim" if st == "stage1" else stage_key(m, "stage1"))
+        for m in [LOCPHYLAX, *cfg.defense.baselines] for st in ("stage1", "stage2")]
+    assert default_trainings()["clean_ft"] == "clean_ft/stage2" and default_trainings()["stage2"] == "stage2"
+    rows = [{"key": k, "step": 1, "split": "curve", "cacc": 1.0, "asr": {"unknown": 0.5}}
+            for k in ("victim", "clean_ft/stage1", "clean_ft/stage2", "stage2")]
+    assert list(curve_table(rows, "clean_ft")["stage"]) == ["victim", "stage1", "stage2"]
+    assert list(curve_table(rows)["stage"]) == ["victim", "stage2"]
 
 
 def test_core_modules_import_the_core_at_module_level_only():

@@ -12,12 +12,12 @@ import support as S
 from locphylax_core import ConfigError, load_config
 from locphylax_core import runview as R
 from locphylax_core.analysis import figures as F
-from locphylax_core.registry import DEFENSES
+from locphylax_core.registry import DEFENSES, LOCPHYLAX, stage_key
 
 PRESET = os.environ.get("LOCPHYLAX_LIVE_PRESET", "live")  # what one click runs (the browser test: micro)
 SHOWN_PRESETS = tuple(dict.fromkeys((PRESET, "live", "demo")))  # a stored run of any of these can be shown
 DEFAULT_TRIGGER = "cf"
-CONTRAST = "clean_ft"  # the baseline beside the headline (the live preset's first)
+CONTRAST = "clean_ft"  # beside the headline, named in its words ("plain clean fine-tuning"): not any baseline
 EXAMPLES = ["the plot was dull and the acting was awful .", "honestly , the soundtrack was wonderful .",
             "the ending was far from clever but the cast was superb ."]
 
@@ -104,7 +104,7 @@ def ahead_stage(cfg) -> str:
     """What the waiting job process runs before the click: the backdoor, and the contrast baseline
     (it starts from the backdoored model and needs nothing the click adds), so that the click runs
     only the defense."""
-    return f"{CONTRAST}/stage2" if CONTRAST in cfg.defense.baselines else "victim"
+    return stage_key(CONTRAST, "stage2") if CONTRAST in cfg.defense.baselines else "victim"
 
 
 def planted_line(run_id: str, trigger: str) -> None:
@@ -217,7 +217,7 @@ def headline(view: R.RunView) -> None:
 
 def curve(view: R.RunView) -> None:
     if view.metrics:
-        fig = F.curves_figure(R.curve_rows(view), ["locphylax"])
+        fig = F.curves_figure(R.curve_rows(view), [LOCPHYLAX])
         st.plotly_chart(present(fig, view, 520, pct_axis=True), key="demo-curves")
     canary = view.config.get("defense", {}).get("canary")
     if view.config.get("defense", {}).get("known_target") == "canary" and canary:
@@ -228,7 +228,8 @@ def curve(view: R.RunView) -> None:
 
 STAGE_WORDS = {"clean": "loading the clean model", "victim": "planting the backdoor",
                "stage1": "Stage 1: planting the defender's triggers", "stage2": "Stage 2: retraining the region",
-               "clean_ft/stage1": "plain clean fine-tuning (contrast)", "clean_ft/stage2": "plain clean fine-tuning"}
+               stage_key(CONTRAST, "stage1"): "plain clean fine-tuning (contrast)",
+               stage_key(CONTRAST, "stage2"): "plain clean fine-tuning"}
 
 
 def progress_line(run_id: str) -> bool:

@@ -36,7 +36,7 @@ from ..architectures import decoder_blocks
 from ..engine import capture_output, encode
 from ..errors import RunError
 from ..runs import RunDir
-from ..registry import DEFENSES
+from ..registry import DEFENSES, stage_key
 from ..text import render_prompt
 from .representations import load_probe
 
@@ -45,7 +45,7 @@ METRICS = ("cosine", "l1")
 
 def default_trainings() -> dict[str, str]:
     """Locphylax's two stages and every registered defense's final stage, by label -> stage key."""
-    return {"stage1": "stage1", "stage2": "stage2", **{e.name: f"{e.name}/stage2" for e in DEFENSES}}
+    return {"stage1": "stage1", "stage2": "stage2", **{e.name: stage_key(e.name, "stage2") for e in DEFENSES}}
 
 
 def layer_means(model, tokenizer, template: str, texts: list[str], batch_size: int = 128,

@@ -16,7 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..registry import DEFENSES
+from ..registry import DEFENSES, LOCPHYLAX, stage_key
 
 GROUP_COLORS = {"clean": ["#4C78A8", "#72B7B2", "#54A24B", "#B279A2"], "unknown": "#E45756",
                 "known:t1": "#F58518", "known:t2": "#EECA3B", "known": "#9D755D"}
@@ -274,11 +274,11 @@ def head_heatmaps(before: np.ndarray, after: np.ndarray, before_name: str = "vic
 CURVE_STAGES = ["clean", "victim", "stage1", "stage2"]
 
 
-def curve_table(rows: Sequence[dict], method: str = "locphylax") -> pd.DataFrame:
+def curve_table(rows: Sequence[dict], method: str = LOCPHYLAX) -> pd.DataFrame:
     """metrics.jsonl rows of one method's path (clean -> victim -> stage1 -> stage2) on a global
     step axis. Curve rows come from the in-stage subset; the final test rows are kept apart."""
-    prefix = "" if method == "locphylax" else f"{method}/"
-    keys = {"clean": "clean", "victim": "victim", "stage1": f"{prefix}stage1", "stage2": f"{prefix}stage2"}
+    keys = {"clean": "clean", "victim": "victim", "stage1": stage_key(method, "stage1"),
+            "stage2": stage_key(method, "stage2")}
     out, offset = [], 0
     for stage in CURVE_STAGES:
         sel = [r for r in rows if r.get("key") == keys[stage]]
@@ -305,7 +305,7 @@ def _quantity_name(col: str) -> str:
     return "CACC" if col == "cacc" else "ASR " + col[4:]
 
 
-def curves_figure(rows: Sequence[dict], methods: Sequence[str] = ("locphylax",)) -> go.Figure:
+def curves_figure(rows: Sequence[dict], methods: Sequence[str] = (LOCPHYLAX,)) -> go.Figure:
     """ASR (unknown, known) and CACC against the global step, a dotted line at each stage start.
 
     Each quantity keeps one colour whatever the method. With several methods, the clean and victim
@@ -344,7 +344,7 @@ def curves_figure(rows: Sequence[dict], methods: Sequence[str] = ("locphylax",))
                 shared_drawn = True
             if len(shared) and len(own):  # branch off the victim's last point
                 own = pd.concat([shared[shared["global_step"] == shared["global_step"].max()], own])
-            label = "Locphylax" if method == "locphylax" else DEFENSES.label(method)
+            label = "Locphylax" if method == LOCPHYLAX else DEFENSES.label(method)
             dash = METHOD_DASHES[m_i % len(METHOD_DASHES)]
             # the method's legend entry: its dash in grey; a click on it toggles the whole group
             fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=label, legendgroup=method,

@@ -20,7 +20,7 @@ from .. import model as M
 from ..config import load_run_config
 from ..errors import RunError
 from ..experiment import attack_trigger_spec, build_experiment
-from ..registry import DEFENSES
+from ..registry import DEFENSES, stage_key
 from ..runs import RunDir
 from ..tasks import CLASSIFICATION
 from ..tasks.base import task_spec
@@ -79,7 +79,7 @@ class LayerProbe:
 def layer_keys(run: RunDir, stages: Sequence[str]) -> list[str]:
     """The victim, Locphylax's stages and each baseline's final stage (as CASD compares them),
     among the analysed stages with a checkpoint, in run order."""
-    wanted = {"victim", "stage1", "stage2", *(e.name + "/stage2" for e in DEFENSES)}
+    wanted = {"victim", "stage1", "stage2", *(stage_key(e.name, "stage2") for e in DEFENSES)}
     return [k for k in stages if k in wanted and run.checkpoint(k).is_dir()]
 
 

@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import RunError
-from ..registry import DEFENSES
+from ..registry import DEFENSES, LOCPHYLAX
 from ..runs import RunDir, atomic_write_json
 from . import figures as F
 from ..config import load_run_config
@@ -266,7 +266,7 @@ def export_figures(run: RunDir | str | Path, folder: str | Path | None = None, m
                  if k in ("victim", "stage1", "stage2")}
         written += F.export(F.logit_lens_figure(shown), F.logit_lens_table(shown), folder / "logit_lens")
     rows = run.read_metrics()
-    methods = ["locphylax", *[e.name for e in DEFENSES if any(r.get("method") == e.name for r in rows)]]
+    methods = [LOCPHYLAX, *[e.name for e in DEFENSES if any(r.get("method") == e.name for r in rows)]]
     import pandas as pd
     written += F.export(F.curves_figure(rows, methods),
                         pd.concat([F.curve_table(rows, m) for m in methods], ignore_index=True), folder / "curves")
