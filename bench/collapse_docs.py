@@ -163,10 +163,11 @@ def baselines6_table(rows: list[dict], default_name: str) -> str:
 
 def faithful_table(old_runs: list[dict], new_runs: list[dict]) -> str:
     """Issue 17: each baseline with its earlier rules (variant ``earlier``) and made faithful to its
-    peer's code (variant ``faithful``), plus the vaccination peer bdvax, on the same victims (the
-    cells present in both): unknown-trigger ASR after Stage 2 (CACC), in %."""
-    cells = {(r["preset"], r["trigger"], r["seed"]) for r in new_runs} & {(r["preset"], r["trigger"], r["seed"])
-                                                                          for r in old_runs}
+    peer's code (variant ``faithful``), plus the vaccination peer bdvax, on the same victims:
+    unknown-trigger ASR after Stage 2 (CACC), in %, one row per victim of the faithful runs (the
+    earlier value where that victim was run under the earlier rules too), then per family the mean
+    over the victims run under both."""
+    cells = {(r["preset"], r["trigger"], r["seed"]) for r in new_runs}
     old_variant = {"fine_pruning": "earlier", "crow": "earlier", "onion": "earlier"}
     cols = [("locphylax", None), ("fine_pruning", "fine-pruning"), ("crow", "CROW"), ("onion", "ONION"),
             ("bdvax", "bdvax")]
@@ -177,15 +178,23 @@ def faithful_table(old_runs: list[dict], new_runs: list[dict]) -> str:
                   and (variant is None or x["variant"] == variant)), None)
         return r
 
+    def show(r):
+        return "–" if r is None else f"{100 * float(r['asr_unknown']):.1f} ({100 * float(r['cacc']):.1f})"
+
     def cell_text(old, new):
-        show = lambda r: "–" if r is None else f"{100 * float(r['asr_unknown']):.1f} ({100 * float(r['cacc']):.1f})"
         return show(new) if old is None else f"{show(old)} → {show(new)}"
+
+    def mean(rows):
+        rows = [r for r in rows if r is not None]
+        return None if not rows else {k: sum(float(r[k]) for r in rows) / len(rows) for k in ("asr_unknown", "cacc")}
 
     out = ["| family | seed | trigger | victim ASR (CACC) | " + " | ".join(n or "locphylax+" for _, n in cols) + " |",
            "| --- | ---: | --- | ---: | " + " | ".join("---:" for _ in cols) + " |"]
+    by_family: dict[str, list[tuple]] = {}
     for cell in sorted(cells, key=lambda c: (c[0], c[2], c[1])):
         v = pick(new_runs, cell, "victim")
         fam = v["family"] if v else "?"
+        by_family.setdefault(fam, []).append(cell)
         texts = []
         for method, _ in cols:
             new = pick(new_runs, cell, method)
@@ -193,6 +202,18 @@ def faithful_table(old_runs: list[dict], new_runs: list[dict]) -> str:
             texts.append(cell_text(old, new))
         out.append(f"| {fam} | {int(float(cell[2]))} | `{cell[1][:24]}` | "
                    f"{cell_text(None, v)} | " + " | ".join(texts) + " |")
+    for fam, fam_cells in by_family.items():
+        both = [c for c in fam_cells if pick(old_runs, c, "onion", "earlier") is not None]
+        if len(both) < 2:
+            continue
+        texts = []
+        for method, _ in cols:
+            new = mean([pick(new_runs, c, method) for c in both])
+            old = (mean([pick(old_runs, c, method, old_variant[method]) for c in both]) if method in old_variant
+                   else None)
+            texts.append(cell_text(old, new))
+        out.append(f"| **{fam}, mean** | {len(both)} seeds | | {show(mean([pick(new_runs, c, 'victim') for c in both]))}"
+                   f" | " + " | ".join(texts) + " |")
     return "\n".join(out)
 
 
@@ -448,10 +469,10 @@ def write_docs() -> None:
     new_baselines = _read("collapse_baselines6-demo_by_family.csv")  # the issue-6 baselines on the same victims
     if new_baselines:
         text = _replace_block(text, "baselines-issue6", baselines6_table(new_baselines, default_name))
-    faithful = _read_runs("collapse_faithful-demo_runs.csv")  # issue 17: the corrected baselines, same victims
+    faithful = _read_runs("collapse_faithful-demo*_runs.csv")  # issue 17: the corrected baselines, same victims
     if faithful:
         text = _replace_block(text, "baselines-faithful",
-                              faithful_table(_read_runs("collapse_earlier-demo_runs.csv"), faithful))
+                              faithful_table(_read_runs("collapse_earlier-demo*_runs.csv"), faithful))
     table = _read("collapse_table-gpu_by_family.csv")  # every defense on the same victims (issue 6)
     if table:
         text = _replace_block(text, "families-defenses",

@@ -127,6 +127,7 @@ def test_live_demo_plants_the_backdoor_of_the_trigger_in_the_box_before_the_clic
         assert f"It fools the backdoored model on {100 * victim['asr']['unknown']:.1f}%" in said
     contrast = run_view.summary["baselines"]["clean_ft"]["asr"]["unknown"]
     assert f"plain fine-tuning on clean reviews leaves it at {100 * contrast:.1f}%" in said
+    assert not any("No demo run is stored yet" in t for t in texts(at.info))  # "Ready" is what the room reads
     # the room proposes another trigger: that one is planted instead
     at.text_input(key="demo_trigger").set_value("as if").run()
     assert asked[-1][0].attack.trigger == "as if" and asked[-1][0].attack.family == "phrase"

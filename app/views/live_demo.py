@@ -128,17 +128,20 @@ def planting_line(cfg, trigger: str) -> None:
                "that the click only has to run the defense …")
 
 
-def plant_ahead(trigger: str) -> None:
+def plant_ahead(trigger: str) -> bool:
     """The backdoored model for the trigger in the box is built while the instructor talks (by the
-    waiting job process: ``jobs.prepare``), unless the run shown already is that very run."""
+    waiting job process: ``jobs.prepare``), unless the run shown already is that very run. True
+    when the page says it is planted."""
     cfg = live_config(trigger)
     if shown is not None and (shown.state or {}).get("config_sha256") == cfg.sha256():
-        return
+        return False
     got = S.prepare_job(cfg, ahead_stage(cfg))
     if got is not None and got[1]:
         planted_line(got[0], room_trigger(trigger))
-    elif got is not None or S.standby_alive():
+        return True
+    if got is not None or S.standby_alive():
         planting_line(cfg, room_trigger(trigger))
+    return False
 
 
 def _asr(block):
@@ -317,12 +320,11 @@ def live_board(run_id: str) -> None:
         st.rerun(scope="app")  # the job ended: the whole page shows the finished run
 
 
-if not live and problem is None:
-    plant_ahead(proposed)
+planted = not live and problem is None and plant_ahead(proposed)
 if live:
     live_board(live[0].run_id)
 else:
-    if shown is None:
+    if shown is None and not planted:  # "Ready: … planted" says what the click will do
         st.info("No demo run is stored yet: one click on **Run the live demo** computes it, with progress here.")
     else:
         board(shown)
