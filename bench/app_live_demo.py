@@ -61,6 +61,7 @@ def app_demo(root: Path, shots: Path | None, rep: int, typed: str | None = None)
         page.get_by_text("Ready: the backdoor").wait_for(timeout=180_000)
         out["planted_after_open_s"] = time.perf_counter() - t_open
         if shots:
+            page.wait_for_timeout(1500)  # the page's run ends (what it no longer shows is removed then)
             page.screenshot(path=str(shots / f"live_demo_planted_{rep}.png"))
         if typed is not None:
             box = page.get_by_role("textbox", name="Trigger proposed by the room")

@@ -128,6 +128,7 @@ def test_live_demo_plants_the_backdoor_of_the_trigger_in_the_box_before_the_clic
     contrast = run_view.summary["baselines"]["clean_ft"]["asr"]["unknown"]
     assert f"plain fine-tuning on clean reviews leaves it at {100 * contrast:.1f}%" in said
     assert not any("No demo run is stored yet" in t for t in texts(at.info))  # "Ready" is what the room reads
+    assert not at.exception, [e.value for e in at.exception]
     # the room proposes another trigger: that one is planted instead
     at.text_input(key="demo_trigger").set_value("as if").run()
     assert asked[-1][0].attack.trigger == "as if" and asked[-1][0].attack.family == "phrase"

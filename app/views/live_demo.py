@@ -323,11 +323,10 @@ def live_board(run_id: str) -> None:
 planted = not live and problem is None and plant_ahead(proposed)
 if live:
     live_board(live[0].run_id)
-else:
-    if shown is None and not planted:  # "Ready: … planted" says what the click will do
-        st.info("No demo run is stored yet: one click on **Run the live demo** computes it, with progress here.")
-    else:
-        board(shown)
+elif shown is not None:
+    board(shown)
+elif not planted:  # once planted, "Ready: …" says what the click will do
+    st.info("No demo run is stored yet: one click on **Run the live demo** computes it, with progress here.")
 
 if shown is not None and shown.health == "done":
     st.markdown("#### Try it yourself")
