@@ -17,7 +17,7 @@ from locphylax_core.registry import DEFENSES, LOCPHYLAX, stage_key
 PRESET = os.environ.get("LOCPHYLAX_LIVE_PRESET", "live")  # what one click runs (the browser test: micro)
 SHOWN_PRESETS = tuple(dict.fromkeys((PRESET, "live", "demo")))  # a stored run of any of these can be shown
 DEFAULT_TRIGGER = "cf"
-CONTRAST = "clean_ft"  # beside the headline, named in its words ("plain clean fine-tuning"): not any baseline
+CONTRAST = "clean_ft"  # beside the headline; the page calls it "plain clean fine-tuning", so not any baseline
 EXAMPLES = ["the plot was dull and the acting was awful .", "honestly , the soundtrack was wonderful .",
             "the ending was far from clever but the cast was superb ."]
 
