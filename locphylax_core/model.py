@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from . import bases
-from .architectures import EMBEDDED_ARCHS, gated_mlp, lora_targets
+from .architectures import EMBEDDED_ARCHS, base_model, gated_mlp, lora_targets
 from .bases import SCRATCH
 from .config import ModelConfig
 from .errors import ConfigError, ModelLoadError
@@ -402,6 +402,11 @@ def model_max_positions(model: torch.nn.Module) -> int | None:
         if isinstance(v, int) and v > 0:
             return v
     return None
+
+
+def prompt_max_length(model: torch.nn.Module, max_length: int | None = None) -> int | None:
+    """``max_length``, or else the most positions the model (under any peft wrapper) takes."""
+    return max_length if max_length is not None else model_max_positions(base_model(model))
 
 
 def quantized_device_map() -> dict:

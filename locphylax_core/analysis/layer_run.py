@@ -73,7 +73,7 @@ class LayerProbe:
 
     def load(self, key: str):
         model = M.load_checkpoint(self.run.checkpoint(key), "cpu")
-        return model, (self.max_length or M.model_max_positions(model))
+        return model, M.prompt_max_length(model, self.max_length)
 
 
 def layer_keys(run: RunDir, stages: Sequence[str]) -> list[str]:

@@ -70,13 +70,6 @@ def _bridge(model, tokenizer_dir_or_tokenizer, in_place: bool, bridge=None):
     return (borrowed_bridge if in_place else _copied_bridge)(model, tokenizer_dir_or_tokenizer)
 
 
-def _max_length(model, max_length):
-    if max_length is not None:
-        return max_length
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return M.model_max_positions(base)
-
-
 def _device(bridge) -> torch.device:
     return next(bridge.original_model.parameters()).device
 
@@ -134,7 +127,7 @@ def logit_lens(model: torch.nn.Module, tokenizer_dir_or_tokenizer, template: str
         raise ValueError("logit_lens: triggered_texts, clean_texts, target_ids and correct_ids differ in length")
     if not triggered_texts:
         raise ValueError("logit_lens needs at least one probe input")
-    max_length = _max_length(model, max_length)
+    max_length = M.prompt_max_length(model, max_length)
     sums = {}
     with _bridge(model, tokenizer_dir_or_tokenizer, in_place, bridge) as (bridge, tokenizer):
         dev = _device(bridge)
@@ -323,7 +316,7 @@ def activation_patching(model: torch.nn.Module, tokenizer_dir_or_tokenizer, temp
                          "differ in length")
     if not triggered_texts:
         raise ValueError("activation_patching needs at least one probe input")
-    max_length = _max_length(model, max_length)
+    max_length = M.prompt_max_length(model, max_length)
     t0 = time.perf_counter()
     with _bridge(model, tokenizer_dir_or_tokenizer, in_place, bridge) as (bridge, tokenizer):
         dev = _device(bridge)
@@ -388,7 +381,7 @@ def attention_patterns(model: torch.nn.Module, tokenizer_dir_or_tokenizer, templ
                        max_length: int | None = None, in_place: bool = False, bridge=None) -> dict:
     """The attention pattern of every head on one input: ``{"pattern": array [layer, head, query,
     key], "tokens": [str] (the prompt's tokens)}``; row ``q`` sums to 1 over keys ``k <= q``."""
-    max_length = _max_length(model, max_length)
+    max_length = M.prompt_max_length(model, max_length)
     with _bridge(model, tokenizer_dir_or_tokenizer, in_place, bridge) as (bridge, tokenizer):
         dev = _device(bridge)
         b = encode(tokenizer, [render_prompt(template, text)], max_length, dev)

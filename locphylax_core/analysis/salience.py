@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .. import model as M
+from ..architectures import base_model
 from ..engine import encode
 from ..evaluation import answer_probabilities
 from ..text import render_prompt
@@ -71,9 +72,8 @@ def token_salience(model: torch.nn.Module, tokenizer, template: str, texts: Sequ
         raise ValueError(f"salience method must be one of {METHODS}, got {method!r}")
     if not (len(texts) == len(positive_ids) == len(negative_ids)):
         raise ValueError("token_salience: texts, positive_ids and negative_ids differ in length")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if max_length is None:
-        max_length = M.model_max_positions(base)
+    base = base_model(model)
+    max_length = M.prompt_max_length(base, max_length)
     device = next(base.parameters()).device
     emb = base.get_input_embeddings()
     was_training = base.training
@@ -152,9 +152,8 @@ def localise(model: torch.nn.Module, tokenizer, template: str, texts: Sequence[s
     answer_ids = [int(a) for a in answer_ids]
     if not 0 <= suspect < len(answer_ids):
         raise ValueError(f"localise: suspect {suspect} is not an index into {len(answer_ids)} answers")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if max_length is None:
-        max_length = M.model_max_positions(base)
+    base = base_model(model)
+    max_length = M.prompt_max_length(base, max_length)
     # under torch.no_grad (answer_probabilities is decorated), in eval mode, the train mode restored
     p = answer_probabilities(M.LM(base, tokenizer, tuple(answer_ids)), template, texts, 64, max_length).numpy()
     others = [a for j, a in enumerate(answer_ids) if j != suspect]
