@@ -288,6 +288,13 @@ def prepared_run(runs_root: str | Path, cfg: RunConfig) -> tuple[str, bool] | No
     return held["run_id"], bool(held.get("done"))
 
 
+def _ask_to_stop(run_path: Path) -> None:
+    """Ask a run to stop after its current step: the CANCEL file, written only for a run a process
+    holds (a stale one would stop a later resume at once)."""
+    if holder_pid(run_path) is not None:
+        RunDir(run_path).cancel_file.touch()
+
+
 def _stop_preparing(root: Path, run_id: str, wait: float = 5.0) -> None:
     """Ask the standby's preparing run to stop at its next step (its folder may still be being set
     up: wait for it a few seconds)."""
@@ -295,8 +302,8 @@ def _stop_preparing(root: Path, run_id: str, wait: float = 5.0) -> None:
     deadline = time.monotonic() + wait
     while not run.is_run() and time.monotonic() < deadline:
         time.sleep(0.05)
-    if run.is_run() and holder_pid(run.path) is not None:
-        run.cancel_file.touch()
+    if run.is_run():
+        _ask_to_stop(run.path)
 
 
 def _discard_prepared(root: Path, run_id: str) -> None:
@@ -520,8 +527,7 @@ def cancel(runs_root: str | Path, run_id: str, grace: float = 10.0) -> JobStatus
     root = Path(runs_root)
     rec = _read(jobs_dir(root) / f"{run_id}.json")
     run_path = root / run_id
-    if holder_pid(run_path) is not None:  # only a held run reads it (a stale one would stop a later resume)
-        RunDir(run_path).cancel_file.touch()
+    _ask_to_stop(run_path)
     token = (rec or {}).get("token", run_id)
     if rec is not None and _pid_alive(int(rec["pid"]), token):
         pid = int(rec["pid"])
