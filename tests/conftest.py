@@ -265,13 +265,13 @@ def _pin_test_process() -> None:
         share = len(cpus) // n
         os.sched_setaffinity(0, set(cpus[k * share:(k + 1) * share]))
         if "torch" in sys.modules:  # its thread pool may have been sized before
-            sys.modules["torch"].set_num_threads(share)
+            from locphylax_core.engine import set_torch_threads
+            set_torch_threads(share)
 
 
 def pytest_configure(config):
     if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
         _pin_test_process()  # a worker, or pytest without xdist (not xdist's controller: its workers inherit it)
-
 
 
 # The slowest test files (seconds of one worker, measured with `pytest --durations=0` under

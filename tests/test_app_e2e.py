@@ -39,7 +39,7 @@ def _idle(page, timeout_ms: int = 120_000) -> None:
 
 def _context(page, log: Path) -> str:
     """What a failed wait saw: the page's text and the end of the server's log."""
-    text = page.inner_text("body")[:1500] if page else ""
+    text = page.inner_text("body")[:1500]
     tail = log.read_text(errors="replace")[-3000:] if log.is_file() else "(no log)"
     return f"page text:\n{text}\n--- streamlit log, end:\n{tail}"
 

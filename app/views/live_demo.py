@@ -113,10 +113,11 @@ def planted_line(run_id: str, trigger: str) -> None:
     victim, contrast = (s.get("stages") or {}).get("victim"), (s.get("baselines") or {}).get(CONTRAST)
     if victim is None:
         return
-    works = "" if _asr(victim) is None else (f" It fools the backdoored model on {S.fmt_pct(_asr(victim))} of the "
-                                             f"reviews that carry it (clean accuracy {S.fmt_pct(victim.get('cacc'))})")
-    plain = "" if _asr(contrast) is None else f"; plain fine-tuning on clean reviews leaves it at {S.fmt_pct(_asr(contrast))}"
-    st.success(f"Ready: the backdoor “{trigger}” is planted.{works}{plain}. One click runs the defense.")
+    said = "" if _asr(victim) is None else (f" It fools the backdoored model on {S.fmt_pct(_asr(victim))} of the "
+                                            f"reviews that carry it (clean accuracy {S.fmt_pct(victim.get('cacc'))})")
+    if _asr(contrast) is not None:  # one sentence with the victim's numbers, or a sentence of its own
+        said += f"{';' if said else ' Trying'} plain fine-tuning on clean reviews leaves it at {S.fmt_pct(_asr(contrast))}"
+    st.success(f"Ready: the backdoor “{trigger}” is planted.{said}{'.' if said else ''} One click runs the defense.")
 
 
 @st.fragment(run_every=3.0)
