@@ -91,6 +91,8 @@ def test_live_demo_shows_the_collapse_in_plain_sentences(demo_root, run_view, mo
     sentence = texts(at.markdown)
     assert f"went from {pct(s['stages']['victim']['cacc'])} to {pct(s['stages']['stage2']['cacc'])}" in sentence
     assert len(at.get("plotly_chart")) == 3  # curves, projection, heads
+    curves = json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]
+    assert curves["yaxis"]["title"]["text"] == "%" and curves["yaxis"]["title"]["font"]["size"] >= 18  # projected
     assert "Each dot is one review" in texts(at.caption)
     # "Try it yourself": one answer per stage, from the run's own label words, with its probability
     table = at.table[-1].value

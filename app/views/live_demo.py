@@ -184,7 +184,7 @@ def present(fig, view: R.RunView, height: int, pct_axis: bool = False):
     fig.update_xaxes(tickfont=dict(size=FONT), title_font=dict(size=FONT))
     fig.update_yaxes(tickfont=dict(size=FONT), title_font=dict(size=FONT))
     if pct_axis:
-        fig.update_yaxes(title="%", range=[-2, 102])
+        fig.update_yaxes(title_text="%", range=[-2, 102])  # title= would replace the title's font
     for a in fig.layout.annotations or ():
         a.font = dict(size=FONT - 2)
         a.text = {"victim": "backdoor planted", "stage1": "Stage 1", "stage2": "Stage 2"}.get(a.text, a.text)
