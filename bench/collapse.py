@@ -79,7 +79,7 @@ VARIANTS: dict[str, dict] = {
     # the report's default, reference and baselines in one variant, on the same victims (issue 13's base report)
     "default+reference+baselines": {"baselines": ["reference", *BASELINES]},  # input-side (issue 6); about a minute of filtering per cell
     # every defense of the families x defenses table on one victim (the paper's method as "reference")
-    "default+all": {"baselines": ["reference", *BASELINES, "p2p", "fine_pruning", "crow", "onion"]},
+    "default+all": {"baselines": ["reference", *BASELINES, "p2p", "fine_pruning", "crow", "onion", "bdvax"]},
     # levers, each one change from the reference
     "target=correct": {"defense.known_target": "correct"},
     "target=canary": {"defense.known_target": "canary"},

@@ -169,8 +169,10 @@ def faithful_table(old_runs: list[dict], new_runs: list[dict]) -> str:
     over the victims run under both."""
     cells = {(r["preset"], r["trigger"], r["seed"]) for r in new_runs}
     old_variant = {"fine_pruning": "earlier", "crow": "earlier", "onion": "earlier"}
-    cols = [("locphylax", None), ("fine_pruning", "fine-pruning"), ("crow", "CROW"), ("onion", "ONION"),
-            ("bdvax", "bdvax")]
+    # variants whose name does not start with "default" run the paper's method (collapse.run_config),
+    # so their "locphylax" rows are the reference, not the shipped locphylax+
+    cols = [("locphylax", "reference (paper)"), ("fine_pruning", "fine-pruning"), ("crow", "CROW"),
+            ("onion", "ONION"), ("bdvax", "bdvax")]
 
     def pick(runs, cell, method, variant=None):
         r = next((x for x in runs if (x["preset"], x["trigger"], x["seed"]) == cell and x["method"] == method
@@ -188,7 +190,7 @@ def faithful_table(old_runs: list[dict], new_runs: list[dict]) -> str:
         rows = [r for r in rows if r is not None]
         return None if not rows else {k: sum(float(r[k]) for r in rows) / len(rows) for k in ("asr_unknown", "cacc")}
 
-    out = ["| family | seed | trigger | victim ASR (CACC) | " + " | ".join(n or "locphylax+" for _, n in cols) + " |",
+    out = ["| family | seed | trigger | victim ASR (CACC) | " + " | ".join(n for _, n in cols) + " |",
            "| --- | ---: | --- | ---: | " + " | ".join("---:" for _ in cols) + " |"]
     by_family: dict[str, list[tuple]] = {}
     for cell in sorted(cells, key=lambda c: (c[0], c[2], c[1])):
@@ -219,14 +221,15 @@ def faithful_table(old_runs: list[dict], new_runs: list[dict]) -> str:
 
 DEFENSES = [("locphylax", None), ("reference", "reference (paper)"), ("no_cluster", "no clustering"),
             ("unlearn_single", "unlearn single"), ("clean_ft", "clean FT"), ("p2p", "P2P"),
-            ("fine_pruning", "fine-pruning"), ("crow", "CROW"), ("onion", "ONION")]
+            ("fine_pruning", "fine-pruning"), ("crow", "CROW"), ("onion", "ONION"), ("bdvax", "bdvax")]
 
 
 def defenses_table(by_family: list[dict], overall: list[dict], default_name: str) -> str:
     """Families x defenses: unknown-trigger ASR after Stage 2 (mean ± sd over seeds) of every
     defense, all on the same victims (variant default+all), one table per preset, with the mean
     over every family and the clean accuracy after each defense."""
-    names = [(m, name or default_name) for m, name in DEFENSES]
+    # a table measured before a defense existed shows no column for it
+    names = [(m, name or default_name) for m, name in DEFENSES if any(r["method"] == m for r in by_family)]
     head = ("| family | n | victim | " + " | ".join(n for _, n in names) + " |\n"
             "| --- | ---: | ---: | " + " | ".join("---:" for _ in names) + " |")
     out = []

@@ -134,6 +134,23 @@ def test_summary_pairs_cacc_with_the_same_victim(collapse):
     assert out["locphylax"]["asr_unknown_sd"] == pytest.approx(0.0707107, rel=1e-5)
 
 
+def test_baseline_tables_name_the_method_each_variant_ran(collapse):
+    # a variant whose name does not start with "default" runs the paper's method, so the faithful
+    # table's "locphylax" column is the reference; the families x defenses table runs every
+    # registered defense of the issue-17 comparison, bdvax included, beside the shipped default
+    docs = _load("collapse_docs")
+    trig = collapse.GRID["report"][0]
+    assert collapse.run_config("micro", 0, trig, "faithful", {}).defense.method == "locphylax"
+    table = collapse.run_config("micro", 0, trig, "default+all", {}).defense
+    assert table.method == "locphylax+" and {"fine_pruning", "crow", "onion", "bdvax"} <= set(table.baselines)
+    assert {m for m, _ in docs.DEFENSES} == {"locphylax", *table.baselines}  # every column the run fills
+    row = {"preset": "demo", "model": "base", "seed": "0", "family": "word", "trigger": "bb", "variant": "faithful",
+           "stage": "stage2", "cacc": "0.9", "asr_unknown": "0.5"}
+    runs = [{**row, "method": m} for m in ("locphylax", "fine_pruning", "crow", "onion", "bdvax")]
+    header = docs.faithful_table([], [{**row, "method": "victim", "stage": "victim"}, *runs]).splitlines()[0]
+    assert "reference (paper)" in header and "locphylax+" not in header
+
+
 def test_docs_blocks_are_replaced_in_place():
     docs = _load("collapse_docs")
     text = "intro\n<!-- BEGIN t -->\nold\n<!-- END t -->\nprose kept\n"
