@@ -61,6 +61,10 @@ def test_presentation_mode_names_the_triggers_and_sizes_text_for_the_room(live_r
     assert max(ys) > 1.5  # plotted in percent, not as fractions
     assert not projection["layout"].get("updatemenus") and not projection["layout"].get("sliders")  # no dead Play
     assert any(t.get("name") == f"hidden “{trig}”" for t in projection["data"])
+    assert not projection["layout"]["legend"].get("title", {}).get("text")  # no small "group" over the legend
+    bars = [t["colorbar"] for t in heads["data"] if t["type"] == "heatmap" and t.get("showscale") is not False]
+    assert bars and all(b["tickfont"]["size"] >= 18 and b["title"]["font"]["size"] >= 18 for b in bars)
+    assert all(t["textfont"]["size"] >= 18 for t in heads["data"] if t["type"] == "heatmap")
     shown = texts(at.markdown) + texts(at.caption) + texts(at.subheader)
     assert view.run_id not in shown  # no run ids on the projector
     assert "unsure" in texts(at.caption)  # the canary answer, explained in one sentence

@@ -33,6 +33,8 @@ if presentation:
     [data-testid="stMarkdownContainer"] p, [data-testid="stCaptionContainer"] p {font-size: 1.3rem;}
     [data-testid="stTextInputField"] {font-size: 1.4rem;}
     [data-testid="stTable"] td, [data-testid="stTable"] th {font-size: 1.25rem;}
+    [data-testid="stWidgetLabel"] p {font-size: 1.3rem !important;}
+    [data-testid="stSliderThumbValue"], [data-testid="stSliderTickBar"] * {font-size: 1.2rem !important;}
     </style>""", unsafe_allow_html=True)
 
 st.title("Backdoor collapse, live")
@@ -179,8 +181,11 @@ def present(fig, view: R.RunView, height: int, pct_axis: bool = False):
             tr.name = "clean, " + name.removeprefix("clean:")
         if pct_axis and getattr(tr, "y", None) is not None and tr.type == "scatter":
             tr.y = [None if v is None else 100 * v for v in tr.y]
-    fig.update_layout(font=dict(size=FONT), height=height, legend=dict(font=dict(size=FONT)),
+    # the legend's entries say what each group is: its title ("group") only costs space
+    fig.update_layout(font=dict(size=FONT), height=height, legend=dict(font=dict(size=FONT), title_text=""),
                       title=dict(font=dict(size=FONT + 4)))
+    fig.update_traces(colorbar=dict(tickfont=dict(size=FONT), title_font=dict(size=FONT)), textfont_size=FONT,
+                      selector=dict(type="heatmap"))
     fig.update_xaxes(tickfont=dict(size=FONT), title_font=dict(size=FONT))
     fig.update_yaxes(tickfont=dict(size=FONT), title_font=dict(size=FONT))
     if pct_axis:
