@@ -116,6 +116,26 @@ def test_the_headline_fills_in_while_the_job_runs(live_root, tmp_path, monkeypat
     assert len(at.get("plotly_chart")) == 1  # the live curve; the other plots appear with their data
 
 
+def test_the_progress_says_done_once_every_plot_is_written(live_root, tmp_path, monkeypatch):
+    # the job process still runs for a moment after its last file: the page no longer says it draws
+    (src,) = [p for p in live_root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    root = tmp_path / "runs"
+    run_id = src.name.replace("-micro-", "-live-") if "-micro-" in src.name else src.name
+    dst = root / run_id
+    shutil.copytree(src, dst)
+    status = jobs.JobStatus(run_id, "analyzing", True, finished=("clean", "victim", "stage1", "stage2"))
+    monkeypatch.setattr(jobs, "list_jobs", lambda _root: [status])
+    monkeypatch.setattr(jobs, "job_status", lambda _root, _rid, log=True: status)
+    at = app(root, monkeypatch)
+    (bar,) = at.get("progress")
+    assert bar.proto.text == "Now: done" and bar.proto.value == 100
+    assert "More plots are on their way" not in texts(at.caption)
+    (dst / "analysis.json").write_text(json.dumps({**json.loads((dst / "analysis.json").read_text()),
+                                                   "complete": False}))
+    at = app(root, monkeypatch)
+    assert at.get("progress")[0].proto.text == "Now: drawing the plots"
+
+
 def test_try_it_yourself_highlights_the_trigger_and_gives_probabilities(live_root, monkeypatch):
     at = app(live_root, monkeypatch)
     view = R.open_run(next(p for p in live_root.iterdir() if p.is_dir() and not p.name.startswith(".")))

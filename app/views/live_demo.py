@@ -241,12 +241,15 @@ STAGE_WORDS = {"clean": "loading the clean model", "victim": "planting the backd
                stage_key(CONTRAST, "stage2"): "plain clean fine-tuning"}
 
 
-def progress_line(run_id: str) -> bool:
-    """The job's progress in plain words (presentation) or the full job panel; True while it runs."""
+def progress_line(run_id: str, written: bool = False) -> bool:
+    """The job's progress in plain words (presentation) or the full job panel; True while it runs.
+    ``written``: every result and plot is on disk, and the process is only ending."""
     if not presentation:
         return S.job_panel(run_id, key="demo", curves=False).live
     status = S.job_status(run_id)
-    if status.phase == "analyzing":
+    if written:
+        what = "done"
+    elif status.phase == "analyzing":
         what = "drawing the plots"
     elif status.stage:
         what = STAGE_WORDS.get(status.stage, "other defenses, for comparison")
@@ -255,7 +258,7 @@ def progress_line(run_id: str) -> bool:
     else:
         what = "starting"
     bar, stop = st.columns([6, 1], vertical_alignment="bottom")
-    bar.progress(min(1.0, status.fraction), text=f"Now: {what}")
+    bar.progress(1.0 if written else min(1.0, status.fraction), text=f"Now: {what}")
     if status.live and stop.button("Stop", key="demo-stop"):
         S.cancel_job(run_id)
         st.info("Stopped. The finished parts stay on this page.")
@@ -315,8 +318,8 @@ def board(view: R.RunView) -> None:
 
 @st.fragment(run_every=4.0)  # polls the job's files: each redraw costs CPU the job (another process) needs
 def live_board(run_id: str) -> None:
-    running = progress_line(run_id)
     view = S.load_view(S.runs_root() / run_id)
+    running = progress_line(run_id, written=view is not None and view.analysis_complete)
     if view is None or view.summary is None:
         if running:
             st.info("Starting: loading the clean model …")
