@@ -268,6 +268,26 @@ BASE_ROWS = [("victim", "victim", "victim (before any defense)"), ("locphylax", 
 SCRATCH_EQUIV = {"reference": ("ref", "locphylax")}  # the from-scratch report ran the reference as its own variant
 
 
+def paired_table(runs: list[dict], default_name: str) -> str:
+    """Per preset, each defense against the shipped default on the same victims: the mean of
+    (other - default) unknown-trigger ASR after Stage 2 ± its standard error over the cells, and on
+    how many cells the default leaves less."""
+    after = {(r["preset"], r["seed"], r["trigger"], r["position"], r["method"]): float(r["asr_unknown"])
+             for r in runs if r["stage"] == "stage2" and r["asr_unknown"] not in ("", None)}
+    out = [f"| preset | defense | {default_name} leaves less by (points, mean ± s.e.) | cells where it leaves less |",
+           "| --- | --- | ---: | ---: |"]
+    for preset in dict.fromkeys(r["preset"] for r in runs):
+        for method, name in DEFENSES[1:]:
+            d = [after[k] - after[(*k[:4], "locphylax")] for k in after
+                 if k[0] == preset and k[4] == method and (*k[:4], "locphylax") in after]
+            if len(d) < 2:
+                continue
+            se = statistics.stdev(d) / len(d) ** 0.5
+            out.append(f"| {preset} | {name} | {100 * statistics.fmean(d):+.1f} ± {100 * se:.1f} | "
+                       f"{sum(x > 0 for x in d)} of {len(d)} |")
+    return "\n".join(out)
+
+
 def _row(rows, method, stage, variant_prefix="default"):
     return next((r for r in rows if r["method"] == method and r["stage"] == stage
                  and (method == "victim" or r["variant"].startswith(variant_prefix))), None)
@@ -491,6 +511,8 @@ def write_docs() -> None:
     if base_table:
         text = _replace_block(text, "base-families-defenses",
                               defenses_table(base_table, _read("collapse_base-table_summary.csv"), default_name))
+        text = _replace_block(text, "base-table-paired",
+                              paired_table(_read("collapse_base-table_runs.csv"), default_name))
     rounds = _lever_rounds()
     if rounds:
         text = _replace_block(text, "levers", lever_table(rounds))

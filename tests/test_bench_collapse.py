@@ -151,6 +151,20 @@ def test_baseline_tables_name_the_method_each_variant_ran(collapse):
     assert "reference (paper)" in header and "locphylax+" not in header
 
 
+def test_paired_table_subtracts_on_the_same_victim_only():
+    docs = _load("collapse_docs")
+    cell = {"preset": "demo", "position": "random", "stage": "stage2", "trigger": "bb"}
+    runs = [{**cell, "seed": "0", "method": "locphylax", "asr_unknown": "0.2"},
+            {**cell, "seed": "0", "method": "crow", "asr_unknown": "0.5"},
+            {**cell, "seed": "1", "method": "locphylax", "asr_unknown": "0.4"},
+            {**cell, "seed": "1", "method": "crow", "asr_unknown": "0.3"},
+            {**cell, "seed": "2", "method": "crow", "asr_unknown": "0.9"},  # no default row: left out
+            {**cell, "seed": "0", "method": "victim", "stage": "victim", "asr_unknown": "1.0"}]
+    lines = docs.paired_table(runs, "locphylax+").splitlines()
+    assert len(lines) == 3  # one defense with at least two paired cells
+    assert lines[2] == "| demo | CROW | +10.0 ± 20.0 | 1 of 2 |"  # (0.3 - 0.1) / 2; sd 0.283 / sqrt 2
+
+
 def test_docs_blocks_are_replaced_in_place():
     docs = _load("collapse_docs")
     text = "intro\n<!-- BEGIN t -->\nold\n<!-- END t -->\nprose kept\n"
