@@ -95,6 +95,7 @@ def test_head_heatmap_colour_bars_lie_under_the_panels_and_cells_print_points():
     for bar, (lo, hi) in zip(bars, [(domains[0][0], domains[1][1]), domains[2]]):
         assert bar.orientation == "h" and bar.y < 0  # below the plots, not beside a panel
         assert lo - 1e-9 <= bar.x - bar.len / 2 and bar.x + bar.len / 2 <= hi + 1e-9
+    assert fig.layout.margin.r >= 40  # the difference bar's last tick label ends past the plot's right edge
     assert heat[0].texttemplate == "%{text}"
     assert heat[0].text[0][0] == "+20" and heat[0].text[0][1] == "-10" and heat[0].text[0][2] == ""
     assert heat[0].text[1][2] == "0" and heat[2].text[1][1] == "-40"  # difference panel, in points

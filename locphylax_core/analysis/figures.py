@@ -262,7 +262,9 @@ def head_heatmaps(before: np.ndarray, after: np.ndarray, before_name: str = "vic
             fig.add_shape(type="rect", x0=head - 0.5, x1=head + 0.5, y0=layer - 0.5, y1=layer + 0.5,
                           line=dict(color="black", width=3), row=1, col=col)
     fig.update_layout(title=f"Head ablation (uniform attention): {quantity}", template="plotly_white",
-                      margin=dict(b=120), hoverdistance=-1 if pickable else None)
+                      # r: room for the half of the difference bar's last tick label past the plot
+                      # (a theme without a right margin, such as Streamlit's, would cut it off)
+                      margin=dict(b=120, r=48), hoverdistance=-1 if pickable else None)
     fig.update_yaxes(autorange="reversed")
     return fig
 
