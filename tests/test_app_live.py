@@ -89,22 +89,31 @@ def test_the_room_picks_the_trigger(live_root, monkeypatch, launched):  # noqa: 
     assert cfg.train.clean_steps == 0 and cfg.model.base == "demo_clean"  # nothing trains from zero
 
 
-def test_the_headline_fills_in_while_the_job_runs(live_root, tmp_path, monkeypatch):
+def _running_copy(live_root, tmp_path):
+    """A copy of the live run under a live run id, in a fresh runs folder: (root, run folder)."""
     (src,) = [p for p in live_root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     root = tmp_path / "runs"
-    run_id = src.name.replace("-micro-", "-live-") if "-micro-" in src.name else src.name
-    dst = root / run_id
+    dst = root / (src.name.replace("-micro-", "-live-") if "-micro-" in src.name else src.name)
     shutil.copytree(src, dst)
+    return root, dst
+
+
+def _job_reports(monkeypatch, status: jobs.JobStatus) -> None:
+    """The job layer reports ``status`` for the run (its process is still alive)."""
+    monkeypatch.setattr(jobs, "list_jobs", lambda _root: [status])
+    monkeypatch.setattr(jobs, "job_status", lambda _root, _rid, log=True: status)
+
+
+def test_the_headline_fills_in_while_the_job_runs(live_root, tmp_path, monkeypatch):
+    root, dst = _running_copy(live_root, tmp_path)
     (dst / "analysis.json").unlink()
     summary = json.loads((dst / "summary.json").read_text())
     summary["stages"] = {k: v for k, v in summary["stages"].items() if k in ("victim", "stage1")}
     summary["baselines"], summary["status"] = {}, "running"
     (dst / "summary.json").write_text(json.dumps(summary))
-    status = jobs.JobStatus(run_id, "training", True, stage="stage2", step=3, stage_steps=6,
-                            finished=("clean", "victim", "stage1"), stage_totals={"victim": 10, "stage1": 6,
-                                                                                 "stage2": 6})
-    monkeypatch.setattr(jobs, "list_jobs", lambda _root: [status])
-    monkeypatch.setattr(jobs, "job_status", lambda _root, _rid, log=True: status)
+    _job_reports(monkeypatch, jobs.JobStatus(dst.name, "training", True, stage="stage2", step=3, stage_steps=6,
+                                             finished=("clean", "victim", "stage1"),
+                                             stage_totals={"victim": 10, "stage1": 6, "stage2": 6}))
     at = app(root, monkeypatch)
     metrics = {m.label: m.value for m in at.metric}
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
@@ -118,14 +127,9 @@ def test_the_headline_fills_in_while_the_job_runs(live_root, tmp_path, monkeypat
 
 def test_the_progress_says_done_once_every_plot_is_written(live_root, tmp_path, monkeypatch):
     # the job process still runs for a moment after its last file: the page no longer says it draws
-    (src,) = [p for p in live_root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    root = tmp_path / "runs"
-    run_id = src.name.replace("-micro-", "-live-") if "-micro-" in src.name else src.name
-    dst = root / run_id
-    shutil.copytree(src, dst)
-    status = jobs.JobStatus(run_id, "analyzing", True, finished=("clean", "victim", "stage1", "stage2"))
-    monkeypatch.setattr(jobs, "list_jobs", lambda _root: [status])
-    monkeypatch.setattr(jobs, "job_status", lambda _root, _rid, log=True: status)
+    root, dst = _running_copy(live_root, tmp_path)
+    _job_reports(monkeypatch, jobs.JobStatus(dst.name, "analyzing", True,
+                                             finished=("clean", "victim", "stage1", "stage2")))
     at = app(root, monkeypatch)
     (bar,) = at.get("progress")
     assert bar.proto.text == "Now: done" and bar.proto.value == 100
