@@ -234,7 +234,10 @@ def defenses_table(by_family: list[dict], overall: list[dict], default_name: str
             "| --- | ---: | ---: | " + " | ".join("---:" for _ in names) + " |")
     out = []
     for preset in dict.fromkeys(r["preset"] for r in by_family):
-        out += [f"\n**{preset}**: unknown-trigger ASR % after Stage 2 (mean ± sd over seeds; lower is better)\n", head]
+        # a family measured on one seed has no spread: its cells show the value alone, not "± 0.0"
+        one_seed = all(int(r["n"]) == 1 for r in by_family if r["preset"] == preset)
+        spread = "one seed, so no spread" if one_seed else "mean ± sd over seeds"
+        out += [f"\n**{preset}**: unknown-trigger ASR % after Stage 2 ({spread}; lower is better)\n", head]
 
         def line(label, rows, metric="asr_unknown", sd=True):
             def cell(method):
@@ -242,7 +245,7 @@ def defenses_table(by_family: list[dict], overall: list[dict], default_name: str
                           and x["stage"] == ("victim" if method == "victim" else "stage2")), None)
                 if r is None:
                     return "–"
-                return pct(r[f"{metric}_mean"], r[f"{metric}_sd"] if sd else None)
+                return pct(r[f"{metric}_mean"], r[f"{metric}_sd"] if sd and int(r["n"]) > 1 else None)
             n = next((int(x["n"]) for x in rows if x["method"] == "victim"), 0)
             return f"| {label} | {n} | {cell('victim')} | " + " | ".join(cell(m) for m, _ in names) + " |"
 

@@ -165,6 +165,20 @@ def test_paired_table_subtracts_on_the_same_victim_only():
     assert lines[2] == "| demo | CROW | +10.0 ± 20.0 | 1 of 2 |"  # (0.3 - 0.1) / 2; sd 0.283 / sqrt 2
 
 
+def test_defenses_table_shows_no_spread_for_a_single_seed():
+    docs = _load("collapse_docs")
+
+    def summary(preset, method, stage, n, mean, sd):
+        return {"preset": preset, "family": "word", "method": method, "stage": stage, "n": str(n),
+                "asr_unknown_mean": mean, "asr_unknown_sd": sd, "cacc_mean": 0.9, "cacc_sd": 0.0}
+    rows = [summary("demo", "victim", "victim", 3, 0.99, 0.01), summary("demo", "locphylax", "stage2", 3, 0.3, 0.1),
+            summary("sst2", "victim", "victim", 1, 0.98, 0.0), summary("sst2", "locphylax", "stage2", 1, 0.4, 0.0)]
+    text = docs.defenses_table(rows, [], "locphylax+")
+    demo, sst2 = text.split("**sst2**")
+    assert "mean ± sd over seeds" in demo and "| word | 3 | 99.0 ± 1.0 | 30.0 ± 10.0 |" in demo
+    assert "one seed, so no spread" in sst2 and "| word | 1 | 98.0 | 40.0 |" in sst2 and "±" not in sst2
+
+
 def test_docs_blocks_are_replaced_in_place():
     docs = _load("collapse_docs")
     text = "intro\n<!-- BEGIN t -->\nold\n<!-- END t -->\nprose kept\n"
