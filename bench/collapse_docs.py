@@ -56,6 +56,12 @@ def pct(mean, sd=None, signed=False) -> str:
     return s if sd is None else f"{s} ± {100 * sd:.1f}"
 
 
+def pct_of(r: dict, metric: str, sd: bool = True, signed: bool = False) -> str:
+    """``metric`` of a summary row as a percentage, with its sd where the row pools more than one
+    measurement (a single one has no spread to show, not a spread of 0)."""
+    return pct(r[f"{metric}_mean"], r[f"{metric}_sd"] if sd and int(r["n"]) > 1 else None, signed)
+
+
 def _label(variant: str, method: str, stage: str, default_name: str) -> str:
     if method == "victim":
         return "victim (before any defense)"
@@ -86,8 +92,8 @@ def headline_table(rows: list[dict], default_name: str) -> str:
             r = _pick(rows, preset, variant, method, stage)
             if r is None:
                 continue
-            out.append(f"| {_label(r['variant'], method, stage, default_name)} | {pct(r['cacc_mean'], r['cacc_sd'])} | "
-                       f"{pct(r['dcacc_mean'], r['dcacc_sd'], True)} | **{pct(r['asr_unknown_mean'], r['asr_unknown_sd'])}** | "
+            out.append(f"| {_label(r['variant'], method, stage, default_name)} | {pct_of(r, 'cacc')} | "
+                       f"{pct_of(r, 'dcacc', signed=True)} | **{pct_of(r, 'asr_unknown')}** | "
                        f"{pct(r['asr_known_mean'])} | {pct(r['asr_raw_unknown_mean'])} |")
     return "\n".join(out)
 
@@ -130,7 +136,7 @@ def family_table(rows: list[dict], default_name: str) -> str:
             cells = []
             for variant, method, _ in methods:
                 r = _pick(rows, preset, variant, method, "stage2", family=fam)
-                cells.append(pct(r["asr_unknown_mean"], r["asr_unknown_sd"]) if r else "–")
+                cells.append(pct_of(r, "asr_unknown") if r else "–")
             out.append(f"| {preset} | {fam} | {int(v['n'])} | {pct(v['asr_unknown_mean'])} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -154,7 +160,7 @@ def baselines6_table(rows: list[dict], default_name: str) -> str:
             for variant, method, _ in methods:
                 r = next((x for x in rows if x["preset"] == preset and x["family"] == fam and x["variant"] == variant
                           and x["method"] == method and x["stage"] == "stage2"), None)
-                cells.append(pct(r["asr_unknown_mean"], r["asr_unknown_sd"]) if r else "–")
+                cells.append(pct_of(r, "asr_unknown") if r else "–")
                 caccs.append(pct(r["cacc_mean"]) if r else "–")
             out.append(f"| {preset} | {fam} | {int(v['n'])} | {pct(v['asr_unknown_mean'])} | " + " | ".join(cells)
                        + f" | {pct(v['cacc_mean'])} → " + " / ".join(caccs) + " |")
@@ -234,8 +240,9 @@ def defenses_table(by_family: list[dict], overall: list[dict], default_name: str
             "| --- | ---: | ---: | " + " | ".join("---:" for _ in names) + " |")
     out = []
     for preset in dict.fromkeys(r["preset"] for r in by_family):
-        # a family measured on one seed has no spread: its cells show the value alone, not "± 0.0"
-        one_seed = all(int(r["n"]) == 1 for r in by_family if r["preset"] == preset)
+        # the caption says so when no family has a spread (pct_of then shows each value alone)
+        fams = [r for r in by_family if r["preset"] == preset]
+        one_seed = all(int(r["n"]) == 1 for r in fams)
         spread = "one seed, so no spread" if one_seed else "mean ± sd over seeds"
         out += [f"\n**{preset}**: unknown-trigger ASR % after Stage 2 ({spread}; lower is better)\n", head]
 
@@ -245,11 +252,10 @@ def defenses_table(by_family: list[dict], overall: list[dict], default_name: str
                           and x["stage"] == ("victim" if method == "victim" else "stage2")), None)
                 if r is None:
                     return "–"
-                return pct(r[f"{metric}_mean"], r[f"{metric}_sd"] if sd and int(r["n"]) > 1 else None)
+                return pct_of(r, metric, sd)
             n = next((int(x["n"]) for x in rows if x["method"] == "victim"), 0)
             return f"| {label} | {n} | {cell('victim')} | " + " | ".join(cell(m) for m, _ in names) + " |"
 
-        fams = [r for r in by_family if r["preset"] == preset]
         for fam in dict.fromkeys(r["family"] for r in fams):
             out.append(line(fam, [r for r in fams if r["family"] == fam]))
         rest = [r for r in overall if r["preset"] == preset]
@@ -349,8 +355,7 @@ def base_vs_scratch_table(base: list[dict], scratch: list[dict], default_name: s
             label = label or f"{default_name}, {'Stage 1' if stage == 'stage1' else 'Stage 2'}"
             if rb is not None and int(rb["n"]) != nb:
                 label += f" ({int(rb['n'])} of the victims)"
-            cell = lambda r, k, sd=True, signed=False: "–" if r is None else pct(  # noqa: E731
-                r[f"{k}_mean"], r[f"{k}_sd"] if sd else None, signed)
+            cell = lambda r, k, sd=True, signed=False: "–" if r is None else pct_of(r, k, sd, signed)  # noqa: E731
             out.append(f"| {label} | **{cell(rb, 'asr_unknown')}** | {cell(rb, 'cacc')} | "
                        f"{cell(rb, 'dcacc', False, True)} | {cell(rs, 'asr_unknown')} | {cell(rs, 'dcacc', False, True)} |")
         failed = int(float(b[0].get("failed_cells") or 0)) if b else 0
@@ -409,8 +414,8 @@ def lever_table(rounds: list[tuple[str, list[dict], dict | None]]) -> str:
                 name = "**reference: the paper's method**"
             gain = r["asr_unknown_mean"] - ref["asr_unknown_mean"] if ref else None
             k = s1.get((r["variant"], r["method"]))
-            out.append(f"| {name} | {int(r['n'])} | {pct(r['asr_unknown_mean'], r['asr_unknown_sd'])} | "
-                       f"{pct(gain, signed=True)} | {pct(r['dcacc_mean'], r['dcacc_sd'], True)} | "
+            out.append(f"| {name} | {int(r['n'])} | {pct_of(r, 'asr_unknown')} | "
+                       f"{pct(gain, signed=True)} | {pct_of(r, 'dcacc', signed=True)} | "
                        f"{pct(k['asr_known_mean']) if k else '–'} |")
     return "\n".join(out)
 

@@ -177,6 +177,9 @@ def test_defenses_table_shows_no_spread_for_a_single_seed():
     demo, sst2 = text.split("**sst2**")
     assert "mean ± sd over seeds" in demo and "| word | 3 | 99.0 ± 1.0 | 30.0 ± 10.0 |" in demo
     assert "one seed, so no spread" in sst2 and "| word | 1 | 98.0 | 40.0 |" in sst2 and "±" not in sst2
+    # every table prints through the same rule: a single measurement has no "± 0.0"
+    assert docs.pct_of({"n": 1.0, "dcacc_mean": -0.015, "dcacc_sd": 0.0}, "dcacc", signed=True) == "-1.5"
+    assert docs.pct_of({"n": 2.0, "dcacc_mean": -0.015, "dcacc_sd": 0.01}, "dcacc", signed=True) == "-1.5 ± 1.0"
 
 
 def test_docs_blocks_are_replaced_in_place():
