@@ -244,11 +244,16 @@ def _cached_rows() -> dict[tuple, list[dict]]:
             cell = json.loads(f.read_text())
             if cell:
                 r = cell[0]
-                _CACHED[(r["preset"], r["model"], r["seed"], r["trigger"], r["position"], r["variant"])] = cell
+                _CACHED[_cell_key(r)] = cell
     return _CACHED
 
 
 _CACHED = None
+PRIOR: dict[tuple, list[dict]] = {}  # --prior-runs: cells of committed runs CSVs, for cells the cache lacks
+
+
+def _cell_key(r: dict) -> tuple:
+    return (r["preset"], r["model"], r["seed"], r["trigger"], r["position"], r["variant"])
 
 
 def _row_path(cfg, preset, seed, trigger, variant, model_sets) -> Path:
@@ -265,7 +270,8 @@ def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, 
     if path.is_file():
         return json.loads(path.read_text())
     if CACHED_ONLY:  # by content: keys of rows computed before a config field was added differ
-        return _cached_rows().get((preset, model_tag, seed, trigger["text"], trigger["position"], variant), [])
+        key = (preset, model_tag, seed, trigger["text"], trigger["position"], variant)
+        return _cached_rows().get(key) or PRIOR.get(key, [])
     victim, tok = models.get(cfg, "victim")
     prep = _prepare(cfg, tokenizer=tok)
     settings = defense_settings(cfg, prep.max_length)
@@ -308,6 +314,28 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writeheader()
         w.writerows(rows)
     tmp.replace(path)
+
+
+def read_runs_csv(path: Path) -> list[dict]:
+    """The rows of a runs CSV typed back as ``run_cell`` made them: ints, floats, None for n/a."""
+    with Path(path).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["seed"] = int(r["seed"])
+        for k in ("seconds", *METRICS):
+            r[k] = float(r[k]) if r[k] != "" else None
+    return rows
+
+
+def prior_cells(paths) -> dict[tuple, list[dict]]:
+    """Cells of earlier runs by content key, rows kept in their order; a later file wins a key."""
+    cells: dict[tuple, list[dict]] = {}
+    for path in paths:
+        file_cells: dict[tuple, list[dict]] = {}
+        for r in read_runs_csv(path):
+            file_cells.setdefault(_cell_key(r), []).append(r)
+        cells.update(file_cells)
+    return cells
 
 
 def summarise(rows: list[dict], by: tuple[str, ...]) -> list[dict]:
@@ -543,6 +571,9 @@ def main(argv=None) -> int:
                     help="run every seed of one trigger before the next (a cut-off run then has all seeds)")
     ap.add_argument("--cached-only", action="store_true",
                     help="write the tables from the rows already cached; cells not yet computed are left out")
+    ap.add_argument("--prior-runs", nargs="+", type=Path, default=[],
+                    help="with --cached-only: runs CSVs of earlier runs (bench/results/collapse_*_runs.csv) whose "
+                         "cells count where the cache has none, so a table can grow on a machine without the cache")
     ap.add_argument("--jobs", type=int, default=None,
                     help="CPUs of the local Ray instance: cells (preset, seed, trigger) run at once, one torch "
                          "thread each (default: every core)")
@@ -554,8 +585,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: the preset's train.threads); 1 lets two benchmarks share 2 cores")
     args = ap.parse_args(argv)
-    global THREADS, CACHED_ONLY, TRIGGER_MAJOR
+    global THREADS, CACHED_ONLY, TRIGGER_MAJOR, PRIOR
     THREADS, CACHED_ONLY, TRIGGER_MAJOR = args.threads, args.cached_only, args.trigger_major
+    if args.prior_runs and not args.cached_only:
+        ap.error("--prior-runs needs --cached-only (a run that trains reads its cells from the cache)")
+    missing = [str(p) for p in args.prior_runs if not p.is_file()]
+    if missing:
+        ap.error(f"--prior-runs: no such file {missing}")
+    PRIOR = prior_cells(args.prior_runs)
     model_sets = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.model_set)}
     model_tag = ",".join(args.model_set) or "base"  # "base": the presets as shipped, on their pretrained bases
     if args.model_lever:

@@ -119,6 +119,37 @@ def test_cell_rows_are_cached_and_victims_reused(collapse):
     assert len(list((collapse.CACHE / "models").iterdir())) == 2
 
 
+def test_prior_runs_csv_reads_back_the_rows_it_was_written_from(collapse, tmp_path, monkeypatch):
+    trig = collapse.GRID["tune"][0]
+    rows = collapse.run_cell(collapse.Models(), "micro", 0, trig, "tune", "ref+baselines", {}, "preset")
+    rows[1] = {**rows[1], "asr_known": None}  # n/a survives the round trip
+    other = [{**r, "seed": 1, "trigger": 'a "quoted", text'} for r in rows]
+    collapse._write_csv(tmp_path / "a_runs.csv", rows + other)
+    assert collapse.read_runs_csv(tmp_path / "a_runs.csv") == rows + other  # floats exact, seed an int
+    # a later file wins a cell; under --cached-only a cell the cache lacks comes from the prior rows
+    newer = [{**r, "cacc": 0.5} for r in other]
+    collapse._write_csv(tmp_path / "b_runs.csv", newer)
+    cells = collapse.prior_cells([tmp_path / "a_runs.csv", tmp_path / "b_runs.csv"])
+    assert cells[collapse._cell_key(rows[0])] == rows and cells[collapse._cell_key(other[0])] == newer
+    monkeypatch.setattr(collapse, "CACHED_ONLY", True)
+    monkeypatch.setattr(collapse, "PRIOR", cells)
+    monkeypatch.setattr(collapse, "_CACHED", {})
+    seed1 = collapse.run_cell(collapse.Models(), "micro", 1, {**trig, "text": 'a "quoted", text'}, "tune",
+                              "ref+baselines", {}, "preset")
+    assert seed1 == newer
+    assert collapse.run_cell(collapse.Models(), "micro", 2, trig, "tune", "ref+baselines", {}, "preset") == []
+
+
+def test_prior_runs_need_cached_only_and_an_existing_file(collapse, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        collapse.main(["report", "--prior-runs", str(tmp_path / "none.csv"), "--cached-only"])
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "x.csv").write_text("preset\n")
+    with pytest.raises(SystemExit):
+        collapse.main(["report", "--prior-runs", str(tmp_path / "x.csv")])
+    assert "needs --cached-only" in capsys.readouterr().err
+
+
 def test_summary_pairs_cacc_with_the_same_victim(collapse):
     base = {"preset": "p", "model": "m", "family": "word", "variant": "v", "position": "random", "seconds": 1.0,
             "asr_known": None, "asr_raw_unknown": 0.5}
