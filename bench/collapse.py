@@ -269,14 +269,13 @@ def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, 
     path = _row_path(cfg, preset, seed, trigger, variant, model_sets)
     if path.is_file():
         return json.loads(path.read_text())
+    base = {"preset": preset, "model": model_tag, "seed": seed, "split": split, "family": trigger["family"],
+            "trigger": trigger["text"], "position": trigger["position"], "variant": variant}
     if CACHED_ONLY:  # by content: keys of rows computed before a config field was added differ
-        key = (preset, model_tag, seed, trigger["text"], trigger["position"], variant)
-        return _cached_rows().get(key) or PRIOR.get(key, [])
+        return _cached_rows().get(_cell_key(base)) or PRIOR.get(_cell_key(base), [])
     victim, tok = models.get(cfg, "victim")
     prep = _prepare(cfg, tokenizer=tok)
     settings = defense_settings(cfg, prep.max_length)
-    base = {"preset": preset, "model": model_tag, "seed": seed, "split": split, "family": trigger["family"],
-            "trigger": trigger["text"], "position": trigger["position"], "variant": variant}
     lm = M.LM(victim, tok, prep.answer_ids)
     rows = [{**base, "method": "victim", "stage": "victim", "seconds": 0.0,
              **_scores(evaluate(lm, prep.task.template, prep.evalset, cfg.eval.batch_size, prep.max_length))}]
