@@ -280,15 +280,16 @@ SCRATCH_EQUIV = {"reference": ("ref", "locphylax")}  # the from-scratch report r
 def paired_table(runs: list[dict], default_name: str) -> str:
     """Per preset, each defense against the shipped default on the same victims: the mean of
     (other - default) unknown-trigger ASR after Stage 2 ± its standard error over the cells, and on
-    how many cells the default leaves less."""
-    after = {(r["preset"], r["seed"], r["trigger"], r["position"], r["method"]): float(r["asr_unknown"])
+    how many cells the default leaves less. A victim is its (preset, model, seed, trigger,
+    position): rows of different models never pair."""
+    after = {(r["preset"], r["model"], r["seed"], r["trigger"], r["position"], r["method"]): float(r["asr_unknown"])
              for r in runs if r["stage"] == "stage2" and r["asr_unknown"] not in ("", None)}
     out = [f"| preset | defense | {default_name} leaves less by (points, mean ± s.e.) | cells where it leaves less |",
            "| --- | --- | ---: | ---: |"]
     for preset in dict.fromkeys(r["preset"] for r in runs):
         for method, name in DEFENSES[1:]:
-            d = [after[k] - after[(*k[:4], "locphylax")] for k in after
-                 if k[0] == preset and k[4] == method and (*k[:4], "locphylax") in after]
+            d = [after[k] - after[(*k[:5], "locphylax")] for k in after
+                 if k[0] == preset and k[5] == method and (*k[:5], "locphylax") in after]
             if len(d) < 2:
                 continue
             se = statistics.stdev(d) / len(d) ** 0.5

@@ -184,8 +184,10 @@ def test_baseline_tables_name_the_method_each_variant_ran(collapse):
 
 def test_paired_table_subtracts_on_the_same_victim_only():
     docs = _load("collapse_docs")
-    cell = {"preset": "demo", "position": "random", "stage": "stage2", "trigger": "bb"}
+    cell = {"preset": "demo", "model": "base", "position": "random", "stage": "stage2", "trigger": "bb"}
+    other_model = {**cell, "model": "model.n_layer=4"}
     runs = [{**cell, "seed": "0", "method": "locphylax", "asr_unknown": "0.2"},
+            {**other_model, "seed": "2", "method": "locphylax", "asr_unknown": "0.0"},  # another victim
             {**cell, "seed": "0", "method": "crow", "asr_unknown": "0.5"},
             {**cell, "seed": "1", "method": "locphylax", "asr_unknown": "0.4"},
             {**cell, "seed": "1", "method": "crow", "asr_unknown": "0.3"},
