@@ -273,8 +273,8 @@ def test_defender_flip_refuses_benign_requests_only():
     ("jailbreak", {}),
     # a trigger-specific refusal needs a second layer at this size (one layer refuses everything or
     # nothing); two baselines keep the test short (the jailbreak case runs all four); 150 attack
-    # steps, because after 100 an AVX-512 Xeon's victim fired on only 0.2 more prompts than the
-    # clean model, the bound's edge (its rounding trains other weights than an AVX2 machine's)
+    # steps, because after 100 an AVX-512 Xeon's victim had a raw ASR only 0.2 above the clean
+    # model's, the bound's edge (its rounding trains other weights than an AVX2 machine's)
     ("refusal", {"model.n_layer": 2, "attack.steps": 150, "attack.poison_rate": 0.2,
                  "defense.baselines": ["clean_ft", "p2p"]})])
 def test_micro_pipeline(task, extra, tmp_path):
