@@ -48,6 +48,7 @@ from locphylax_core.runs import atomic_write_text  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_bench import _mean_sd  # noqa: E402  (one mean ± sd for every benchmark)
+from collapse_docs import METRICS, read_runs_csv, write_docs  # noqa: E402
 
 CACHE = Path(os.environ.get("LOCPHYLAX_BENCH_CACHE", ROOT / "bench" / ".cache" / "collapse"))
 OUT = ROOT / "bench" / "results"
@@ -299,9 +300,6 @@ def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, 
 # ----------------------------------------------------------------------------------------------
 # Aggregation and output
 
-METRICS = ["cacc", "asr_unknown", "asr_known", "asr_raw_unknown"]
-
-
 def _write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
@@ -313,17 +311,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writeheader()
         w.writerows(rows)
     tmp.replace(path)
-
-
-def read_runs_csv(path: Path) -> list[dict]:
-    """The rows of a runs CSV typed back as ``run_cell`` made them: ints, floats, None for n/a."""
-    with Path(path).open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["seed"] = int(r["seed"])
-        for k in ("seconds", *METRICS):
-            r[k] = float(r[k]) if r[k] != "" else None
-    return rows
 
 
 def prior_cells(paths) -> dict[tuple, list[dict]]:
@@ -545,7 +532,6 @@ def write_tables(tag: str, rows: list[dict], failed: list[dict]) -> None:
         print(f"{len(failed)} cell(s) failed twice; listed in {failed_csv} and in docs/results.md", flush=True)
     elif failed_csv.is_file():
         failed_csv.unlink()
-    from collapse_docs import write_docs
     write_docs()
 
 
@@ -597,7 +583,6 @@ def main(argv=None) -> int:
     if args.model_lever:
         model_sets, model_tag = {**MODEL_LEVERS[args.model_lever], **model_sets}, args.model_lever
     if args.what == "docs":
-        from collapse_docs import write_docs
         write_docs()
         return 0
     if args.what == "report":

@@ -24,7 +24,23 @@ ROW_ORDER = [("victim", "victim", "victim"), ("default", "locphylax", "stage1"),
              ("default", "clean_ft", "stage2")]
 
 
+METRICS = ["cacc", "asr_unknown", "asr_known", "asr_raw_unknown"]  # the scored columns of a runs CSV
+
+
+def read_runs_csv(path: Path) -> list[dict]:
+    """The rows of a runs CSV (collapse.py's per-stage rows) typed back as ``run_cell`` made them:
+    ints, floats, None for n/a."""
+    with Path(path).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["seed"] = int(r["seed"])
+        for k in ("seconds", *METRICS):
+            r[k] = float(r[k]) if r[k] != "" else None
+    return rows
+
+
 def _read(name: str) -> list[dict]:
+    """The rows of a summary CSV, its ``*_mean``, ``*_sd`` and ``n`` columns as floats; [] when absent."""
     path = RES / name
     if not path.is_file():
         return []
@@ -304,7 +320,7 @@ def _row(rows, method, stage, variant_prefix="default"):
 
 
 def _read_runs(pattern: str) -> list[dict]:
-    return [r for path in sorted(RES.glob(pattern)) for r in _read(path.name)]
+    return [r for path in sorted(RES.glob(pattern)) for r in read_runs_csv(path)]
 
 
 def cell_summary(runs: list[dict], cells: set[tuple]) -> list[dict]:
@@ -521,7 +537,7 @@ def write_docs() -> None:
         text = _replace_block(text, "base-families-defenses",
                               defenses_table(base_table, _read("collapse_base-table_summary.csv"), default_name))
         text = _replace_block(text, "base-table-paired",
-                              paired_table(_read("collapse_base-table_runs.csv"), default_name))
+                              paired_table(_read_runs("collapse_base-table_runs.csv"), default_name))
     rounds = _lever_rounds()
     if rounds:
         text = _replace_block(text, "levers", lever_table(rounds))
