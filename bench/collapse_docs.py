@@ -298,14 +298,16 @@ def paired_table(runs: list[dict], default_name: str) -> str:
     (other - default) unknown-trigger ASR after Stage 2 ± its standard error over the cells, and on
     how many cells the default leaves less. A victim is its (preset, model, seed, trigger,
     position): rows of different models never pair."""
-    after = {(r["preset"], r["model"], r["seed"], r["trigger"], r["position"], r["method"]): float(r["asr_unknown"])
-             for r in runs if r["stage"] == "stage2" and r["asr_unknown"] not in ("", None)}
+    after: dict[str, dict[tuple, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))  # preset, victim, method
+    for r in runs:
+        if r["stage"] == "stage2" and r["asr_unknown"] not in ("", None):
+            victim = (r["model"], r["seed"], r["trigger"], r["position"])
+            after[r["preset"]][victim][r["method"]] = float(r["asr_unknown"])
     out = [f"| preset | defense | {default_name} leaves less by (points, mean ± s.e.) | cells where it leaves less |",
            "| --- | --- | ---: | ---: |"]
-    for preset in dict.fromkeys(r["preset"] for r in runs):
+    for preset, victims in after.items():
         for method, name in DEFENSES[1:]:
-            d = [after[k] - after[(*k[:5], "locphylax")] for k in after
-                 if k[0] == preset and k[5] == method and (*k[:5], "locphylax") in after]
+            d = [asr[method] - asr["locphylax"] for asr in victims.values() if method in asr and "locphylax" in asr]
             if len(d) < 2:
                 continue
             se = statistics.stdev(d) / len(d) ** 0.5
