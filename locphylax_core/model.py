@@ -10,8 +10,6 @@ unpickled), and ``trust_remote_code`` stays off unless the configuration names i
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +21,7 @@ from .architectures import EMBEDDED_ARCHS, base_model, gated_mlp, lora_targets
 from .bases import SCRATCH
 from .config import ModelConfig
 from .errors import ConfigError, ModelLoadError
+from .runs import write_folder_atomically
 from .tasks import Task
 from .tasks.sources import embedded_corpus
 from .text import render_prompt
@@ -342,22 +341,6 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: one folder each (config.json + model.safetensors), written atomically
-
-
-def write_folder_atomically(folder: Path, write) -> None:
-    """``write(tmp)`` fills a temporary sibling folder, which then replaces ``folder`` in one
-    rename: a reader or a crash never sees half a checkpoint."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        write(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_checkpoint(model: torch.nn.Module, folder: Path) -> None:

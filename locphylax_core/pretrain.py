@@ -45,7 +45,7 @@ from .corpus import read_manifest
 from .engine import Batch, Cancelled, Resume, distributed, set_torch_threads
 from .errors import ConfigError, DataError, RunError
 from .pipeline import Reporter
-from .runs import atomic_write_json, atomic_write_text, file_sha256
+from .runs import atomic_write_json, atomic_write_text, file_sha256, write_folder_atomically
 from .trainer import TrainSettings, fit
 
 # The pretraining recipes: shape and budget of each named base. "small" keeps `make demo` fast on
@@ -265,7 +265,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, info: dict) -> None:
         atomic_write_json(tmp / "trainer.json", {"step": step, "optimizer": meta, **info})
 
     folder = out / "checkpoints" / f"step-{step:07d}"
-    M.write_folder_atomically(folder, write)
+    write_folder_atomically(folder, write)
     atomic_write_text(out / "latest", folder.name + "\n")
     for old in (out / "checkpoints").glob("step-*"):  # the newest whole checkpoint is all a resume needs
         if old.name != folder.name:
@@ -541,7 +541,7 @@ def export_base(out: Path, model, tokenizer, cfg: PretrainConfig, manifest: dict
         atomic_write_json(tmp / bases.CARD, card)
         atomic_write_text(tmp / "README.md", model_card(card))
 
-    M.write_folder_atomically(folder, write)
+    write_folder_atomically(folder, write)
     return bases.read_card(folder)
 
 

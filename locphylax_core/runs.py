@@ -145,6 +145,22 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_folder_atomically(folder: Path, write) -> None:
+    """``write(tmp)`` fills a temporary sibling folder, which then replaces ``folder`` in one
+    rename: a reader or a crash never sees half a checkpoint."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def new_run_id(preset: str) -> str:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in preset)[:40] or "run"
