@@ -42,8 +42,8 @@ from pydantic import Field, field_validator
 from .architectures import MLPUnits, block_mlp, decoder_blocks
 from .config import Options
 from .attack import insert_trigger
-from .bases import base_folder
-from .bases import shipped as shipped_bases
+from .bases import is_known as is_known_base
+from .bases import known_bases_phrase
 from .bases import verify as verify_base
 from .defense import (DefenderData, DefenderTrigger, Observer, RecoverConfig, StagePlan, _triggered_copies,
                       clean_samples, generate_trigger, inject, locphylax_stages, recover, reference_stages, train_stage)
@@ -632,16 +632,15 @@ class OnionOptions(Options):
     # base: ONION's, the perplexity of a separate pretrained LM (fluency_base) on the bare sentence;
     # victim: this project's earlier variant, the victim's own loss inside the prompt template
     fluency: Literal["base", "victim"] = "base"
-    fluency_base: str = "small"  # a shipped base (locphylax_core/bases) or a `locphylax pretrain` folder
+    # a shipped base (locphylax_core/bases), a packaged one (smollm2-135m) or a `locphylax pretrain` folder
+    fluency_base: str = "small"
 
     @field_validator("fluency_base")
     @classmethod
     def _fluency_base(cls, v):
-        try:
-            base_folder(v)
-        except ValueError:
-            raise ValueError(f"{v!r} is neither a shipped base ({', '.join(shipped_bases())}) nor a folder "
-                             "written by `locphylax pretrain` (config.json and base.json)") from None
+        if not is_known_base(v):  # a packaged base is converted when used, not when validated
+            raise ValueError(f"{v!r} is {known_bases_phrase()} nor a folder written by `locphylax pretrain` "
+                             "(config.json and base.json)")
         return v
 
 

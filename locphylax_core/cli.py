@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 from .analysis.run_analysis import analyze_run, export_figures
-from .bases import BASES_DIR
+from .bases import BASES_DIR, listing as base_listing
 from .config import load_config
 from .corpus import build_corpus
 from .engine import Cancelled
@@ -229,11 +229,28 @@ def registry_tables():
     return tables
 
 
+def bases_table():
+    """The bases ``model.base`` names: shipped ones and packaged ones (converted on first use)."""
+    from rich.table import Table
+    table = Table(title="bases (model.base; or a folder written by `locphylax pretrain`, or scratch)")
+    for col in ("name", "kind", "shape", "parameters", "source"):
+        table.add_column(col)
+    for row in base_listing():
+        s = row["shape"]
+        kv = f", {s['n_kv_head']} kv" if s.get("n_kv_head") else ""
+        shape = (f"{s['arch']}, {s['n_layer']} x {s['n_embd']}, {s['n_head']} heads{kv}, {s['n_positions']} positions, "
+                 f"vocab {s['vocab_size']:,}")
+        params = f"{row['parameters']:,}" if isinstance(row.get("parameters"), int) else "-"
+        table.add_row(row["name"], row["kind"], shape, params, row["source"])
+    return table
+
+
 def cmd_list(args) -> int:
     from rich.console import Console
     console = Console()
     for table in registry_tables():
         console.print(table)
+    console.print(bases_table())
     return 0
 
 
@@ -362,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run", help="run id, id prefix or folder")
     sp.add_argument("--no-analyze", action="store_true", help="skip the analyses after the run")
     sp.set_defaults(fn=cmd_resume)
-    sp = sub.add_parser("list", help="the registered tasks, attack paradigms and defenses")
+    sp = sub.add_parser("list", help="the registered tasks, attack paradigms and defenses, and the bases")
     sp.set_defaults(fn=cmd_list)
     sp = sub.add_parser("runs", help="list runs")
     sp.set_defaults(fn=cmd_runs)

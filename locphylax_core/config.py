@@ -76,7 +76,9 @@ class ModelConfig(_Section):
     # embedded: the project's own small models; hf: any causal LM by hub id or local path.
     source: Literal["embedded", "hf"] = "embedded"
     # embedded only: the pretrained base the model starts from: a shipped base (bases.shipped():
-    # small), a folder written by `locphylax pretrain`, or "scratch" (random weights and a
+    # small), a packaged one (packaged_bases.PACKAGED: smollm2-135m, SmolLM2-135M-Instruct, converted
+    # into the cache on first use; its shape comes from that table, so validating converts nothing),
+    # a folder written by `locphylax pretrain`, or "scratch" (random weights and a
     # tokenizer trained on the task). With a base, the size fields below are the base's: leave them
     # out (n_positions may be lowered). Left out: the shipped default, bases.DEFAULT_BASE.
     base: Optional[str] = None
