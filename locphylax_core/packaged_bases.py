@@ -311,10 +311,11 @@ def packaged_folder(name: str, message: Callable[[str], None] = _stderr) -> Path
 
 # what each GGUF weight format does to a weight (the model cards say it)
 QUANT_ROUNDING = {
-    "Q4_1": "each weight rounded to one of 16 levels spanning its block of 32, about 1/16 of the block's range",
-    "Q4_0": "each weight rounded to one of 16 levels of a scale per block of 32",
-    "Q8_0": "each weight rounded to one of 255 levels of a scale per block of 32, about 1/127 of the block's largest "
-            "magnitude",
+    "Q4_1": "each weight rounded to one of 16 levels spanning its block of 32 weights, in steps of 1/15 of the "
+            "block's range",
+    "Q4_0": "each weight rounded to one of 16 levels of a scale per block of 32 weights",
+    "Q8_0": "each weight rounded to one of 255 levels of a scale per block of 32 weights, in steps of 1/127 of the "
+            "block's largest magnitude",
     "F16": "float16", "BF16": "bfloat16", "F32": "exact",
 }
 
