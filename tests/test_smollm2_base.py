@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -185,6 +187,24 @@ def test_a_damaged_or_foreign_cache_is_rebuilt_not_trusted(tiny, tmp_path):
     messages = []
     convert(tiny, folder, messages)
     assert len(messages) == 1 and bases.verify(folder)["source"]["sha256"] == sha
+    for k, v in M.load_checkpoint(folder).state_dict().items():
+        assert torch.equal(v, ref[k]), k
+
+
+def test_two_processes_converting_at_once_convert_once(tiny, tmp_path):
+    """The lock beside the folder: the second process waits, then trusts the first one's folder."""
+    path, sha, size, ref, _ = tiny
+    folder = tmp_path / "cache" / "tiny"
+    code = ("import sys; from locphylax_core.packaged_bases import gguf_base; "
+            f"gguf_base({str(path)!r}, {str(folder)!r}, sha256={sha!r}, size={size}, message=print)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+    said = [line for out, _ in outs for line in out.splitlines()]
+    assert len(said) == 1 and "converting" in said[0], said
+    assert bases.verify(folder)["source"]["sha256"] == sha
+    assert sorted(p.name for p in folder.parent.iterdir()) == [".tiny.lock", "tiny"]  # no temporary folder left
     for k, v in M.load_checkpoint(folder).state_dict().items():
         assert torch.equal(v, ref[k]), k
 
