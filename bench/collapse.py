@@ -199,9 +199,9 @@ class Models:
         device = pipeline_device(cfg)
         if parent is None:
             lm = M.LM(M.initial_model(cfg.model, prep.tokenizer, stage_seed(cfg.seed, "init")).to(device),
-                      prep.tokenizer, prep.answer_ids)
+                      prep.tokenizer, prep.answer_ids, bf16=cfg.eval.bf16)
         else:
-            lm = M.LM(copy.deepcopy(parent).to(device), prep.tokenizer, prep.answer_ids)
+            lm = M.LM(copy.deepcopy(parent).to(device), prep.tokenizer, prep.answer_ids, bf16=cfg.eval.bf16)
         train_owner_model(prep, lm, stage, from_scratch=parent is None, seed=stage_seed(cfg.seed, stage))
         return lm.model, prep.tokenizer
 
@@ -277,11 +277,11 @@ def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, 
     victim, tok = models.get(cfg, "victim")
     prep = _prepare(cfg, tokenizer=tok)
     settings = defense_settings(cfg, prep.max_length)
-    lm = M.LM(victim, tok, prep.answer_ids)
+    lm = M.LM(victim, tok, prep.answer_ids, bf16=cfg.eval.bf16)
     rows = [{**base, "method": "victim", "stage": "victim", "seconds": 0.0,
              **_scores(evaluate(lm, prep.task.template, prep.evalset, cfg.eval.batch_size, prep.max_length))}]
     for method in ["locphylax", *cfg.defense.baselines]:
-        lm = M.LM(copy.deepcopy(victim), tok, prep.answer_ids)  # the cached victim is never trained
+        lm = M.LM(copy.deepcopy(victim), tok, prep.answer_ids, bf16=cfg.eval.bf16)  # the cached victim is never trained
         t0 = [time.perf_counter()]
 
         def stage_row(record, _lm, method=method, t0=t0):

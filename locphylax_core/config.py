@@ -70,6 +70,10 @@ class LoraConfig(_Section):
     # None: the architecture's entry of architectures.ARCHITECTURES (gpt2: c_attn; gpt_neox:
     # query_key_value, dense; llama / qwen2 / mistral: q/k/v/o_proj), else peft's own default.
     target_modules: Optional[list[str]] = None
+    # Adapters only on the last N decoder blocks (None: every block). Nothing below the lowest
+    # adapted block needs a gradient, so the backward pass stops there: on a 30-block model, the
+    # last 8 blocks train about twice as fast as all 30 (bench/results/smollm2_speed.md).
+    last_blocks: Optional[int] = Field(None, ge=1, le=1024)
 
 
 class ModelConfig(_Section):
@@ -571,6 +575,10 @@ class EvalConfig(_Section):
     # (BackdoorLLM's own case-insensitive lists, empty outputs skipped) or target_prefix (the
     # response starts with the attack's target opening)
     max_new_tokens: int = Field(20, ge=1, le=1024)
+    # bfloat16 autocast of the evaluation and probe forward passes (scores are still compared in
+    # float32). Several times faster on a CPU with native bf16 (avx512_bf16 / AMX) or a GPU; what
+    # it changes in CACC / ASR is measured in bench/results/smollm2_speed.md. Off: float32.
+    bf16: bool = False
     asr_rule: Literal["gcg", "backdoorllm", "target_prefix"] = "gcg"
 
     @field_validator("asr_rule", mode="before")

@@ -87,8 +87,9 @@ def predict(lm, template: str, texts: Sequence[str], batch_size: int = 256, max_
     answer = torch.tensor(lm.answer_ids, device=lm.device)
     out = torch.empty(len(texts), dtype=torch.long)
     for idx, b in encoded_batches(lm.tokenizer, template, texts, batch_size, max_length, lm.device):
-        logits, _ = forward_answer(model, b)
-        out[idx] = logits[:, answer].argmax(-1).cpu()
+        with lm.inference_autocast():
+            logits, _ = forward_answer(model, b)
+        out[idx] = logits[:, answer].float().argmax(-1).cpu()
     model.train(was_training)
     return out
 
@@ -104,7 +105,8 @@ def answer_probabilities(lm, template: str, texts: Sequence[str], batch_size: in
     answer = torch.tensor(lm.answer_ids, device=lm.device)
     out = torch.empty(len(texts), len(lm.answer_ids))
     for idx, b in encoded_batches(lm.tokenizer, template, texts, batch_size, max_length, lm.device):
-        logits, _ = forward_answer(model, b)
+        with lm.inference_autocast():
+            logits, _ = forward_answer(model, b)
         out[idx] = torch.softmax(logits[:, answer].float(), -1).cpu()
     model.train(was_training)
     return out

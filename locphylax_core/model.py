@@ -9,6 +9,7 @@ unpickled), and ``trust_remote_code`` stays off unless the configuration names i
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Sequence
 import torch
 
 from . import bases
-from .architectures import EMBEDDED_ARCHS, base_model, gated_mlp, lora_targets
+from .architectures import EMBEDDED_ARCHS, base_model, decoder_blocks, gated_mlp, lora_targets
 from .bases import SCRATCH
 from .config import ModelConfig
 from .errors import ConfigError, ModelLoadError
@@ -38,10 +39,17 @@ class LM:
     model: torch.nn.Module
     tokenizer: object  # a PreTrainedTokenizerFast, left-padded
     answer_ids: tuple[int, ...]  # first token of each label's answer, indexed by label
+    bf16: bool = False  # eval.bf16: bfloat16 autocast of the scoring and probe forward passes
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def inference_autocast(self):
+        """The context every scoring forward pass of this model runs in (see ``bf16``)."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,8 +417,13 @@ def with_lora(model: torch.nn.Module, lora_cfg) -> torch.nn.Module:
     goes through peft's ``prepare_model_for_kbit_training`` first (norms in float32, no
     gradient checkpointing)."""
     from peft import LoraConfig, get_peft_model
+    layers = None
+    if lora_cfg.last_blocks is not None:  # peft finds the block index in each module's name
+        n = len(decoder_blocks(model))
+        layers = list(range(max(0, n - lora_cfg.last_blocks), n))
     conf = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                      target_modules=lora_targets(model, lora_cfg.target_modules), task_type="CAUSAL_LM")
+                      target_modules=lora_targets(model, lora_cfg.target_modules), task_type="CAUSAL_LM",
+                      layers_to_transform=layers)
     if is_quantized(model):
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

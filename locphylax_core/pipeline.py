@@ -263,7 +263,7 @@ class Pipeline:
     def _lm(self, model) -> M.LM:
         if not M.is_quantized(model):  # a 4-bit model was placed on the GPU while loading
             model = model.to(self.device)
-        return M.LM(model, self.p.tokenizer, self.p.answer_ids)
+        return M.LM(model, self.p.tokenizer, self.p.answer_ids, bf16=self.cfg.eval.bf16)
 
     def _load_parent(self, spec: StageSpec) -> M.LM:
         if spec.parent is None:
@@ -317,7 +317,7 @@ class Pipeline:
         answer = torch.tensor(lm.answer_ids, device=lm.device)
         for idx, b in encoded_batches(lm.tokenizer, self.p.task.template, texts, self.cfg.eval.batch_size,
                                       self.p.max_length, lm.device):
-            with capture_output(final_norm(lm.model)) as normed:  # both states from one forward pass
+            with capture_output(final_norm(lm.model)) as normed, lm.inference_autocast():  # both states, one pass
                 logits, h = forward_answer(lm.model, b, HiddenSpec(-1, False, "last"))
             block[idx] = h.float().cpu()
             final[idx] = normed["out"][:, -1].float().cpu()
