@@ -316,6 +316,46 @@ def paired_table(runs: list[dict], default_name: str) -> str:
     return "\n".join(out)
 
 
+def real_lm_table(runs: list[dict], default_name: str) -> str:
+    """Every cell of the real-LM report, one line per victim (no mean hides a cell): the victim's
+    CACC and unknown-trigger ASR, then each defense's unknown ASR after Stage 2 with its CACC,
+    and a last line of means over the victims that every column has."""
+    names = [(m, name or default_name) for m, name in DEFENSES if any(r["method"] == m for r in runs)]
+    out = ["| preset | seed | family | trigger | victim CACC / ASR | "
+           + " | ".join(f"{n} ASR (CACC)" for _, n in names) + " |",
+           "| --- | ---: | --- | --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
+    cells: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in runs:
+        if r["stage"] in ("victim", "stage2"):
+            cells[(r["preset"], int(r["seed"]), r["family"], r["trigger"], r["position"])][r["method"]] = r
+
+    def f(x) -> str:
+        return "–" if x in ("", None) else f"{100 * float(x):.1f}"
+
+    sums: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for (preset, seed, family, trigger, position), by in cells.items():
+        v = by.get("victim")
+        if v is None:
+            continue
+        shown = trigger if len(trigger) <= 24 else trigger[:22] + "…"
+        line = f"| {preset} | {seed} | {family} | `{shown}` @{position} | {f(v['cacc'])} / {f(v['asr_unknown'])} |"
+        sums["victim"].append((float(v["cacc"]), float(v["asr_unknown"] or 0)))
+        for m, _ in names:
+            r = by.get(m)
+            line += " – |" if r is None else f" {f(r['asr_unknown'])} ({f(r['cacc'])}) |"
+            if r is not None:
+                sums[m].append((float(r["cacc"]), float(r["asr_unknown"] or 0)))
+        out.append(line)
+    n = len(sums["victim"])
+    if n > 1:
+        def mean(m, i):
+            xs = [x[i] for x in sums[m]]
+            return f"{100 * statistics.fmean(xs):.1f}" if len(xs) == n else "–"
+        out.append(f"| **mean of {n}** | | | | {mean('victim', 0)} / {mean('victim', 1)} | "
+                   + " | ".join(f"{mean(m, 1)} ({mean(m, 0)})" for m, _ in names) + " |")
+    return "\n".join(out)
+
+
 def _row(rows, method, stage, variant_prefix="default"):
     return next((r for r in rows if r["method"] == method and r["stage"] == stage
                  and (method == "victim" or r["variant"].startswith(variant_prefix))), None)
@@ -540,6 +580,9 @@ def write_docs() -> None:
                               defenses_table(base_table, _read("collapse_base-table_summary.csv"), default_name))
         text = _replace_block(text, "base-table-paired",
                               paired_table(_read_runs("collapse_base-table_runs.csv"), default_name))
+    real_lm = _read_runs("collapse_smollm2-*_runs.csv")  # issue 33: the real pretrained LM
+    if real_lm:
+        text = _replace_block(text, "smollm2-report", real_lm_table(real_lm, default_name))
     rounds = _lever_rounds()
     if rounds:
         text = _replace_block(text, "levers", lever_table(rounds))

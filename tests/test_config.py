@@ -13,6 +13,7 @@ from locphylax_core.errors import ConfigError
     ("sst2", "small", 2, 128, 20000),
     ("agnews", "scratch", 2, 128, 4000),
     ("micro", "scratch", 1, 32, 300),
+    ("sst2-smollm2", "smollm2-135m", 30, 576, 20000),
 ])
 def test_presets_load(preset, base, n_layer, n_embd, train_size):
     cfg = load_config(preset)

@@ -1,0 +1,225 @@
+"""How fast the real pretrained LM (SmolLM2-135M, preset ``sst2-smollm2``) trains and evaluates on
+this machine, each lever beside the plain baseline in the same run:
+
+- LoRA step time: 1 and 2 threads; float32 against bfloat16 autocast; adapters on every block
+  against the last 8 (``model.lora.last_blocks``: the backward pass stops at block 22);
+- evaluation cost per row: float32 against bfloat16 (``eval.bf16``), the answer position
+  unembedded alone (``logits_to_keep=1``) against the whole sequence, length-sorted batches
+  against batches in data order;
+- what bfloat16 evaluation does to CACC / ASR (the same model scored both ways);
+- ``--cell``: the wall time of one SST-2 cell through the pipeline (victim, Stage 1, Stage 2 and
+  clean fine-tuning, every evaluation included), the issue's 10-minute target.
+
+    .venv/bin/python bench/smollm2_speed.py                 # steps + evaluation (about 10 min)
+    .venv/bin/python bench/smollm2_speed.py --cell          # and one pipeline cell
+
+Writes bench/results/smollm2_speed.md (quoted in docs/models/smollm2-135m.md and docs/results.md)
+and smollm2_speed.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from locphylax_core import load_config, start_run  # noqa: E402
+from locphylax_core import model as M  # noqa: E402
+from locphylax_core.config import load_run_config  # noqa: E402
+from locphylax_core.engine import encode  # noqa: E402
+from locphylax_core.evaluation import evaluate  # noqa: E402
+from locphylax_core.paradigms import owner_samples  # noqa: E402
+from locphylax_core.pipeline import prepare, stage_seed  # noqa: E402
+from locphylax_core.text import render_prompt  # noqa: E402
+from locphylax_core.trainer import TrainSettings, fit  # noqa: E402
+
+OUT = ROOT / "bench" / "results"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in set(flags) if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
+
+
+def step_seconds(cfg, prep, *, threads: int, bf16: bool, last_blocks, steps: int) -> float:
+    """Median seconds of one LoRA training step (the first, warm-up step left out)."""
+    torch.set_num_threads(threads)
+    lm = M.LM(M.initial_model(cfg.model, prep.tokenizer, 0), prep.tokenizer, prep.answer_ids)
+    samples, _ = owner_samples(prep, lm, 0, poisoned=True)
+    lora = cfg.model.lora.model_copy(update={"last_blocks": last_blocks})
+    settings = TrainSettings(lr=cfg.attack.lr, batch_size=cfg.train.batch_size, max_length=prep.max_length, every=1,
+                             lora=lora, bf16=bf16)
+    stamps = []
+    fit(lm, samples, steps + 1, settings, seed=0, kind=prep.task.kind,
+        observer=lambda step, logs: stamps.append(time.perf_counter()))
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+
+
+def eval_seconds(lm, prep, cfg, texts, *, bf16: bool, keep_one: bool, sort: bool, batch_size: int) -> float:
+    """Seconds per row of the scoring forward pass over ``texts``."""
+    prompts = [render_prompt(prep.task.template, t) for t in texts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if sort else list(range(len(prompts)))
+    lm = M.LM(lm.model, lm.tokenizer, lm.answer_ids, bf16=bf16)
+    batches = [encode(lm.tokenizer, [prompts[j] for j in order[i:i + batch_size]], prep.max_length, lm.device)
+               for i in range(0, len(order), batch_size)]
+    with torch.no_grad(), lm.inference_autocast():
+        for timed in (False, True):  # the first pass warms the kernels up (oneDNN picks them on first use)
+            t0 = time.perf_counter()
+            for b in batches:
+                lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                         logits_to_keep=1 if keep_one else 0, use_cache=False)
+    return (time.perf_counter() - t0) / len(texts)
+
+
+def cell_seconds(preset: str, runs: Path) -> dict:
+    """One pipeline cell: victim, Stage 1, Stage 2 and clean fine-tuning, every evaluation included."""
+    cfg = load_config(preset, {"defense.baselines": ["clean_ft"]})
+    t0 = time.perf_counter()
+    _, summary = start_run(cfg, runs)
+    total = time.perf_counter() - t0
+    return {"total": total, **summary["seconds"], "summary": summary}
+
+
+def _pct(x):
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="sst2-smollm2")
+    ap.add_argument("--steps", type=int, default=5, help="timed training steps per variant (after one warm-up)")
+    ap.add_argument("--eval-rows", type=int, default=128, help="rows of the evaluation-cost measurements")
+    ap.add_argument("--cell", action="store_true", help="also time one pipeline cell (several minutes)")
+    ap.add_argument("--victim", type=Path, default=None,
+                    help="a victim checkpoint folder (a run's checkpoints/victim) to score in fp32 and bf16 "
+                         "(default: the base model, which has no backdoor)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+
+    cfg = load_config(args.preset)
+    prep = prepare(cfg)
+    rows = []
+    where = f"{cpu_name()} ({os.cpu_count()} cores; flags {', '.join(cpu_flags()) or 'none of note'}), torch {torch.__version__}"
+    print(where, flush=True)
+
+    # --- training steps
+    n_blocks = cfg.model.n_layer
+    for threads in (1, 2):
+        for bf16 in (False, True):
+            for last in (None, cfg.model.lora.last_blocks):
+                s = step_seconds(cfg, prep, threads=threads, bf16=bf16, last_blocks=last, steps=args.steps)
+                rows.append({"what": "lora step", "threads": threads, "bf16": bf16,
+                             "lora_blocks": f"all {n_blocks}" if last is None else f"last {last}",
+                             "seconds": round(s, 3)})
+                print(rows[-1], flush=True)
+
+    # --- evaluation
+    torch.set_num_threads(cfg.train.threads)
+    lm = M.LM(M.initial_model(cfg.model, prep.tokenizer, 0), prep.tokenizer, prep.answer_ids)
+    lm.model.eval()
+    texts = [e.text for e in prep.evalset.clean[:args.eval_rows]]
+    for bf16, keep_one, sort in [(False, True, True), (True, True, True), (False, False, True), (False, True, False)]:
+        s = eval_seconds(lm, prep, cfg, texts, bf16=bf16, keep_one=keep_one, sort=sort, batch_size=cfg.eval.batch_size)
+        rows.append({"what": "eval row", "threads": cfg.train.threads, "bf16": bf16,
+                     "unembed": "answer position" if keep_one else "every position",
+                     "batches": "length-sorted" if sort else "data order", "seconds": round(s, 4)})
+        print(rows[-1], flush=True)
+
+    # --- what bf16 evaluation does to the scores (the same model, the preset's whole evaluation set)
+    scored = "the base model before any fine-tuning"
+    if args.victim is not None:
+        lm = M.LM(M.load_checkpoint(args.victim), prep.tokenizer, prep.answer_ids)
+        run_cfg = load_run_config(args.victim.parent.parent / "config.yaml")  # the run that trained it
+        scored = (f"the victim of `locphylax run {run_cfg.name} --stop-after victim` with trigger "
+                  f"`{run_cfg.attack.trigger_text}`, seed {run_cfg.seed}")
+    scores = {}
+    for bf16 in (False, True):
+        t0 = time.perf_counter()
+        r = evaluate(M.LM(lm.model, lm.tokenizer, lm.answer_ids, bf16=bf16), prep.task.template, prep.evalset,
+                     cfg.eval.batch_size, prep.max_length)
+        scores[bf16] = (r, time.perf_counter() - t0)
+        print(bf16, r["cacc"], r["asr"], flush=True)
+
+    cell = None
+    if args.cell:
+        with tempfile.TemporaryDirectory() as tmp:
+            cell = cell_seconds(args.preset, Path(tmp))
+        print({k: v for k, v in cell.items() if k != "summary"}, flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    fields = ["what", "threads", "bf16", "lora_blocks", "unembed", "batches", "seconds"]
+    with (args.out / "smollm2_speed.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows([{k: r.get(k, "") for k in fields} for r in rows])
+
+    md = [f"# SmolLM2-135M on this CPU (`bench/smollm2_speed.py`, preset `{args.preset}`)", "",
+          f"Measured on {where}; batch {cfg.train.batch_size}, SST-2 prompts (median about 30 tokens).", "",
+          "## One LoRA training step (median of "
+          f"{args.steps}, after a warm-up step; r {cfg.model.lora.r}, every linear layer of the adapted blocks)", "",
+          "| threads | autocast | adapted blocks | seconds / step | vs fp32, all blocks, same threads |",
+          "|---:|---|---|---:|---:|"]
+    steps = [r for r in rows if r["what"] == "lora step"]
+    for r in steps:
+        base = next(b for b in steps if b["threads"] == r["threads"] and not b["bf16"] and b["lora_blocks"].startswith("all"))
+        md.append(f"| {r['threads']} | {'bf16' if r['bf16'] else 'fp32'} | {r['lora_blocks']} | {r['seconds']:.2f} | "
+                  f"{base['seconds'] / r['seconds']:.1f}x |")
+    md += ["", f"## Scoring forward pass ({args.eval_rows} SST-2 test rows, batch {cfg.eval.batch_size}, "
+           f"{cfg.train.threads} threads)", "",
+           "| autocast | unembedding | batches | ms / row | vs fp32, answer position, sorted |", "|---|---|---|---:|---:|"]
+    evals = [r for r in rows if r["what"] == "eval row"]
+    for r in evals:
+        md.append(f"| {'bf16' if r['bf16'] else 'fp32'} | {r['unembed']} | {r['batches']} | {1000 * r['seconds']:.1f} | "
+                  f"{evals[0]['seconds'] / r['seconds']:.1f}x |")
+    (r32, t32), (r16, t16) = scores[False], scores[True]
+    md += ["", f"## What bf16 evaluation changes ({scored}, the preset's whole "
+           f"evaluation set: {len(prep.evalset.clean)} clean rows and their triggered copies)", "",
+           "| evaluation | seconds | CACC % | unknown ASR % | t1 ASR % | t2 ASR % |", "|---|---:|---:|---:|---:|---:|"]
+    for name, (r, t) in (("fp32", (r32, t32)), ("bf16", (r16, t16))):
+        md.append(f"| {name} | {t:.0f} | {_pct(r['cacc'])} | {_pct(r['asr'].get('unknown'))} | "
+                  f"{_pct(r['asr'].get('t1'))} | {_pct(r['asr'].get('t2'))} |")
+    if cell is not None:
+        s = cell["summary"]
+        md += ["", "## One SST-2 cell through the pipeline (`locphylax run sst2-smollm2 --set "
+               "'defense.baselines=[clean_ft]' --no-analyze`)", "",
+               f"Wall time {cell['total'] / 60:.1f} min: victim {cell['victim']:.0f} s, Stage 1 {cell['stage1']:.0f} s, "
+               f"Stage 2 {cell['stage2']:.0f} s, clean fine-tuning {cell.get('clean_ft', 0):.0f} s (each with its "
+               "evaluations and checkpoint), the rest preparation.", "",
+               f"Victim CACC {_pct(s['stages']['victim']['cacc'])} / unknown ASR "
+               f"{_pct(s['stages']['victim']['asr']['unknown'])}; Stage 2 {_pct(s['stages']['stage2']['cacc'])} / "
+               f"{_pct(s['stages']['stage2']['asr']['unknown'])}; clean fine-tuning "
+               f"{_pct(s['baselines']['clean_ft']['cacc'])} / {_pct(s['baselines']['clean_ft']['asr']['unknown'])} "
+               "(seed 0, the preset's trigger: one cell, not a result)."]
+    (args.out / "smollm2_speed.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
