@@ -121,6 +121,9 @@ VARIANTS: dict[str, dict] = {
     "canary+lora+consistency=0.1": {"defense.known_target": "canary", "defense.stage2_params": "lora",
                                     "defense.consistency_weight": 0.1},
 }
+# the shortest comparison on the real LM (issue 33), when compute allows no more: the default against
+# clean fine-tuning on the same victim (after the levers, so no lever set changes)
+VARIANTS["default+clean_ft"] = {"baselines": ["clean_ft"]}
 SCALED = ("defense.stage1_steps", "defense.stage2_steps")  # values are multipliers of the preset's
 
 # Levers on the model itself (they change the victim, so they need their own clean models)

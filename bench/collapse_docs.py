@@ -322,12 +322,15 @@ def real_lm_table(runs: list[dict], default_name: str) -> str:
     and a last line of means over the victims that every column has."""
     names = [(m, name or default_name) for m, name in DEFENSES if any(r["method"] == m for r in runs)]
     out = ["| preset | seed | family | trigger | victim CACC / ASR | "
-           + " | ".join(f"{n} ASR (CACC)" for _, n in names) + " |",
-           "| --- | ---: | --- | --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
+           f"{default_name} after Stage 1 | " + " | ".join(f"{n} ASR (CACC)" for _, n in names) + " |",
+           "| --- | ---: | --- | --- | ---: | ---: | " + " | ".join("---:" for _ in names) + " |"]
     cells: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in runs:
+        key = (r["preset"], int(r["seed"]), r["family"], r["trigger"], r["position"])
         if r["stage"] in ("victim", "stage2"):
-            cells[(r["preset"], int(r["seed"]), r["family"], r["trigger"], r["position"])][r["method"]] = r
+            cells[key][r["method"]] = r
+        elif r["stage"] == "stage1" and r["method"] == "locphylax":
+            cells[key]["stage1"] = r
 
     def f(x) -> str:
         return "–" if x in ("", None) else f"{100 * float(x):.1f}"
@@ -338,8 +341,12 @@ def real_lm_table(runs: list[dict], default_name: str) -> str:
         if v is None:
             continue
         shown = trigger if len(trigger) <= 24 else trigger[:22] + "…"
-        line = f"| {preset} | {seed} | {family} | `{shown}` @{position} | {f(v['cacc'])} / {f(v['asr_unknown'])} |"
+        s1 = by.get("stage1")
+        line = (f"| {preset} | {seed} | {family} | `{shown}` @{position} | {f(v['cacc'])} / {f(v['asr_unknown'])} | "
+                + ("– |" if s1 is None else f"{f(s1['asr_unknown'])} ({f(s1['cacc'])}) |"))
         sums["victim"].append((float(v["cacc"]), float(v["asr_unknown"] or 0)))
+        if s1 is not None:
+            sums["stage1"].append((float(s1["cacc"]), float(s1["asr_unknown"] or 0)))
         for m, _ in names:
             r = by.get(m)
             line += " – |" if r is None else f" {f(r['asr_unknown'])} ({f(r['cacc'])}) |"
@@ -352,6 +359,7 @@ def real_lm_table(runs: list[dict], default_name: str) -> str:
             xs = [x[i] for x in sums[m]]
             return f"{100 * statistics.fmean(xs):.1f}" if len(xs) == n else "–"
         out.append(f"| **mean of {n}** | | | | {mean('victim', 0)} / {mean('victim', 1)} | "
+                   f"{mean('stage1', 1)} ({mean('stage1', 0)}) | "
                    + " | ".join(f"{mean(m, 1)} ({mean(m, 0)})" for m, _ in names) + " |")
     return "\n".join(out)
 

@@ -244,3 +244,22 @@ def test_cell_summary_keeps_only_the_given_cells_and_pairs_the_cacc_change():
 def test_cli_bench_unknown_name_is_a_clear_error():
     r = cli("bench", "no_such_bench")
     assert r.returncode == 2 and "no_such_bench.py not found" in r.stderr
+
+
+def test_real_lm_table_shows_every_victim_and_means_only_over_complete_columns():
+    docs = _load("collapse_docs")
+    cell = {"preset": "sst2-smollm2", "model": "base", "seed": "0", "position": "random"}
+
+    def row(family, trigger, method, stage, cacc, asr):
+        return {**cell, "family": family, "trigger": trigger, "method": method, "stage": stage,
+                "cacc": str(cacc), "asr_unknown": str(asr)}
+    runs = [row("word", "bb", "victim", "victim", 0.8, 1.0), row("word", "bb", "locphylax", "stage1", 0.7, 0.5),
+            row("word", "bb", "locphylax", "stage2", 0.75, 0.25), row("word", "bb", "clean_ft", "stage2", 0.8, 0.9),
+            row("char", "~~", "victim", "victim", 0.9, 0.8), row("char", "~~", "locphylax", "stage2", 0.85, 0.5)]
+    lines = docs.real_lm_table(runs, "locphylax+").splitlines()
+    assert lines[0].startswith("| preset | seed | family | trigger | victim CACC / ASR | locphylax+ after Stage 1 |")
+    assert "| sst2-smollm2 | 0 | word | `bb` @random | 80.0 / 100.0 | 50.0 (70.0) | 25.0 (75.0) | 90.0 (80.0) |" \
+        in lines
+    assert "| sst2-smollm2 | 0 | char | `~~` @random | 90.0 / 80.0 | – | 50.0 (85.0) | – |" in lines
+    # the mean covers both victims where both have the column, and is left out where one lacks it
+    assert lines[-1] == "| **mean of 2** | | | | 85.0 / 90.0 | – (–) | 37.5 (80.0) | – (–) |"
