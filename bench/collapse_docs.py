@@ -320,6 +320,8 @@ def real_lm_table(runs: list[dict], default_name: str) -> str:
     """Every cell of the real-LM report, one line per victim (no mean hides a cell): the victim's
     CACC and unknown-trigger ASR, then each defense's unknown ASR after Stage 2 with its CACC,
     and a last line of means over the victims that every column has."""
+    # a cell run as variant `ref` has the paper's method as its main method: that is the reference
+    runs = [{**r, "method": "reference"} if r["variant"] == "ref" and r["method"] == "locphylax" else r for r in runs]
     names = [(m, name or default_name) for m, name in DEFENSES if any(r["method"] == m for r in runs)]
     out = ["| preset | seed | family | trigger | victim CACC / ASR | "
            f"{default_name} after Stage 1 | " + " | ".join(f"{n} ASR (CACC)" for _, n in names) + " |",

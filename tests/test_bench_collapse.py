@@ -250,13 +250,17 @@ def test_real_lm_table_shows_every_victim_and_means_only_over_complete_columns()
     docs = _load("collapse_docs")
     cell = {"preset": "sst2-smollm2", "model": "base", "seed": "0", "position": "random"}
 
-    def row(family, trigger, method, stage, cacc, asr):
+    def row(family, trigger, method, stage, cacc, asr, variant="default+clean_ft"):
         return {**cell, "family": family, "trigger": trigger, "method": method, "stage": stage,
-                "cacc": str(cacc), "asr_unknown": str(asr)}
+                "cacc": str(cacc), "asr_unknown": str(asr), "variant": variant}
     runs = [row("word", "bb", "victim", "victim", 0.8, 1.0), row("word", "bb", "locphylax", "stage1", 0.7, 0.5),
             row("word", "bb", "locphylax", "stage2", 0.75, 0.25), row("word", "bb", "clean_ft", "stage2", 0.8, 0.9),
             row("char", "~~", "victim", "victim", 0.9, 0.8), row("char", "~~", "locphylax", "stage2", 0.85, 0.5)]
     lines = docs.real_lm_table(runs, "locphylax+").splitlines()
+    # a cell of variant `ref` runs the paper's method as its main method: it is the reference column
+    ref = docs.real_lm_table(runs + [row("word", "bb", "locphylax", "stage2", 0.8, 0.1, "ref")], "locphylax+")
+    assert "locphylax+ ASR (CACC) | reference (paper) ASR (CACC) | clean FT" in ref
+    assert "| 25.0 (75.0) | 10.0 (80.0) | 90.0 (80.0) |" in ref
     assert lines[0].startswith("| preset | seed | family | trigger | victim CACC / ASR | locphylax+ after Stage 1 |")
     assert "| sst2-smollm2 | 0 | word | `bb` @random | 80.0 / 100.0 | 50.0 (70.0) | 25.0 (75.0) | 90.0 (80.0) |" \
         in lines
