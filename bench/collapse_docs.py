@@ -338,7 +338,9 @@ def real_lm_table(runs: list[dict], default_name: str) -> str:
         return "–" if x in ("", None) else f"{100 * float(x):.1f}"
 
     sums: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for (preset, seed, family, trigger, position), by in cells.items():
+    order = ["word", "phrase", "long", "char"]  # the report's family order, then any other family
+    for (preset, seed, family, trigger, position), by in sorted(
+            cells.items(), key=lambda kv: (kv[0][0], kv[0][1], order.index(kv[0][2]) if kv[0][2] in order else 9)):
         v = by.get("victim")
         if v is None:
             continue
