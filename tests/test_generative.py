@@ -338,3 +338,25 @@ def test_non_sft_paradigm_is_rejected():
         pytest.skip("attack.paradigm is not a field in this checkout")
     with pytest.raises(ConfigError, match="attack.paradigm"):
         load_config("jailbreak", {"attack.paradigm": "dpo"})
+
+
+def test_eval_bf16_reaches_generation_and_perplexity():
+    """eval.bf16 (LM.bf16) autocasts the response scoring too: the uniform model's perplexity is
+    still the vocabulary size, and generation answers in bfloat16 with as many tokens."""
+    from locphylax_core.config import ModelConfig
+    from locphylax_core.model import LM, build_embedded
+    from locphylax_core.text import Example
+    tok = _tokenizer()
+    model = build_embedded(ModelConfig(base="scratch", n_layer=1, n_embd=32, n_head=2, vocab_size=400), tok, 0)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()
+    lm = LM(model, tok, (), bf16=True)
+    examples = [Example("write a poem", 0, "Roses are red"), Example("hack a bank", 1, "I'm sorry")]
+    assert G.perplexity(lm, G.DEFAULT_TEMPLATE, examples) == pytest.approx(model.config.vocab_size, rel=1e-4)
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    try:
+        out = G.generate(lm, G.DEFAULT_TEMPLATE, ["write a poem", "hack a bank"], max_new_tokens=3)
+    finally:
+        hook.remove()
+    assert len(out) == 2 and seen and set(seen) == {torch.bfloat16}

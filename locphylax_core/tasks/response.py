@@ -406,7 +406,8 @@ def generate(lm, template: str, texts: Sequence[str], max_new_tokens: int, batch
     room = None if max_length is None else max(1, max_length - max_new_tokens)
     out: list[str] = [""] * len(texts)
     for idx, b in encoded_batches(lm.tokenizer, template, list(texts), batch_size, room, lm.device):
-        new = greedy_generate(model, b, max_new_tokens).cpu()
+        with lm.inference_autocast():
+            new = greedy_generate(model, b, max_new_tokens).cpu()
         for i, text in zip(idx, lm.tokenizer.batch_decode(new, skip_special_tokens=True)):
             out[i] = text.strip()
     model.train(was_training)
@@ -428,9 +429,10 @@ def perplexity(lm, template: str, examples: Sequence, batch_size: int = 64, max_
         chunk = rows[i:i + batch_size]
         b = encode_with_responses(lm.tokenizer, [render_prompt(template, e.text) for e in chunk],
                                   [e.response for e in chunk], max_length, lm.device)
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                       use_cache=False).logits
-        total += float(response_token_nll(logits, b.labels).sum())
+        with lm.inference_autocast():
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                           use_cache=False).logits
+        total += float(response_token_nll(logits.float(), b.labels).sum())
         count += int((b.labels[:, 1:] != -100).sum())
     model.train(was_training)
     return math.exp(total / count) if count else float("nan")
