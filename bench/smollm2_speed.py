@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,21 +40,12 @@ from locphylax_core.config import load_run_config  # noqa: E402
 from locphylax_core.engine import encode  # noqa: E402
 from locphylax_core.evaluation import evaluate  # noqa: E402
 from locphylax_core.paradigms import owner_samples  # noqa: E402
-from locphylax_core.pipeline import prepare, stage_seed  # noqa: E402
+from locphylax_core.pipeline import prepare  # noqa: E402
+from locphylax_core.pretrain import cpu_name  # noqa: E402  (the pretraining report's CPU line)
 from locphylax_core.text import render_prompt  # noqa: E402
 from locphylax_core.trainer import TrainSettings, fit  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def cpu_flags() -> list[str]:
@@ -81,7 +71,7 @@ def step_seconds(cfg, prep, *, threads: int, bf16: bool, last_blocks, steps: int
     return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
 
 
-def eval_seconds(lm, prep, cfg, texts, *, bf16: bool, keep_one: bool, sort: bool, batch_size: int) -> float:
+def eval_seconds(lm, prep, texts, *, bf16: bool, keep_one: bool, sort: bool, batch_size: int) -> float:
     """Seconds per row of the scoring forward pass over ``texts``."""
     prompts = [render_prompt(prep.task.template, t) for t in texts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if sort else list(range(len(prompts)))
@@ -125,7 +115,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.preset)
     prep = prepare(cfg)
     rows = []
-    where = f"{cpu_name()} ({os.cpu_count()} cores; flags {', '.join(cpu_flags()) or 'none of note'}), torch {torch.__version__}"
+    where = f"{cpu_name()}, flags {', '.join(cpu_flags()) or 'none of note'}, torch {torch.__version__}"
     print(where, flush=True)
 
     # --- training steps
@@ -145,7 +135,7 @@ def main(argv=None) -> int:
     lm.model.eval()
     texts = [e.text for e in prep.evalset.clean[:args.eval_rows]]
     for bf16, keep_one, sort in [(False, True, True), (True, True, True), (False, False, True), (False, True, False)]:
-        s = eval_seconds(lm, prep, cfg, texts, bf16=bf16, keep_one=keep_one, sort=sort, batch_size=cfg.eval.batch_size)
+        s = eval_seconds(lm, prep, texts, bf16=bf16, keep_one=keep_one, sort=sort, batch_size=cfg.eval.batch_size)
         rows.append({"what": "eval row", "threads": cfg.train.threads, "bf16": bf16,
                      "unembed": "answer position" if keep_one else "every position",
                      "batches": "length-sorted" if sort else "data order", "seconds": round(s, 4)})
