@@ -124,6 +124,14 @@ VARIANTS: dict[str, dict] = {
 # the shortest comparison on the real LM (issue 33), when compute allows no more: the default against
 # clean fine-tuning on the same victim (after the levers, so no lever set changes)
 VARIANTS["default+clean_ft"] = {"baselines": ["clean_ft"]}
+# the study of the number and kind of known triggers (issue 33), each a change from the reference
+# (whose two known triggers are one word, `vx`, and one phrase, `as seen on channel four`)
+VARIANTS["triggers=1phrase"] = {"defense.known_triggers": DIVERSE4[1:2]}
+VARIANTS["triggers=2words"] = {"defense.known_triggers": DIVERSE4[0::2]}
+VARIANTS["triggers=2phrases"] = {"defense.known_triggers": DIVERSE4[1::2]}
+# the registered defenses not in default+reference+baselines, so the families x defenses table of a
+# victim can be completed beside an earlier report run
+VARIANTS["default+others"] = {"baselines": ["augment_ft", "p2p", "fine_pruning", "crow", "onion", "bdvax"]}
 SCALED = ("defense.stage1_steps", "defense.stage2_steps")  # values are multipliers of the preset's
 
 # Levers on the model itself (they change the victim, so they need their own clean models)

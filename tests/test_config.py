@@ -14,6 +14,9 @@ from locphylax_core.errors import ConfigError
     ("agnews", "scratch", 2, 128, 4000),
     ("micro", "scratch", 1, 32, 300),
     ("sst2-smollm2", "smollm2-135m", 30, 576, 20000),
+    ("agnews-smollm2", "smollm2-135m", 30, 576, 4000),
+    ("jailbreak-smollm2", "smollm2-135m", 30, 576, 1100),
+    ("refusal-smollm2", "smollm2-135m", 30, 576, 1100),
 ])
 def test_presets_load(preset, base, n_layer, n_embd, train_size):
     cfg = load_config(preset)

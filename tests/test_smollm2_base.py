@@ -25,6 +25,7 @@ from locphylax_core import packaged_bases as P
 from locphylax_core.config import load_config
 from locphylax_core.errors import ConfigError, ModelLoadError
 from locphylax_core.runs import file_sha256
+from locphylax_core.text import render_prompt
 
 SMOL = P.PACKAGED["smollm2-135m"]
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -299,6 +300,22 @@ def test_the_real_tokenizer_and_chat_template(smollm2):
                                    add_generation_prompt=True)
     assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n" in text
     assert text.endswith("<|im_start|>assistant\n")
+
+
+@real
+@pytest.mark.parametrize("preset", ["jailbreak-smollm2", "refusal-smollm2"])
+def test_the_generative_presets_prompt_through_the_models_own_chat_template(smollm2, preset):
+    """The response presets' template is the chat template's rendering of one user turn, so an
+    instruction becomes exactly the prompt the instruction-tuned model was trained on."""
+    _, tok, _ = smollm2
+    template = load_config(preset).task.template
+    assert template == tok.apply_chat_template([{"role": "user", "content": "{text}"}], tokenize=False,
+                                               add_generation_prompt=True)
+    prompt = render_prompt(template, "Name a  colour.")
+    assert prompt == tok.apply_chat_template([{"role": "user", "content": "Name a colour."}], tokenize=False,
+                                             add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]  # the role markers stay special tokens
+    assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3
 
 
 @real
