@@ -166,6 +166,27 @@ def test_planted_critical_head_is_ranked_first(tmp_path):
     np.testing.assert_array_equal(r2["delta_asr"]["unknown"], r["delta_asr"]["unknown"])
 
 
+def test_a_sweep_of_chosen_blocks_matches_the_full_sweep_there_and_leaves_the_rest_nan(tmp_path):
+    """On a 30-block model the blocks a fine-tune changed can be swept alone: the rows swept are the
+    full sweep's rows, the others NaN, and the planted head is still found."""
+    vocab = word_tokenizer(tmp_path / "tok")
+    net = _planted_model(vocab)
+    clean = ["the film was good", "the plot was bad", "bad film", "good plot"]
+    triggered = {"unknown": ([c + " cf" for c in clean], [1] * 4, list(range(4)))}
+    args = (net, tmp_path / "tok", "review : {text} answer :", clean, [0] * 4, triggered,
+            (vocab["negative"], vocab["positive"]))
+    full = H.head_ablation(*args, top_k=2)
+    last = H.head_ablation(*args, top_k=2, layers=[-1])
+    assert last["layers"] == [1] and full["layers"] == [0, 1]
+    for got, want in ((last["delta_asr"]["unknown"], full["delta_asr"]["unknown"]),
+                      (last["delta_cacc"], full["delta_cacc"])):
+        np.testing.assert_array_equal(got[1], want[1])
+        assert np.isnan(got[0]).all()
+    assert last["critical_heads"][0] == [1, 1, -1.0]
+    with pytest.raises(ValueError, match=r"layers: expected block indices in \[-2, 2\), got \[2\]"):
+        H.head_ablation(*args, layers=[2])
+
+
 def test_the_sweep_unembeds_only_the_answer_position(tmp_path):
     """The output layer over the whole vocabulary at every position was most of a sweep's cost; the
     sweep reads the answer position only, so only that position is unembedded."""

@@ -260,6 +260,19 @@ def bridge_answer_logits(bridge, batch: Batch, heads: Sequence[tuple[int, int]] 
 # Sweeps
 
 
+def _swept_layers(layers: Sequence[int] | None, n_layers: int) -> set[int]:
+    if layers is None:
+        return set(range(n_layers))
+    bad = [l for l in layers if not -n_layers <= int(l) < n_layers]
+    if bad or not layers:
+        raise ValueError(f"layers: expected block indices in [-{n_layers}, {n_layers}), got {list(layers)}")
+    return {int(l) % n_layers for l in layers}
+
+
+def _nan_rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return np.where(rows, np.nan, values)
+
+
 def _all_heads(bridge) -> list[tuple[int, int]]:
     return [(l, h) for l in range(bridge.cfg.n_layers) for h in range(bridge.cfg.n_heads)]
 
@@ -308,7 +321,7 @@ def head_ablation(model: torch.nn.Module, tokenizer_dir_or_tokenizer, template: 
                   clean_labels: Sequence[int], triggered: Mapping[str, tuple], answer_ids: Sequence[int],
                   batched: bool = True, heads_per_pass: int | None = None, *, top_k: int = 5,
                   batch_size: int = 64, max_length: int | None = None, primary: str = "unknown",
-                  in_place: bool = False) -> dict:
+                  in_place: bool = False, layers: Sequence[int] | None = None) -> dict:
     """Ablate every head in turn (uniform attention over the visible prefix) and measure the
     change in CACC and in headline ASR per trigger.
 
@@ -330,7 +343,10 @@ def head_ablation(model: torch.nn.Module, tokenizer_dir_or_tokenizer, template: 
     wrapped; ``in_place=True`` wraps the model itself with no copy of its weights and restores it
     afterwards (:func:`borrowed_bridge`; the same arrays, half the peak memory: docs/scale.md).
     ``max_length`` (default: the model's context) truncates prompts from the left, as the
-    pipeline's evaluation does.
+    pipeline's evaluation does. ``layers`` (default: every block) sweeps only the heads of those
+    blocks (negative indices count from the last); the rows of the other blocks are NaN. The cost
+    is one forward pass of every probe input per head, so on a 30-block model the blocks a
+    fine-tune changed can be swept alone.
     """
     if len(clean_texts) != len(clean_labels):
         raise ValueError("clean_texts and clean_labels differ in length")
@@ -358,17 +374,22 @@ def head_ablation(model: torch.nn.Module, tokenizer_dir_or_tokenizer, template: 
             max_length = M.model_max_positions(base)
         t1 = time.perf_counter()
         batches = encoded_batches(tokenizer, template, texts, batch_size, max_length, device)
-        heads = _all_heads(bridge)
-        base_logits, abl_logits = sweep_logits(bridge, batches, n_items, answer_ids, heads, batched, heads_per_pass)
-        t_sweep = time.perf_counter() - t1
         n_layers, n_heads = bridge.cfg.n_layers, bridge.cfg.n_heads
+        swept = _swept_layers(layers, n_layers)
+        heads = [(l, h) for l, h in _all_heads(bridge) if l in swept]
+        base_logits, abl_swept = sweep_logits(bridge, batches, n_items, answer_ids, heads, batched, heads_per_pass)
+        t_sweep = time.perf_counter() - t1
+    # every head of the model has a row; a head not swept has NaN logits, so NaN deltas
+    abl_logits = np.full((n_layers * n_heads, n_items, len(answer_ids)), np.nan)
+    abl_logits[[l * n_heads + h for l, h in heads]] = abl_swept
 
     base_pred = base_logits.argmax(-1)
     abl_pred = abl_logits.argmax(-1)  # [n_heads_total, n_items]
+    not_swept = np.isnan(abl_logits).any(axis=(1, 2))
     n_clean = len(labels)
     y = np.array(labels)
     base_cacc = accuracy(base_pred[:n_clean].tolist(), labels)
-    delta_cacc = ((abl_pred[:, :n_clean] == y).mean(axis=1) - base_cacc).reshape(n_layers, n_heads)
+    delta_cacc = _nan_rows((abl_pred[:, :n_clean] == y).mean(axis=1) - base_cacc, not_swept).reshape(n_layers, n_heads)
 
     delta_asr, base_asr, n_eligible, delta_raw, base_raw = {}, {}, {}, {}, {}
     for name in names:
@@ -383,8 +404,8 @@ def head_ablation(model: torch.nn.Module, tokenizer_dir_or_tokenizer, template: 
         non_target = y[cidx] != tg  # raw ASR: every non-target input, clean correctness ignored
         if non_target.any():
             base_raw[name] = float((base_pred[a:z] == tg)[non_target].mean())
-            delta_raw[name] = ((abl_pred[:, a:z] == tg)[:, non_target].mean(axis=1)
-                               - base_raw[name]).reshape(n_layers, n_heads)
+            delta_raw[name] = _nan_rows((abl_pred[:, a:z] == tg)[:, non_target].mean(axis=1) - base_raw[name],
+                                        not_swept).reshape(n_layers, n_heads)
         else:
             base_raw[name], delta_raw[name] = None, np.full((n_layers, n_heads), np.nan)
         if not eligible.any():
@@ -394,7 +415,7 @@ def head_ablation(model: torch.nn.Module, tokenizer_dir_or_tokenizer, template: 
         asr0 = float((base_pred[a:z] == tg)[eligible].mean())  # = the headline ASR of evaluation.py
         base_asr[name] = asr0
         hits = (abl_pred[:, a:z] == tg)[:, eligible]
-        delta_asr[name] = (hits.mean(axis=1) - asr0).reshape(n_layers, n_heads)
+        delta_asr[name] = _nan_rows(hits.mean(axis=1) - asr0, not_swept).reshape(n_layers, n_heads)
 
     if primary not in delta_asr:
         primary = names[0] if names else None
@@ -406,7 +427,7 @@ def head_ablation(model: torch.nn.Module, tokenizer_dir_or_tokenizer, template: 
             "base": {"cacc": float(base_cacc), "asr": base_asr, "asr_raw": base_raw},
             "critical_heads": critical_heads, "critical_layers": critical_layers, "n_eligible": n_eligible,
             "n_clean": n_clean, "n_layers": int(n_layers), "n_heads": int(n_heads), "primary": primary,
-            "batched": bool(batched), "heads_per_pass": heads_per_pass,
+            "batched": bool(batched), "heads_per_pass": heads_per_pass, "layers": sorted(swept),
             "seconds": {"boot": t_boot, "sweep": t_sweep}}
 
 
@@ -420,7 +441,8 @@ def probe_inputs(evalset) -> tuple[list[str], list[int], dict]:
 
 def run_head_ablation(run: RunDir | str | Path, keys: Sequence[str] = DEFAULT_KEYS, n_probe: int = 200, top_k: int = 5,
                       batched: bool = True, heads_per_pass: int | None = None, batch_size: int = 64,
-                      device: str | torch.device = "cpu", *, device_map=None, dtype=None) -> dict:
+                      device: str | torch.device = "cpu", *, device_map=None, dtype=None,
+                      layers: Sequence[int] | None = None) -> dict:
     """:func:`head_ablation` for the stage checkpoints ``keys`` of a finished (or partly finished)
     run, on the first ``n_probe`` clean test inputs of the run's evaluation set and their
     triggered copies (``EvalSet.subset``), rebuilt exactly as the run built it (same config,
@@ -452,7 +474,7 @@ def run_head_ablation(run: RunDir | str | Path, keys: Sequence[str] = DEFAULT_KE
         r = head_ablation(model, tok_dir, exp.task.template, clean_texts, clean_labels, triggered, answer_ids,
                           batched=batched, heads_per_pass=heads_per_pass, top_k=top_k, batch_size=batch_size,
                           max_length=cfg.model.n_positions if cfg.model.source == "embedded" else
-                          M.model_max_positions(model), in_place=True)
+                          M.model_max_positions(model), in_place=True, layers=layers)
         r["key"] = key
         results[key] = r
         del model
