@@ -334,7 +334,8 @@ def head_ablation(model: torch.nn.Module, tokenizer_dir_or_tokenizer, template: 
          "base": {"cacc": float, "asr": {name: float | None}, "asr_raw": {name: float | None}},
          "critical_heads": [[layer, head, delta_asr], ...]   # top_k by |delta ASR| of `primary`
          "critical_layers": [[layer, sum |delta ASR|], ...]  # all layers, largest first
-         "n_eligible": {name: int}, "n_clean": int, "n_layers", "n_heads", "primary",
+         "n_eligible": {name: int}, "n_clean": int, "n_items": int (clean + triggered inputs),
+         "n_layers", "n_heads", "primary",
          "batched", "heads_per_pass", "seconds": {"boot", "sweep"}}
 
     A trigger with no eligible input has ``base.asr[name] = None`` and an all-NaN array (and then,
@@ -426,8 +427,8 @@ def head_ablation(model: torch.nn.Module, tokenizer_dir_or_tokenizer, template: 
     return {"delta_asr": delta_asr, "delta_cacc": delta_cacc, "delta_asr_raw": delta_raw,
             "base": {"cacc": float(base_cacc), "asr": base_asr, "asr_raw": base_raw},
             "critical_heads": critical_heads, "critical_layers": critical_layers, "n_eligible": n_eligible,
-            "n_clean": n_clean, "n_layers": int(n_layers), "n_heads": int(n_heads), "primary": primary,
-            "batched": bool(batched), "heads_per_pass": heads_per_pass, "layers": sorted(swept),
+            "n_clean": n_clean, "n_items": int(n_items), "n_layers": int(n_layers), "n_heads": int(n_heads),
+            "primary": primary, "batched": bool(batched), "heads_per_pass": heads_per_pass, "layers": sorted(swept),
             "seconds": {"boot": t_boot, "sweep": t_sweep}}
 
 
