@@ -368,6 +368,49 @@ def real_lm_table(runs: list[dict], default_name: str) -> str:
     return "\n".join(out)
 
 
+# the known-trigger sets of the study (collapse.VARIANTS), as the table names them
+KNOWN_SETS = {"triggers=1": "1 word: `vx`", "triggers=1phrase": "1 phrase: `as seen on channel four`",
+              "ref": "2, a word and a phrase: `vx`, `as seen on channel four` (the default)",
+              "triggers=2words": "2 words: `vx`, `qz`",
+              "triggers=2phrases": "2 phrases: `as seen on channel four`, `the weather was mild all week long`",
+              "triggers=4": "4: the two words and the two phrases", "triggers=8": "8: four words and four phrases"}
+
+
+def known_trigger_table(runs: list[dict]) -> str:
+    """The known-trigger study: the paper's method with each set of known triggers on the same
+    victims, one line per set (means over the victims, each victim's value listed), with the
+    known triggers' ASR after Stage 1 (did the injection take?) and the change from the default set."""
+    by: dict[str, dict[tuple, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
+    victims = set()
+    for r in runs:
+        if r["variant"] not in KNOWN_SETS:
+            continue
+        key = (r["preset"], int(r["seed"]), r["trigger"])
+        victims.add(key)
+        by[r["variant"]][key]["victim" if r["method"] == "victim" else r["stage"]] = r
+
+    def values(variant, stage, metric):
+        return [float(c[stage][metric]) for c in by[variant].values() if stage in c and c[stage][metric] != ""]
+
+    def show(xs):
+        if not xs:
+            return "–"
+        m = f"{100 * statistics.fmean(xs):.1f}"
+        return m if len(xs) == 1 else f"{m} ({', '.join(f'{100 * x:.1f}' for x in xs)})"
+    ref = values("ref", "stage2", "asr_unknown")
+    out = ["| known triggers | victims | unknown ASR % after Stage 1 | known ASR % after Stage 1 | "
+           "unknown ASR % after Stage 2 | Δ vs the default set (points) | CACC % after Stage 2 |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for variant in sorted(by, key=list(KNOWN_SETS).index):
+        s2 = values(variant, "stage2", "asr_unknown")
+        delta = (f"{100 * (statistics.fmean(s2) - statistics.fmean(ref)):+.1f}"
+                 if s2 and ref and variant != "ref" else "")
+        out.append(f"| {KNOWN_SETS[variant]} | {len(by[variant])} | {show(values(variant, 'stage1', 'asr_unknown'))} | "
+                   f"{show(values(variant, 'stage1', 'asr_known'))} | {show(s2)} | {delta} | "
+                   f"{show(values(variant, 'stage2', 'cacc'))} |")
+    return "\n".join(out)
+
+
 def _row(rows, method, stage, variant_prefix="default"):
     return next((r for r in rows if r["method"] == method and r["stage"] == stage
                  and (method == "victim" or r["variant"].startswith(variant_prefix))), None)
@@ -592,9 +635,12 @@ def write_docs() -> None:
                               defenses_table(base_table, _read("collapse_base-table_summary.csv"), default_name))
         text = _replace_block(text, "base-table-paired",
                               paired_table(_read_runs("collapse_base-table_runs.csv"), default_name))
-    real_lm = _read_runs("collapse_smollm2-*_runs.csv")  # issue 33: the real pretrained LM
+    real_lm = _read_runs("collapse_smollm2-report*_runs.csv")  # issue 33: the real pretrained LM
     if real_lm:
         text = _replace_block(text, "smollm2-report", real_lm_table(real_lm, default_name))
+    study = _read_runs("collapse_smollm2-known-triggers*_runs.csv")  # issue 33: how many known triggers, which kind
+    if study:
+        text = _replace_block(text, "smollm2-known-triggers", known_trigger_table(study))
     rounds = _lever_rounds()
     if rounds:
         text = _replace_block(text, "levers", lever_table(rounds))

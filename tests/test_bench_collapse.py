@@ -267,3 +267,24 @@ def test_real_lm_table_shows_every_victim_and_means_only_over_complete_columns()
     assert "| sst2-smollm2 | 0 | char | `~~` @random | 90.0 / 80.0 | – | 50.0 (85.0) | – |" in lines
     # the mean covers both victims where both have the column, and is left out where one lacks it
     assert lines[-1] == "| **mean of 2** | | | | 85.0 / 90.0 | – (–) | 37.5 (80.0) | – (–) |"
+
+
+def test_known_trigger_table_compares_each_set_with_the_default_on_the_same_victims():
+    docs = _load("collapse_docs")
+
+    def rows(variant, trigger, s1, known, s2, cacc=0.8):
+        cell = {"preset": "sst2-smollm2", "model": "base", "seed": "0", "family": "word", "trigger": trigger,
+                "position": "random", "variant": variant}
+        return [{**cell, "method": "victim", "stage": "victim", "cacc": "0.85", "asr_unknown": "1.0", "asr_known": "0.0"},
+                {**cell, "method": "locphylax", "stage": "stage1", "cacc": "0.7", "asr_unknown": str(s1),
+                 "asr_known": str(known)},
+                {**cell, "method": "locphylax", "stage": "stage2", "cacc": str(cacc), "asr_unknown": str(s2),
+                 "asr_known": "0.0"}]
+    runs = (rows("ref", "cf", 0.5, 0.9, 0.4) + rows("ref", "mn", 0.3, 0.8, 0.2) + rows("triggers=4", "cf", 0.1, 0.95, 0.05)
+            + rows("triggers=4", "mn", 0.2, 0.9, 0.15) + rows("default+clean_ft", "cf", 0.9, 0.0, 0.9))
+    lines = docs.known_trigger_table(runs).splitlines()
+    assert len(lines) == 4  # header, rule, the default set first, then the four-trigger set; other variants left out
+    assert lines[2] == ("| 2, a word and a phrase: `vx`, `as seen on channel four` (the default) | 2 | 40.0 (50.0, 30.0) | "
+                        "85.0 (90.0, 80.0) | 30.0 (40.0, 20.0) |  | 80.0 (80.0, 80.0) |")
+    assert lines[3].startswith("| 4: the two words and the two phrases | 2 | 15.0 (10.0, 20.0) | 92.5 (95.0, 90.0) | "
+                               "10.0 (5.0, 15.0) | -20.0 |")
