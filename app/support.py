@@ -70,6 +70,11 @@ def answer_with_probability(view: R.RunView, stage: str, texts: list[str]) -> li
     return R.answer_with_probability(view, stage_model(view.path, stage, R.run_stamp(view.path)), texts)
 
 
+def input_cut(view: R.RunView, stage: str, text: str) -> int:
+    """How many tokens of ``text``'s prompt the stage's model cannot read (cut from its start)."""
+    return R.input_cut(view, stage_model(view.path, stage, R.run_stamp(view.path)), text)
+
+
 def all_runs() -> list[dict]:
     return list(list_runs(runs_root()))
 
@@ -301,6 +306,12 @@ def input_report(view: R.RunView, text: str, stages: list[str], salience: list[s
     """What each of ``stages`` answers to ``text`` and with what probability; which words decide
     the answer of each of ``salience`` (default: the victim and the last stage; integrated
     gradients); and what the defender's Stage 1 detector, never told the trigger, makes of it."""
+    if stages:
+        cut = input_cut(view, stages[0], text)
+        if cut:
+            st.info(f"This input is longer than the model reads: its first {cut} token{'s' * (cut != 1)} were cut, "
+                    "as the run's evaluation cuts a long prompt (the end, where the answer is read, is kept). "
+                    "The answers and the words below are those of the rest.")
     answers = {k: answer_with_probability(view, k, [text])[0] for k in stages}
     st.table({"stage": [F.stage_title(k) for k in answers], "answer": [w for w, _ in answers.values()],
               "probability": [f"{100 * p:.0f}%" for _, p in answers.values()]})

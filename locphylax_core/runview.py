@@ -25,6 +25,7 @@ from .evaluation import answer_probabilities, predict
 from .analysis.layers import attention_patterns
 from .analysis.salience import localise, token_salience
 from .tasks import CLASSIFICATION, Task
+from .text import render_prompt
 
 STAGE_ROWS = (("victim", "victim"), ("stage1", "Locphylax Stage 1"), ("stage2", "Locphylax Stage 2"))
 HEALTHY = ("done",)
@@ -359,12 +360,13 @@ def load_stage_model(view: RunView, stage: str):
 
 
 def answer(view: RunView, lm, texts: Sequence[str]) -> list[str]:
-    """The answer word ``lm`` gives to each text, with the run's own prompt template."""
+    """The answer word ``lm`` gives to each text, with the run's own prompt template (a prompt
+    longer than the model's positions keeps its end, as the run's evaluation does: :func:`input_cut`)."""
     import torch
 
     template = view.config.get("task", {}).get("template", "{text}")
     with torch.no_grad():
-        pred = predict(lm, template, list(texts))
+        pred = predict(lm, template, list(texts), max_length=_limit(view, lm))
     words = view.label_words
     return [words[int(i)] for i in pred]
 
@@ -375,7 +377,7 @@ def answer_with_probability(view: RunView, lm, texts: Sequence[str]) -> list[tup
     import torch
     template = view.config.get("task", {}).get("template", "{text}")
     with torch.no_grad():
-        probs = answer_probabilities(lm, template, list(texts))
+        probs = answer_probabilities(lm, template, list(texts), max_length=_limit(view, lm))
     words = view.label_words
     return [(words[int(p.argmax())], float(p.max())) for p in probs]
 
@@ -431,21 +433,39 @@ def _max_length(view: RunView) -> int | None:
     return model.get("n_positions") if model.get("source") == "embedded" else None
 
 
+def _limit(view: RunView, lm) -> int | None:
+    """The most prompt tokens ``lm`` reads: the run's own limit (the pipeline's ``max_length``)."""
+    return M.prompt_max_length(lm.model, _max_length(view))
+
+
+def input_cut(view: RunView, lm, text: str) -> int:
+    """How many tokens of ``text``'s prompt lie beyond the model's positions: that many are cut from
+    its start (0: it fits), as the run's evaluation encodes a prompt (``engine.encode``)."""
+    limit = _limit(view, lm)
+    if limit is None:
+        return 0
+    n = len(lm.tokenizer(render_prompt(_template(view), text), add_special_tokens=False)["input_ids"])
+    return max(0, n - limit)
+
+
 def sentence_salience(view: RunView, lm, text: str, method: str = "ig", n_steps: int = 32) -> dict:
     """Which words of ``text`` push ``lm`` toward the answer it gives: ``{"answer": word,
-    "tokens", "scores" [position], "in_text" [position]}`` (integrated gradients by default; the
-    objective is that answer's logit minus the mean of the other answers')."""
+    "tokens", "scores" [position], "in_text" [position], "cut": tokens cut from its start}``
+    (integrated gradients by default; the objective is that answer's logit minus the mean of the
+    other answers'). A prompt longer than the model's positions keeps its end (the answer position)."""
     import torch
 
+    limit = _limit(view, lm)
     with torch.no_grad():
-        probs = answer_probabilities(lm, _template(view), [text])[0]
+        probs = answer_probabilities(lm, _template(view), [text], max_length=limit)[0]
     k = int(probs.argmax())
     ids = list(lm.answer_ids)
     others = [a for j, a in enumerate(ids) if j != k]
     s = token_salience(lm.model, lm.tokenizer, _template(view), [text], [ids[k]], [others], method=method,
-                       n_steps=n_steps, max_length=_max_length(view))[0]
+                       n_steps=n_steps, max_length=limit)[0]
     return {"answer": view.label_words[k], "probability": float(probs[k]), "tokens": s["tokens"],
-            "scores": np.asarray(s["scores"]), "in_text": np.asarray(s["in_text"])}
+            "scores": np.asarray(s["scores"]), "in_text": np.asarray(s["in_text"]),
+            "cut": input_cut(view, lm, text)}
 
 
 def sentence_attention(view: RunView, lm, text: str) -> dict:
@@ -475,6 +495,6 @@ def localise_sentence(view: RunView, stage1_lm, text: str) -> dict:
             "top_token": None if tok is None else tok.replace("Ġ", " ").strip()}
 
 
-__all__ = ["RunView", "analysis_left_out", "probe_search", "probe_rows", "stages_with_model", "layer_maps", "layer_stages", "salience_table", "localisation_summary", "sentence_salience",
+__all__ = ["RunView", "analysis_left_out", "probe_search", "probe_rows", "stages_with_model", "layer_maps", "layer_stages", "salience_table", "localisation_summary", "sentence_salience", "input_cut",
            "has_canary", "localise_sentence", "sentence_attention", "answer_with_probability", "open_run", "run_stamp", "results_table", "compare_table", "aggregation_table", "projection",
            "head_grids", "critical_heads", "curve_rows", "load_stage_model", "answer", "HEALTHY"]
