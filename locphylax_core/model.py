@@ -4,12 +4,14 @@ by hub id or local path.
 
 Safety: checkpoints are what this project is about distrusting. Weights are read from
 safetensors only (``use_safetensors=True``: a pickle-only checkpoint is refused, never
-unpickled), and ``trust_remote_code`` stays off unless the configuration names it.
+unpickled; every shard a sharded checkpoint's index names must be a ``.safetensors`` file inside
+its folder), and ``trust_remote_code`` stays off unless the configuration names it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,18 +216,77 @@ def _is_local(name_or_path: str) -> bool:
     return os.path.isdir(name_or_path) or name_or_path.startswith((".", "/", "~"))
 
 
+SAFETENSORS_INDEX = "model.safetensors.index.json"  # a sharded checkpoint's weight map (weight -> shard file)
+MAX_INDEX_BYTES = 64 << 20  # a real index is a few hundred kilobytes
+
+
+def _allowed_roots(folder: Path) -> list[Path]:
+    """Where a model folder's files may really lie: in the folder, or, for a snapshot of the Hugging
+    Face hub cache (``models--X/snapshots/REV``, whose files are links to ``models--X/blobs``), in
+    that repository's blobs."""
+    real = folder.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots":
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    real = path.resolve()
+    return any(real == r or r in real.parents for r in roots)
+
+
+def check_shard_index(folder: Path, index: Path, *, files_present: bool = True) -> list[Path]:
+    """The shards a sharded checkpoint's index (``model.safetensors.index.json``) names, each
+    checked to be a ``.safetensors`` file inside ``folder`` (after following links): transformers
+    loads whatever the index names, a pickle (``torch.load``) or a file of another folder alike.
+    ``files_present``: the shards must exist (False for a hub model whose shards are not
+    downloaded yet: the names are checked, then transformers fetches them inside its cache)."""
+    roots = _allowed_roots(folder)
+    if not _inside(index, roots) or not index.resolve().is_file():
+        raise ModelLoadError(f"{index}: the shard index is not a file inside {folder}; refusing to load")
+    if index.stat().st_size > MAX_INDEX_BYTES:
+        raise ModelLoadError(f"{index}: {index.stat().st_size:,} bytes is too large for a shard index")
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, ValueError, AttributeError, RecursionError) as e:  # unreadable, not UTF-8 or JSON, no mapping
+        raise ModelLoadError(f"{index}: not a readable shard index ({type(e).__name__}); refusing to load") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelLoadError(f"{index}: no weight_map (weight name -> shard file); refusing to load")
+    shards = []
+    for name in sorted({str(v) for v in weight_map.values()}):
+        if not name.endswith(".safetensors"):
+            raise ModelLoadError(f"{index}: the shard {name!r} is not a .safetensors file; refusing to load weights "
+                                 "that are not safetensors (a pickle can run code when it is loaded)")
+        shard = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or (files_present and not _inside(shard, roots)):
+            raise ModelLoadError(f"{index}: the shard {name!r} lies outside the model folder {folder}; refusing to "
+                                 "load it")
+        if files_present and not shard.is_file():
+            raise ModelLoadError(f"{index}: the shard {name!r} is missing from {folder}")
+        shards.append(shard)
+    return shards
+
+
 def check_local_checkpoint(path: Path) -> None:
     if not path.is_dir():
         raise ModelLoadError(f"model.name_or_path: local folder {path} does not exist")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path}: no config.json, so this is not a Hugging Face model folder")
     safes = list(path.glob("*.safetensors"))
+    roots = _allowed_roots(path)
+    for s in safes:  # a link to a file elsewhere would load that file's weights
+        if not _inside(s, roots):
+            raise ModelLoadError(f"{s}: a link to {s.resolve()}, outside the model folder {path}; refusing to load it")
     pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if not safes:
         if pickles:
             raise ModelLoadError(f"{path}: only pickle weights ({', '.join(sorted(pickles))}); refusing to unpickle "
                                  "an untrusted checkpoint. Convert it to safetensors first.")
         raise ModelLoadError(f"{path}: no *.safetensors weights found")
+    index = path / SAFETENSORS_INDEX
+    if index.exists() or index.is_symlink():
+        safes = sorted(set(safes) | set(check_shard_index(path, index)))
     for s in safes:  # a truncated or corrupt file fails here with its name, not deep inside torch
         try:
             from safetensors import safe_open
