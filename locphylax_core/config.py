@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import reprlib
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -58,8 +61,76 @@ def _in_unit_interval(v: float) -> float:
 Rate = Annotated[float, AfterValidator(_in_unit_interval)]  # a fraction in (0, 1]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+def _top_level_types(annotation) -> set:
+    """The types a field's value itself may have (Optional / Union / Annotated unwrapped)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _top_level_types(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return set().union(*(_top_level_types(a) for a in typing.get_args(annotation)))
+    return {origin or annotation}
+
+
+def _holds_model(annotation) -> bool:
+    """Whether a field's values contain sections (which check their own fields, by name)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(_holds_model(a) for a in typing.get_args(annotation))
+
+
+def _is_finite(value) -> bool:
+    """False for a float (or a string pydantic would read as one) that is nan or infinite."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return True  # not a number at all: pydantic's own error says so
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def text_problem(value) -> str | None:
+    """Why a value holds a string that is not valid Unicode text (a lone surrogate such as
+    "\\uDCFF", which YAML accepts but no tokenizer or file can take), or None."""
+    stack = [value]
+    while stack:  # iterative: a deeply nested value must not exhaust the recursion limit
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:  # only a surrogate has no UTF-8 form
+                return (f"must be valid Unicode text; it contains the lone surrogate U+{ord(v[e.start]):04X} (half "
+                        "of a UTF-16 pair, or an undecodable byte)")
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return None
+
+
+class _Checked(BaseModel):
+    """Every field of every section: a boolean is not a number (YAML's `seed: true` would be 1), a
+    float must be finite (`lr: .inf` turns every weight into NaN), text must be valid Unicode."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_values(cls, v, info):
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = _top_level_types(annotation)
+        if isinstance(v, bool) and kinds & {int, float} and bool not in kinds:
+            raise ValueError("must be a number, not a boolean")
+        if float in kinds and not _is_finite(v):
+            raise ValueError("must be a finite number (not nan or infinity)")
+        problem = None if _holds_model(annotation) else text_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+
+class _Section(_Checked):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraConfig(_Section):
@@ -385,10 +456,11 @@ def method_options(registry, options: dict, selected: list[str], section: str) -
     return out
 
 
-class Options(BaseModel):
-    """The base of a registered method's options class: unknown fields are errors."""
+class Options(_Checked):
+    """The base of a registered method's options class: unknown fields are errors; numbers and
+    text are checked as every section's are."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 LEGACY_ASR_RULES = {"keyword": "gcg"}  # eval.asr_rule names of earlier versions -> today's

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .architectures import decoder_blocks, final_norm
-from .errors import ConfigError
+from .errors import ConfigError, TrainingError
 
 
 def set_torch_threads(n: int) -> int:
@@ -512,6 +512,18 @@ def accumulate_step(model, batch, step: int, step_loss: StepLoss, grad_accum: in
     return logs
 
 
+def check_finite_loss(logs: dict, step: int) -> None:
+    """Stop training whose loss is no longer a finite number: every later step would turn more
+    weights into NaN, and the stage would end "done" with a broken model. Every step loss logs
+    its whole-batch value as ``loss`` (the same on every rank, so all ranks stop together)."""
+    loss = logs.get("loss")
+    if isinstance(loss, (int, float)) and not math.isfinite(loss):
+        raise TrainingError(f"the training loss is {loss} at step {step}, not a finite number: training diverged, "
+                            "and the stage's weights are not saved. Lower the learning rate of the stage "
+                            "(train.lr, attack.lr or defense.lr) or the loss weights (defense.alpha, "
+                            "defense.consistency_weight)")
+
+
 def _autocast_factory(bf16: bool, device: torch.device):
     """bfloat16 autocast for the forward passes (losses stay float32: every step loss casts its
     logits and states with .float()), on CUDA, and on CPU where torch supports it."""
@@ -645,6 +657,7 @@ def _train_loop(model, data, steps, lr, step_loss, weight_decay, grad_clip, warm
                                    grad_scale=float(dist.world) if fsdp else 1.0)
             if dist is not None and not fsdp:
                 dist.sum_grads(params)
+        check_finite_loss(logs, step)  # before the optimizer step: no NaN reaches the weights
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         tokens += int(batch.attention_mask.sum())

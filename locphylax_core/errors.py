@@ -22,3 +22,7 @@ class ModelLoadError(LocphylaxError, ValueError):
 
 class RunError(LocphylaxError, RuntimeError):
     """A run folder is missing, corrupt, or cannot be resumed."""
+
+
+class TrainingError(LocphylaxError, RuntimeError):
+    """Training cannot go on: its loss is no longer a finite number (it diverged)."""

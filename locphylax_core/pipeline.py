@@ -28,7 +28,7 @@ from .config import RunConfig, edit_layer_problem, load_run_config
 from .defense import method_plans, run_stage
 from .engine import (Cancelled, HiddenSpec, answer_and_lm_loss, answer_loss, capture_output, distributed,
                      forward_answer, set_torch_threads)
-from .errors import ConfigError, DataError, RunError
+from .errors import ConfigError, DataError, RunError, TrainingError
 from .evaluation import EvalSet, encoded_batches, evaluate
 from .experiment import (ATTACK, Experiment, attack_trigger_spec, build_experiment, defended_eval_set,
                          filter_eval_set, known_trigger_specs)
@@ -399,10 +399,14 @@ class Pipeline:
                 self.run.cancel_file.unlink()
             raise Cancelled(str(e) or "cancelled") from None
         except Exception as e:
+            # a diverged loss: say which stage (the training loop does not know)
+            error = TrainingError(f"stage {spec.key}: {e}") if isinstance(e, TrainingError) else e
             state["status"] = "failed"
-            state["error"] = f"{type(e).__name__}: {e}"
+            state["error"] = f"{type(error).__name__}: {error}"
             self.run.write_state(state)
             self.run.write_progress(status="failed", error=state["error"], finished=state["finished"])
+            if error is not e:
+                raise error from None
             raise
         state["status"] = "done"
         self.run.write_state(state)

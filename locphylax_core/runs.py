@@ -28,6 +28,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -69,8 +70,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every float that is nan or infinite as None: JSON has no such numbers, and
+    json.dumps would write a bare NaN that strict readers (a browser's, scikit-learn's) refuse."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -374,7 +387,7 @@ class RunDir:
     # --- metrics: appended a line at a time; on resume, rows of unfinished stages are dropped
     def append_metric(self, row: dict) -> None:
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
             f.flush()
 
     def read_metrics(self) -> list[dict]:
@@ -397,7 +410,8 @@ class RunDir:
 
     def keep_metrics(self, finished: set[str]) -> None:
         rows = [r for r in self.read_metrics() if r.get("key") in finished]
-        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(json_safe(r), allow_nan=False) + "\n"
+                                                               for r in rows))
 
 
 def list_runs(root: Path) -> Iterator[dict]:

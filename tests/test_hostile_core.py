@@ -106,3 +106,94 @@ def test_a_shard_index_cannot_reach_a_pickle_or_another_folder(tmp_path, monkeyp
     with pytest.raises(ModelLoadError, match=rf"{second}.*outside the model folder"):
         M.load_causal_lm(str(linked))
     assert loads == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite numbers, and the other values validation let through (booleans as numbers, lone surrogates)
+
+
+def _float_fields(model: type, prefix: str = "") -> list[str]:
+    """The dotted names of every float setting of a configuration section, nested ones included."""
+    out = []
+    for name, field in model.model_fields.items():
+        args = set(typing.get_args(field.annotation)) | {field.annotation}
+        nested = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if nested:
+            out += _float_fields(nested[0], f"{prefix}{name}.")
+        elif float in args or any(float in typing.get_args(a) for a in args):
+            out.append(f"{prefix}{name}")
+    return out
+
+
+FLOAT_FIELDS = _float_fields(RunConfig)
+
+
+def test_every_float_setting_is_found():
+    assert {"train.lr", "defense.alpha", "attack.poison_rate", "model.lora.alpha"} <= set(FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+def test_non_finite_settings_are_refused(field):
+    """Non-finite numbers: `train.lr=inf` or `defense.alpha=inf` passed validation and every weight
+    became NaN; every float setting refuses nan and infinities, naming the field."""
+    for value in ("inf", "-inf", "nan", ".inf", "1e999"):
+        with pytest.raises(ConfigError, match=rf"{field}: must be a finite number") as e:
+            load_config("micro", [f"{field}={value}"])
+        assert "Traceback" not in str(e.value)
+    with pytest.raises(ConfigError, match=rf"{field}: must be a finite number"):
+        load_config("micro", {field: float("nan")})
+
+
+def test_non_finite_method_options_are_refused():
+    """The same for a registered method's own settings (defense.options.<method>.<setting>)."""
+    with pytest.raises(ConfigError, match=r"defense\.options\.crow\.weight: .*finite number"):
+        load_config("micro", {"defense.baselines": ["crow"], "defense.options": {"crow": {"weight": float("inf")}}})
+
+
+def test_a_diverging_loss_fails_the_stage(tmp_path, capsys):
+    """Non-finite numbers: a run whose loss turned NaN ended "done" with NaN weights and plausible
+    CACC/ASR, and metrics.jsonl got bare NaN. A finite but absurd learning rate makes the loss
+    non-finite within steps: the stage stops with a clear error, the run is failed, nothing of the
+    stage is saved and metrics.jsonl stays JSON."""
+    root = tmp_path / "runs"
+    rc, out = _cli(capsys, "--runs", str(root), "run", "micro", "--set", "train.lr=1e30", "--no-analyze")
+    assert rc == 2 and "Traceback" not in out, out
+    assert "error: stage clean: the training loss is" in out and "not a finite number" in out, out
+    run = RunDir(next(root.iterdir()))
+    state = run.read_state()
+    assert state["status"] == "failed" and state["finished"] == [] and "not a finite number" in state["error"]
+    assert not run.checkpoint("clean").exists()
+    rows = _strict_json_lines(run.path / "metrics.jsonl") if (run.path / "metrics.jsonl").exists() else []
+    assert all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+
+
+def test_metrics_never_get_bare_nan(tmp_path):
+    """A non-finite number that reaches a run file is written as null, never as bare NaN."""
+    run = RunDir(tmp_path)
+    run.append_metric({"key": "clean", "loss": float("nan"), "cacc": float("inf"), "asr": 0.5})
+    run.write_summary({"cacc": float("-inf"), "nested": [float("nan"), 1.0]})
+    assert _strict_json_lines(tmp_path / "metrics.jsonl") == [{"key": "clean", "loss": None, "cacc": None, "asr": 0.5}]
+    assert json.loads((tmp_path / "summary.json").read_text(), parse_constant=float) == \
+        {"cacc": None, "nested": [None, 1.0]}
+
+
+@pytest.mark.parametrize("field,value", [("seed", "true"), ("train.clean_steps", "false"), ("train.lr", "true"),
+                                         ("model.lora.r", "yes")])
+def test_a_boolean_is_not_a_number(field, value):
+    """Small: `seed: true` became 1."""
+    with pytest.raises(ConfigError, match=rf"{field}: must be a number, not a boolean"):
+        load_config("micro", [f"{field}={value}"])
+    assert load_config("micro", ["seed=3"]).seed == 3
+
+
+def test_a_lone_surrogate_is_refused_at_validation(tmp_path, capsys):
+    """Small: a lone-surrogate trigger ("\\uDCFF" in YAML) reached the tokenizer as a TypeError."""
+    cfg = tmp_path / "surrogate.yaml"
+    cfg.write_text('name: s\nattack: {trigger: "\\uDCFF"}\n')
+    with pytest.raises(ConfigError, match=r"attack\.trigger: must be valid Unicode text; it contains the lone "
+                                          r"surrogate U\+DCFF"):
+        load_config(cfg)
+    rc, out = _cli(capsys, "--runs", str(tmp_path / "runs"), "run", str(cfg), "--dry-run")
+    assert rc == 2 and "lone surrogate U+DCFF" in out and "Traceback" not in out
+    with pytest.raises(ConfigError, match=r"defense\.known_triggers\.0\.text: must be valid Unicode"):
+        load_config("micro", {"defense.known_triggers": [{"text": "a\udcffb"}]})
