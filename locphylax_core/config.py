@@ -22,10 +22,12 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .architectures import ARCHITECTURES, EMBEDDED_ARCHS
+from .architectures import ARCHITECTURES, EMBEDDED_ARCHS, gated_mlp
 from .bases import DEFAULT_BASE, SCRATCH, base_shape
 from .errors import ConfigError
 from .registry import DEFENSES, PARADIGMS, TASKS
+from .sizes import (BYTES_PER_EXAMPLE, bytes_per_parameter, default_intermediate_size, memory_problem,
+                    parameters_text, transformer_parameters)
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -602,6 +604,10 @@ class TrainConfig(_Section):
     bf16: bool = False
     # activation (gradient) checkpointing of the decoder blocks while training (non-reentrant)
     grad_checkpointing: bool = False
+    # A run whose model or data cannot fit this machine's memory (the estimate of
+    # RunConfig._fits_memory; an hf model's once its config.json is read) is refused; true: go on
+    # anyway (a machine whose memory the check cannot see, such as a GPU's, or offloading).
+    allow_large: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -672,6 +678,17 @@ def edit_layer_problem(layer: int, n_blocks: int) -> str | None:
     return None
 
 
+def embedded_parameters(m: ModelConfig) -> int:
+    """The embedded model's parameter count from its shape, without building it (exact for gpt2 and
+    gpt_neox; for the gated ones a little above, and a base with tied embeddings, such as
+    smollm2-135m, is counted as untied: an estimate that errs on the large side)."""
+    gated = gated_mlp(m.arch)
+    return transformer_parameters(n_layer=m.n_layer, n_embd=m.n_embd, vocab_size=m.vocab_size, n_head=m.n_head,
+                                  intermediate_size=m.intermediate_size or default_intermediate_size(m.n_embd, gated),
+                                  n_kv_head=m.n_kv_head, gated=gated, tied=m.arch == "gpt2",
+                                  learned_positions=m.n_positions if m.arch == "gpt2" else 0)
+
+
 class RunConfig(_Section):
     name: str = "custom"
     seed: int = 0
@@ -738,6 +755,28 @@ class RunConfig(_Section):
         if self.model.quantization != "none" and self.train.device == "cpu":
             raise ValueError("model.quantization: a 4-bit (QLoRA) model runs on a CUDA GPU; set train.device=cuda "
                              "(or auto)")
+        return self
+
+    @model_validator(mode="after")
+    def _fits_memory(self):
+        """Refuse what cannot fit this machine's memory before anything is allocated (a 48 x 8192
+        model, 10**8 synthetic examples); an hf model is checked once its config.json is read."""
+        if self.train.allow_large:
+            return self
+        m = self.model
+        if m.source == "embedded":
+            params = embedded_parameters(m)
+            problem = memory_problem("model", params * bytes_per_parameter(4.0, training=True),
+                                     f"a {m.n_layer} x {m.n_embd} model of about {parameters_text(params)} parameters, "
+                                     "trained in float32 (weights, gradients and AdamW state)")
+            if problem:
+                raise ValueError(problem)
+        t = self.task
+        examples = t.train_size + t.defender_size + t.test_size
+        problem = memory_problem("task.train_size", examples * BYTES_PER_EXAMPLE,
+                                 f"{examples:,} examples (task.train_size + task.defender_size + task.test_size)")
+        if problem:
+            raise ValueError(problem)
         return self
 
     def to_yaml(self) -> str:

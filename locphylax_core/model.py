@@ -5,7 +5,8 @@ by hub id or local path.
 Safety: checkpoints are what this project is about distrusting. Weights are read from
 safetensors only (``use_safetensors=True``: a pickle-only checkpoint is refused, never
 unpickled; every shard a sharded checkpoint's index names must be a ``.safetensors`` file inside
-its folder), and ``trust_remote_code`` stays off unless the configuration names it.
+its folder), and ``trust_remote_code`` stays off unless the configuration names it. A model whose
+config.json describes more than this machine's memory holds is refused before it is built.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from .bases import SCRATCH
 from .config import ModelConfig
 from .errors import ConfigError, ModelLoadError
 from .runs import write_folder_atomically
+from .sizes import (bytes_per_parameter, default_intermediate_size, hf_config_parameters, memory_problem,
+                    parameters_text, weight_bytes)
 from .tasks import Task
 from .tasks.sources import embedded_corpus
 from .text import render_prompt
@@ -122,9 +125,7 @@ def embedded_intermediate_size(cfg: ModelConfig) -> int:
     MLPs (three matrices instead of two), 8/3 x n_embd rounded up to a multiple of 8."""
     if cfg.intermediate_size is not None:
         return cfg.intermediate_size
-    if gated_mlp(cfg.arch):
-        return -(-(8 * cfg.n_embd) // (3 * 8)) * 8
-    return 4 * cfg.n_embd
+    return default_intermediate_size(cfg.n_embd, gated_mlp(cfg.arch))
 
 
 # activations that transformers implements twice: the same function (to float rounding: at most
@@ -321,14 +322,45 @@ def quantization_config(quantization: str = "none"):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
+def _check_hub_index(repo_id: str) -> None:
+    """A hub model's shard index, checked as a local folder's is (names only: the shards are
+    downloaded afterwards, by transformers, into its cache). A repository without one passes."""
+    from transformers.utils import cached_file
+    try:
+        index = cached_file(repo_id, SAFETENSORS_INDEX, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except Exception:  # no such repository, no network: the config's own loading reports it
+        return
+    if index:
+        check_shard_index(Path(index).parent, Path(index), files_present=False)
+
+
+def model_size_problem(conf, name_or_path: str, weights: float, training: str | None) -> str | None:
+    """Why the model a config.json describes cannot fit this machine's memory (loaded in
+    ``weights`` bytes per weight; ``training`` "full" / "lora" / None), or None: checked before
+    transformers builds it, which for a config of 100,000 blocks takes minutes before failing."""
+    params = hf_config_parameters(conf)
+    if params is None:
+        return None
+    how = {"full": "trained (weights, gradients and AdamW state)", "lora": "trained through LoRA"}
+    return memory_problem(f"model.name_or_path {name_or_path!r}",
+                          params * bytes_per_parameter(weights, training=training is not None, lora=training == "lora"),
+                          f"its config.json describes about {parameters_text(params)} parameters; "
+                          f"{how.get(training, 'loaded')} at {weights:g} bytes per weight, they")
+
+
 def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, dtype=None,
                    attn_implementation: str | None = None, *, quantization: str = "none",
-                   device_map=None, fused_activation: bool = False) -> torch.nn.Module:
+                   device_map=None, fused_activation: bool = False, allow_large: bool = False,
+                   training: str | None = None) -> torch.nn.Module:
     """Any HF causal LM from a hub id or a local folder, weights from safetensors only.
     ``dtype``: a torch dtype or ``"float32"`` / ``"bfloat16"`` (None or ``"auto"``: as stored); ``quantization``
     ``"4bit"``: NF4 via bitsandbytes (CUDA only, :func:`quantization_config`); ``device_map``
     (e.g. ``"auto"``): accelerate places the weights once, across the visible devices, while
-    loading (no second copy is made anywhere); ``fused_activation``: :func:`use_fused_activation`."""
+    loading (no second copy is made anywhere); ``fused_activation``: :func:`use_fused_activation`.
+    A model that cannot fit this machine's memory (loaded, or ``training`` "full" / "lora") is
+    refused before it is built, unless ``allow_large`` (train.allow_large) or ``device_map``
+    (accelerate places or offloads it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -345,6 +377,14 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, dtype=Non
         raise ModelLoadError(f"model.name_or_path {name_or_path!r}: cannot read its config ({type(e).__name__}: {e})") from None
     if fused_activation:
         use_fused_activation(conf)
+    if not _is_local(name_or_path):
+        _check_hub_index(name_or_path)
+    if not allow_large and device_map is None:
+        stored = dtype if dtype not in (None, "auto") else \
+            getattr(conf, "dtype", None) or getattr(conf, "torch_dtype", None)
+        problem = model_size_problem(conf, name_or_path, weight_bytes(stored), training)
+        if problem:
+            raise ModelLoadError(problem)
     if conf.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
         raise ModelLoadError(f"model.name_or_path {name_or_path!r}: model_type {conf.model_type!r} is not a causal "
                              "language model (AutoModelForCausalLM has no class for it)")
@@ -429,7 +469,8 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
 
 
 def load_checkpoint(folder: Path, device: str | torch.device = "cpu", *, device_map=None,
-                    dtype=None, quantization: str = "none", fused_activation: bool = False) -> torch.nn.Module:
+                    dtype=None, quantization: str = "none", fused_activation: bool = False,
+                    allow_large: bool = False, training: str | None = None) -> torch.nn.Module:
     """A stage checkpoint, eager attention (the analyses hook attention patterns). ``device_map``
     (e.g. ``"auto"``, for a model too big for one device) lets accelerate place the weights while
     loading, and ``device`` is then ignored; ``dtype`` and ``quantization`` as :func:`load_causal_lm`
@@ -437,7 +478,8 @@ def load_checkpoint(folder: Path, device: str | torch.device = "cpu", *, device_
     if quantization != "none" and device_map is None:
         device_map = quantized_device_map()
     model = load_causal_lm(str(folder), attn_implementation="eager", dtype=dtype, device_map=device_map,
-                           quantization=quantization, fused_activation=fused_activation)
+                           quantization=quantization, fused_activation=fused_activation, allow_large=allow_large,
+                           training=training)
     if device_map is None:
         model = model.to(device)
     return model.eval()

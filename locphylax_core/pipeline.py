@@ -123,7 +123,8 @@ def load_hf_model(cfg: RunConfig) -> torch.nn.Module:
     quantized = m.quantization != "none"
     return M.load_causal_lm(m.name_or_path, m.trust_remote_code, dtype=m.dtype, quantization=m.quantization,
                             device_map=M.quantized_device_map() if quantized else None,
-                            fused_activation=m.fused_activation)
+                            fused_activation=m.fused_activation, allow_large=cfg.train.allow_large,
+                            training="lora" if m.lora.enabled else "full")
 
 
 def prepare(cfg: RunConfig, tokenizer=None) -> Prepared:
@@ -279,7 +280,9 @@ class Pipeline:
         if m.quantization != "none":  # QLoRA: every stage trains adapters on the parent quantized again
             return self._lm(M.load_checkpoint(path, self.device, quantization=m.quantization,
                                               dtype="bfloat16"))
-        return self._lm(M.load_checkpoint(path, self.device))
+        # its training size was checked with the configuration; loading checks the checkpoint's own
+        # config.json (a run folder may have been tampered with)
+        return self._lm(M.load_checkpoint(path, self.device, allow_large=self.cfg.train.allow_large))
 
     def _keep(self, key: str, lm: M.LM, later: list[StageSpec]) -> None:
         """Keep a small finished model in memory while a later stage starts from it (its checkpoint

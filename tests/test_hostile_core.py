@@ -22,7 +22,8 @@ from pydantic import BaseModel
 from locphylax_core import cli as cli_mod
 from locphylax_core import load_config
 from locphylax_core import model as M
-from locphylax_core.config import RunConfig, list_presets, load_yaml_text
+from locphylax_core import sizes
+from locphylax_core.config import RunConfig, embedded_parameters, list_presets, load_yaml_text
 from locphylax_core.errors import ConfigError, ModelLoadError
 from locphylax_core.runs import RunDir, RunLock, list_runs
 
@@ -197,3 +198,74 @@ def test_a_lone_surrogate_is_refused_at_validation(tmp_path, capsys):
     assert rc == 2 and "lone surrogate U+DCFF" in out and "Traceback" not in out
     with pytest.raises(ConfigError, match=r"defense\.known_triggers\.0\.text: must be valid Unicode"):
         load_config("micro", {"defense.known_triggers": [{"text": "a\udcffb"}]})
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes with no bound
+
+
+def test_a_model_too_large_for_this_machine_is_refused_at_validation():
+    """Sizes: a 48 x 8192 model (about 39B parameters) validated and died in the allocator. It is
+    refused at validation with the estimate and the limit; train.allow_large lets it through."""
+    big = {"model.base": "scratch", "model.n_layer": 48, "model.n_embd": 8192, "model.n_head": 64}
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as e:
+        load_config("micro", big)
+    assert time.perf_counter() - t0 < 2
+    msg = str(e.value)
+    limit = sizes.gib(sizes.machine_memory_bytes())
+    assert "model: a 48 x 8192 model of about 38.7 billion parameters" in msg, msg
+    assert "GiB of memory, more than this machine has" in msg and limit in msg and "train.allow_large=true" in msg
+    assert load_config("micro", {**big, "train.allow_large": True}).model.n_embd == 8192
+
+
+def test_too_much_data_is_refused_at_validation():
+    """Sizes: `task.train_size=200000000` hung 90 s with no word."""
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"task\.train_size: 200,000,140 examples .* GiB of memory, more than this "
+                                          r"machine has .*train\.allow_large=true"):
+        load_config("micro", {"task.train_size": 200_000_000})
+    assert time.perf_counter() - t0 < 2
+    assert load_config("micro", {"task.train_size": 200_000_000, "train.allow_large": True})
+
+
+def test_the_limit_is_this_machines_memory(monkeypatch):
+    """The check compares with the memory it measures: every preset fits this machine, and micro
+    is refused by one a byte short of what its model needs."""
+    for preset in list_presets():  # sst2-smollm2 (135M parameters) included
+        load_config(preset)
+    micro = load_config("micro")
+    need = embedded_parameters(micro.model) * 16
+    monkeypatch.setattr(sizes, "machine_memory_bytes", lambda: need - 1)
+    with pytest.raises(ConfigError, match=r"model: a 1 x 32 model"):
+        load_config("micro")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2"])
+def test_the_parameter_estimate_matches_the_built_model(arch):
+    """The estimate the size check uses: exact for gpt2 / gpt_neox, a little above for the gated
+    architectures (never below by more than a rounding)."""
+    cfg = load_config("micro", {"model.arch": arch, "model.n_layer": 3, "model.n_embd": 64, "model.n_head": 4,
+                                "model.vocab_size": 500})
+    tok = M.train_tokenizer(["a small corpus of words for the tokenizer"] * 4, 500)
+    real = M.count_parameters(M.build_embedded(cfg.model.model_copy(update={"vocab_size": len(tok)}), tok, 0))
+    estimate = embedded_parameters(cfg.model.model_copy(update={"vocab_size": len(tok)}))
+    assert real <= estimate <= real * 1.05, (real, estimate)
+    if arch in ("gpt2", "gpt_neox"):
+        assert estimate == real
+
+
+def test_an_hf_config_too_large_is_refused_before_it_is_built(tmp_path):
+    """Sizes: an hf config.json with `n_layer: 100000` ran 150 s (building the model) before any
+    check. Its size is estimated from config.json and refused in seconds."""
+    folder = tmp_path / "huge"
+    _sharded_model(folder)
+    conf = json.loads((folder / "config.json").read_text())
+    conf.update(n_layer=100_000, n_embd=1024, n_head=16)
+    (folder / "config.json").write_text(json.dumps(conf))
+    t0 = time.perf_counter()
+    with pytest.raises(ModelLoadError, match=r"its config\.json describes about 1,2\d\d\.\d billion parameters; "
+                                             r"loaded at 4 bytes per weight, they would need about .* more than this "
+                                             r"machine has"):
+        M.load_causal_lm(str(folder))
+    assert time.perf_counter() - t0 < 10
