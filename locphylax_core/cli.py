@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from .analysis.run_analysis import analyze_run, export_figures
 from .bases import BASES_DIR, listing as base_listing
-from .config import load_config
+from .config import load_config, override_notes
 from .corpus import build_corpus
 from .engine import Cancelled
 from .errors import ConfigError, LocphylaxError, RunError
@@ -109,6 +109,8 @@ def _print_summary(summary: dict) -> None:
 
 def cmd_run(args) -> int:
     cfg = load_config(args.config, args.set)
+    for note in override_notes(cfg, args.set):
+        print(f"note: {note}", file=sys.stderr)
     if args.dry_run:
         print(cfg.to_yaml())
         print("plan:")

@@ -689,6 +689,29 @@ def embedded_parameters(m: ModelConfig) -> int:
                                   learned_positions=m.n_positions if m.arch == "gpt2" else 0)
 
 
+def _same_trigger(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def known_trigger_clash(attack: AttackConfig, known: list[str]) -> str | None:
+    """Why the attack's trigger cannot be used against a defender that knows ``known`` (the texts
+    of defense.known_triggers), or None: a hidden trigger equal to one of the defender's own
+    (spacing and case aside) is no unknown trigger, and the run would measure nothing. The CLI
+    and the app both refuse it here."""
+    known_same = {_same_trigger(k): k for k in known}
+    if attack.family in ("ctba", "mtba"):
+        candidates = [("attack.parts", p) for p in attack.trigger_parts]
+    elif attack.family == "syntactic":  # a template around the input, never one of the known texts
+        candidates = []
+    else:
+        candidates = [("attack.trigger", attack.trigger_text)]
+    for field, text in candidates:
+        if _same_trigger(text) in known_same:
+            return (f"{field}: {text!r} is one of the defender's own known triggers (defense.known_triggers: "
+                    f"{known!r}); the attack's trigger must be one the defender does not know")
+    return None
+
+
 class RunConfig(_Section):
     name: str = "custom"
     seed: int = 0
@@ -755,6 +778,13 @@ class RunConfig(_Section):
         if self.model.quantization != "none" and self.train.device == "cpu":
             raise ValueError("model.quantization: a 4-bit (QLoRA) model runs on a CUDA GPU; set train.device=cuda "
                              "(or auto)")
+        return self
+
+    @model_validator(mode="after")
+    def _known_triggers_differ(self):
+        problem = known_trigger_clash(self.attack, [t.text for t in self.defense.known_triggers])
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
@@ -830,6 +860,36 @@ def _expanded_nodes(node, limit: int) -> int:
     return sizes[id(node)]
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _duplicate_key(node) -> str | None:
+    """Where a mapping of the document names one key twice (YAML keeps the last value without a
+    word), as a message naming the key and both lines; None when every key is unique. A merge
+    (``<<: *base``) followed by its own keys is an override, not a duplicate."""
+    stack, seen_nodes = [(node, "")], set()
+    while stack:
+        n, path = stack.pop()
+        if id(n) in seen_nodes:
+            continue
+        seen_nodes.add(id(n))
+        if isinstance(n, yaml.SequenceNode):
+            stack.extend((c, f"{path}[{i}]") for i, c in enumerate(n.value))
+        elif isinstance(n, yaml.MappingNode):
+            first_line: dict[tuple, int] = {}
+            for key, value in n.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
+                    continue
+                line = key.start_mark.line + 1
+                if (key.tag, key.value) in first_line:
+                    where = f"{path}.{key.value}" if path else key.value
+                    return (f"the key {where!r} is given twice (lines {first_line[key.tag, key.value]} and {line}); "
+                            "YAML would silently keep the last value, so remove one")
+                first_line[key.tag, key.value] = line
+                stack.append((value, f"{path}.{key.value}" if path else key.value))
+    return None
+
+
 def load_yaml_text(text: str, source: str):
     """``yaml.safe_load`` with limits: at most MAX_CONFIG_BYTES of text and MAX_CONFIG_NODES nodes
     after alias expansion (a "billion laughs" bomb is refused before it is expanded)."""
@@ -844,6 +904,9 @@ def load_yaml_text(text: str, source: str):
         if _expanded_nodes(node, MAX_CONFIG_NODES) > MAX_CONFIG_NODES:
             raise ConfigError(f"{source}: its YAML aliases expand to more than {MAX_CONFIG_NODES:,} values "
                               "(an alias bomb or a recursive alias?); write the values out")
+        duplicate = _duplicate_key(node)
+        if duplicate:
+            raise ConfigError(f"{source}: {duplicate}")
         return loader.construct_document(node)
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {_clip(str(e))}") from None
@@ -890,6 +953,11 @@ def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
     out = ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines))
     out.fields = fields
     return out
+
+
+# Text fields whose null means "the attack family's default"; on the command line the word null may
+# have been meant, so what it resolved to is said (override_notes).
+NULL_MEANS_FAMILY_DEFAULT = ("attack.trigger", "attack.decoy")
 
 
 def _parse_value(raw: str) -> Any:
@@ -972,3 +1040,18 @@ def _split_override(item: str) -> tuple[str, Any]:
         # attack.trigger: a silent change of meaning, so it is refused
         raise ConfigError(f"--set {key.strip()}: no value after '='; give a value (or null for the default)")
     return key.strip(), _parse_value(raw)
+
+
+def override_notes(cfg: RunConfig, overrides: list[str] | None) -> list[str]:
+    """What a ``--set KEY=null`` meant, for the fields whose null stands for the attack family's
+    default text (NULL_MEANS_FAMILY_DEFAULT): said out loud, since the word null may have been meant."""
+    notes = []
+    for item in overrides or []:
+        key, value = _split_override(item)
+        if value is None and key in NULL_MEANS_FAMILY_DEFAULT:
+            resolved = cfg.attack.trigger_text if key == "attack.trigger" else cfg.attack.decoy_text
+            raw = item.split("=", 1)[1].strip()
+            notes.append(f"--set {key}={raw} is YAML's null, so {key} takes the default of attack.family "
+                         f"{cfg.attack.family!r}: {resolved!r} (for the word {raw!r} itself, quote it: "
+                         f"--set '{key}=\"{raw}\"')")
+    return notes

@@ -23,7 +23,7 @@ from locphylax_core import cli as cli_mod
 from locphylax_core import load_config
 from locphylax_core import model as M
 from locphylax_core import sizes
-from locphylax_core.config import RunConfig, embedded_parameters, list_presets, load_yaml_text
+from locphylax_core.config import RunConfig, embedded_parameters, list_presets, load_yaml_text, override_notes
 from locphylax_core.errors import ConfigError, ModelLoadError
 from locphylax_core.runs import RunDir, RunLock, list_runs
 
@@ -269,3 +269,48 @@ def test_an_hf_config_too_large_is_refused_before_it_is_built(tmp_path):
                                              r"machine has"):
         M.load_causal_lm(str(folder))
     assert time.perf_counter() - t0 < 10
+
+
+# ----------------------------------------------------------------------------------------------
+# The small ones: configuration
+
+
+def test_the_attack_trigger_must_not_be_a_known_trigger(tmp_path, capsys):
+    """Small: `attack.trigger` equal to one of the defender's own triggers was accepted by the CLI
+    (the app refused it); the check is in config validation, shared by both."""
+    with pytest.raises(ConfigError, match=r"attack\.trigger: 'VX' is one of the defender's own known triggers"):
+        load_config("micro", {"attack.trigger": "VX"})
+    rc, out = _cli(capsys, "--runs", str(tmp_path), "run", "micro", "--set",
+                   "attack.trigger=as seen on  channel four", "--set", "attack.family=phrase", "--dry-run")
+    assert rc == 2 and "is one of the defender's own known triggers" in out
+    with pytest.raises(ConfigError, match=r"attack\.parts: 'vx' is one of the defender's own known triggers"):
+        load_config("micro", {"attack.family": "ctba", "attack.parts": ["cf", "vx"]})
+    with pytest.raises(ConfigError, match=r"attack\.trigger: 'zq' is one of the defender's own"):
+        load_config("micro", {"attack.trigger": "zq", "defense.known_triggers": [{"text": "zq"}]})
+    assert load_config("micro", {"attack.trigger": "vxx"}).attack.trigger == "vxx"
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path, capsys):
+    """Small: YAML's duplicate keys won silently (the last one)."""
+    cfg = tmp_path / "dup.yaml"
+    cfg.write_text("name: dup\ntrain:\n  lr: 0.1\n  batch_size: 16\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"the key 'train\.lr' is given twice \(lines 3 and 5\)"):
+        load_config(cfg)
+    rc, out = _cli(capsys, "--runs", str(tmp_path / "runs"), "run", str(cfg), "--dry-run")
+    assert rc == 2 and "given twice" in out
+    # a merge key followed by keys of the mapping's own overrides them: no duplicate
+    assert load_yaml_text("a: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 3\n", "s")["c"] == {"x": 3, "y": 2}
+
+
+def test_a_null_trigger_override_is_said_out_loud(tmp_path, capsys):
+    """Small: `--set attack.trigger=null` silently meant the family default (perhaps the word
+    `null` was meant). The CLI says which default it is and how to give the word."""
+    over = ["attack.family=phrase", "attack.trigger=null"]
+    assert override_notes(load_config("micro", over), over) == [
+        "--set attack.trigger=null is YAML's null, so attack.trigger takes the default of attack.family 'phrase': "
+        "'I watched this 3D movie' (for the word 'null' itself, quote it: --set 'attack.trigger=\"null\"')"]
+    rc, out = _cli(capsys, "--runs", str(tmp_path), "run", "micro", "--set", "attack.trigger=~", "--dry-run")
+    assert rc == 0 and "note: --set attack.trigger=~ is YAML's null" in out and "'cf'" in out
+    assert load_config("micro", ['attack.trigger="null"']).attack.trigger == "null"
+    rc, out = _cli(capsys, "--runs", str(tmp_path), "run", "micro", "--set", "attack.trigger=zz", "--dry-run")
+    assert rc == 0 and "note:" not in out
