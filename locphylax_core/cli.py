@@ -18,7 +18,7 @@ from .errors import ConfigError, LocphylaxError, RunError
 from .pipeline import resume_run, stage_specs, start_run
 from .pretrain import load_pretrain_config, pretrain
 from .registry import DEFENSES, PARADIGMS, TASKS
-from .runs import find_run, holder_pid, list_runs, os_problem
+from .runs import INTERRUPTED, find_run, holder_pid, list_runs, os_problem, shown_status, wrapped_os_error
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -202,7 +202,11 @@ def cmd_runs(args) -> int:
         table.add_column(col)
     n = 0
     for info in list_runs(Path(args.runs)):
-        table.add_row(info["run_id"], str(info["preset"]), info["status"], str(len(info["finished"])))
+        status = shown_status(Path(info["path"]), info["status"])
+        table.add_row(info["run_id"], str(info["preset"]), status, str(len(info["finished"])))
+        if status == INTERRUPTED:
+            table.caption = (f"{INTERRUPTED}: the run's process ended without a word (killed); "
+                             "`locphylax resume RUN` continues it")
         n += 1
     Console().print(table if n else f"no runs in {args.runs}")
     return 0
@@ -451,6 +455,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as e:  # the file system refused something no check above foresaw: one line, no traceback
         print(f"error: {os_problem(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the same refusal reported in a library's own type (safetensors, on a full disk)
+        os_error = wrapped_os_error(e)
+        if os_error is None:
+            raise
+        print(f"error: {os_problem(os_error)}", file=sys.stderr)
         return 2
     finally:
         if previous is not None:

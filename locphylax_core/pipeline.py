@@ -34,7 +34,7 @@ from .experiment import (ATTACK, Experiment, attack_trigger_spec, build_experime
                          filter_eval_set, known_trigger_specs)
 from .paradigms import owner_samples
 from .registry import LOCPHYLAX, PARADIGMS, stage_key
-from .runs import SUMMARY_SCHEMA, RunDir, RunLock, atomic_write_text, check_runs_root
+from .runs import SUMMARY_SCHEMA, RunDir, RunLock, atomic_write_text, check_runs_root, wrapped_os_error
 from .tasks import task_spec
 from .text import render_prompt
 from .trainer import TrainSettings, fit, stage_seed
@@ -328,7 +328,13 @@ class Pipeline:
         path = self.run.hidden(spec.key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name("." + path.name + ".tmp")
-        save_file({"last_block": block, "final_norm": final, "pred": pred}, str(tmp))
+        try:
+            save_file({"last_block": block, "final_norm": final, "pred": pred}, str(tmp))
+        except Exception as e:  # a full disk: the OSError inside safetensors' own error, in one line
+            os_error = wrapped_os_error(e, path)
+            if os_error is None:
+                raise
+            raise os_error from None
         tmp.replace(path)
 
     # --- stages

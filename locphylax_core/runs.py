@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -48,7 +49,21 @@ SETUP_SWEEP_AGE_S = 60.0
 def os_problem(e: OSError) -> str:
     """An OSError as one line: what the OS said and about which path (no traceback)."""
     where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-    return f"{where}{e.strerror or type(e).__name__}"
+    full = (" (the disk is full: free some space; a run keeps its finished stages and `locphylax resume` "
+            "continues it)") if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return f"{where}{e.strerror or type(e).__name__}{full}"
+
+
+def wrapped_os_error(e: BaseException, path=None) -> OSError | None:
+    """The OS error a library reports in its own exception type (safetensors' SafetensorError:
+    "I/O error: No space left on device (os error 28) at path ..."), as that OSError about ``path``
+    (None: the path the message names); None when ``e`` carries none."""
+    found = re.search(r"\(os error (\d+)\)", str(e)) if type(e).__name__ == "SafetensorError" else None
+    if found is None:
+        return None
+    code = int(found.group(1))
+    named = re.search(r'at path "(.*)"', str(e))
+    return OSError(code, os.strerror(code), str(path) if path is not None else named and named.group(1))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -165,7 +180,13 @@ def write_folder_atomically(folder: Path, write) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as e:  # a full disk while safetensors writes: the OSError, said in one line
+            os_error = wrapped_os_error(e, folder)
+            if os_error is None:
+                raise
+            raise os_error from None
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -260,6 +281,18 @@ def holder_pid(folder: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+INTERRUPTED = "interrupted"
+
+
+def shown_status(folder: Path, status: str) -> str:
+    """A run's status as its state.json says, except that a run whose state says "running" while no
+    process holds its lock was killed without a word (SIGKILL, a crash, a power cut): it is shown as
+    interrupted (resumable), never as running."""
+    if status == "running" and holder_pid(folder) is None:
+        return INTERRUPTED
+    return status
 
 
 class RunDir:
@@ -459,9 +492,12 @@ def find_run(ref: str, root: Path) -> RunDir:
     root = Path(root)
     if (root / ref).is_dir():
         return RunDir(root / ref)
-    matches = [x for x in root.glob(f"{ref}*") if x.is_dir()] if root.is_dir() else []
+    # a prefix of the name, compared as text: a reference is not a glob pattern ('r*' made glob raise)
+    matches = [x for x in root.iterdir() if x.name.startswith(ref) and x.is_dir()] if root.is_dir() else []
     if len(matches) == 1:
         return RunDir(matches[0])
     if len(matches) > 1:
         raise RunError(f"run {ref!r} is ambiguous: {sorted(m.name for m in matches)}")
-    raise RunError(f"no run {ref!r} under {root}")
+    wildcard = " (wildcards such as * are not expanded: give a run id or the start of one)" \
+        if any(c in ref for c in "*?[") else ""
+    raise RunError(f"no run {ref!r} under {root}{wildcard}")

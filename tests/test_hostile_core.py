@@ -25,7 +25,7 @@ from locphylax_core import model as M
 from locphylax_core import sizes
 from locphylax_core.config import RunConfig, embedded_parameters, list_presets, load_yaml_text, override_notes
 from locphylax_core.errors import ConfigError, ModelLoadError
-from locphylax_core.runs import RunDir, RunLock, list_runs
+from locphylax_core.runs import INTERRUPTED, RunDir, RunLock, list_runs, shown_status
 
 
 def _cli(capsys, *args) -> tuple[int, str]:
@@ -314,3 +314,56 @@ def test_a_null_trigger_override_is_said_out_loud(tmp_path, capsys):
     assert load_config("micro", ['attack.trigger="null"']).attack.trigger == "null"
     rc, out = _cli(capsys, "--runs", str(tmp_path), "run", "micro", "--set", "attack.trigger=zz", "--dry-run")
     assert rc == 0 and "note:" not in out
+
+
+# ----------------------------------------------------------------------------------------------
+# The small ones: the run store and the CLI
+
+
+def test_a_run_reference_with_a_wildcard_is_a_clear_error(tmp_path, capsys):
+    """Small: `locphylax cancel 'r*'` (a reference ending in *) raised a ValueError from glob."""
+    root = tmp_path / "runs"
+    (root / "run-a").mkdir(parents=True)
+    for command in ("cancel", "show", "resume"):
+        rc, out = _cli(capsys, "--runs", str(root), command, "r*")
+        assert rc == 2 and "no run 'r*'" in out and "wildcards such as * are not expanded" in out, out
+        assert "Traceback" not in out
+    rc, out = _cli(capsys, "--runs", str(root), "cancel", "run-")  # a plain prefix still finds the run
+    assert rc == 2 and "is not a run folder" in out
+
+
+def _no_space(*_args, **_kwargs):
+    from safetensors import SafetensorError
+    raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) at path '
+                          '"/somewhere/.tmpX"')
+
+
+@pytest.mark.parametrize("writer", ["transformers.modeling_utils.safe_save_file", "locphylax_core.pipeline.save_file"])
+def test_a_full_disk_says_so_in_one_line(tmp_path, capsys, monkeypatch, writer):
+    """Small: a full disk while a checkpoint (or a stage's hidden states) was written gave a
+    SafetensorError traceback; the message says the disk is full, and the run is failed (its
+    finished stages kept, resumable)."""
+    monkeypatch.setattr(writer, _no_space)
+    root = tmp_path / "runs"
+    rc, out = _cli(capsys, "--runs", str(root), "run", "micro", "--no-analyze")
+    assert rc == 2 and "Traceback" not in out and "SafetensorError" not in out, out
+    assert "No space left on device (the disk is full: free some space" in out, out
+    assert RunDir(next(root.iterdir())).read_state()["status"] == "failed"
+
+
+def test_a_killed_run_is_shown_as_interrupted(tmp_path, capsys, monkeypatch):
+    """Small: after a SIGKILL, `locphylax runs` said "running" although no process held the lock."""
+    monkeypatch.setenv("COLUMNS", "200")  # rich: no wrapped cells
+    root = tmp_path / "runs"
+    run = RunDir(root / "20250101-000000-micro-abcdef")
+    run.path.mkdir(parents=True)
+    (run.path / "config.yaml").write_text(load_config("micro").to_yaml())
+    run.write_state({"status": "running", "finished": ["clean"], "preset": "micro"})
+    assert shown_status(run.path, "running") == INTERRUPTED
+    rc, out = _cli(capsys, "--runs", str(root), "runs")
+    assert rc == 0 and INTERRUPTED in out and "running" not in out.split("finished stages")[1], out
+    with RunLock(run.path):  # a process holds it: running it is
+        assert shown_status(run.path, "running") == "running"
+        rc, out = _cli(capsys, "--runs", str(root), "runs")
+        assert rc == 0 and "running" in out and INTERRUPTED not in out
+    assert [i["status"] for i in list_runs(root)] == ["running"]  # state.json itself is not rewritten
