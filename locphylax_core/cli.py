@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
@@ -21,6 +22,26 @@ from .registry import DEFENSES, PARADIGMS, TASKS
 from .runs import INTERRUPTED, find_run, holder_pid, list_runs, os_problem, shown_status, wrapped_os_error
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# C0 and C1 control characters (ESC starts a terminal escape sequence), DEL, and the Unicode
+# direction overrides that reorder what a terminal shows
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_BUT_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def plain(value, lines: bool = False) -> str:
+    """``value`` as text that is safe to print: every control character written visibly (``\\x1b``)
+    instead of reaching the terminal. ``lines``: newlines and tabs stay (a multi-line message)."""
+    return (_CONTROL_BUT_LINES if lines else _CONTROL).sub(
+        lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", str(value))
+
+
+def cell(value):
+    """A rich Text of ``value`` made :func:`plain`: printed as it is, never read as markup
+    (``[/bold]``, ``[link=...]``) or emoji codes."""
+    from rich.text import Text
+    return Text(plain(value))
 
 
 class _TqdmReporter:
@@ -77,11 +98,12 @@ def results_table(summary: dict):
     from rich.table import Table
 
     known = [k for k in summary.get("triggers", {}) if k != "unknown"] or ["t1", "t2"]
-    table = Table(title=f"run {summary['run_id']} ({summary.get('preset')}, {summary.get('status')})")
+    # every name in it comes from the run's files: plain text (cell), never markup
+    table = Table(title=cell(f"run {summary['run_id']} ({summary.get('preset')}, {summary.get('status')})"))
     perplexity = summary.get("utility_metric") == "perplexity"  # generative tasks: utility is perplexity
     utility = (lambda b: _ppl((b.get("utility") or {}).get("value"))) if perplexity else (lambda b: _pct(b["cacc"]))
     for col in ["", "perplexity" if perplexity else "CACC", "ASR unknown", *[f"ASR {k}" for k in known], "seconds"]:
-        table.add_column(col, justify="left" if not col else "right")
+        table.add_column(cell(col), justify="left" if not col else "right")
     secs = summary.get("seconds", {})
     rows = [("clean model", summary.get("clean_model"), None)] if perplexity else []  # the no-backdoor reference
     rows += [("victim", summary["stages"].get("victim"), secs.get("victim")),
@@ -90,9 +112,9 @@ def results_table(summary: dict):
     rows += [(f"baseline: {name}", block, secs.get(name)) for name, block in summary.get("baselines", {}).items()]
     for name, block, sec in rows:
         if block is None:
-            table.add_row(name, "-", "-", *["-" for _ in known], "-")
+            table.add_row(cell(name), "-", "-", *["-" for _ in known], "-")
             continue
-        table.add_row(name, utility(block), _pct(block["asr"].get("unknown")),
+        table.add_row(cell(name), utility(block), _pct(block["asr"].get("unknown")),
                       *[_pct(block["asr"].get(k)) for k in known], "-" if sec is None else f"{sec:.1f}")
     table.caption = ("ASR: headline (inputs the model answers correctly without the trigger); raw ASR is in "
                      f"summary.json. Total {secs.get('total', 0):.1f} s.")
@@ -125,7 +147,7 @@ def cmd_run(args) -> int:
     if not main:  # accelerate launch: rank 0 reports and analyses
         return 0
     _print_summary(summary)
-    print(f"run folder: {run.path}")
+    print(f"run folder: {plain(run.path)}")
     if summary.get("status") == "prepared":
         print(f"stopped after {args.stop_after}, as asked; `locphylax resume {run.run_id}` runs the rest")
         return 0
@@ -154,7 +176,7 @@ def _analyze(run, export: str | None = None, heads: bool | None = None, casd: bo
     result = analyze_run(run, methods=methods, heads=heads, casd=casd, layers=layers,
                          progress=lambda m: print(f"analysis: {m} ...", file=sys.stderr))
     agg = result["aggregation"]
-    print(f"analysis written to {run.path / 'analysis.json'} in {time.perf_counter() - t0:.1f} s "
+    print(f"analysis written to {plain(run.path / 'analysis.json')} in {time.perf_counter() - t0:.1f} s "
           f"({', '.join(f'{k} {v:.1f} s' for k, v in result['seconds'].items() if k != 'total')})")
     for key in ("victim", "stage1", "stage2"):
         if key in agg:
@@ -197,18 +219,18 @@ def cmd_resume(args) -> int:
 def cmd_runs(args) -> int:
     from rich.console import Console
     from rich.table import Table
-    table = Table(title=f"runs in {args.runs}")
+    table = Table(title=cell(f"runs in {args.runs}"))
     for col in ("run id", "preset", "status", "finished stages"):
         table.add_column(col)
     n = 0
-    for info in list_runs(Path(args.runs)):
+    for info in list_runs(Path(args.runs)):  # folder names and state.json: plain text, never markup
         status = shown_status(Path(info["path"]), info["status"])
-        table.add_row(info["run_id"], str(info["preset"]), status, str(len(info["finished"])))
+        table.add_row(cell(info["run_id"]), cell(info["preset"]), cell(status), str(len(info["finished"])))
         if status == INTERRUPTED:
             table.caption = (f"{INTERRUPTED}: the run's process ended without a word (killed); "
                              "`locphylax resume RUN` continues it")
         n += 1
-    Console().print(table if n else f"no runs in {args.runs}")
+    Console().print(table if n else cell(f"no runs in {args.runs}"))
     return 0
 
 
@@ -230,7 +252,7 @@ def registry_tables():
         for col in ("name", "label", "kind", "options"):
             table.add_column(col)
         for e in reg:
-            table.add_row(e.name, e.label, kind_of(e), options(e))
+            table.add_row(cell(e.name), cell(e.label), cell(kind_of(e)), cell(options(e)))
         tables.append(table)
     return tables
 
@@ -247,7 +269,7 @@ def bases_table():
         shape = (f"{s['arch']}, {s['n_layer']} x {s['n_embd']}, {s['n_head']} heads{kv}, {s['n_positions']} positions, "
                  f"vocab {s['vocab_size']:,}")
         params = f"{row['parameters']:,}" if isinstance(row.get("parameters"), int) else "-"
-        table.add_row(row["name"], row["kind"], shape, params, row["source"])
+        table.add_row(cell(row["name"]), cell(row["kind"]), cell(shape), params, cell(row["source"]))
     return table
 
 
@@ -283,7 +305,7 @@ def cmd_cancel(args) -> int:
         raise RunError(f"run {run.run_id} is not running (no process holds it; its status is {str(status)[:40]!r}); "
                        f"nothing to cancel. `locphylax resume {run.run_id}` continues it")
     run.cancel_file.touch()
-    print(f"asked {run.run_id} to stop after its current step; `locphylax resume {run.run_id}` continues it")
+    print(plain(f"asked {run.run_id} to stop after its current step; `locphylax resume {run.run_id}` continues it"))
     return 0
 
 
@@ -447,14 +469,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except LocphylaxError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {plain(e, lines=True)}", file=sys.stderr)  # it may name a run's folder or values
         return 2
     except (Cancelled, KeyboardInterrupt) as e:
-        print(f"stopped: {e or 'interrupted'}. A run keeps its finished stages; `locphylax resume` continues it.",
-              file=sys.stderr)
+        print(f"stopped: {plain(e or 'interrupted', lines=True)}. A run keeps its finished stages; `locphylax "
+              "resume` continues it.", file=sys.stderr)
         return 130
     except OSError as e:  # the file system refused something no check above foresaw: one line, no traceback
-        print(f"error: {os_problem(e)}", file=sys.stderr)
+        print(f"error: {plain(os_problem(e))}", file=sys.stderr)
         return 2
     except Exception as e:  # the same refusal reported in a library's own type (safetensors, on a full disk)
         os_error = wrapped_os_error(e)
