@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import json
 import os
 import secrets
 import shutil
@@ -46,7 +45,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runs import RunDir, atomic_write_json, atomic_write_text, holder_pid, new_run_id
+from .runs import (RunDir, RunFileError, atomic_write_json, atomic_write_text, holder_pid, new_run_id, progress_problem,
+                   read_json, state_problem)
 from .analysis.representations import warm_up
 from .analysis.run_analysis import analyze_run
 from .cli import quiet_libraries
@@ -451,10 +451,12 @@ def _standby(root: Path, token: str) -> int:
 
 
 def _read(path: Path) -> dict | None:
+    """A job record or a run's state / progress, through the run store's safe reader (a named pipe
+    or a link to /dev/zero in its place is refused, not read); None when it cannot be read."""
     try:
-        v = json.loads(path.read_text(encoding="utf-8"))
+        v = read_json(path)
         return v if isinstance(v, dict) else None
-    except (OSError, ValueError):
+    except RunFileError:
         return None
 
 
@@ -478,7 +480,9 @@ def job_status(runs_root: str | Path, run_id: str, log: bool = True) -> JobStatu
         return JobStatus(run_id, "missing", False, error=f"no job or run {run_id!r} under {root}")
     alive = bool(rec) and _pid_alive(int(rec.get("pid", -1)), rec.get("token", run_id))
     state = _read(run_path / "state.json") or {}
+    state = {} if state_problem(state) else state  # a damaged run: its job's outcome alone is shown
     progress = _read(run_path / "progress.json") or {}
+    progress = {} if progress_problem(progress) else progress
     exit_rec = _read(jd / f"{run_id}.exit.json")
     totals = state.get("total_steps") or {}
     finished = tuple(state.get("finished", []))

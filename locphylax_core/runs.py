@@ -33,6 +33,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -101,17 +102,130 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
-def read_json(path: Path) -> Any:
+MAX_RUN_FILE_BYTES = 16 << 20  # a run's JSON files (state, summary, metrics, analysis, probe set)
+MAX_JSON_DEPTH = 64  # what the run store writes is at most 6 deep
+
+
+class RunFileError(RunError):
+    """A run file that cannot be read as one: missing (``missing``), not a regular file, outside its
+    run folder, too large, not UTF-8, not JSON, nested too deeply or of the wrong shape. ``reason``
+    says which without the path (for lists and pages that name the file themselves)."""
+
+    def __init__(self, path, reason: str, missing: bool = False):
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
+        self.missing = missing
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a device"),
+               (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_run_file(path: Path, within: Path | None = None, limit: int = MAX_RUN_FILE_BYTES) -> bytes:
+    """The bytes of a run's file, read only if it is a regular file of at most ``limit`` bytes inside
+    the folder ``within`` (default: the file's own folder) once links are resolved. A named pipe, a
+    device, a link that leaves the folder or a file too large raises :class:`RunFileError`: never a
+    hang on a FIFO or a memory exhausted by ``/dev/zero``."""
+    path = Path(path)
+    base = Path(os.path.realpath(within if within is not None else path.parent))
+    real = Path(os.path.realpath(path))
+    if real != base and base not in real.parents:
+        raise RunFileError(path, "refused: a link to a file outside the run folder")
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        # O_NONBLOCK: opening a named pipe returns at once (and fstat then refuses it); O_NOFOLLOW:
+        # the resolved path must not have become a link since
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise RunError(f"{path}: missing") from None
-    except UnicodeDecodeError:
-        raise RunError(f"{path}: corrupt (not UTF-8 text; a binary file?)") from None
-    except json.JSONDecodeError as e:
-        raise RunError(f"{path}: corrupt JSON ({e})") from None
+        raise RunFileError(path, "missing", missing=True) from None
     except OSError as e:
-        raise RunError(f"{path}: cannot be read ({os_problem(e)})") from None
+        raise RunFileError(path, f"cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a plain file")
+            raise RunFileError(path, f"refused: {kind}, not a regular file")
+        if st.st_size > limit:
+            raise RunFileError(path, f"refused: {st.st_size:,} bytes is larger than a run file may be "
+                                     f"({limit:,})")
+        chunks, n = [], 0
+        while n <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - n))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            n += len(chunk)
+        if n > limit:  # it grew while read
+            raise RunFileError(path, f"refused: larger than a run file may be ({limit:,} bytes)")
+        return b"".join(chunks)
+    except OSError as e:
+        raise RunFileError(path, f"cannot be read ({e.strerror or type(e).__name__})") from None
+    finally:
+        os.close(fd)
+
+
+def _too_deep(obj, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``obj`` nests lists and mappings more than ``limit`` deep (iteratively: no recursion)."""
+    if not isinstance(obj, (dict, list)):
+        return False
+    stack = [(obj, 1)]
+    while stack:
+        o, depth = stack.pop()
+        if depth > limit:
+            return True
+        values = o.values() if isinstance(o, dict) else o
+        stack.extend((v, depth + 1) for v in values if isinstance(v, (dict, list)))
+    return False
+
+
+def parse_json(text: str, where) -> Any:
+    """``json.loads`` with bounded nesting: RunFileError for text that is not JSON or nests more
+    than MAX_JSON_DEPTH deep (which would raise RecursionError here or in whatever reads it next)."""
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        obj = None
+        deep = True
+    except ValueError as e:
+        raise RunFileError(where, f"corrupt JSON ({str(e)[:120]})") from None
+    else:
+        deep = _too_deep(obj)
+    if deep:
+        raise RunFileError(where, f"corrupt (nested more than {MAX_JSON_DEPTH} deep)")
+    return obj
+
+
+def read_run_text(path: Path, within: Path | None = None, limit: int = MAX_RUN_FILE_BYTES) -> str:
+    """A run file's text (:func:`read_run_file`), with RunFileError for one that is not UTF-8."""
+    try:
+        return read_run_file(path, within, limit).decode("utf-8")
+    except UnicodeDecodeError:
+        raise RunFileError(path, "corrupt (not UTF-8 text; a binary file?)") from None
+
+
+def read_json(path: Path, within: Path | None = None, limit: int = MAX_RUN_FILE_BYTES) -> Any:
+    """A run's JSON file, read safely (:func:`read_run_file`, :func:`parse_json`)."""
+    return parse_json(read_run_text(path, within, limit), path)
+
+
+def read_jsonl(path: Path, within: Path | None = None, limit: int = MAX_RUN_FILE_BYTES,
+               strict: bool = False) -> tuple[list[tuple[int, Any]], list[int]]:
+    """A JSON-lines run file: ``(rows, bad)``, rows as (line number, value) of every line that parses,
+    ``bad`` the numbers of the lines that do not (cut by a kill mid-write, or nested too deeply).
+    ``strict``: text that is not UTF-8 is a RunFileError (else it is replaced)."""
+    data = read_run_file(path, within, limit)
+    try:
+        text = data.decode("utf-8", errors="strict" if strict else "replace")
+    except UnicodeDecodeError:
+        raise RunFileError(path, "corrupt (not UTF-8 text; a binary file?)") from None
+    rows, bad = [], []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((i, parse_json(line, path)))
+        except RunFileError:
+            bad.append(i)
+    return rows, bad
 
 
 def _is_number(v) -> bool:
@@ -162,6 +276,95 @@ def summary_problem(s) -> str | None:
     if bad:
         return f"seconds.{bad[0]} is not a number"
     return None
+
+
+def _str_or_none(v) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def state_problem(state) -> str | None:
+    """Why a ``state.json`` has the wrong shape for its readers, or None."""
+    if not isinstance(state, dict):
+        return "not a mapping"
+    finished = state.get("finished", [])
+    if not isinstance(finished, list) or not all(isinstance(k, str) for k in finished):
+        return "finished is not a list of stage names"
+    for key in ("status", "preset", "error"):
+        if not _str_or_none(state.get(key)):
+            return f"{key} is not a string"
+    for key in ("results", "seconds", "total_steps"):
+        if not isinstance(state.get(key, {}), dict):
+            return f"{key} is not a mapping"
+    if not all(_is_number(v) for v in state.get("total_steps", {}).values()):
+        return "total_steps is not a mapping of numbers"
+    return None
+
+
+def progress_problem(progress) -> str | None:
+    """Why a ``progress.json`` has the wrong shape for the job panel, or None."""
+    if not isinstance(progress, dict):
+        return "not a mapping"
+    for key in ("status", "key", "part", "error"):
+        if not _str_or_none(progress.get(key)):
+            return f"{key} is not a string"
+    if not (progress.get("step") is None or _is_number(progress["step"])):
+        return "step is not a number"
+    return None
+
+
+def _rates_problem(rates, where: str) -> str | None:
+    if not isinstance(rates, dict):
+        return f"{where} is not a mapping"
+    bad = [k for k, v in rates.items() if not (v is None or _is_number(v))]
+    return f"{where}.{str(bad[0])[:40]} is not a number" if bad else None
+
+
+def metric_row_problem(row) -> str | None:
+    """Why one ``metrics.jsonl`` row has the wrong shape for the curves and tables, or None."""
+    if not isinstance(row, dict):
+        return "not a mapping"
+    for key in ("key", "method", "stage", "split"):
+        if not isinstance(row.get(key), str):
+            return f"{key} is missing or not a string"
+    step = row.get("step")
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        return "step is missing or not a whole number"
+    if "cacc" not in row or not (row["cacc"] is None or _is_number(row["cacc"])):
+        return "cacc is missing or not a number"
+    if "asr" not in row:
+        return "asr is missing"
+    for key in ("asr", "asr_raw"):
+        if key in row:
+            problem = _rates_problem(row[key], key)
+            if problem:
+                return problem
+    return None
+
+
+def probe_row_problem(row) -> str | None:
+    """Why one ``probe.jsonl`` row is not ``{"text": str, "group": str, "label": int}``, or None."""
+    if not isinstance(row, dict):
+        return "not a mapping"
+    for key in ("text", "group"):
+        if not isinstance(row.get(key), str):
+            return f"{key} is missing or not a string"
+    label = row.get("label")
+    if not (isinstance(label, int) and not isinstance(label, bool)):
+        return "label is missing or not a whole number"
+    return None
+
+
+def parse_metrics(rows: list[tuple[int, Any]]) -> tuple[list[dict], list[str]]:
+    """The well-shaped rows of a parsed ``metrics.jsonl`` and why each other one was left out."""
+    good, problems = [], []
+    for line, row in rows:
+        problem = metric_row_problem(row)
+        if problem:
+            problems.append(f"line {line}: {problem}")
+        else:
+            good.append(row)
+    return good, problems
+
 
 
 def file_sha256(path: Path) -> str:
@@ -424,22 +627,16 @@ class RunDir:
             f.flush()
 
     def read_metrics(self) -> list[dict]:
+        """The well-shaped rows of ``metrics.jsonl`` (a line cut by a kill mid-write, or a row of the
+        wrong shape, is left out); RunFileError when the file itself cannot be read safely."""
         p = self.path / "metrics.jsonl"
-        if not p.exists():
-            return []
-        rows = []
         try:
-            text = p.read_text(encoding="utf-8", errors="replace")
-        except OSError as e:
-            raise RunError(f"{p}: cannot be read ({os_problem(e)})") from None
-        for line in text.splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill mid-write: skip it
-            if isinstance(row, dict):  # a line that is JSON but not a row is not one of ours
-                rows.append(row)
-        return rows
+            rows, _ = read_jsonl(p)
+        except RunFileError as e:
+            if e.missing:
+                return []
+            raise
+        return parse_metrics(rows)[0]
 
     def keep_metrics(self, finished: set[str]) -> None:
         rows = [r for r in self.read_metrics() if r.get("key") in finished]
@@ -453,21 +650,21 @@ def list_runs(root: Path) -> Iterator[dict]:
     if not root.is_dir():
         return
     for p in sorted((x for x in root.iterdir() if x.is_dir() and not x.name.startswith((".", "_"))), reverse=True):
-        info = {"run_id": p.name, "path": str(p), "status": "unknown", "preset": None, "finished": []}
+        info = {"run_id": p.name, "path": str(p), "status": "unknown", "preset": None, "finished": [],
+                "problem": None}
         try:
-            st = json.loads((p / "state.json").read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            info["status"] = "incomplete (no state.json)"
-        except (ValueError, OSError):  # ValueError: bad JSON or not UTF-8 (a binary file)
-            info["status"] = "corrupt (state.json unreadable)"
+            st = read_json(p / "state.json", within=p)
+        except RunFileError as e:  # a FIFO, a link out of the folder, a huge or deep file: refused, not read
+            info["status"] = "incomplete (no state.json)" if e.missing else "corrupt (state.json unreadable)"
+            info["problem"] = f"state.json: {e.reason}"
         else:
-            finished = st.get("finished", []) if isinstance(st, dict) else None
-            status = st.get("status", "unknown") if isinstance(st, dict) else None
-            preset = st.get("preset") if isinstance(st, dict) else None
-            if not isinstance(finished, list) or not isinstance(status, str) or not isinstance(preset, (str, type(None))):
+            problem = state_problem(st)
+            if problem:
                 info["status"] = "corrupt (state.json has the wrong shape)"
+                info["problem"] = f"state.json: {problem}"
             else:
-                info.update(status=status[:40], preset=preset, finished=finished)
+                info.update(status=(st.get("status") or "unknown")[:40], preset=st.get("preset"),
+                            finished=st["finished"] if "finished" in st else [])
         yield info
 
 

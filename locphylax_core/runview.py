@@ -8,7 +8,6 @@ below, which return fresh numpy arrays and DataFrames on every call.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -17,9 +16,10 @@ import numpy as np
 import pandas as pd
 
 from .registry import DEFENSES, LOCPHYLAX, TASKS
-from .runs import SUMMARY_SCHEMA, summary_problem
+from .runs import (SUMMARY_SCHEMA, RunFileError, parse_metrics, probe_row_problem, read_json, read_jsonl,
+                   read_run_file, state_problem, summary_problem)
 from . import model as M
-from .config import AttackConfig, load_yaml_text, read_config_text
+from .config import MAX_CONFIG_BYTES, AttackConfig, load_yaml_text
 from .errors import ConfigError
 from .evaluation import answer_probabilities, predict
 from .analysis.layers import attention_patterns
@@ -27,6 +27,7 @@ from .analysis.salience import localise, token_salience
 from .tasks import CLASSIFICATION, Task
 from .text import render_prompt
 
+MAX_ARRAY_FILE_BYTES = 1 << 30  # a projection or a stage's stored probe states
 STAGE_ROWS = (("victim", "victim"), ("stage1", "Locphylax Stage 1"), ("stage2", "Locphylax Stage 2"))
 HEALTHY = ("done",)
 
@@ -53,12 +54,7 @@ class RunView:
     @property
     def label_words(self) -> list[str]:
         """Answer words indexed like predictions: the task's labels, then the canary if any."""
-        task = self.config.get("task", {})
-        words = list(task.get("labels", []))
-        defense = self.config.get("defense", {})
-        if defense.get("known_target") == "canary":
-            words.append(defense.get("canary", "canary"))
-        return words
+        return _label_words(self.config)
 
     @property
     def attack_trigger(self) -> str | None:
@@ -68,8 +64,9 @@ class RunView:
         attack = self.config.get("attack", {})
         try:
             return AttackConfig.model_validate(attack).trigger_text
-        except (ValidationError, TypeError):
-            return attack.get("trigger") if isinstance(attack, dict) else None
+        except (ValidationError, TypeError, ValueError):
+            trigger = attack.get("trigger") if isinstance(attack, dict) else None
+            return trigger if isinstance(trigger, str) else None
 
     @property
     def finished(self) -> list[str]:
@@ -91,70 +88,326 @@ class RunView:
         return [LOCPHYLAX] + [m for m in self.config.get("defense", {}).get("baselines", []) if m in seen]
 
 
-def _load_json(path: Path, problems: list[str], required: bool = True):
-    if not path.is_file():
-        if required:
-            problems.append(f"{path.name} is missing")
+# ----------------------------------------------------------------------------------------------
+# Shapes: what open_run checks before a page sees it. A part of the wrong shape is left out of the
+# view and named in ``problems`` (the run is then "corrupt"), so a page gets well-shaped data or
+# nothing, never a TypeError halfway through drawing.
+
+
+def _num(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _vector(v) -> bool:
+    return isinstance(v, list) and all(_num(x) for x in v)
+
+
+def _grid(v) -> bool:
+    """A non-empty rectangular list of rows of numbers (None: undefined)."""
+    return (isinstance(v, list) and bool(v) and all(isinstance(r, list) and _vector(r) for r in v)
+            and len({len(r) for r in v}) == 1 and bool(v[0]))
+
+
+def _strings(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _rel_file(v) -> bool:
+    """A file name relative to the run folder that stays inside it."""
+    return isinstance(v, str) and bool(v) and not Path(v).is_absolute() and ".." not in Path(v).parts
+
+
+def _per_stage(check):
+    def part(v):
+        if not isinstance(v, dict):
+            return "not a mapping"
+        for stage, entry in v.items():
+            problem = "not a mapping" if not isinstance(entry, dict) else check(entry)
+            if problem:
+                return f"{str(stage)[:40]}: {problem}"
         return None
+    return part
+
+
+def _aggregation_entry(m: dict) -> str | None:
+    for k, v in m.items():
+        if k == "centroid_distance":
+            if not (v is None or (isinstance(v, dict) and all(_num(d) and d is not None for d in v.values()))):
+                return "centroid_distance is not a mapping of numbers"
+        elif not _num(v):
+            return f"{str(k)[:40]} is not a number"
+    return None
+
+
+def _projection_entry(m: dict) -> str | None:
+    if not _rel_file(m.get("file")):
+        return "file is not a file name inside the run folder"
+    if not (_strings(m.get("stages")) and m["stages"]):
+        return "stages is not a list of stage names"
+    return None
+
+
+def _head_entry(m: dict) -> str | None:
+    if not _grid(m.get("delta_cacc")):
+        return "delta_cacc is not a grid of numbers"
+    asr = m.get("delta_asr")
+    if not (isinstance(asr, dict) and all(_grid(g) for g in asr.values())):
+        return "delta_asr is not a mapping of grids of numbers"
+    shape = (len(m["delta_cacc"]), len(m["delta_cacc"][0]))
+    if any((len(g), len(g[0])) != shape for g in asr.values()):
+        return "its grids differ in shape"
+    return None
+
+
+LENS_KEYS = ("target_triggered", "correct_triggered", "target_clean", "correct_clean")
+
+
+def _lens_entry(m: dict) -> str | None:
+    bad = [k for k in LENS_KEYS if not _vector(m.get(k))]
+    return f"{bad[0]} is not a list of numbers" if bad else None
+
+
+def _patching_entry(m: dict) -> str | None:
+    for k in ("residual", "heads"):
+        if not _grid(m.get(k)):
+            return f"{k} is not a grid of numbers"
+    if not _strings(m.get("roles")) or len(m["roles"]) != len(m["residual"][0]):
+        return "roles is not one name per residual column"
+    if not (m.get("logit_diff") is None or (isinstance(m["logit_diff"], dict)
+                                            and all(_num(v) and v is not None for v in m["logit_diff"].values()))):
+        return "logit_diff is not a mapping of numbers"
+    return None
+
+
+def _salience_entry(m: dict) -> str | None:
+    for k in ("trigger_top1_rate", "n_scored"):
+        if not _num(m.get(k)):
+            return f"{k} is not a number"
+    if not (m.get("method") is None or isinstance(m["method"], str)):
+        return "method is not a string"
+    ex = m.get("examples", [])
+    if not (isinstance(ex, list) and all(isinstance(e, dict) and isinstance(e.get("text", ""), str) for e in ex)):
+        return "examples is not a list of examples with a text"
+    return None
+
+
+def _casd(c) -> str | None:
+    if c is None:
+        return None
+    if not isinstance(c, dict):
+        return "not a mapping"
+    if not (_strings(c.get("labels")) and _grid(c.get("matrix"))):
+        return "labels or matrix has the wrong shape"
+    if (len(c["matrix"]), len(c["matrix"][0])) != (len(c["labels"]),) * 2:
+        return "the matrix is not one row and column per label"
+    if not isinstance(c.get("metric", ""), str):
+        return "metric is not a string"
+    return None
+
+
+def _localisation(c) -> str | None:
+    if c is None:
+        return None
+    if not isinstance(c, dict):
+        return "not a mapping"
+    if not isinstance(c.get("available", False), bool) or not isinstance(c.get("reason", ""), (str, type(None))):
+        return "available or reason has the wrong type"
+    bad = [k for k in ("precision", "recall", "n_clean", "n_triggered", "trigger_top1_rate") if not _num(c.get(k))]
+    return f"{bad[0]} is not a number" if bad else None
+
+
+# part: (its value when absent or damaged, its check)
+ANALYSIS_PARTS = {
+    "aggregation": ({}, _per_stage(_aggregation_entry)),
+    "projections": ({}, _per_stage(_projection_entry)),
+    "head_ablation": ({}, _per_stage(_head_entry)),
+    "casd": (None, _casd),
+    "logit_lens": ({}, _per_stage(_lens_entry)),
+    "patching": ({}, _per_stage(_patching_entry)),
+    "salience": ({}, _per_stage(_salience_entry)),
+    "localisation": (None, _localisation),
+}
+
+
+def checked_analysis(analysis: dict) -> tuple[dict, list[str]]:
+    """``analysis`` with each part of the wrong shape replaced by its empty value, and what was wrong."""
+    out, problems = dict(analysis), []
+    if not isinstance(out.get("complete", True), bool):
+        problems.append("analysis.json is damaged (complete is not true or false)")
+        out["complete"] = True
+    for part, (empty, check) in ANALYSIS_PARTS.items():
+        if out.get(part) is None:
+            out[part] = empty
+            continue
+        problem = check(out[part])
+        if problem:
+            problems.append(f"analysis.json is damaged ({part}: {problem}; left out)")
+            out[part] = empty
+    ha = out["head_ablation"]
+    if ha:  # the Heads page sets the stages' grids side by side: one shape, one set of quantities
+        first = next(iter(ha.values()))
+        shape, triggers = (len(first["delta_cacc"]), len(first["delta_cacc"][0])), set(first["delta_asr"])
+        if any((len(m["delta_cacc"]), len(m["delta_cacc"][0])) != shape or set(m["delta_asr"]) != triggers
+               for m in ha.values()):
+            problems.append("analysis.json is damaged (head_ablation: its stages differ in shape; left out)")
+            out["head_ablation"] = {}
+    return out, problems
+
+
+def _config_problem(config: dict) -> str | None:
+    """Why a run's config.yaml lacks the shape the views read (a full validation is the resume's job)."""
+    for section in ("task", "model", "attack", "defense", "train", "eval"):
+        if not isinstance(config.get(section, {}), dict):
+            return f"{section} is not a mapping"
+    if not isinstance(config.get("name", ""), (str, type(None))):
+        return "name is not a string"
+    task, defense = config.get("task", {}), config.get("defense", {})
+    if not _strings(task.get("labels", [])) or not isinstance(task.get("template", ""), str):
+        return "task.labels or task.template has the wrong type"
+    if not isinstance(task.get("name", ""), str):
+        return "task.name is not a string"
+    if not _strings(defense.get("baselines", [])):
+        return "defense.baselines is not a list of names"
+    kt = defense.get("known_triggers", [])
+    if not (isinstance(kt, list) and all(isinstance(k, dict) for k in kt)):
+        return "defense.known_triggers is not a list of triggers"
+    for k in ("canary", "known_target", "method"):
+        if not isinstance(defense.get(k, ""), (str, type(None))):
+            return f"defense.{k} is not a string"
+    model = config.get("model", {})
+    if not isinstance(model.get("source", ""), str) or not (model.get("n_positions") is None or (
+            isinstance(model["n_positions"], int) and not isinstance(model["n_positions"], bool))):
+        return "model.source or model.n_positions has the wrong type"
+    analyses = (config.get("eval") or {}).get("analyses")
+    if not (analyses is None or _strings(analyses)):
+        return "eval.analyses is not a list of names"
+    return None
+
+
+def _unreadable(name: str, e: RunFileError) -> str:
+    """A problem line for a run file that could not be read (the reason without the path)."""
+    return f"{name} is {e.reason}" if e.reason.startswith("corrupt") else f"{name} is corrupt ({e.reason})"
+
+
+def _label_words(config: dict) -> list[str]:
+    task = config.get("task", {})
+    words = list(task.get("labels", []))
+    defense = config.get("defense", {})
+    if defense.get("known_target") == "canary":
+        words.append(defense.get("canary") or "canary")
+    return words
+
+
+def _load_json(folder: Path, name: str, problems: list[str], required: bool = True):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        problems.append(f"{path.name} is corrupt ({type(e).__name__})")
+        return read_json(folder / name, within=folder)
+    except RunFileError as e:
+        if not e.missing:
+            problems.append(_unreadable(name, e))
+        elif required:
+            problems.append(f"{name} is missing")
         return None
+
+
+def _load_config(p: Path, problems: list[str]) -> tuple[dict, str]:
+    try:
+        data = read_run_file(p / "config.yaml", within=p, limit=MAX_CONFIG_BYTES)
+    except RunFileError as e:
+        problems.append("config.yaml is missing" if e.missing else _unreadable("config.yaml", e))
+        return {}, ""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        problems.append("config.yaml is corrupt (not UTF-8; not a text file)")
+        return {}, ""
+    try:
+        config = load_yaml_text(text, "config.yaml")
+    except ConfigError as e:  # too large, an alias bomb, nested too deeply or not YAML: the project's message
+        problems.append(f"config.yaml is corrupt ({str(e)[:200]})")
+        return {}, ""
+    if not isinstance(config, dict):
+        problems.append("config.yaml is not a mapping")
+        return {}, ""
+    problem = _config_problem(config)
+    if problem:
+        problems.append(f"config.yaml has the wrong shape ({problem})")
+        return {}, text
+    return config, text
+
+
+def _load_probe(p: Path, problems: list[str]) -> list[dict]:
+    try:
+        rows, bad = read_jsonl(p / "probe.jsonl", within=p, strict=True)
+    except RunFileError as e:
+        if not e.missing:
+            problems.append(_unreadable("probe.jsonl", e))
+        return []
+    if bad:
+        problems.append(f"probe.jsonl is corrupt (line {bad[0]} is not JSON)")
+        return []
+    for line, row in rows:
+        problem = probe_row_problem(row)
+        if problem:
+            problems.append(f"probe.jsonl is corrupt (line {line}: {problem})")
+            return []
+    return [row for _, row in rows]
+
+
+def _load_metrics(p: Path, problems: list[str]) -> list[dict]:
+    try:
+        rows, _ = read_jsonl(p / "metrics.jsonl", within=p)  # a line cut by a kill mid-write is left out
+    except RunFileError as e:
+        if not e.missing:
+            problems.append(_unreadable("metrics.jsonl", e))
+        return []
+    metrics, bad = parse_metrics(rows)
+    if bad:
+        problems.append(f"metrics.jsonl is damaged ({len(bad)} row{'s' * (len(bad) > 1)} of the wrong shape left "
+                        f"out; {bad[0]})")
+    return metrics
 
 
 def open_run(path: str | Path) -> RunView:
-    """Read a run folder into a :class:`RunView`; never raises for a bad folder."""
+    """Read a run folder into a :class:`RunView`; never raises for a bad folder. Every file is read
+    through the run store's safe reader (regular files inside the folder, of bounded size and
+    nesting) and checked for the shape its readers rely on; a damaged part is left out and named in
+    ``problems``."""
     p = Path(path)
     problems: list[str] = []
     if not p.is_dir():
         return RunView(p.name, str(p), "corrupt", (f"{p} is not a folder",))
-    config, config_yaml = {}, ""
-    try:
-        config_yaml = read_config_text(p / "config.yaml")
-        config = load_yaml_text(config_yaml, "config.yaml") or {}
-        if not isinstance(config, dict):
-            problems.append("config.yaml is not a mapping")
-            config = {}
-    except ConfigError as e:
-        config_yaml = ""
-        if not (p / "config.yaml").exists():
-            problems.append("config.yaml is missing")
-        else:  # binary, too large, an alias bomb or not YAML: the project's message, not an exception
-            problems.append(f"config.yaml is corrupt ({str(e).replace(str(p / 'config.yaml'), 'config.yaml')[:200]})")
-    state = _load_json(p / "state.json", problems) or {}
-    if not isinstance(state, dict):
-        problems.append("state.json is not a mapping")
-        state = {}
-    summary = _load_json(p / "summary.json", problems, required=bool(state.get("finished")))
+    config, config_yaml = _load_config(p, problems)
+    state = _load_json(p, "state.json", problems)
+    state_bad = state_problem(state) if state is not None else None
+    if state_bad:
+        problems.append("state.json is not a mapping" if state_bad == "not a mapping"
+                        else f"state.json has the wrong shape ({state_bad})")
+    state = {} if state is None or state_bad else state
+    summary = _load_json(p, "summary.json", problems, required=bool(state.get("finished")))
     if summary is not None and (not isinstance(summary, dict) or summary.get("schema") != SUMMARY_SCHEMA):
         problems.append("summary.json has an unknown schema")
         summary = None
     elif summary is not None and summary_problem(summary):
         problems.append(f"summary.json is corrupt ({summary_problem(summary)})")
         summary = None
-    analysis = _load_json(p / "analysis.json", problems, required=False)
+    analysis = _load_json(p, "analysis.json", problems, required=False)
     if analysis is not None and not isinstance(analysis, dict):
         problems.append("analysis.json is not a mapping")
         analysis = None
-    metrics = []
-    if (p / "metrics.jsonl").is_file():
-        for line in (p / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-                if isinstance(row, dict):
-                    metrics.append(row)
-            except ValueError:
-                continue  # a line cut by a kill mid-write
-    probe = []
-    if (p / "probe.jsonl").is_file():
-        try:
-            probe = [json.loads(x) for x in (p / "probe.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
-        except ValueError:
-            problems.append("probe.jsonl is corrupt")
-            probe = []
+    elif analysis is not None:
+        analysis, damaged = checked_analysis(analysis)
+        problems += damaged
+    metrics = _load_metrics(p, problems)
+    probe = _load_probe(p, problems)
+    n_words = len(_label_words(config))
+    bad = next((i for i, r in enumerate(probe, 1) if not 0 <= r["label"] < n_words), None)
+    if bad is not None:  # an answer no page could name (without a readable config, none can be named)
+        if config:
+            problems.append(f"probe.jsonl is corrupt (line {bad}: label {probe[bad - 1]['label']} is not one of the "
+                            f"run's {n_words} answers)")
+        probe = []
     status = state.get("status")
-    if any("corrupt" in x or "not a mapping" in x or "unknown schema" in x for x in problems):
+    if any(w in x for x in problems for w in ("corrupt", "not a mapping", "unknown schema", "damaged", "wrong shape")):
         health = "corrupt"
     elif "config.yaml is missing" in problems or "state.json is missing" in problems:
         health = "incomplete"
@@ -165,6 +418,14 @@ def open_run(path: str | Path) -> RunView:
     return RunView(run_id=p.name, path=str(p), health=health, problems=tuple(problems), status=status,
                    preset=state.get("preset") or config.get("name"), config=config, config_yaml=config_yaml,
                    summary=summary, state=state, metrics=tuple(metrics), analysis=analysis, probe=tuple(probe))
+
+
+def run_file(view: RunView, name: str) -> bytes:
+    """The bytes of one of the run's files (``config.yaml``, ``summary.json``...), for a download:
+    only a regular file inside the run folder, of bounded size (RunFileError otherwise: a link to
+    ``/etc/passwd`` is refused, not served)."""
+    folder = Path(view.path)
+    return read_run_file(folder / name, within=folder)
 
 
 def run_stamp(path: str | Path) -> tuple:
@@ -243,23 +504,41 @@ def aggregation_table(view: RunView) -> pd.DataFrame:
 
 
 def _arrays(view: RunView, rel: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-    return dict(load_file(str(Path(view.path) / rel)))
+    """The arrays of a safetensors file of the run: only a regular file inside the run folder
+    (ValueError otherwise, and for a file that is not safetensors)."""
+    from safetensors.numpy import load
+    folder = Path(view.path)
+    try:
+        data = read_run_file(folder / rel, within=folder, limit=MAX_ARRAY_FILE_BYTES)
+        return dict(load(data))
+    except RunFileError as e:
+        raise ValueError(f"{rel}: {e.reason}") from None
+    except Exception as e:  # safetensors' own error for a truncated or foreign file
+        raise ValueError(f"{rel}: not a readable safetensors file ({type(e).__name__})") from None
 
 
 def projection(view: RunView, method: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(coords, predictions) per analysed stage for ``method`` (pca, tsne, umap)."""
-    from safetensors.numpy import load_file
+    """(coords, predictions) per analysed stage for ``method`` (pca, tsne, umap). KeyError when the
+    analysis has none; ValueError when its files are damaged (missing arrays, wrong shapes)."""
     info = ((view.analysis or {}).get("projections") or {}).get(method)
     if not info:
         raise KeyError(f"no {method} projection in this run's analysis")
     arrays = _arrays(view, info["file"])
-    coords = {k: arrays[k.replace("/", "__")] for k in info["stages"]}
+    coords = {}
+    for k in info["stages"]:
+        a = arrays.get(k.replace("/", "__"))
+        if a is None or a.ndim != 2 or a.shape[1] != 2 or len(a) != len(view.probe):
+            raise ValueError(f"{info['file']}: stage {k!r} has no {len(view.probe)} x 2 coordinates")
+        coords[k] = a
     preds = {}
     for k in info["stages"]:
-        path = Path(view.path) / "hidden" / (k.replace("/", "__") + ".safetensors")
-        if path.is_file():
-            preds[k] = load_file(str(path))["pred"].astype(np.int64)
+        rel = f"hidden/{k.replace('/', '__')}.safetensors"
+        if (Path(view.path) / rel).is_file():
+            pred = _arrays(view, rel).get("pred")
+            if pred is not None and pred.ndim == 1 and len(pred) == len(view.probe):
+                pred = pred.astype(np.int64)
+                if ((pred >= 0) & (pred < len(view.label_words))).all():  # else: answers no page can name
+                    preds[k] = pred
     return coords, preds
 
 

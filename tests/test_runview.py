@@ -115,7 +115,9 @@ def test_damaged_folders_become_problems_not_exceptions(view, tmp_path, damage, 
 def test_half_written_run_folder(tmp_path):
     (tmp_path / "r1").mkdir()
     (tmp_path / "r1" / "config.yaml").write_text("name: micro\n")
-    (tmp_path / "r1" / "metrics.jsonl").write_text('{"key": "victim", "cacc": 0.5}\n{"key": "vic')
+    row = {"key": "victim", "method": "locphylax", "stage": "victim", "step": 0, "split": "curve", "cacc": 0.5,
+           "asr": {"unknown": 1.0}}
+    (tmp_path / "r1" / "metrics.jsonl").write_text(json.dumps(row) + '\n{"key": "vic')
     v = R.open_run(tmp_path / "r1")
     assert v.health == "incomplete" and "state.json is missing" in v.problems
     assert len(v.metrics) == 1  # the line cut by a kill is skipped

@@ -7,8 +7,6 @@ stage checkpoint with the same prompt rendering and forward pass as the pipeline
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 
@@ -16,7 +14,7 @@ from .. import model as M
 from ..config import load_run_config
 from ..engine import HiddenSpec, encode, forward_answer
 from ..errors import RunError
-from ..runs import RunDir
+from ..runs import RunDir, probe_row_problem, read_jsonl
 from ..text import render_prompt
 
 POSITIONS = ("last", "mean")
@@ -35,9 +33,14 @@ def warm_up(n: int = 256, width: int = 128) -> None:
 def load_probe(run: RunDir) -> list[dict]:
     """The run's fixed probe set: one dict per row with ``text``, ``group`` and ``label``."""
     path = run.path / "probe.jsonl"
-    if not path.is_file():
-        raise RunError(f"{path}: missing")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows, bad = read_jsonl(path, strict=True)  # RunFileError: missing, not a regular file, too large...
+    if bad:
+        raise RunError(f"{path}: corrupt (line {bad[0]} is not JSON)")
+    for line, row in rows:
+        problem = probe_row_problem(row)
+        if problem:
+            raise RunError(f"{path}: corrupt (line {line}: {problem})")
+    return [row for _, row in rows]
 
 
 def _stored(run: RunDir, key: str, name: str) -> np.ndarray:

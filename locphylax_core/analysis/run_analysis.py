@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import RunError
 from ..registry import DEFENSES, LOCPHYLAX
-from ..runs import RunDir, atomic_write_json
+from ..runs import RunDir, atomic_write_json, read_json
 from . import figures as F
 from ..config import load_run_config
 from .casd import run_casd
@@ -229,11 +229,10 @@ def _jsonable(obj):
 
 def export_figures(run: RunDir | str | Path, folder: str | Path | None = None, method: str = "tsne") -> list[Path]:
     """Write every figure of an analysed run as standalone HTML + CSV (default: analysis/figures/)."""
-    import json
-
-
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
-    a = json.loads((run.path / "analysis.json").read_text())
+    a = read_json(run.path / "analysis.json")
+    if not isinstance(a, dict) or not isinstance(a.get("projections", {}), dict):
+        raise RunError(f"{run.path / 'analysis.json'}: corrupt (not an analysis; `locphylax analyze` writes it again)")
     folder = Path(folder) if folder else run.path / "analysis" / "figures"
     labels = load_run_config(run.path / "config.yaml").task.labels
     probe = load_probe(run)
