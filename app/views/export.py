@@ -8,6 +8,7 @@ import streamlit as st
 import support as S
 from locphylax_core import runview as R
 from locphylax_core.analysis import figures as F
+from locphylax_core.errors import RunError
 
 st.title("Export")
 view = S.pick_run()
@@ -59,7 +60,8 @@ def _csv(path: str, stamp: tuple, what: str) -> bytes:
 stamp = R.run_stamp(view.path)
 analysis = view.analysis or {}
 figures = [f"projection_{m}" for m in (analysis.get("projections") or {})]
-if {"victim", "stage2"} <= set(analysis.get("head_ablation") or {}):
+if all("unknown" in ((analysis.get("head_ablation") or {}).get(k) or {}).get("delta_asr", {})
+       for k in ("victim", "stage2")):
     figures.append("heads")
 if view.metrics:
     figures.append("curves")
@@ -86,6 +88,13 @@ with right:
     if view.summary:
         st.download_button("summary.json", data=json.dumps(view.summary, indent=2),
                            file_name=f"{view.run_id}_summary.json", mime="application/json", key="dl-summary")
-    if view.config_yaml:
-        st.download_button("config.yaml", data=view.config_yaml, file_name=f"{view.run_id}_config.yaml",
-                           mime="text/yaml", key="dl-config")
+    if view.config:  # a config.yaml that reads as one; served only as a regular file inside the run folder
+        try:
+            config_bytes = R.run_file(view, "config.yaml")
+        except RunError as e:
+            st.warning(f"config.yaml is not offered: {getattr(e, 'reason', e)}.")
+        else:
+            st.download_button("config.yaml", data=config_bytes, file_name=f"{view.run_id}_config.yaml",
+                               mime="text/yaml", key="dl-config")
+    elif any(p.startswith("config.yaml") for p in view.problems):
+        st.caption("config.yaml is not offered: it is damaged (see the message above).")
