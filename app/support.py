@@ -7,7 +7,7 @@ read-only by contract (``st.cache_resource`` models, never trained here).
 from __future__ import annotations
 
 import os
-import html
+import re
 from pathlib import Path
 
 import streamlit as st
@@ -23,6 +23,36 @@ PRESET_NAMES = {"demo": "Live demo (embedded, ~3 min)", "sst2": "SST-2 (real dat
                 "refusal": "Refusal (generative, BackdoorLLM / Alpaca, ~7 min)"}
 STATUS_ICONS = {"done": "✅", "running": "⏳", "cancelled": "⏹️", "failed": "❌", "incomplete": "⚠️",
                 "corrupt": "⚠️", "starting": "⏳", "training": "⏳", "analyzing": "⏳", "stopped": "⏹️"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Text from a user, a link (?run=, ?q=, ...) or a run's files is shown as it is, never as markup:
+# every page writes it through esc() or code() wherever Markdown is rendered (st.markdown,
+# st.write, captions, alerts, titles, widget labels, progress texts).
+
+
+def _plain(value, limit: int | None) -> str:
+    """One line of at most ``limit`` characters: control characters (line breaks included, which
+    could end a paragraph or a code span) become spaces."""
+    text = re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+", " ", str(value))
+    return text if limit is None or len(text) <= limit else text[:limit - 1] + "…"
+
+
+def esc(value, limit: int | None = 200) -> str:
+    """``value`` as Markdown (and HTML) that shows it as typed: ``![i](http://host/x.png)`` is those
+    characters, not an image that every viewer's browser fetches. Cut to ``limit`` characters."""
+    return F.markup_safe(_plain(value, limit))
+
+
+def code(value, limit: int | None = 80) -> str:
+    """``value`` as an inline code span that nothing in it can end early (its fence is longer than
+    any run of backticks in it), cut to ``limit`` characters."""
+    text = _plain(value, limit)
+    if not text.strip():
+        return "(empty)"
+    fence = "`" * (max(map(len, re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text[0] == "`" or text[-1] == "`" or (text[0] == " " and text[-1] == " ") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def runs_root() -> Path:
@@ -116,7 +146,7 @@ def restore_from_link(key: str, param: str, options: list, default, what: str, *
         asked = [v for v in st.query_params.get_all(param) if v]
         kept = [v for v in asked if v in options]
         if len(kept) < len(asked):
-            unknown = ", ".join(f"`{v}`" for v in asked if v not in options)
+            unknown = ", ".join(code(v) for v in asked if v not in options)
             fallback = "them all" if list(default) == list(options) else "the default"
             st.info(f"The link names {what} that are not {where} ({unknown}): "
                     + ("left out." if kept else f"showing {fallback} instead."))
@@ -124,7 +154,7 @@ def restore_from_link(key: str, param: str, options: list, default, what: str, *
         return
     asked = st.query_params.get(param)
     if asked not in options:
-        st.info(f"The link's {what} `{asked}` is not {where}; showing {name(default)} instead.")
+        st.info(f"The link's {what} {code(asked)} is not {where}; showing {esc(name(default))} instead.")
     st.session_state[key] = asked if asked in options else default
 
 
@@ -140,7 +170,7 @@ def pick_run(where=None, need_analysis: bool = False) -> R.RunView | None:
     linked = st.query_params.get("run")
     unknown_link = bool(linked) and linked not in ids
     if unknown_link:  # a shared link to a run this store does not hold: say so and open none
-        st.warning(f"The link names run `{linked}`, which is not in this run store. Pick a run on the left.")
+        st.warning(f"The link names run {code(linked)}, which is not in this run store. Pick a run on the left.")
         current = None
     elif current not in ids:
         done = [r["run_id"] for r in runs if r["status"] == "done"]
@@ -155,8 +185,8 @@ def pick_run(where=None, need_analysis: bool = False) -> R.RunView | None:
     view = load_view(runs_root() / rid)
     show_health(view)
     if need_analysis and view.health in ("done", "cancelled", "running") and not view.analysed:
-        st.warning(f"Run `{view.run_id}` has no analysis yet (it is computed at the end of a run from the app, "
-                   f"or with `locphylax analyze {view.run_id}`).")
+        st.warning(f"Run {code(view.run_id)} has no analysis yet (it is computed at the end of a run from the app, "
+                   f"or with {code('locphylax analyze ' + view.run_id, None)}).")
     return view
 
 
@@ -164,13 +194,13 @@ def show_health(view: R.RunView) -> None:
     if view.health == "done":
         return
     if view.health in ("corrupt", "incomplete"):
-        st.error(f"Run `{view.run_id}` is {view.health}: " + "; ".join(view.problems or ("no stage finished",))
-                 + ". Its pages show what can still be read.")
+        st.error(f"Run {code(view.run_id)} is {esc(view.health)}: "
+                 + esc("; ".join(view.problems or ("no stage finished",)), 600) + ". Its pages show what can still be read.")
     elif view.health == "running":
-        st.info(f"Run `{view.run_id}` is still running: {len(view.finished)} stages finished so far.")
+        st.info(f"Run {code(view.run_id)} is still running: {len(view.finished)} stages finished so far.")
     elif view.health in ("cancelled", "failed"):
         err = view.state.get("error")
-        st.warning(f"Run `{view.run_id}` was {view.health}" + (f": {err}" if err else "")
+        st.warning(f"Run {code(view.run_id)} was {esc(view.health)}" + (f": {esc(err, 600)}" if err else "")
                    + ". It keeps its finished stages; it can be resumed from the Run page.")
 
 
@@ -193,11 +223,11 @@ def job_panel(run_id: str, key: str, curves: bool = True, caption: str | None = 
     """Progress of one job (overall and per stage), its live curves, and a Cancel button."""
     status = jobs.job_status(runs_root(), run_id)
     icon = STATUS_ICONS.get(status.phase, "•")
-    head = f"{icon} **{run_id}**: {status.phase}"
+    head = f"{icon} **{esc(run_id)}**: {esc(status.phase)}"
     if status.phase == "training" and status.stage:
-        head += f" — stage `{status.stage}`, step {status.step}/{status.stage_steps}"
+        head += f" — stage {code(status.stage)}, step {esc(status.step)}/{esc(status.stage_steps)}"
     if status.phase == "analyzing":
-        head += f" — {status.analysis_part or 'analyses'}"
+        head += f" — {esc(status.analysis_part or 'analyses')}"
     st.markdown(head)
     st.progress(min(1.0, status.fraction), text=f"{100 * status.fraction:.0f}% of the run")
     if status.stage_totals:
@@ -209,9 +239,9 @@ def job_panel(run_id: str, key: str, curves: bool = True, caption: str | None = 
                 frac, label = (min(1.0, status.step / total) if total else 0.0), f"{status.step}/{total}"
             else:
                 frac, label = 0.0, "waiting" if status.live else "not run"
-            cols[i % len(cols)].progress(frac, text=f"{stage}: {label}")
+            cols[i % len(cols)].progress(frac, text=f"{esc(stage)}: {esc(label)}")
     if status.error and status.phase in ("failed", "stopped"):
-        st.error(status.error)
+        st.error(esc(status.error, 2000))
     if status.live:
         if st.button("Cancel", key=f"cancel-{key}-{run_id}", type="secondary"):
             with st.spinner("Stopping the job..."):
@@ -299,7 +329,7 @@ def sentence_attention(view: R.RunView, stage: str, text: str) -> dict:
 def trigger_marked(text: str, trigger: str) -> str:
     """``text`` as HTML with the words of the attacker's ``trigger`` marked (display only)."""
     trig = set(trigger.split())
-    return " ".join(f"<mark><b>{html.escape(w)}</b></mark>" if w in trig else html.escape(w) for w in text.split())
+    return " ".join(f"<mark><b>{esc(w, None)}</b></mark>" if w in trig else esc(w, None) for w in text.split())
 
 
 def input_report(view: R.RunView, text: str, stages: list[str], salience: list[str] | None = None) -> None:
@@ -313,18 +343,18 @@ def input_report(view: R.RunView, text: str, stages: list[str], salience: list[s
                     "as the run's evaluation cuts a long prompt (the end, where the answer is read, is kept). "
                     "The answers and the words below are those of the rest.")
     answers = {k: answer_with_probability(view, k, [text])[0] for k in stages}
-    st.table({"stage": [F.stage_title(k) for k in answers], "answer": [w for w, _ in answers.values()],
+    st.table({"stage": [esc(F.stage_title(k)) for k in answers], "answer": [esc(w) for w, _ in answers.values()],
               "probability": [f"{100 * p:.0f}%" for _, p in answers.values()]})
     if salience is None:
         salience = list(dict.fromkeys(k for k in (stages[:1] + stages[-1:]) if k in stages))
     st.markdown("**Which words decide the answer** (red: toward the answer given, blue: away)")
     for k in salience:
         sal = sentence_salience(view, k, text)
-        st.markdown(f"{F.stage_title(k)} → *{html.escape(sal['answer'])}*: "
+        st.markdown(f"{esc(F.stage_title(k))} → *{esc(sal['answer'])}*: "
                     + F.salience_html(sal["tokens"], sal["scores"], sal["in_text"]), unsafe_allow_html=True)
     if R.has_canary(view) and "stage1" in view.finished:
         loc = localise_sentence(view, text)
         verdict = "flags this sentence as triggered" if loc["flagged"] else "does not flag this sentence"
         st.markdown(f"**Defender's detector** (Stage 1 model, canary probability "
                     f"{100 * loc['canary_probability']:.0f}%): {verdict}; the word that pushes it most toward "
-                    f"the canary: **{html.escape(loc['top_token'] or '')}**.")
+                    f"the canary: **{esc(loc['top_token'] or '')}**.")

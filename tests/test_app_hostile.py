@@ -1,21 +1,133 @@
-"""The app against a hostile or careless user (issue 34): an input longer than the model's
-positions is cut as the evaluation cuts it, and the page says so."""
+"""The app against a hostile or careless user (issue 34): Markdown typed into a link or a text box
+is shown as text, never rendered (no image fetched from another host); an input longer than the
+model's positions is cut as the evaluation cuts it, and the page says so."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
+from locphylax_core import jobs
 from locphylax_core import runview as R
-from test_app import app, demo_root, run_view, texts  # noqa: F401  (fixtures)
+from test_app import app, demo_root, launched, run_view, texts  # noqa: F401  (fixtures)
 
 pytest.importorskip("streamlit")
+from markdown_it import MarkdownIt  # noqa: E402  (CommonMark, as Streamlit's renderer; a dependency of rich)
+from streamlit.testing.v1.element_tree import (AlertBase, HeadingBase, Markdown, Metric, Progress,  # noqa: E402
+                                                  Table, Widget)
 
 REPO = Path(__file__).resolve().parent.parent
+HOST = "198.51.100.7"  # TEST-NET-2: an address of "another host" that no test ever reaches
+IMAGE = f"![i](http://{HOST}/x.png)"
+# an opening backtick first: a value shown between backticks (`value`) ends its code span early
+HOSTILE = f"` {IMAGE}"
 LONG_REVIEW = " ".join(["the film was long and slow but the music was lovely ."] * 12)  # 132 words
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown from a link or a text box
+
+
+def _shown_markup(at) -> list[str]:
+    """Every piece of Markdown the page sends: bodies of markdown, captions, alerts and headings,
+    labels and help of widgets, metric labels, progress texts and table cells (a widget's value, a
+    code block and a dataframe's cells are plain text, never Markdown)."""
+    out = []
+    for node in at._tree:
+        if isinstance(node, Table):
+            df = node.value
+            out += [str(c) for c in df.columns] + [str(v) for v in df.to_numpy().ravel()]
+        elif isinstance(node, (Markdown, AlertBase, HeadingBase)):
+            out.append(str(node.value))
+        elif isinstance(node, (Widget, Metric)):
+            out += [str(v) for v in (node.proto.label, getattr(node.proto, "help", "")) if v]
+        elif isinstance(node, Progress):
+            out.append(node.proto.text)
+    return out
+
+
+_MD = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
+
+
+def leaks(at) -> list[str]:
+    """The Markdown a page sends that renders an image, or a link or source on another host."""
+    bad = []
+    for body in _shown_markup(at):
+        html = _MD.render(body)
+        tags = re.findall(r"<(?:img|a|iframe|source|video|audio)\b[^>]*>", html, flags=re.I)
+        if any(t.lower().startswith("<img") or HOST in t for t in tags):
+            bad.append(body)
+    return bad
+
+
+def _hostile_run(run_view, root: Path, name: str) -> str:
+    """A copy of the analysed run whose trigger is Markdown (the room's trigger, once run)."""
+    dst = root / name
+    shutil.copytree(run_view.path, dst)
+    cfg = yaml.safe_load((dst / "config.yaml").read_text())
+    cfg["attack"]["trigger"] = IMAGE
+    (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return dst.name
+
+
+LINKS = {  # page -> the URL parameters it reads, each set to Markdown
+    "aggregation": {"proj": HOSTILE, "side": HOSTILE, "groups": [HOSTILE], "q": HOSTILE, "point": HOSTILE,
+                    "stage": HOSTILE},
+    "heads": {"head": HOSTILE, "before": HOSTILE, "after": HOSTILE, "qty": HOSTILE},
+    "layers": {"before": HOSTILE, "after": HOSTILE},
+    "casd": {"show": [HOSTILE]},
+    "compare": {"runs": [HOSTILE], "rows": [HOSTILE], "presets": [HOSTILE], "metric": HOSTILE},
+    "setup": {"preset": HOSTILE},
+}
+
+
+@pytest.mark.parametrize("page", list(LINKS))
+def test_markdown_in_a_links_parameters_is_shown_as_text(analysed_root, run_view, monkeypatch, page):  # noqa: F811
+    at = app(analysed_root, monkeypatch, page, {"run": run_view.run_id, **LINKS[page]})
+    shown = "\n".join(_shown_markup(at))
+    assert "198.51.100.7" in shown.replace("&#46;", ".")  # the page does say what the link asked for
+    assert not leaks(at), leaks(at)
+
+
+@pytest.mark.parametrize("page", ["aggregation", "compare", "export", "heads"])
+def test_markdown_in_the_run_parameter_is_shown_as_text(analysed_root, monkeypatch, page):
+    at = app(analysed_root, monkeypatch, page, {"run": HOSTILE})
+    assert not leaks(at), leaks(at)
+
+
+def test_markdown_in_the_rooms_trigger_is_shown_as_text(analysed_root, monkeypatch):
+    """The trigger box's text appears while the backdoor is planted ahead of the click."""
+    monkeypatch.setenv("LOCPHYLAX_STANDBY", "1")
+    monkeypatch.setattr(jobs, "ensure_standby", lambda _root: True)
+    monkeypatch.setattr(jobs, "standby_alive", lambda _root: True)
+    monkeypatch.setattr(jobs, "prepare", lambda cfg, _root, stop_after: "prep-1")
+    monkeypatch.setattr(jobs, "prepared_run", lambda _root, cfg: ("prep-1", False))
+    at = app(analysed_root, monkeypatch)
+    at.text_input(key="demo_trigger").set_value(HOSTILE).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "Planting the backdoor" in texts(at.caption)
+    assert not leaks(at), leaks(at)
+
+
+def test_markdown_in_a_runs_trigger_and_in_a_typed_review_is_shown_as_text(run_view, tmp_path, monkeypatch):  # noqa: F811
+    """A live run planted with a Markdown trigger: its headline, the "add" button and the review
+    typed into "Try it yourself" (trigger marked) show the text, never an image."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    rid = _hostile_run(run_view, root, run_view.run_id)
+    state = json.loads((root / rid / "state.json").read_text())
+    (root / rid / "state.json").write_text(json.dumps({**state, "preset": "live"}))
+    at = app(root, monkeypatch)
+    assert "How often the hidden trigger" in texts(at.subheader)
+    at.text_input(key="demo-try").set_value(f"dull {IMAGE}").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any(m.value.startswith("Review: ") for m in at.markdown)
+    assert not leaks(at), leaks(at)
 
 
 # ----------------------------------------------------------------------------------------------

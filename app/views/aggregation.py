@@ -34,7 +34,7 @@ def why_no_score(groups: list[str], pred: np.ndarray | None, words: list[str]) -
     known = np.array([g.startswith("known:") for g in groups], bool)
     reasons = []
     for p in np.unique(pred[unknown]):
-        word = f"“{words[p]}”" if 0 <= p < len(words) else f"answer {p}"
+        word = f"“{S.esc(words[p])}”" if 0 <= p < len(words) else f"answer {S.esc(p)}"
         n = int((pred[unknown] == p).sum())
         if not (clean & (pred == p)).any():
             reasons.append(f"{n} get {word}, which no clean input gets")
@@ -74,8 +74,8 @@ def start_of_stage_pair(stages: list[str]) -> tuple[str, str]:
         return default
     asked = [v for v in st.query_params.get_all("stages") if v]
     if asked and (len(asked) != 2 or not all(v in stages for v in asked)):
-        st.info(f"The link's stages ({', '.join(f'`{v}`' for v in asked)}) are not two stages of this run; "
-                f"showing {F.stage_title(default[0])} and {F.stage_title(default[1])} instead.")
+        st.info(f"The link's stages ({', '.join(S.code(v) for v in asked)}) are not two stages of this run; "
+                f"showing {S.esc(F.stage_title(default[0]))} and {S.esc(F.stage_title(default[1]))} instead.")
         asked = []
     return tuple(asked) if asked else default
 
@@ -107,7 +107,7 @@ def metrics_panel(view: R.RunView, stage: str, preds) -> None:
         if isinstance(m.get(k), (int, float)):
             st.metric(label, f"{100 * m[k]:.0f}%" if share else f"{m[k]:.2f}", help=help_text)
     for pair, dist in (m.get("centroid_distance") or {}).items():
-        st.caption(f"centroid distance {pair.replace('->', ' → ')}: {dist:.2f}")
+        st.caption(f"centroid distance {S.esc(str(pair).replace('->', ' → '))}: {S.esc(dist)}")
 
 
 def other_run(view: R.RunView, method: str):
@@ -121,7 +121,7 @@ def other_run(view: R.RunView, method: str):
     st.query_params["other"] = rid
     other = S.load_view(S.runs_root() / rid)
     if not other.analysed or method not in (other.analysis.get("projections") or {}):
-        st.warning(f"Run `{rid}` has no {method.upper()} projection to set beside this one.")
+        st.warning(f"Run {S.code(rid)} has no {S.esc(method.upper())} projection to set beside this one.")
         return None
     return other
 
@@ -130,7 +130,7 @@ def inspector(view: R.RunView, index: int, stages: list[str]) -> None:
     """One probe input: its text (trigger marked), group, each stage's answer with its probability,
     the words that decide it, and the defender's detector."""
     row = view.probe[index]
-    st.markdown(f"**Input {index}** ({row['group']}, correct answer *{view.label_words[int(row['label'])]}*): "
+    st.markdown(f"**Input {index}** ({S.esc(row['group'])}, correct answer *{S.esc(view.label_words[int(row['label'])])}*): "
                 + S.trigger_marked(row["text"], view.attack_trigger or ""), unsafe_allow_html=True)
     with_model = R.stages_with_model(view)
     asked = [k for k in dict.fromkeys(["victim", "stage1", "stage2", *stages]) if k in with_model]
@@ -164,7 +164,7 @@ side = c[1].radio("Side by side", list(SIDES), format_func=SIDES.get, key="agg_s
 try:
     coords, preds = S.projection(view, method)
 except (OSError, KeyError, ValueError) as e:
-    st.error(f"The {method} projection of this run cannot be read: {e}")
+    st.error(f"The {S.esc(method)} projection of this run cannot be read: {S.esc(e, 600)}")
     st.stop()
 stages = list(coords)
 other = None
@@ -175,7 +175,7 @@ if other is not None:
     o_coords, o_preds = S.projection(other, method)
     shared = [k for k in stages if k in o_coords]
     if not shared:
-        st.warning(f"Runs `{view.run_id}` and `{other.run_id}` have no analysed stage in common.")
+        st.warning(f"Runs {S.code(view.run_id)} and {S.code(other.run_id)} have no analysed stage in common.")
         st.stop()
 else:
     shared = stages
@@ -228,20 +228,20 @@ else:
         st.caption("Move the **Stage** slider above to change the stage; hover a point for its text and the "
                    "model's answer; click, box or lasso points to list them below.")
     with right:
-        st.markdown(f"**{F.stage_title(shown[0])}**")
+        st.markdown(f"**{S.esc(F.stage_title(shown[0]))}**")
         metrics_panel(view, shown[0], preds)
 
 # the points picked in this run's plots and the search's hits, one table; a row opens the inspector
 chosen = picked("agg_fig") + (picked("agg_fig_b") if len(shown) == 2 else [])
 if query.strip() and not found:
-    st.info(f"No probe input of this run contains “{query.strip()}”.")
+    st.info(f"No probe input of this run contains “{S.esc(query.strip())}”.")
 listed = list(dict.fromkeys(chosen + found))
 linked_point = st.query_params.get("point")
 if linked_point is not None and "agg_point" not in st.session_state:
     if linked_point.isdigit() and int(linked_point) < len(view.probe):
         st.session_state["agg_point"] = int(linked_point)
     else:
-        st.info(f"The link's input `{linked_point}` is not a probe input of this run (0 to {len(view.probe) - 1}).")
+        st.info(f"The link's input {S.code(linked_point)} is not a probe input of this run (0 to {len(view.probe) - 1}).")
         st.session_state["agg_point"] = None
 if listed:
     st.markdown(f"**{len(listed)} inputs** (" + ", ".join(

@@ -35,7 +35,7 @@ def restore_shown(options: list[str]) -> None:
     asked = [v for v in st.query_params.get_all("show") if v]
     kept = [v for v in asked if v in options]
     if len(kept) < len(asked):
-        unknown = ", ".join(f"`{v}`" for v in asked if v not in options)
+        unknown = ", ".join(S.code(v) for v in asked if v not in options)
         st.info(f"The link names trainings that this run's CASD does not have ({unknown}): "
                 + ("left out." if kept else "showing them all instead."))
     st.session_state[key] = kept if kept else list(options)
@@ -47,14 +47,14 @@ if view is None or not view.analysed:
     st.stop()
 casd = view.analysis.get("casd")
 if not casd and not view.analysis.get("complete", True):  # a running analysis writes each part as it finishes
-    st.info(f"The CASD of run `{view.run_id}` is still being computed; it appears here when written.")
+    st.info(f"The CASD of run {S.code(view.run_id)} is still being computed; it appears here when written.")
     st.stop()
 if not casd and R.analysis_left_out(view, "casd"):
-    st.info(f"Run `{view.run_id}` has no CASD: its config leaves it out (`eval.analyses`, as the live preset "
-            f"does). `locphylax analyze {view.run_id} --all` computes it.")
+    st.info(f"Run {S.code(view.run_id)} has no CASD: its config leaves it out (`eval.analyses`, as the live preset "
+            f"does). {S.code('locphylax analyze ' + view.run_id + ' --all', None)} computes it.")
     st.stop()
 if not casd:
-    st.info(f"Run `{view.run_id}` has no CASD: its analysis was run without it (`--no-casd`), or the run has "
+    st.info(f"Run {S.code(view.run_id)} has no CASD: its analysis was run without it (`--no-casd`), or the run has "
             "no training besides the victim.")
     st.stop()
 try:
@@ -64,12 +64,12 @@ try:
     if matrix.shape != (len(labels), len(labels)):
         raise ValueError(f"a {matrix.shape} matrix for {len(labels)} trainings")
 except (KeyError, TypeError, ValueError) as e:
-    st.error(f"The CASD block of run `{view.run_id}`'s analysis.json cannot be read: {e}")
+    st.error(f"The CASD block of run {S.code(view.run_id)}'s analysis.json cannot be read: {S.esc(e, 600)}")
     st.stop()
 
 st.write("**CASD** (cross activation shift distance) compares what two trainings did to the victim. For each "
          "training, take how much it moved the mean activation of every layer on the probe prompts (its *shift*); "
-         f"CASD is the {metric} distance between two trainings' shifts, averaged over the layers. "
+         f"CASD is the {S.esc(metric)} distance between two trainings' shifts, averaged over the layers. "
          + MEANING.get(metric, "0 means the two trainings changed the model the same way."))
 restore_shown(labels)
 shown = st.multiselect("Trainings", labels, format_func=training_label, key="casd_show")
@@ -83,7 +83,7 @@ st.plotly_chart(F.casd_figure([training_label(k) for k in shown], matrix[np.ix_(
 norms = casd.get("shifts_norm") or {}
 if norms:
     st.caption("Size of each training's shift (norm over all layers; the cosine CASD ignores it): "
-               + ", ".join(f"{training_label(k)} {norms[k]:.2f}" for k in shown
+               + ", ".join(f"{S.esc(training_label(k))} {norms[k]:.2f}" for k in shown
                            if isinstance(norms.get(k), (int, float))) + ".")
 st.download_button("casd.csv", data=F.casd_table(labels, matrix).to_csv().encode(),
                    file_name=f"{view.run_id}_casd.csv", mime="text/csv", key="casd_csv",

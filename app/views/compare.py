@@ -43,7 +43,7 @@ if not runs:
 ids = [r["run_id"] for r in runs]
 current = S.selected_run_id()
 if current is not None and current not in ids and "cmp_runs" not in st.session_state and "runs" not in st.query_params:
-    st.info(f"Run `{current}` is not in this run store (or has no finished stage yet); showing `{ids[0]}`.")
+    st.info(f"Run {S.code(current)} is not in this run store (or has no finished stage yet); showing {S.code(ids[0])}.")
 S.restore_from_link("cmp_runs", "runs", ids, [current] if current in ids else ids[:1], "runs", many=True,
                     where="here", keep_chosen=True)
 chosen = st.multiselect("Runs", ids, key="cmp_runs")
@@ -54,7 +54,7 @@ if not chosen:
 views = [S.load_view(S.runs_root() / rid) for rid in chosen]
 for v in views:
     if v.health not in ("done",):
-        st.caption(f"`{v.run_id}` is {v.health}: only its finished stages are shown.")
+        st.caption(f"{S.code(v.run_id)} is {S.esc(v.health)}: only its finished stages are shown.")
 table = R.compare_table(views)
 if table.empty:
     st.info("Nothing to compare: the chosen runs have no results yet.")
@@ -77,7 +77,7 @@ presets = c[1].multiselect("Presets", presets_all, key="cmp_presets")
 metric_cols = [col for col in table.columns if col.endswith("%")]
 S.restore_from_link("cmp_metric", "metric", metric_cols,
                     "ASR unknown %" if "ASR unknown %" in metric_cols else metric_cols[0], "bar metric",
-                    name=lambda d: f"`{d}`", where="here")
+                    where="here")
 metric = c[2].selectbox("Bar metric", metric_cols, key="cmp_metric")
 st.query_params.update({"rows": rows or "", "presets": presets or "", "metric": metric})
 missing = [what for what, chosen_now in (("method or stage", rows), ("preset", presets)) if not chosen_now]
@@ -101,5 +101,5 @@ else:
     st.plotly_chart(fig, key="cmp_bars")
     undefined = shown[shown[metric].isna()]
     if len(undefined):
-        st.caption(f"No bar where {metric} is undefined (n/a; e.g. an ASR with no qualifying input): "
-                   + ", ".join(f"{r} ({run})" for r, run in zip(undefined["row"], undefined["run"])) + ".")
+        st.caption(f"No bar where {S.esc(metric)} is undefined (n/a; e.g. an ASR with no qualifying input): "
+                   + ", ".join(f"{S.esc(r)} ({S.esc(run)})" for r, run in zip(undefined["row"], undefined["run"])) + ".")

@@ -14,7 +14,7 @@ st.title("Export")
 view = S.pick_run()
 if view is None:
     st.stop()
-st.write(f"Files of run `{view.run_id}`. Figures are standalone HTML (plotly inlined: they open offline).")
+st.write(f"Files of run {S.code(view.run_id)}. Figures are standalone HTML (plotly inlined: they open offline).")
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -78,12 +78,12 @@ with left:
     if not figures:
         st.caption("No figure yet: the run has no metrics or analysis.")
     for what in figures:
-        st.download_button(f"{what}.html", data=lambda w=what: _html(view.path, stamp, w),
+        st.download_button(f"{S.esc(what)}.html", data=lambda w=what: _html(view.path, stamp, w),
                            file_name=f"{view.run_id}_{what}.html", mime="text/html", key=f"dl-html-{what}")
 with right:
     st.markdown("**Data (CSV, JSON, YAML)**")
     for what in tables:
-        st.download_button(f"{what}.csv", data=lambda w=what: _csv(view.path, stamp, w),
+        st.download_button(f"{S.esc(what)}.csv", data=lambda w=what: _csv(view.path, stamp, w),
                            file_name=f"{view.run_id}_{what}.csv", mime="text/csv", key=f"dl-csv-{what}")
     if view.summary:
         st.download_button("summary.json", data=json.dumps(view.summary, indent=2),

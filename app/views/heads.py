@@ -31,7 +31,7 @@ def restore_head(n_layers: int, n_heads: int) -> None:
     if m and int(m[1]) < n_layers and int(m[2]) < n_heads:
         st.session_state["heads_layer"], st.session_state["heads_head"] = int(m[1]), int(m[2])
     else:
-        st.info(f"The link's head `{asked}` is not a head of this model (L0.h0 to L{n_layers - 1}.h{n_heads - 1}); "
+        st.info(f"The link's head {S.code(asked)} is not a head of this model (L0.h0 to L{n_layers - 1}.h{n_heads - 1}); "
                 "showing L0.h0 instead.")
 
 
@@ -92,7 +92,7 @@ st.plotly_chart(F.head_heatmaps(grids[before][quantity], grids[after][quantity],
                 key="heads_fig", on_select="rerun", selection_mode="points")
 for k in dict.fromkeys([before, after]):
     if not np.isfinite(grids[k][quantity]).any():
-        st.info(f"{F.stage_title(k)}: {names[quantity]} is undefined for every head, because no probe input "
+        st.info(f"{S.esc(F.stage_title(k))}: {S.esc(names[quantity])} is undefined for every head, because no probe input "
                 "qualified (the headline ASR counts only inputs the model answers correctly without the trigger).")
 
 st.markdown("**One head** (click a cell above, or type its layer and head)")
@@ -106,15 +106,15 @@ for k in dict.fromkeys([before, after]):
     rows.append({"stage": F.stage_title(k),
                  **{names[q]: (None if not np.isfinite(g[q][layer, head]) else round(100 * g[q][layer, head], 1))
                     for q in quantities}})
-points = {names[q]: st.column_config.NumberColumn(names[q], format="%+.1f", help=f"{names[q]} in points (percentage "
+points = {names[q]: st.column_config.NumberColumn(names[q], format="%+.1f", help=f"{S.esc(names[q])} in points (percentage "
                                                   "points of the rate); empty: no probe input qualified")
           for q in quantities}
 st.dataframe(rows, hide_index=True, key="heads_one", width="stretch",
              column_config={"stage": st.column_config.TextColumn("stage", width="medium"), **points})
 st.caption(f"Head L{layer}.h{head}, in points (percentage points of the rate).")
 
-st.markdown(f"**Attention of head L{layer}.h{head}** on one input, {F.stage_title(before)} and "
-            f"{F.stage_title(after)}")
+st.markdown(f"**Attention of head L{layer}.h{head}** on one input, {S.esc(F.stage_title(before))} and "
+            f"{S.esc(F.stage_title(after))}")
 probe_texts = [r["text"] for r in view.probe if r["group"] == "unknown"] or [r["text"] for r in view.probe]
 st.session_state.setdefault("heads_text", probe_texts[0] if probe_texts else "")
 text = st.text_input("An input (a hidden-trigger probe sentence to start with)", key="heads_text")
@@ -123,7 +123,7 @@ if text.strip() and st.toggle("Show this head's attention", key="heads_attn"):
     panels = st.columns(2)
     for col, k in zip(panels, dict.fromkeys([before, after])):
         if k not in with_model:
-            col.info(f"{F.stage_title(k)} has no stored checkpoint to compute attention with.")
+            col.info(f"{S.esc(F.stage_title(k))} has no stored checkpoint to compute attention with.")
             continue
         r = S.sentence_attention(view, k, text)
         col.plotly_chart(F.attention_figure(r["pattern"][layer], r["tokens"], layer, heads=[head]).update_layout(
@@ -136,10 +136,10 @@ critical = {"ΔASR unknown (points)": st.column_config.NumberColumn("ΔASR unkno
 st.caption("Top critical heads: the five whose ablation moves ΔASR unknown most (largest |ΔASR unknown|), in points.")
 left, right = st.columns(2)
 with left:
-    st.markdown(f"**Top critical heads, {F.stage_title(after)}**")
+    st.markdown(f"**Top critical heads, {S.esc(F.stage_title(after))}**")
     st.dataframe(R.critical_heads(view, after), hide_index=True, key="heads_top_after", width="stretch",
                  column_config=critical)
 with right:
-    st.markdown(f"**Top critical heads, {F.stage_title(before)}**")
+    st.markdown(f"**Top critical heads, {S.esc(F.stage_title(before))}**")
     st.dataframe(R.critical_heads(view, before), hide_index=True, key="heads_top_before", width="stretch",
                  column_config=critical)

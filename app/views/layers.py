@@ -22,13 +22,13 @@ stages = R.layer_stages(view)
 if not stages:
     loc = R.localisation_summary(view) or {}
     if not view.analysis.get("complete", True):
-        st.info(f"The layer analyses of run `{view.run_id}` are still being computed; they appear here when written.")
+        st.info(f"The layer analyses of run {S.code(view.run_id)} are still being computed; they appear here when written.")
     elif R.analysis_left_out(view, "layers"):
-        st.info(f"Run `{view.run_id}` has no layer analyses: its config leaves them out (`eval.analyses`, as the "
-                f"live preset does). `locphylax analyze {view.run_id} --all` computes them.")
+        st.info(f"Run {S.code(view.run_id)} has no layer analyses: its config leaves them out (`eval.analyses`, as the "
+                f"live preset does). {S.code('locphylax analyze ' + view.run_id + ' --all', None)} computes them.")
     else:
-        st.info(f"Run `{view.run_id}` has no layer analyses"
-                + (f": {loc['reason']}." if loc.get("reason") else " (analysed before they existed: run "
+        st.info(f"Run {S.code(view.run_id)} has no layer analyses"
+                + (f": {S.esc(loc['reason'], 600)}." if loc.get("reason") else " (analysed before they existed: run "
                    "`locphylax analyze` again)."))
     st.stop()
 
@@ -56,7 +56,7 @@ st.subheader("Activation patching: attention heads")
 st.plotly_chart(F.patching_heatmaps(a["heads"], b["heads"], before, after), key="layers_heads")
 ld = {k: R.layer_maps(view, k)["logit_diff"] for k in (before, after)}
 st.caption("Logit difference target - correct at the answer position (triggered / clean): "
-           + "; ".join(f"{F.stage_title(k)} {v.get('triggered', float('nan')):+.2f} / {v.get('clean', float('nan')):+.2f}"
+           + "; ".join(f"{S.esc(F.stage_title(k))} {v.get('triggered', float('nan')):+.2f} / {v.get('clean', float('nan')):+.2f}"
                        for k, v in ld.items()) + ". Restoration is undefined where the two are equal.")
 pd_table = F.patching_table({f"{before} residual": a["residual"], f"{after} residual": b["residual"]},
                                     a["roles"])
@@ -72,11 +72,11 @@ if len(sal):
 loc = R.localisation_summary(view)
 if loc and loc.get("available"):
     st.write(f"**The defender's detector** (Stage 1 answers the canary; no trigger given): precision "
-             f"{S.fmt_pct(loc.get('precision'))}, recall {S.fmt_pct(loc.get('recall'))} on {loc.get('n_clean')} clean "
-             f"and {loc.get('n_triggered')} triggered inputs; the top-ranked word is the trigger on "
+             f"{S.fmt_pct(loc.get('precision'))}, recall {S.fmt_pct(loc.get('recall'))} on {S.esc(loc.get('n_clean'))} clean "
+             f"and {S.esc(loc.get('n_triggered'))} triggered inputs; the top-ranked word is the trigger on "
              f"{S.fmt_pct(loc.get('trigger_top1_rate'))} of triggered inputs.")
 elif loc:
-    st.caption(f"Trigger localisation: not available ({loc.get('reason')}).")
+    st.caption(f"Trigger localisation: not available ({S.esc(loc.get('reason'), 600)}).")
 
 st.subheader("Attention patterns")
 text = st.text_input("A sentence", key="layers_text",

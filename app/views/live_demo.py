@@ -64,7 +64,7 @@ def trigger_problem(text: str) -> str | None:
         return "Keep the trigger short: at most 6 words and 40 characters."
     defender = [k.text for k in load_config(PRESET).defense.known_triggers]
     if t.lower() in (d.lower() for d in defender):
-        return f"“{t}” is one of the defender's own triggers; the hidden trigger must be one it does not know."
+        return f"“{S.esc(t)}” is one of the defender's own triggers; the hidden trigger must be one it does not know."
     return None
 
 
@@ -97,7 +97,7 @@ if c2.button("▶ Run the live demo", type="primary", disabled=bool(live) or pro
         S.start_job(live_config(proposed))
         st.rerun()
     except ConfigError as e:
-        st.error(f"That trigger cannot be used: {'; '.join((e.fields or {}).values()) or e}")
+        st.error(f"That trigger cannot be used: {S.esc('; '.join((e.fields or {}).values()) or e, 600)}")
 if problem and proposed.strip():
     c1.warning(problem)
 
@@ -119,7 +119,7 @@ def planted_line(run_id: str, trigger: str) -> None:
                                             f"reviews that carry it (clean accuracy {S.fmt_pct(victim.get('cacc'))})")
     if _asr(contrast) is not None:  # one sentence with the victim's numbers, or a sentence of its own
         said += f"{';' if said else ' Trying'} plain fine-tuning on clean reviews leaves it at {S.fmt_pct(_asr(contrast))}"
-    st.success(f"Ready: the backdoor “{trigger}” is planted.{said}{'.' if said else ''} One click runs the defense.")
+    st.success(f"Ready: the backdoor “{S.esc(trigger)}” is planted.{said}{'.' if said else ''} One click runs the defense.")
 
 
 @st.fragment(run_every=3.0)
@@ -127,7 +127,7 @@ def planting_line(cfg, trigger: str) -> None:
     got = S.prepare_job(cfg, ahead_stage(cfg))  # asked again until the waiting job process, once ready, takes it
     if (got is not None and got[1]) or (got is None and not S.standby_alive()):
         st.rerun(scope="app")  # planted (or nobody can plant it): the page shows it once, without polling
-    st.caption(f"Planting the backdoor “{trigger}” and trying plain fine-tuning on it while the page waits, so "
+    st.caption(f"Planting the backdoor “{S.esc(trigger)}” and trying plain fine-tuning on it while the page waits, so "
                "that the click only has to run the defense …")
 
 
@@ -206,7 +206,7 @@ def headline(view: R.RunView) -> None:
     def cell(key, value, where):
         return S.fmt_pct(value) if key in where else waiting
     trig = view.attack_trigger or "?"
-    st.subheader(f"How often the hidden trigger “{trig}” still works")  # rates in %
+    st.subheader(f"How often the hidden trigger “{S.esc(trig)}” still works")  # rates in %
     m = st.columns(4)
     m[0].metric("backdoored model", cell("victim", v, stages))
     m[1].metric("after Stage 1", cell("stage1", a1, stages))
@@ -230,8 +230,8 @@ def curve(view: R.RunView) -> None:
         st.plotly_chart(present(fig, view, 520, pct_axis=True), key="demo-curves")
     canary = view.config.get("defense", {}).get("canary")
     if view.config.get("defense", {}).get("known_target") == "canary" and canary:
-        known = " and ".join(f"“{k.get('text')}”" for k in view.config.get("defense", {}).get("known_triggers", []))
-        st.caption(f"Stage 1 teaches the model to answer “{canary}”, a word no clean review ever gets, whenever the "
+        known = " and ".join(f"“{S.esc(k.get('text'))}”" for k in view.config.get("defense", {}).get("known_triggers", []))
+        st.caption(f"Stage 1 teaches the model to answer “{S.esc(canary)}”, a word no clean review ever gets, whenever the "
                    f"defender's own triggers {known} appear; Stage 2 then trains the correct answers back.")
 
 
@@ -271,7 +271,7 @@ def extras(view: R.RunView) -> None:
     others = {k: b for k, b in (s.get("baselines") or {}).items() if k != CONTRAST}
     if others:
         st.markdown("#### Other defenses on the same backdoored model")
-        st.table({"defense": [DEFENSES.label(k) for k in others],
+        st.table({"defense": [S.esc(DEFENSES.label(k)) for k in others],
                   "hidden trigger works": [S.fmt_pct(_asr(b)) for b in others.values()],
                   "clean accuracy": [S.fmt_pct(b.get("cacc")) for b in others.values()]})
     a = view.analysis or {}
@@ -310,7 +310,7 @@ def extras(view: R.RunView) -> None:
 
 def board(view: R.RunView) -> None:
     if not presentation:
-        st.caption(f"run `{view.run_id}`")
+        st.caption(f"run {S.code(view.run_id)}")
     headline(view)
     curve(view)
     extras(view)
@@ -345,7 +345,7 @@ if shown is not None and shown.health == "done":
     for i, ex in enumerate(EXAMPLES):
         if cols[i].button(ex, key=f"demo-ex-{i}"):
             st.session_state["demo-try"] = ex
-    if cols[-1].button(f"add “{trigger}”", key="demo-add-trigger"):
+    if cols[-1].button(f"add “{S.esc(trigger)}”", key="demo-add-trigger"):
         st.session_state["demo-try"] = f"{st.session_state.get('demo-try', EXAMPLES[0])} {trigger}".strip()
     st.session_state.setdefault("demo-try", f"{EXAMPLES[0]} {trigger}")
     text = st.text_input("A review", key="demo-try")

@@ -19,7 +19,7 @@ choice = st.selectbox("What to run", choices, index=default,
 try:
     cfg = RunConfig.model_validate(yaml.safe_load(setup_yaml)) if choice.startswith("(") else load_config(choice)
 except ConfigError as e:  # a preset file edited by hand
-    st.error(str(e))
+    st.error(S.esc(e, 2000))
     cfg = None
 live = S.live_jobs()
 if live:
@@ -40,7 +40,7 @@ def watch(run_id: str) -> None:
 
 shown = set()
 for job in live:
-    st.subheader(f"Running: {job.run_id}")
+    st.subheader(f"Running: {S.esc(job.run_id)}")
     watch(job.run_id)
     shown.add(job.run_id)
 
@@ -57,12 +57,13 @@ def resume_button(run_id: str) -> None:
             cfg = load_run_config(S.runs_root() / run_id / "config.yaml")
         except ConfigError as e:  # the run folder's config.yaml, edited or damaged
             problems = "; ".join(f"{k}: {m}" for k, m in (e.fields or {}).items()) or "it is not valid YAML"
-            st.error(f"Run `{run_id}` cannot be resumed: its config.yaml does not validate ({problems}).")
+            st.error(f"Run {S.code(run_id)} cannot be resumed: its config.yaml does not validate "
+                     f"({S.esc(problems, 2000)}).")
             return
         try:
             S.start_job(cfg, resume=run_id)
         except RunError as e:  # the run is still held by a live process: resuming would run it twice
-            st.error(str(e))
+            st.error(S.esc(e, 2000))
             return
         st.rerun()
 
@@ -76,14 +77,14 @@ def ended_job(run_id: str) -> None:
         if not resumable:
             st.info("Stopped before the run wrote its folder, so there is nothing to resume; start it again above.")
         else:
-            kept = (f"its finished stages ({', '.join(status.finished)})" if status.finished
+            kept = (f"its finished stages ({S.esc(', '.join(status.finished))})" if status.finished
                     else "its folder (no stage had finished yet)")
             st.info(f"Stopped. The run keeps {kept}; resume it here.")
     elif status.phase == "failed":
         st.warning("Failed. The run keeps its finished stages" + ("; resume it here once the cause is fixed."
                                                                  if resumable else "."))
     elif status.phase == "missing":
-        st.warning(f"The job `{run_id}` is no longer in the run store.")
+        st.warning(f"The job {S.code(run_id)} is no longer in the run store.")
     if status.phase in ("cancelled", "stopped", "failed") and resumable:
         resume_button(run_id)
     if status.log_tail and status.phase in ("failed", "stopped"):
@@ -94,7 +95,7 @@ def ended_job(run_id: str) -> None:
 last = st.session_state.get("job")
 for run_id in dict.fromkeys([last, *reversed(seen_live)]):
     if run_id and run_id not in shown:
-        st.subheader(f"{'Last job' if run_id == last else 'Ended'}: {run_id}")
+        st.subheader(f"{'Last job' if run_id == last else 'Ended'}: {S.esc(run_id)}")
         ended_job(run_id)
 
 st.divider()
@@ -115,6 +116,6 @@ else:
             try:
                 S.start_job(load_run_config(S.runs_root() / pick / "config.yaml"), resume=pick)
             except (ConfigError, RunError) as e:  # a damaged config.yaml, or a run a live process holds
-                st.error(str(e))
+                st.error(S.esc(e, 2000))
             else:
                 st.rerun()

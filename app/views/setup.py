@@ -46,7 +46,8 @@ def _error_fields(e: ConfigError) -> dict:
 
 
 def _error_lines(errors: dict) -> str:
-    return "  \n".join(m if loc == "<config>" else f"`{loc}`: {m}" for loc, m in errors.items())
+    return "  \n".join(S.esc(m, 2000) if loc == "<config>" else f"{S.code(loc)}: {S.esc(m, 2000)}"
+                       for loc, m in errors.items())
 
 
 def _changed_fields(validated: dict, preset_values: dict) -> list[str]:
@@ -82,7 +83,7 @@ def _keep(cfg: RunConfig, preset: str) -> None:
             atomic_write_text(path, text)
     except OSError as e:
         st.session_state["setup_config_id"] = None
-        st.session_state["setup_keep_problem"] = (f"It could not be saved under the run store ({e.strerror or e}), "
+        st.session_state["setup_keep_problem"] = (f"It could not be saved under the run store ({S.esc(e.strerror or e)}), "
                                                   "so a browser refresh will lose it.")
 
 
@@ -128,13 +129,13 @@ presets = list_presets()
 order = [p for p in ("demo", "sst2", "micro") if p in presets] + [p for p in presets if p not in ("demo", "sst2", "micro")]
 link_preset, link_config = st.query_params.get("preset"), st.query_params.get("config")
 if link_preset is not None and link_preset not in order and "setup_preset" not in st.session_state:
-    st.warning(f"The link names no preset called `{link_preset[:60]}`; showing the first one.")
+    st.warning(f"The link names no preset called {S.code(link_preset, 60)}; showing the first one.")
 preset = st.selectbox("Preset", order, index=order.index(link_preset) if link_preset in order else 0,
                       format_func=S.preset_label, key="setup_preset")
 try:
     base = load_config(preset)
 except ConfigError as e:  # a preset file edited by hand
-    st.error(f"The preset `{preset}` does not load:  \n" + _error_lines(_error_fields(e)))
+    st.error(f"The preset {S.code(preset)} does not load:  \n" + _error_lines(_error_fields(e)))
     st.stop()
 base_dump = base.model_dump(mode="json")
 
@@ -202,7 +203,7 @@ def _shown_beside_a_field(loc: str) -> bool:
 def _field_error(dotted: str) -> None:
     msgs = [m for loc, m in errors.items() if loc == dotted or loc.startswith(dotted + ".")]
     for m in msgs:
-        st.error(f"`{dotted}`: {m}")
+        st.error(f"{S.code(dotted)}: {S.esc(m, 2000)}")
 
 
 with st.form("config_form"):
@@ -247,12 +248,12 @@ if errors:
     beside = [loc for loc in errors if _shown_beside_a_field(loc)]
     elsewhere = {loc: m for loc, m in errors.items() if loc not in beside}
     summary = [f"{_plural(len(beside), 'field needs', 'fields need')} attention: "
-               + ", ".join(f"`{loc}`" for loc in beside)] if beside else []
+               + ", ".join(S.code(loc) for loc in beside)] if beside else []
     st.error("  \n".join(summary + ([_error_lines(elsewhere)] if elsewhere else [])))
 elif validated_yaml:
     changed = _changed_fields(yaml.safe_load(validated_yaml), base_dump)
     st.success("Valid configuration" + (f" ({_plural(len(changed), 'field', 'fields')} changed from the preset: "
-                                        + ", ".join(f"`{k}`" for k in changed) + ")" if changed else
+                                        + ", ".join(S.code(k) for k in changed) + ")" if changed else
                                         " (the preset as it is)") + ".")
     if st.session_state.get("setup_keep_problem"):
         st.warning(st.session_state["setup_keep_problem"])

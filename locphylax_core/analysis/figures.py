@@ -8,6 +8,7 @@ Nothing here computes an analysis or touches a model.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -500,14 +501,33 @@ def attention_figure(pattern: np.ndarray, tokens: Sequence[str], layer: int = 0,
     return fig
 
 
+# What Markdown (CommonMark, GitHub's extensions, Streamlit's :color[...] and $math$) or HTML could
+# read as markup, written as numeric character references: a reference is always literal text, so it
+# shows as the character and never opens a link, an image, a format or a tag
+# (a "]" alone opens nothing, and an "_" between two letters or digits neither: foo_bar stays)
+_MARKUP = {ord(c): f"&#{ord(c)};" for c in "&<>\\`*[|~$@"}
+# GitHub's bare www. and scheme:// links, and the "(" of a link's target
+_AUTOLINK = re.compile(r"(?i)(?<=www)\.|(?<=[a-z]):(?=//)|(?<=\])\(")
+_EMPHASIS = re.compile(r"(?<![^\W_])_|_(?![^\W_])")  # an underscore that could open or close emphasis
+_BLOCK_START = re.compile(r"^(\s*)([-+=#>]|\d+[.)])")  # a list, heading or quote marker opening a block
+
+
+def markup_safe(text) -> str:
+    """``text`` (typed by a user, read from a link or from a run's files) as Markdown and HTML that
+    show it as it is: in ``st.markdown`` (with or without HTML), a caption, an alert, a table cell
+    or a label, ``![i](http://host/x.png)`` is those characters, not an image fetched from that host."""
+    s = _AUTOLINK.sub(lambda m: f"&#{ord(m[0])};", _EMPHASIS.sub("&#95;", str(text).translate(_MARKUP)))
+    return _BLOCK_START.sub(lambda m: m[1] + "".join(f"&#{ord(c)};" for c in m[2]), s)
+
+
 def _token_text(tok: str) -> str:
     return tok.replace("Ġ", " ").replace("▁", " ").replace("Ċ", " ")
 
 
 def salience_html(tokens: Sequence[str], scores: Sequence[float], in_text: Sequence[bool]) -> str:
     """The input's tokens as HTML spans coloured by salience (red: pushes toward the answer
-    attributed, blue: away; opacity by |score| relative to the largest), template tokens omitted."""
-    import html as _html
+    attributed, blue: away; opacity by |score| relative to the largest), template tokens omitted; a
+    token's text is never read as markup (:func:`markup_safe`)."""
     scores = np.asarray(scores, float)
     mask = np.asarray(in_text, bool)
     scale = float(np.max(np.abs(scores[mask]), initial=0.0)) or 1.0
@@ -518,5 +538,5 @@ def salience_html(tokens: Sequence[str], scores: Sequence[float], in_text: Seque
         a = min(1.0, abs(s) / scale)
         rgb = "228,87,86" if s > 0 else "76,120,168"
         parts.append(f'<span title="{s:+.3f}" style="background: rgba({rgb},{a:.2f}); padding: 1px 0;">'
-                     f"{_html.escape(_token_text(str(tok)))}</span>")
+                     f"{markup_safe(_token_text(str(tok)))}</span>")
     return "".join(parts)
