@@ -12,7 +12,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from locphylax_core import jobs, list_runs, load_config
+from locphylax_core import ConfigError, jobs, list_runs, load_config
 from locphylax_core import runview as R
 from locphylax_core.analysis import figures as F
 from locphylax_core.registry import LOCPHYLAX
@@ -208,7 +208,33 @@ def show_health(view: R.RunView) -> None:
 # Jobs
 
 
-def start_job(cfg, resume: str | None = None) -> str:
+def remote_code_risk(cfg) -> str:
+    """What ``model.trust_remote_code`` does, in words a person can weigh before allowing it."""
+    where = cfg.model.name_or_path or "the model"
+    return (f"This configuration sets **model.trust_remote_code**: loading the model runs the Python code that "
+            f"comes with {code(where)} (the files its config.json names in `auto_map`) on this machine, with "
+            "the rights of this app. Whoever wrote that folder or hub repository can run anything here: read "
+            "or delete files, reach the network. Allow it only for a model whose code you have read or trust.")
+
+
+def remote_code_confirmed(cfg, key: str) -> bool:
+    """True when ``cfg`` runs no code of its model, or when the user confirmed here, after reading
+    what it risks, that it may (a checkbox, off until ticked in this session for this very
+    configuration: another one asks again)."""
+    if not cfg.model.trust_remote_code:
+        return True
+    st.warning(remote_code_risk(cfg))
+    return st.checkbox(f"I trust the code of {code(cfg.model.name_or_path or 'this model')}: run it on this machine",
+                       value=False, key=f"{key}-{cfg.sha256()[:16]}")
+
+
+def start_job(cfg, resume: str | None = None, *, remote_code_ok: bool = False) -> str:
+    """Start ``cfg`` (or resume run ``resume``) as a job; a configuration that runs its model's own
+    code (``model.trust_remote_code``) only with ``remote_code_ok``, the user's confirmation from
+    :func:`remote_code_confirmed`."""
+    if cfg.model.trust_remote_code and not remote_code_ok:
+        raise ConfigError("model.trust_remote_code: the model's own code would run on this machine, and nobody "
+                          "confirmed in the app that it may (the box beside the button)")
     run_id = jobs.launch(cfg, runs_root(), resume=resume)
     select_run(run_id)
     st.session_state["job"] = run_id

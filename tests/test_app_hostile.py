@@ -1,18 +1,20 @@
 """The app against a hostile or careless user (issue 34): Markdown typed into a link or a text box
 is shown as text, never rendered (no image fetched from another host); an input longer than the
-model's positions is cut as the evaluation cuts it, and the page says so."""
+model's positions is cut as the evaluation cuts it, and the page says so; the app never enables a
+model folder's code without a confirmation naming the risk."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from locphylax_core import jobs
+from locphylax_core import ConfigError, jobs
 from locphylax_core import runview as R
 from test_app import app, demo_root, launched, run_view, texts  # noqa: F401  (fixtures)
 
@@ -175,3 +177,36 @@ def test_a_long_probe_input_in_the_inspector_is_cut_and_the_page_says_so(run_vie
     assert not at.exception, [e.value for e in at.exception]
     assert "Inspector" in texts(at.subheader)
     assert "longer than the model reads" in texts(at.info)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the app may run
+
+
+def test_remote_code_never_runs_from_the_app_without_a_confirmation_naming_the_risk(tmp_path, monkeypatch,
+                                                                                    launched):  # noqa: F811
+    at = app(tmp_path, monkeypatch, "setup")
+    at.selectbox(key="setup_preset").set_value("micro").run()
+    at.checkbox(key="f-micro-model-trust_remote_code").check()
+    [b for b in at.button if b.label == "Validate"][0].click().run()
+    assert "Valid configuration" in texts(at.success)
+    warning = texts(at.warning)
+    assert "model.trust_remote_code" in warning and "on this machine" in warning and "run anything" in warning
+    assert at.button(key="setup_start").disabled
+    # the Run page offers the same configuration behind the same confirmation
+    at.switch_page("views/run.py")
+    at.run()
+    assert at.selectbox(key="run_choice").value == "(the configuration from Setup)"
+    assert "run anything" in texts(at.warning) and at.button(key="start_run").disabled
+    at.switch_page("views/setup.py")
+    at.run()
+    (confirm,) = [c for c in at.checkbox if c.label.startswith("I trust the code")]
+    confirm.check().run()
+    at.button(key="setup_start").click().run()
+    assert len(launched) == 1 and launched[0]["cfg"].model.trust_remote_code
+    # and whatever a page does, the app's one way to start a job refuses it unconfirmed
+    sys.path.insert(0, str(REPO / "app"))
+    import support as S
+    with pytest.raises(ConfigError, match="trust_remote_code"):
+        S.start_job(launched[0]["cfg"])
+    assert len(launched) == 1

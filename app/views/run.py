@@ -25,8 +25,9 @@ live = S.live_jobs()
 if live:
     st.caption(f"{len(live)} job(s) running: a new one gets one CPU thread so they do not slow each other "
                "down by an order of magnitude.")
-if cfg is not None and st.button("Start run", type="primary", key="start_run"):
-    S.start_job(cfg)
+remote_code_ok = cfg is not None and S.remote_code_confirmed(cfg, "run_remote_code_ok")
+if cfg is not None and st.button("Start run", type="primary", key="start_run", disabled=not remote_code_ok):
+    S.start_job(cfg, remote_code_ok=remote_code_ok)
     st.rerun()
 
 
@@ -51,8 +52,18 @@ seen_live = list(dict.fromkeys([*st.session_state.get("run_seen_live", []), *sho
 st.session_state["run_seen_live"] = seen_live
 
 
+def remote_code_allowed(run_id: str, key: str) -> bool:
+    """False while the stored run's config.yaml trusts its model's code and the user has not
+    confirmed it here (a damaged config.yaml is reported when resuming)."""
+    try:
+        return S.remote_code_confirmed(load_run_config(S.runs_root() / run_id / "config.yaml"), key)
+    except ConfigError:
+        return True
+
+
 def resume_button(run_id: str) -> None:
-    if st.button("Resume this run", key=f"resume-{run_id}", type="primary"):
+    remote_code_ok = remote_code_allowed(run_id, f"remote-code-ok-{run_id}")
+    if st.button("Resume this run", key=f"resume-{run_id}", type="primary", disabled=not remote_code_ok):
         try:
             cfg = load_run_config(S.runs_root() / run_id / "config.yaml")
         except ConfigError as e:  # the run folder's config.yaml, edited or damaged
@@ -61,7 +72,7 @@ def resume_button(run_id: str) -> None:
                      f"({S.esc(problems, 2000)}).")
             return
         try:
-            S.start_job(cfg, resume=run_id)
+            S.start_job(cfg, resume=run_id, remote_code_ok=remote_code_ok)
         except RunError as e:  # the run is still held by a live process: resuming would run it twice
             st.error(S.esc(e, 2000))
             return
@@ -112,9 +123,11 @@ else:
     if resumable:
         c1, c2 = st.columns([3, 1])
         pick = c1.selectbox("Resume a stopped run", resumable, key="resume_pick")
-        if c2.button("Resume", key="resume_btn"):
+        remote_code_ok = remote_code_allowed(pick, f"resume-remote-code-ok-{pick}")
+        if c2.button("Resume", key="resume_btn", disabled=not remote_code_ok):
             try:
-                S.start_job(load_run_config(S.runs_root() / pick / "config.yaml"), resume=pick)
+                S.start_job(load_run_config(S.runs_root() / pick / "config.yaml"), resume=pick,
+                            remote_code_ok=remote_code_ok)
             except (ConfigError, RunError) as e:  # a damaged config.yaml, or a run a live process holds
                 st.error(S.esc(e, 2000))
             else:

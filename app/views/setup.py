@@ -176,7 +176,7 @@ def _widget(section: str, name: str, finfo, value):
         options = list(_args(inner[0]))
         return st.selectbox(name, options, index=options.index(value) if value in options else 0, key=key)
     if inner == [bool]:
-        return st.checkbox(name, value=bool(value), key=key)
+        return st.checkbox(name, value=bool(value), key=key, help=FIELD_HELP.get(f"{section}.{name}"))
     if inner == [int]:  # an optional number may be left empty (None)
         v = st.number_input(name, value=None if value is None else int(value), step=1, key=key,
                             help="empty = none" if optional else None)
@@ -194,6 +194,11 @@ def _widget(section: str, name: str, finfo, value):
         return yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw  # validation reports it against this field
+
+
+FIELD_HELP = {"model.trust_remote_code": "Runs the Python code that comes with the model folder or hub repository "
+                                        "(model.name_or_path) on this machine. Starting such a run asks for a "
+                                        "confirmation first."}
 
 
 def _shown_beside_a_field(loc: str) -> bool:
@@ -259,8 +264,10 @@ elif validated_yaml:
         st.warning(st.session_state["setup_keep_problem"])
     with st.expander("The configuration as YAML"):
         st.code(validated_yaml, language="yaml")
-    if st.button("Start this run", type="primary", key="setup_start"):
-        S.start_job(RunConfig.model_validate(yaml.safe_load(validated_yaml)))
+    cfg = RunConfig.model_validate(yaml.safe_load(validated_yaml))
+    remote_code_ok = S.remote_code_confirmed(cfg, "setup_remote_code_ok")
+    if st.button("Start this run", type="primary", key="setup_start", disabled=not remote_code_ok):
+        S.start_job(cfg, remote_code_ok=remote_code_ok)
         st.switch_page("views/run.py")
 
 with st.expander("Edit the whole configuration as YAML instead"):
