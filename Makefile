@@ -8,6 +8,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 PORT ?= 8501
+HOST ?= 127.0.0.1
 
 .PHONY: demo test app browser corpus pretrain bench bench-app bench-collapse bench-levers clean-venv
 
@@ -64,9 +65,11 @@ SIZE ?= small
 pretrain: corpus
 	$(VENV)/bin/locphylax pretrain --size $(SIZE)
 
-# the Streamlit app on $(PORT) (default 8501); the Live demo page offers one click to compute the demo run
+# the Streamlit app on $(HOST):$(PORT) (default 127.0.0.1:8501, this machine only: its Setup page starts
+# runs of any model folder; `make app HOST=0.0.0.0` opens it to the network); the Live demo page offers
+# one click to compute the demo run. The processes it starts end with it (app/serve.py)
 app: $(STAMP)
-	$(VENV)/bin/streamlit run app/Home.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
+	$(PY) app/serve.py --host $(HOST) --port $(PORT)
 
 # how fast a stored run's pages render (bench/results/app_render.md); needs an analysed demo run
 bench-app: $(DEVSTAMP) browser

@@ -1,13 +1,16 @@
 """The app against a hostile or careless user (issue 34): Markdown typed into a link or a text box
 is shown as text, never rendered (no image fetched from another host); an input longer than the
-model's positions is cut as the evaluation cuts it, and the page says so; the app never enables a
-model folder's code without a confirmation naming the risk."""
+model's positions is cut as the evaluation cuts it, and the page says so; the app listens on
+localhost unless told otherwise and never enables a model folder's code without a confirmation
+naming the risk."""
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -180,7 +183,28 @@ def test_a_long_probe_input_in_the_inspector_is_cut_and_the_page_says_so(run_vie
 
 
 # ----------------------------------------------------------------------------------------------
-# What the app may run
+# Who can reach the app, and what it may run
+
+
+def _make_app_command(**variables) -> list[str]:
+    """The command `make app` runs (``make -n``: printed, not run)."""
+    args = [f"{k}={v}" for k, v in variables.items()]
+    out = subprocess.run(["make", "-n", "app", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return shlex.split(out.strip().splitlines()[-1])
+
+
+def _listen_address(cmd: list[str]) -> str | None:
+    """The address a `make app` command serves on (serve.py's --host, or streamlit's
+    --server.address); None when it names none (streamlit's default: every interface)."""
+    for flag in ("--host", "--server.address"):
+        if flag in cmd:
+            return cmd[cmd.index(flag) + 1]
+    return None
+
+
+def test_make_app_listens_on_localhost_unless_HOST_opens_it():
+    assert _listen_address(_make_app_command()) == "127.0.0.1"
+    assert _listen_address(_make_app_command(HOST="0.0.0.0")) == "0.0.0.0"
 
 
 def test_remote_code_never_runs_from_the_app_without_a_confirmation_naming_the_risk(tmp_path, monkeypatch,
