@@ -32,6 +32,7 @@ configuration is prepared or launched, and when the standby exits.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import datetime as _dt
 import os
@@ -179,15 +180,69 @@ def launch(cfg: RunConfig, runs_root: str | Path = "runs", *, analyze: bool = Tr
 
 
 def _spawn(cmd: list[str], log, runs_root: Path) -> subprocess.Popen:
+    """Start a job (or standby) process in a session of its own (a cancel stops its whole group),
+    bound to this process's lifetime: it is told our pid (``--parent``: it ends when we are gone,
+    however we went) and it is ended at our exit (:func:`_end_children`)."""
     # numba's compiled UMAP kernels are cached in the run store, so only the first job ever pays the
     # tens of seconds of compilation
     env = {"NUMBA_CACHE_DIR": str((jobs_dir(runs_root) / "numba-cache").resolve()), **os.environ, "TOKENIZERS_PARALLELISM": "false",
            "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                            start_new_session=True, cwd=os.getcwd())
+    proc = subprocess.Popen([*cmd, "--parent", str(os.getpid())], stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=env, start_new_session=True, cwd=os.getcwd())
     # reap the child when it ends, so it never lingers as a zombie that looks alive
     threading.Thread(target=proc.wait, daemon=True).start()
+    with _CHILDREN_LOCK:
+        if not _CHILDREN:
+            atexit.register(_end_children)
+        _CHILDREN.append(proc)
     return proc
+
+
+# ----------------------------------------------------------------------------------------------
+# No process outlives what started it: the app's server (or any process that launches jobs)
+# ends its job processes when it exits, and each job process watches its parent and ends when it
+# is gone (a SIGKILL of the server, a closed terminal). Ending is a cancel: the run keeps its
+# finished stages and can be resumed.
+
+_CHILDREN: list[subprocess.Popen] = []
+_CHILDREN_LOCK = threading.Lock()
+END_GRACE_S = 10.0  # how long an ended job may take to write its state before it is killed
+PARENT_GONE = "stopped: the app (or process) that started this job ended; resume it to go on"
+
+
+def _end_children(grace: float = END_GRACE_S) -> None:
+    """At this process's exit: stop every job or standby process it started that still runs, with
+    its process group (a standby's warm-up): SIGHUP first (a job stops as a cancel stops it, saying
+    why: :data:`PARENT_GONE`) and SIGKILL after ``grace`` seconds."""
+    with _CHILDREN_LOCK:
+        live = [p for p in _CHILDREN if p.returncode is None]
+    for p in live:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGHUP)
+    deadline = time.monotonic() + grace
+    while any(p.returncode is None for p in live) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for p in live:
+        if p.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def _end_with_parent(parent: int, grace: float = END_GRACE_S) -> None:
+    """In a job, standby or warm-up process: a thread that ends this process once ``parent`` (the
+    process that started it) is gone: SIGHUP (a job stops as a cancel stops it and keeps its
+    finished stages; to the whole group when we lead one: a standby's warm-up with it), then
+    SIGKILL after ``grace``."""
+    def watch() -> None:
+        while os.getppid() == parent:  # once the parent is gone, the process is someone else's child
+            time.sleep(0.25)
+        leader = os.getpgrp() == os.getpid()
+        for sig in (signal.SIGHUP, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(os.getpid(), sig) if leader else os.kill(os.getpid(), sig)
+            time.sleep(grace)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,8 +450,8 @@ def _standby(root: Path, token: str) -> int:
     # warm-up ended compiles it itself, as a fresh process would)
     # (LOCPHYLAX_WARM_UP=0: skipped, e.g. by the tests, which share one cache)
     warm = os.environ.get("LOCPHYLAX_WARM_UP", "1") == "0"
-    warming = None if warm else subprocess.Popen(
-        [sys.executable, "-m", "locphylax_core.jobs", "--runs", str(root), "--warm-up"],
+    warming = None if warm else subprocess.Popen(  # in our process group: a cancel or our end stops it too
+        [sys.executable, "-m", "locphylax_core.jobs", "--runs", str(root), "--warm-up", "--parent", str(os.getpid())],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     def update(**fields) -> None:  # our state file, unless a launcher has claimed it meanwhile
         rec = _read(state)
@@ -445,7 +500,11 @@ def _standby(root: Path, token: str) -> int:
             time.sleep(0.05)
         state.unlink(missing_ok=True)
         return 0
+    except KeyboardInterrupt:  # SIGHUP: the app that started us ended (or a SIGTERM)
+        return 0
     finally:
+        if warming is not None and warming.poll() is None:
+            warming.terminate()
         if prepared is not None:  # prepared for a launch that never came
             _discard_prepared(root, prepared["run_id"])
 
@@ -595,6 +654,10 @@ def _sigterm(_signo, _frame):
     raise KeyboardInterrupt("stopped by a cancel request")
 
 
+def _sighup(_signo, _frame):  # what _end_children and _end_with_parent send
+    raise KeyboardInterrupt(PARENT_GONE)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The job process: run (or resume) the pipeline, then the analyses, writing progress as it goes."""
     ap = argparse.ArgumentParser(prog="python -m locphylax_core.jobs")
@@ -605,15 +668,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--no-analyze", action="store_true")
     ap.add_argument("--warm-up", action="store_true", help="compile the analyses' numba kernels, then exit")
+    ap.add_argument("--parent", type=int, metavar="PID", help="end when this process (the one that started us) is gone")
     args = ap.parse_args(argv)
+    if args.parent is not None:
+        _end_with_parent(args.parent)
     if args.warm_up:
         warm_up()
         return 0
-    if args.standby:
-        return _standby(Path(args.runs), args.standby)
-    if not (args.run_id and args.config):
+    if not args.standby and not (args.run_id and args.config):
         ap.error("--run-id and --config are required (or --standby)")
     signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGHUP, _sighup)
+    if args.standby:
+        try:
+            return _standby(Path(args.runs), args.standby)
+        except KeyboardInterrupt:  # stopped while still importing
+            return 0
     root = Path(args.runs)
     quiet_libraries()
     run_dir = root / args.run_id

@@ -2,16 +2,20 @@
 is shown as text, never rendered (no image fetched from another host); an input longer than the
 model's positions is cut as the evaluation cuts it, and the page says so; the app listens on
 localhost unless told otherwise and never enables a model folder's code without a confirmation
-naming the risk."""
+naming the risk; and no process the app started outlives it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -234,3 +238,197 @@ def test_remote_code_never_runs_from_the_app_without_a_confirmation_naming_the_r
     with pytest.raises(ConfigError, match="trust_remote_code"):
         S.start_job(launched[0]["cfg"])
     assert len(launched) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes left behind
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int(d.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses with a listening TCP socket on ``port`` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for name in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+            local, _, st = line.split()[1:4]
+            addr, p = local.split(":")
+            if st == "0A" and int(p, 16) == port:
+                found.add(addr)
+    return found
+
+
+@contextlib.contextmanager
+def _a_page_open(port: int):
+    """What a browser tab does: open the app's websocket and ask for a script run (the Live demo
+    page, which starts the warm standby job process); the tab stays open inside the block."""
+    from streamlit.proto.BackMsg_pb2 import BackMsg
+    from websockets.sync.client import connect
+    with connect(f"ws://127.0.0.1:{port}/_stcore/stream", subprotocols=["streamlit"], open_timeout=60) as ws:
+        msg = BackMsg()
+        msg.rerun_script.query_string = ""
+        ws.send(msg.SerializeToString())
+        yield ws
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="needs Linux's /proc")
+def test_stopping_the_server_with_sigterm_ends_every_process_it_started(tmp_path):
+    """`make app`'s command, a page opened (the standby job process starts, and its UMAP warm-up),
+    then SIGTERM to the server, as a service manager or `kill PID` sends it: nothing it started
+    is left running. The server listened on 127.0.0.1 only."""
+    import urllib.request
+
+    sys.path.insert(0, str(REPO / "app"))
+    from serve import free_port
+    port = free_port()
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    env = {**os.environ, "LOCPHYLAX_RUNS": str(runs), "LOCPHYLAX_STANDBY": "1", "LOCPHYLAX_WARM_UP": "1",
+           "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "TOKENIZERS_PARALLELISM": "false"}
+    log = open(tmp_path / "server.log", "wb")
+    server = subprocess.Popen(_make_app_command(PORT=port), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    started: list[int] = []
+    try:
+        t0 = time.monotonic()
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() - t0 < 120, (tmp_path / "server.log").read_text()
+                time.sleep(0.3)
+        assert _listening(port) == {"0100007F"}  # 127.0.0.1, no other interface
+        state = runs / ".jobs" / "standby" / "state.json"
+        with _a_page_open(port) as tab:
+            t0 = time.monotonic()
+            while not (state.is_file() and json.loads(state.read_text() or "{}").get("ready")):
+                assert time.monotonic() - t0 < 240, "the standby job process never got ready"
+                with contextlib.suppress(TimeoutError):
+                    tab.recv(timeout=0.5)
+        standby = int(json.loads(state.read_text())["pid"])
+        warm_up = [c for c in _children(standby)
+                   if b"--warm-up" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        started = [standby, *warm_up]
+        assert _alive(standby) and warm_up and all(map(_alive, warm_up))
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+        t0 = time.monotonic()
+        while any(map(_alive, started)) and time.monotonic() - t0 < 15:
+            time.sleep(0.2)
+        assert not [p for p in started if _alive(p)], "left running after the server stopped"
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        for pid in started:  # only the processes this test's server started
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
+
+
+def test_a_job_process_ends_when_the_process_that_started_it_is_killed(tmp_path):
+    """The backstop: a server killed outright (SIGKILL, a crash) cannot end its job processes as it
+    exits; each of them sees its parent gone and ends (here: a waiting standby, which would
+    otherwise wait an hour for a job)."""
+    code = ("import sys, time; from locphylax_core import jobs; jobs.ensure_standby(sys.argv[1]); "
+            "print('started', flush=True); time.sleep(600)")
+    launcher = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                                env={**os.environ, "LOCPHYLAX_WARM_UP": "0"})
+    pid = None
+    try:
+        assert launcher.stdout.readline().strip() == b"started"
+        state = tmp_path / ".jobs" / "standby" / "state.json"
+        pid = int(json.loads(state.read_text())["pid"])
+        t0 = time.monotonic()
+        while not json.loads(state.read_text() or "{}").get("ready"):  # waiting for a job, for an hour
+            assert _alive(pid) and time.monotonic() - t0 < 240, "the standby job process never got ready"
+            time.sleep(0.2)
+        launcher.kill()
+        launcher.wait()
+        t0 = time.monotonic()
+        while _alive(pid) and time.monotonic() - t0 < 15:
+            time.sleep(0.2)
+        assert not _alive(pid), "the standby outlived the process that started it"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        if pid is not None and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------
+# In a real browser
+
+
+def test_in_a_browser_markdown_in_links_and_runs_makes_no_request_to_another_host(run_view, tmp_path):  # noqa: F811
+    """`make app`'s server in headless Chromium: every page opened from a link whose parameters are
+    Markdown images, and the Live demo of a run whose trigger is one (headline, "add" button, the
+    review typed into "Try it yourself"): the browser asks nothing of any host but the app's.
+    Screenshots: $LOCPHYLAX_SCREENSHOTS (default tests/artifacts/screenshots/hostile_*.png)."""
+    from urllib.parse import urlencode, urlsplit
+    sys.path.insert(0, str(REPO / "app"))
+    from serve import CHROMIUM, CHROMIUM_FLAGS, PAGE_TITLES, PAGE_URLS, streamlit_server
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is absent (`make browser` installs it where it may)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    root = tmp_path / "runs"
+    shutil.copytree(run_view.path, root / run_view.run_id)
+    live = _hostile_run(run_view, root, "20990101-000000-live-hostile")
+    state = json.loads((root / live / "state.json").read_text())
+    (root / live / "state.json").write_text(json.dumps({**state, "preset": "live"}))
+    shots = Path(os.environ.get("LOCPHYLAX_SCREENSHOTS", REPO / "tests" / "artifacts" / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    asked: list[str] = []
+    with streamlit_server(root, log=tmp_path / "server.log") as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("request", lambda r: asked.append(r.url))
+
+        def settle() -> None:
+            page.wait_for_timeout(500)
+            page.locator('[data-testid="stStatusWidget"]').wait_for(state="detached", timeout=120_000)
+            page.wait_for_timeout(1000)  # an image in the page would be fetched by now
+            assert page.locator('[data-testid="stException"]').count() == 0, page.inner_text("body")[:1500]
+
+        def elsewhere() -> list[str]:
+            return sorted({u for u in asked if urlsplit(u).scheme in ("http", "https", "ws", "wss")
+                           and urlsplit(u).hostname not in ("127.0.0.1", "localhost")})
+
+        for name, params in LINKS.items():
+            page.goto(f"{url}/{PAGE_URLS[name]}?{urlencode({'run': run_view.run_id, **params}, doseq=True)}")
+            page.get_by_role("heading", name=PAGE_TITLES[name]).first.wait_for(timeout=120_000)
+            settle()
+            page.screenshot(path=str(shots / f"hostile_{name}.png"), full_page=True)
+            assert not elsewhere(), (name, elsewhere())
+            assert page.get_by_text(HOST, exact=False).count() > 0, name  # the page says what the link asked, as text
+        page.goto(url)  # the Live demo: the newest live run, whose trigger is an image's Markdown
+        page.get_by_text("How often the hidden trigger").wait_for(timeout=120_000)
+        page.get_by_text("Try it yourself").wait_for(timeout=120_000)
+        box = page.get_by_role("textbox", name="A review")
+        box.fill(f"dull {IMAGE}")
+        box.press("Enter")
+        page.get_by_text("Which words decide the answer").wait_for(timeout=120_000)
+        settle()
+        page.screenshot(path=str(shots / "hostile_live_demo.png"), full_page=True)
+        assert not elsewhere(), ("live_demo", elsewhere())
+        assert page.get_by_text(f"trigger “{IMAGE}” still works").count() == 1
+        browser.close()
+    assert asked
