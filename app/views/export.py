@@ -92,7 +92,7 @@ with right:
         try:
             config_bytes = R.run_file(view, "config.yaml")
         except RunError as e:
-            st.warning(f"config.yaml is not offered: {getattr(e, 'reason', e)}.")
+            st.warning(f"config.yaml is not offered: {S.esc(getattr(e, 'reason', e))}.")
         else:
             st.download_button("config.yaml", data=config_bytes, file_name=f"{view.run_id}_config.yaml",
                                mime="text/yaml", key="dl-config")
