@@ -14,6 +14,7 @@ import copy
 import hashlib
 import math
 import reprlib
+import stat
 import types
 import typing
 from pathlib import Path
@@ -919,6 +920,8 @@ def load_yaml_text(text: str, source: str):
 def read_config_text(path: Path) -> str:
     """A configuration file's text, with a clear error for one that is too big or not UTF-8 text."""
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a named pipe would block the reader forever, a device never end
+            raise ConfigError(f"{path}: not a regular file; a configuration is a YAML text file")
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is too large for a configuration "
                               f"(at most {MAX_CONFIG_BYTES:,})")

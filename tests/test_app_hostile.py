@@ -139,6 +139,26 @@ def test_markdown_in_a_runs_trigger_and_in_a_typed_review_is_shown_as_text(run_v
     assert not leaks(at), leaks(at)
 
 
+def test_a_head_sweep_with_no_eligible_input_names_no_head(run_view, tmp_path, monkeypatch):  # noqa: F811
+    """Where the sweep found no input on which the trigger worked, its grids are NaN: the page says
+    so instead of "head L0.h0 matters most (+nan points)"."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    dst = root / run_view.run_id
+    shutil.copytree(run_view.path, dst)
+    state = json.loads((dst / "state.json").read_text())
+    (dst / "state.json").write_text(json.dumps({**state, "preset": "live"}))
+    analysis = json.loads((dst / "analysis.json").read_text())
+    for r in analysis["head_ablation"].values():
+        r["delta_asr"] = {k: [[None] * len(row) for row in v] for k, v in r["delta_asr"].items()}
+    (dst / "analysis.json").write_text(json.dumps(analysis))
+    at = app(root, monkeypatch)
+    assert not at.exception, [e.value for e in at.exception]
+    captions = texts(at.caption)
+    assert "nan" not in captions.lower()
+    assert "no input on which the hidden trigger worked" in captions
+
+
 # ----------------------------------------------------------------------------------------------
 # Long inputs
 

@@ -367,3 +367,18 @@ def test_a_killed_run_is_shown_as_interrupted(tmp_path, capsys, monkeypatch):
         rc, out = _cli(capsys, "--runs", str(root), "runs")
         assert rc == 0 and "running" in out and INTERRUPTED not in out
     assert [i["status"] for i in list_runs(root)] == ["running"]  # state.json itself is not rewritten
+
+
+def test_a_config_that_is_a_named_pipe_is_refused_not_read(tmp_path):
+    """A config.yaml replaced by a FIFO blocked the reader (the Run page's Resume) forever."""
+    import os
+
+    from locphylax_core.config import read_config_text
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_config_text(fifo)
+    link = tmp_path / "zero.yaml"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_config_text(link)

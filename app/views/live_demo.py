@@ -298,12 +298,16 @@ def extras(view: R.RunView) -> None:
             finite = np.where(np.isfinite(grid), np.abs(grid), -1)
             layer, head = np.unravel_index(int(np.argmax(finite)), grid.shape)
             return layer, head, grid[layer, head]
-        lv, hv, dv = strongest(before)
-        la, hd, da = strongest(after)
-        st.caption(f"Each square is one attention head; blue means switching it off lowers the hidden trigger's "
-                   f"success. Before the defense, head L{lv}.h{hv} matters most ({100 * dv:+.0f} points); after "
-                   f"it, the strongest head, L{la}.h{hd}, moves it by {100 * da:+.0f} points.")
-        st.plotly_chart(present(F.head_heatmaps(before, after), view, 480), key="demo-heads")
+        if not (np.isfinite(before).any() and np.isfinite(after).any()):
+            # no probe input was eligible (the trigger never fired on a correctly answered review): no head to name
+            st.caption("The head sweep has no input on which the hidden trigger worked, so no head can be named here.")
+        else:
+            lv, hv, dv = strongest(before)
+            la, hd, da = strongest(after)
+            st.caption(f"Each square is one attention head; blue means switching it off lowers the hidden trigger's "
+                       f"success. Before the defense, head L{lv}.h{hv} matters most ({100 * dv:+.0f} points); after "
+                       f"it, the strongest head, L{la}.h{hd}, moves it by {100 * da:+.0f} points.")
+            st.plotly_chart(present(F.head_heatmaps(before, after), view, 480), key="demo-heads")
     if a and not view.analysis_complete:
         st.caption("More plots are on their way …")
 
