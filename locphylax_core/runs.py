@@ -232,6 +232,10 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_rate(v) -> bool:
+    return v is None or (math.isfinite(v) and 0.0 <= v <= 1.0)
+
+
 def _check_block(block, where: str) -> str | None:
     """Why a summary's result block (``{"cacc", "asr": {...}, ...}``) has the wrong shape, or None."""
     if block is None:
@@ -240,6 +244,8 @@ def _check_block(block, where: str) -> str | None:
         return f"{where} is not a mapping"
     if "cacc" not in block or not (block["cacc"] is None or _is_number(block["cacc"])):
         return f"{where}.cacc is missing or not a number"
+    if not _is_rate(block["cacc"]):  # a page would show 1e308 as "Infinity" and -5 as "-500%"
+        return f"{where}.cacc is {block['cacc']!r}, not a rate between 0 and 1"
     for key in ("asr", "asr_raw"):
         rates = block.get(key, {})
         if not isinstance(rates, dict) or (key == "asr" and key not in block):
@@ -247,6 +253,9 @@ def _check_block(block, where: str) -> str | None:
         bad = [k for k, v in rates.items() if not (v is None or _is_number(v))]
         if bad:
             return f"{where}.{key}.{bad[0]} is not a number"
+        bad = [k for k, v in rates.items() if not _is_rate(v)]
+        if bad:
+            return f"{where}.{key}.{bad[0]} is {rates[bad[0]]!r}, not a rate between 0 and 1"
     util = block.get("utility")
     if util is not None and not (isinstance(util, dict) and (util.get("value") is None or _is_number(util.get("value")))):
         return f"{where}.utility is not a mapping with a numeric value"

@@ -353,3 +353,20 @@ def test_a_damaged_run_store_renders_every_page(hostile_store):
     assert "probe.jsonl is corrupt (line 1: not a mapping)" in shown["aggregation", names["probe"]]
     assert "config.yaml is corrupt (refused: a link to a file outside the run folder)" in \
         shown["export", names["passwd"]]
+
+
+@pytest.mark.parametrize("where, value", [("cacc", 1e308), ("cacc", float("inf")), ("asr", -5.0), ("asr", 1.5)])
+def test_a_summary_rate_outside_zero_and_one_is_damaged(micro_run, where, value):
+    """A summary saying cacc 1e308 or asr -5 was shown as "Infinity" / "-500%"; a rate is a number in [0, 1]."""
+    import copy
+
+    from locphylax_core.runs import summary_problem
+    s = copy.deepcopy(micro_run.summary)
+    assert summary_problem(s) is None
+    block = s["stages"]["stage2"]
+    if where == "cacc":
+        block["cacc"] = value
+    else:
+        block["asr"]["unknown"] = value
+    problem = summary_problem(s)
+    assert problem and "not a rate between 0 and 1" in problem and ("cacc" if where == "cacc" else "asr.unknown") in problem
