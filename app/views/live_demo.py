@@ -307,7 +307,7 @@ def extras(view: R.RunView) -> None:
             st.caption(f"Each square is one attention head; blue means switching it off lowers the hidden trigger's "
                        f"success. Before the defense, head L{lv}.h{hv} matters most ({100 * dv:+.0f} points); after "
                        f"it, the strongest head, L{la}.h{hd}, moves it by {100 * da:+.0f} points.")
-            st.plotly_chart(present(F.head_heatmaps(before, after), view, 480), key="demo-heads")
+        st.plotly_chart(present(F.head_heatmaps(before, after), view, 480), key="demo-heads")
     if a and not view.analysis_complete:
         st.caption("More plots are on their way …")
 
