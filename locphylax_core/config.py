@@ -26,6 +26,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from .architectures import ARCHITECTURES, EMBEDDED_ARCHS, gated_mlp
 from .bases import DEFAULT_BASE, SCRATCH, base_shape
 from .errors import ConfigError
+from .precision import Bf16Setting
 from .registry import DEFENSES, PARADIGMS, TASKS
 from .sizes import (BYTES_PER_EXAMPLE, bytes_per_parameter, default_intermediate_size, memory_problem,
                     parameters_text, transformer_parameters)
@@ -601,8 +602,9 @@ class TrainConfig(_Section):
     # effective batch is unchanged; the clustering loss still uses the whole batch's centroids.
     grad_accum: int = Field(1, ge=1, le=1024)
     # bfloat16 autocast of the training forward passes (CUDA, and CPU where torch supports it);
-    # losses stay float32, evaluation stays float32.
-    bf16: bool = False
+    # losses stay float32, evaluation stays float32. auto: only where the device computes in bf16
+    # (a GPU that supports it, a CPU with avx512_bf16 / AMX); elsewhere it is many times slower.
+    bf16: Bf16Setting = False
     # activation (gradient) checkpointing of the decoder blocks while training (non-reentrant)
     grad_checkpointing: bool = False
     # A run whose model or data cannot fit this machine's memory (the estimate of
@@ -656,8 +658,9 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(20, ge=1, le=1024)
     # bfloat16 autocast of the evaluation and probe forward passes (scores are still compared in
     # float32). Several times faster on a CPU with native bf16 (avx512_bf16 / AMX) or a GPU; what
-    # it changes in CACC / ASR is measured in bench/results/smollm2_speed.md. Off: float32.
-    bf16: bool = False
+    # it changes in CACC / ASR is measured in bench/results/smollm2_speed.md. Off: float32. auto:
+    # only where the device computes in bf16 (on an AVX2-only CPU bf16 is many times slower).
+    bf16: Bf16Setting = False
     asr_rule: Literal["gcg", "backdoorllm", "target_prefix"] = "gcg"
 
     @field_validator("asr_rule", mode="before")

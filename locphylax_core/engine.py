@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .architectures import decoder_blocks, final_norm
 from .errors import ConfigError, TrainingError
+from .precision import Bf16Setting, use_bf16
 
 
 def set_torch_threads(n: int) -> int:
@@ -524,10 +525,11 @@ def check_finite_loss(logs: dict, step: int) -> None:
                             "defense.consistency_weight)")
 
 
-def _autocast_factory(bf16: bool, device: torch.device):
+def _autocast_factory(bf16: Bf16Setting, device: torch.device):
     """bfloat16 autocast for the forward passes (losses stay float32: every step loss casts its
-    logits and states with .float()), on CUDA, and on CPU where torch supports it."""
-    if not bf16:
+    logits and states with .float()), on CUDA, and on CPU where torch supports it; ``auto`` only
+    where the device computes in bf16 (:func:`precision.use_bf16`)."""
+    if not use_bf16(bf16, device):
         return contextlib.nullcontext
     if not torch.amp.autocast_mode.is_autocast_available(device.type):
         raise ConfigError(f"train.bf16: torch {torch.__version__} has no bfloat16 autocast on {device.type}")

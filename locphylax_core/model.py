@@ -25,6 +25,7 @@ from .architectures import EMBEDDED_ARCHS, base_model, decoder_blocks, gated_mlp
 from .bases import SCRATCH
 from .config import ModelConfig
 from .errors import ConfigError, ModelLoadError
+from .precision import Bf16Setting, use_bf16
 from .runs import write_folder_atomically
 from .sizes import (bytes_per_parameter, default_intermediate_size, hf_config_parameters, memory_problem,
                     parameters_text, weight_bytes)
@@ -44,15 +45,16 @@ class LM:
     model: torch.nn.Module
     tokenizer: object  # a PreTrainedTokenizerFast, left-padded
     answer_ids: tuple[int, ...]  # first token of each label's answer, indexed by label
-    bf16: bool = False  # eval.bf16: bfloat16 autocast of the scoring and probe forward passes
+    bf16: Bf16Setting = False  # eval.bf16: bfloat16 autocast of the scoring and probe forward passes
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def inference_autocast(self):
-        """The context every scoring forward pass of this model runs in (see ``bf16``)."""
-        if not self.bf16:
+        """The context every scoring forward pass of this model runs in (see ``bf16``; ``auto``:
+        only where the device computes in bf16)."""
+        if not use_bf16(self.bf16, self.device):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 

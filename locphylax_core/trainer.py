@@ -20,6 +20,7 @@ from .architectures import decoder_blocks, final_norm
 from .config import LoraConfig, RunConfig
 from .engine import Batch, Resume, Sample, StepLoss, answer_loss, batches, train_loop
 from .model import merge_lora, with_lora
+from .precision import Bf16Setting
 
 
 def stage_seed(seed: int, key: str) -> int:
@@ -42,7 +43,7 @@ class TrainSettings:
     schedule: str = "constant"  # learning-rate schedule: "constant" or "cosine" (to 10%)
     warmup: int = 0
     grad_accum: int = 1  # micro-batches per step (the effective batch stays batch_size)
-    bf16: bool = False  # bfloat16 autocast of the training forward passes
+    bf16: Bf16Setting = False  # bfloat16 autocast of the training forward passes (auto: where native)
     grad_checkpointing: bool = False  # activation checkpointing of the decoder blocks
 
     @classmethod
