@@ -483,7 +483,9 @@ def run_ray(args, presets, seeds, split, variants, model_sets: dict, model_tag: 
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).resolve().parent)]),
            "LOCPHYLAX_BENCH_CACHE": str(CACHE), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    init = {"address": args.address} if args.address else {"num_cpus": args.jobs or os.cpu_count()}
+    # "local": a new instance of its own, even where another Ray cluster runs on this machine (a bare
+    # ray.init() would join that one, and refuse num_cpus)
+    init = {"address": args.address} if args.address else {"address": "local", "num_cpus": args.jobs or os.cpu_count()}
     ray.init(**init, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
              runtime_env={"env_vars": env})
     try:
