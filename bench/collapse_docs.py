@@ -337,34 +337,49 @@ def real_lm_table(runs: list[dict], default_name: str) -> str:
     def f(x) -> str:
         return "–" if x in ("", None) else f"{100 * float(x):.1f}"
 
-    sums: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    # means per seed: the seeds may have run on different CPUs (and precisions), so none is pooled
+    sums: dict[int, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     order = ["word", "phrase", "long", "char"]  # the report's family order, then any other family
+    seeds = sorted({k[1] for k in cells})
+
+    def mean_line(seed: int) -> None:
+        by_method = sums[seed]
+        n = len(by_method["victim"])
+        if n < 2:
+            return
+
+        def mean(m, i):
+            xs = [x[i] for x in by_method[m]]
+            return f"{100 * statistics.fmean(xs):.1f}" if len(xs) == n else "–"
+        label = f"**mean of {n}**" + (f" (seed {seed})" if len(seeds) > 1 else "")
+        out.append(f"| {label} | | | | {mean('victim', 0)} / {mean('victim', 1)} | "
+                   f"{mean('stage1', 1)} ({mean('stage1', 0)}) | "
+                   + " | ".join(f"{mean(m, 1)} ({mean(m, 0)})" for m, _ in names) + " |")
+
+    previous = None
     for (preset, seed, family, trigger, position), by in sorted(
             cells.items(), key=lambda kv: (kv[0][0], kv[0][1], order.index(kv[0][2]) if kv[0][2] in order else 9)):
         v = by.get("victim")
         if v is None:
             continue
+        if previous is not None and seed != previous:
+            mean_line(previous)
+        previous = seed
         shown = trigger if len(trigger) <= 24 else trigger[:22] + "…"
         s1 = by.get("stage1")
         line = (f"| {preset} | {seed} | {family} | `{shown}` @{position} | {f(v['cacc'])} / {f(v['asr_unknown'])} | "
                 + ("– |" if s1 is None else f"{f(s1['asr_unknown'])} ({f(s1['cacc'])}) |"))
-        sums["victim"].append((float(v["cacc"]), float(v["asr_unknown"] or 0)))
+        sums[seed]["victim"].append((float(v["cacc"]), float(v["asr_unknown"] or 0)))
         if s1 is not None:
-            sums["stage1"].append((float(s1["cacc"]), float(s1["asr_unknown"] or 0)))
+            sums[seed]["stage1"].append((float(s1["cacc"]), float(s1["asr_unknown"] or 0)))
         for m, _ in names:
             r = by.get(m)
             line += " – |" if r is None else f" {f(r['asr_unknown'])} ({f(r['cacc'])}) |"
             if r is not None:
-                sums[m].append((float(r["cacc"]), float(r["asr_unknown"] or 0)))
+                sums[seed][m].append((float(r["cacc"]), float(r["asr_unknown"] or 0)))
         out.append(line)
-    n = len(sums["victim"])
-    if n > 1:
-        def mean(m, i):
-            xs = [x[i] for x in sums[m]]
-            return f"{100 * statistics.fmean(xs):.1f}" if len(xs) == n else "–"
-        out.append(f"| **mean of {n}** | | | | {mean('victim', 0)} / {mean('victim', 1)} | "
-                   f"{mean('stage1', 1)} ({mean('stage1', 0)}) | "
-                   + " | ".join(f"{mean(m, 1)} ({mean(m, 0)})" for m, _ in names) + " |")
+    if previous is not None:
+        mean_line(previous)
     return "\n".join(out)
 
 

@@ -288,3 +288,20 @@ def test_known_trigger_table_compares_each_set_with_the_default_on_the_same_vict
                         "85.0 (90.0, 80.0) | 30.0 (40.0, 20.0) |  | 80.0 (80.0, 80.0) |")
     assert lines[3].startswith("| 4: the two words and the two phrases | 2 | 15.0 (10.0, 20.0) | 92.5 (95.0, 90.0) | "
                                "10.0 (5.0, 15.0) | -20.0 |")
+
+
+def test_real_lm_table_keeps_a_mean_per_seed():
+    """Seeds may run on different CPUs and precisions: their victims are never pooled in one mean."""
+    docs = _load("collapse_docs")
+
+    def cell(seed, trigger, victim_asr, s2):
+        base = {"preset": "sst2-smollm2", "model": "base", "seed": str(seed), "family": "word", "trigger": trigger,
+                "position": "random", "variant": "default+clean_ft"}
+        return [{**base, "method": "victim", "stage": "victim", "cacc": "0.8", "asr_unknown": str(victim_asr)},
+                {**base, "method": "locphylax", "stage": "stage2", "cacc": "0.8", "asr_unknown": str(s2)}]
+    runs = cell(0, "bb", 1.0, 0.2) + cell(0, "tq", 1.0, 0.4) + cell(1, "bb", 0.9, 0.6) + cell(1, "tq", 0.9, 1.0)
+    lines = docs.real_lm_table(runs, "locphylax+").splitlines()
+    means = [ln for ln in lines if ln.startswith("| **mean")]
+    assert means == ["| **mean of 2** (seed 0) | | | | 80.0 / 100.0 | – (–) | 30.0 (80.0) |",
+                     "| **mean of 2** (seed 1) | | | | 80.0 / 90.0 | – (–) | 80.0 (80.0) |"]
+    assert lines.index(means[0]) < next(i for i, ln in enumerate(lines) if "| 1 | word | `bb`" in ln)
