@@ -3,29 +3,16 @@ paired CACC differences, and the generated document blocks."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import cli
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load(name):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import cli, load_bench
 
 
 @pytest.fixture(scope="module")
 def collapse(tmp_path_factory):
-    mod = _load("collapse")
+    mod = load_bench("collapse")
     mod.CACHE = tmp_path_factory.mktemp("cache")
     return mod
 
@@ -169,7 +156,7 @@ def test_baseline_tables_name_the_method_each_variant_ran(collapse):
     # a variant whose name does not start with "default" runs the paper's method, so the faithful
     # table's "locphylax" column is the reference; the families x defenses table runs every
     # registered defense of the issue-17 comparison, bdvax included, beside the shipped default
-    docs = _load("collapse_docs")
+    docs = load_bench("collapse_docs")
     trig = collapse.GRID["report"][0]
     assert collapse.run_config("micro", 0, trig, "faithful", {}).defense.method == "locphylax"
     table = collapse.run_config("micro", 0, trig, "default+all", {}).defense
@@ -183,7 +170,7 @@ def test_baseline_tables_name_the_method_each_variant_ran(collapse):
 
 
 def test_paired_table_subtracts_on_the_same_victim_only():
-    docs = _load("collapse_docs")
+    docs = load_bench("collapse_docs")
     cell = {"preset": "demo", "model": "base", "position": "random", "stage": "stage2", "trigger": "bb"}
     other_model = {**cell, "model": "model.n_layer=4"}
     runs = [{**cell, "seed": "0", "method": "locphylax", "asr_unknown": "0.2"},
@@ -199,7 +186,7 @@ def test_paired_table_subtracts_on_the_same_victim_only():
 
 
 def test_defenses_table_shows_no_spread_for_a_single_seed():
-    docs = _load("collapse_docs")
+    docs = load_bench("collapse_docs")
 
     def summary(preset, method, stage, n, mean, sd):
         return {"preset": preset, "family": "word", "method": method, "stage": stage, "n": str(n),
@@ -216,7 +203,7 @@ def test_defenses_table_shows_no_spread_for_a_single_seed():
 
 
 def test_docs_blocks_are_replaced_in_place():
-    docs = _load("collapse_docs")
+    docs = load_bench("collapse_docs")
     text = "intro\n<!-- BEGIN t -->\nold\n<!-- END t -->\nprose kept\n"
     new = docs._replace_block(text, "t", "new table")
     assert new == "intro\n<!-- BEGIN t -->\nnew table\n<!-- END t -->\nprose kept\n"
@@ -225,7 +212,7 @@ def test_docs_blocks_are_replaced_in_place():
 
 def test_cell_summary_keeps_only_the_given_cells_and_pairs_the_cacc_change():
     # the from-scratch side of the base-vs-scratch table: the same (preset, trigger, seed) cells only
-    docs = _load("collapse_docs")
+    docs = load_bench("collapse_docs")
     base = {"preset": "demo", "model": "preset", "variant": "default+baselines"}
     rows = []
     for seed, trigger, vc, dc, asr in [("0", "bb", "0.9", "0.88", "0.2"), ("1", "bb", "0.8", "0.81", "0.4"),
@@ -247,7 +234,7 @@ def test_cli_bench_unknown_name_is_a_clear_error():
 
 
 def test_real_lm_table_shows_every_victim_and_means_only_over_complete_columns():
-    docs = _load("collapse_docs")
+    docs = load_bench("collapse_docs")
     cell = {"preset": "sst2-smollm2", "model": "base", "seed": "0", "position": "random"}
 
     def row(family, trigger, method, stage, cacc, asr, variant="default+clean_ft"):
@@ -270,7 +257,7 @@ def test_real_lm_table_shows_every_victim_and_means_only_over_complete_columns()
 
 
 def test_known_trigger_table_compares_each_set_with_the_default_on_the_same_victims():
-    docs = _load("collapse_docs")
+    docs = load_bench("collapse_docs")
 
     def rows(variant, trigger, s1, known, s2, cacc=0.8):
         cell = {"preset": "sst2-smollm2", "model": "base", "seed": "0", "family": "word", "trigger": trigger,
@@ -292,7 +279,7 @@ def test_known_trigger_table_compares_each_set_with_the_default_on_the_same_vict
 
 def test_real_lm_table_keeps_a_mean_per_seed():
     """Seeds may run on different CPUs and precisions: their victims are never pooled in one mean."""
-    docs = _load("collapse_docs")
+    docs = load_bench("collapse_docs")
 
     def cell(seed, trigger, victim_asr, s2):
         base = {"preset": "sst2-smollm2", "model": "base", "seed": str(seed), "family": "word", "trigger": trigger,

@@ -4,18 +4,12 @@ stage with steps, seconds and throughput, and a failing mode reported instead of
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from conftest import load_bench
 
 
 def test_tiny_scale_bench_writes_a_row_per_stage_and_reports_a_failing_mode(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("scale_bench", BENCH / "scale_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("scale_bench")
     assert mod.main(["--tiny", "--device", "cpu", "--modes", "fp32", "qlora", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "scale.csv").open()))
     assert [r["stage"] for r in rows] == ["clean", "victim", "stage1", "stage2"]

@@ -3,26 +3,14 @@ and a head sweep of chosen blocks with its measured cost, written where the scri
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load(name):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_bench
 
 
 def test_the_real_lm_analysis_writes_the_table_and_both_figures(micro_run, tmp_path, monkeypatch):
-    mod = _load("smollm2_analysis")
+    mod = load_bench("smollm2_analysis")
     runs = []
     for name in ("real", "tiny"):
         dst = tmp_path / "runs" / name
