@@ -386,7 +386,7 @@ def head_ablation(model: torch.nn.Module, tokenizer_dir_or_tokenizer, template: 
 
     base_pred = base_logits.argmax(-1)
     abl_pred = abl_logits.argmax(-1)  # [n_heads_total, n_items]
-    not_swept = np.isnan(abl_logits).any(axis=(1, 2))
+    not_swept = np.repeat([l not in swept for l in range(n_layers)], n_heads)  # one flag per head row
     n_clean = len(labels)
     y = np.array(labels)
     base_cacc = accuracy(base_pred[:n_clean].tolist(), labels)
