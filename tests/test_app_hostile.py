@@ -213,8 +213,13 @@ def test_a_long_probe_input_in_the_inspector_is_cut_and_the_page_says_so(run_vie
 def _make_app_command(**variables) -> list[str]:
     """The command `make app` runs (``make -n``: printed, not run)."""
     args = [f"{k}={v}" for k, v in variables.items()]
-    out = subprocess.run(["make", "-n", "app", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    return shlex.split(out.strip().splitlines()[-1])
+    # under `make test` the suite runs inside make, whose MAKEFLAGS/MAKELEVEL would make this
+    # nested make print "make[1]: Entering directory" lines around the command
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", "app", *args], cwd=REPO, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    (command,) = [line for line in out.splitlines() if "streamlit" in line or "serve.py" in line]
+    return shlex.split(command)
 
 
 def _listen_address(cmd: list[str]) -> str | None:
