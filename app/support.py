@@ -16,6 +16,7 @@ from locphylax_core import ConfigError, jobs, list_runs, load_config
 from locphylax_core import runview as R
 from locphylax_core.analysis import figures as F
 from locphylax_core.registry import LOCPHYLAX
+from locphylax_core.runs import RunDir
 
 PRESET_NAMES = {"demo": "Live demo (embedded, ~3 min)", "sst2": "SST-2 (real data, ~7 min)",
                 "micro": "Micro (seconds; numbers meaningless)", "agnews": "AG News (real data, 4 topics, ~8 min)",
@@ -57,6 +58,11 @@ def code(value, limit: int | None = 80) -> str:
 
 def runs_root() -> Path:
     return Path(os.environ.get("LOCPHYLAX_RUNS", "runs"))
+
+
+def run_dir(run_id: str) -> RunDir:
+    """The folder of run ``run_id`` in the run store (its files by name: ``config_path``...)."""
+    return RunDir(runs_root() / run_id)
 
 
 def preset_label(name: str) -> str:
@@ -273,7 +279,7 @@ def job_panel(run_id: str, key: str, curves: bool = True, caption: str | None = 
             with st.spinner("Stopping the job..."):
                 jobs.cancel(runs_root(), run_id)
             st.rerun()
-    if curves and (runs_root() / run_id / "metrics.jsonl").is_file():
+    if curves and run_dir(run_id).metrics_path.is_file():
         view = load_view(runs_root() / run_id)
         if view.metrics:
             if caption:

@@ -176,7 +176,7 @@ def _analyze(run, export: str | None = None, heads: bool | None = None, casd: bo
     result = analyze_run(run, methods=methods, heads=heads, casd=casd, layers=layers,
                          progress=lambda m: print(f"analysis: {m} ...", file=sys.stderr))
     agg = result["aggregation"]
-    print(f"analysis written to {plain(run.path / 'analysis.json')} in {time.perf_counter() - t0:.1f} s "
+    print(f"analysis written to {plain(run.analysis_path)} in {time.perf_counter() - t0:.1f} s "
           f"({', '.join(f'{k} {v:.1f} s' for k, v in result['seconds'].items() if k != 'total')})")
     for key in ("victim", "stage1", "stage2"):
         if key in agg:

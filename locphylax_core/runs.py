@@ -508,7 +508,26 @@ def shown_status(folder: Path, status: str) -> str:
 
 
 class RunDir:
-    """A run folder and its files. Create with :meth:`create`; open an existing one with ``RunDir(path)``."""
+    """A run folder and its files. Create with :meth:`create`; open an existing one with ``RunDir(path)``.
+
+    The folder's layout (docs/run_store.md) is spelled here and nowhere else: the names below, and
+    a property or method per file and folder (``config_path``, ``tokenizer_dir``, ``checkpoint(key)``...)."""
+
+    # the names inside a run folder
+    CONFIG = "config.yaml"
+    TOKENIZER = "tokenizer"
+    PROBE = "probe.jsonl"
+    STATE = "state.json"
+    METRICS = "metrics.jsonl"
+    PROGRESS = "progress.json"
+    SUMMARY = "summary.json"
+    ANALYSIS = "analysis.json"
+    ANALYSIS_DIR = "analysis"
+    FIGURES_DIR = "figures"  # under ANALYSIS_DIR
+    CHECKPOINTS = "checkpoints"
+    HIDDEN = "hidden"
+    CANCEL = "CANCEL"
+    LOCK = LOCK_FILE
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -571,26 +590,99 @@ class RunDir:
     def run_id(self) -> str:
         return self.path.name
 
+    @staticmethod
+    def file_key(key: str) -> str:
+        """A stage key as a file name (and as an array name in the run's files): ``clean_ft/stage1``
+        is ``clean_ft__stage1``."""
+        return key.replace("/", "__")
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / self.TOKENIZER
+
+    @property
+    def probe_path(self) -> Path:
+        return self.path / self.PROBE
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / self.STATE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def progress_path(self) -> Path:
+        return self.path / self.PROGRESS
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / self.SUMMARY
+
+    @property
+    def analysis_path(self) -> Path:
+        return self.path / self.ANALYSIS
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.path / self.ANALYSIS_DIR
+
+    @property
+    def figures_dir(self) -> Path:
+        """Where ``locphylax export`` writes a run's figures by default."""
+        return self.analysis_dir / self.FIGURES_DIR
+
+    @classmethod
+    def analysis_file(cls, name: str) -> str:
+        """The path, relative to the run folder (as ``analysis.json`` records it), of the analysis's
+        array file ``name`` (``projection_tsne``, ``heads_<key>``, ``layers_<key>``)."""
+        return f"{cls.ANALYSIS_DIR}/{name}.safetensors"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    @property
+    def hidden_dir(self) -> Path:
+        return self.path / self.HIDDEN
+
     def checkpoint(self, key: str) -> Path:
-        return self.path / "checkpoints" / key.replace("/", "__")
+        return self.checkpoints_dir / self.file_key(key)
 
     def hidden(self, key: str) -> Path:
-        return self.path / "hidden" / (key.replace("/", "__") + ".safetensors")
+        return self.hidden_dir / (self.file_key(key) + ".safetensors")
 
     @property
     def cancel_file(self) -> Path:
-        return self.path / "CANCEL"
+        return self.path / self.CANCEL
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / self.LOCK
 
     def is_run(self) -> bool:
         """The folder was set up as a run (config.yaml and state.json)."""
-        return (self.path / "config.yaml").is_file() and (self.path / "state.json").is_file()
+        return self.config_path.is_file() and self.state_path.is_file()
+
+    def ask_to_stop(self) -> bool:
+        """Ask the run to stop after its current step (the CANCEL file), only while a process holds
+        it: a CANCEL left in a run nobody runs would stop its next resume at once. True when asked."""
+        if holder_pid(self.path) is None:
+            return False
+        self.cancel_file.touch()
+        return True
 
     def clean_stale_temporaries(self) -> list[str]:
         """Remove what interrupted writes left: hidden temporary files and folders of atomic writes
         and checkpoint saves (``.name.XXXX``), in the run folder and its checkpoint/hidden folders.
         Only the holder of the run's lock may call this (nothing else writes the folder then)."""
         removed = []
-        for folder in (self.path, self.path / "checkpoints", self.path / "hidden"):
+        for folder in (self.path, self.checkpoints_dir, self.hidden_dir):
             if not folder.is_dir():
                 continue
             for p in folder.iterdir():
@@ -605,40 +697,40 @@ class RunDir:
 
     # --- state
     def read_state(self) -> dict:
-        state = read_json(self.path / "state.json")
+        state = read_json(self.state_path)
         if not isinstance(state, dict) or not isinstance(state.get("finished", []), list):
-            raise RunError(f"{self.path / 'state.json'}: corrupt (not a mapping with a list of finished stages)")
+            raise RunError(f"{self.state_path}: corrupt (not a mapping with a list of finished stages)")
         return state
 
     def write_state(self, state: dict) -> None:
-        atomic_write_json(self.path / "state.json", state)
+        atomic_write_json(self.state_path, state)
 
     def write_summary(self, summary: dict) -> None:
-        atomic_write_json(self.path / "summary.json", summary)
+        atomic_write_json(self.summary_path, summary)
 
     def read_summary(self) -> dict:
-        s = read_json(self.path / "summary.json")
+        s = read_json(self.summary_path)
         if not isinstance(s, dict) or s.get("schema") != SUMMARY_SCHEMA:
             schema = s.get("schema") if isinstance(s, dict) else type(s).__name__
-            raise RunError(f"{self.path / 'summary.json'}: unknown schema {str(schema)[:40]!r}")
+            raise RunError(f"{self.summary_path}: unknown schema {str(schema)[:40]!r}")
         problem = summary_problem(s)
         if problem:
-            raise RunError(f"{self.path / 'summary.json'}: corrupt ({problem})")
+            raise RunError(f"{self.summary_path}: corrupt ({problem})")
         return s
 
     def write_progress(self, **fields) -> None:
-        atomic_write_json(self.path / "progress.json", {**fields, "time": _dt.datetime.now().isoformat(timespec="seconds")})
+        atomic_write_json(self.progress_path, {**fields, "time": _dt.datetime.now().isoformat(timespec="seconds")})
 
     # --- metrics: appended a line at a time; on resume, rows of unfinished stages are dropped
     def append_metric(self, row: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
             f.flush()
 
     def read_metrics(self) -> list[dict]:
         """The well-shaped rows of ``metrics.jsonl`` (a line cut by a kill mid-write, or a row of the
         wrong shape, is left out); RunFileError when the file itself cannot be read safely."""
-        p = self.path / "metrics.jsonl"
+        p = self.metrics_path
         try:
             rows, _ = read_jsonl(p)
         except RunFileError as e:
@@ -649,8 +741,8 @@ class RunDir:
 
     def keep_metrics(self, finished: set[str]) -> None:
         rows = [r for r in self.read_metrics() if r.get("key") in finished]
-        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(json_safe(r), allow_nan=False) + "\n"
-                                                               for r in rows))
+        atomic_write_text(self.metrics_path, "".join(json.dumps(json_safe(r), allow_nan=False) + "\n"
+                                                     for r in rows))
 
 
 def list_runs(root: Path) -> Iterator[dict]:
@@ -662,7 +754,7 @@ def list_runs(root: Path) -> Iterator[dict]:
         info = {"run_id": p.name, "path": str(p), "status": "unknown", "preset": None, "finished": [],
                 "problem": None}
         try:
-            st = read_json(p / "state.json", within=p)
+            st = read_json(RunDir(p).state_path, within=p)
         except RunFileError as e:  # a FIFO, a link out of the folder, a huge or deep file: refused, not read
             info["status"] = "incomplete (no state.json)" if e.missing else "corrupt (state.json unreadable)"
             info["problem"] = f"state.json: {e.reason}"

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .registry import DEFENSES, LOCPHYLAX, TASKS
-from .runs import (SUMMARY_SCHEMA, RunFileError, parse_metrics, probe_row_problem, read_json, read_jsonl,
+from .runs import (SUMMARY_SCHEMA, RunDir, RunFileError, parse_metrics, probe_row_problem, read_json, read_jsonl,
                    read_run_file, state_problem, summary_problem)
 from . import model as M
 from .config import MAX_CONFIG_BYTES, AttackConfig, load_yaml_text
@@ -310,59 +310,62 @@ def _load_json(folder: Path, name: str, problems: list[str], required: bool = Tr
 
 
 def _load_config(p: Path, problems: list[str]) -> tuple[dict, str]:
+    name = RunDir.CONFIG
     try:
-        data = read_run_file(p / "config.yaml", within=p, limit=MAX_CONFIG_BYTES)
+        data = read_run_file(RunDir(p).config_path, within=p, limit=MAX_CONFIG_BYTES)
     except RunFileError as e:
-        problems.append("config.yaml is missing" if e.missing else _unreadable("config.yaml", e))
+        problems.append(f"{name} is missing" if e.missing else _unreadable(name, e))
         return {}, ""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        problems.append("config.yaml is corrupt (not UTF-8; not a text file)")
+        problems.append(f"{name} is corrupt (not UTF-8; not a text file)")
         return {}, ""
     try:
-        config = load_yaml_text(text, "config.yaml")
+        config = load_yaml_text(text, name)
     except ConfigError as e:  # too large, an alias bomb, nested too deeply or not YAML: the project's message
-        problems.append(f"config.yaml is corrupt ({str(e)[:200]})")
+        problems.append(f"{name} is corrupt ({str(e)[:200]})")
         return {}, ""
     if not isinstance(config, dict):
-        problems.append("config.yaml is not a mapping")
+        problems.append(f"{name} is not a mapping")
         return {}, ""
     problem = _config_problem(config)
     if problem:
-        problems.append(f"config.yaml has the wrong shape ({problem})")
+        problems.append(f"{name} has the wrong shape ({problem})")
         return {}, text
     return config, text
 
 
 def _load_probe(p: Path, problems: list[str]) -> list[dict]:
+    name = RunDir.PROBE
     try:
-        rows, bad = read_jsonl(p / "probe.jsonl", within=p, strict=True)
+        rows, bad = read_jsonl(RunDir(p).probe_path, within=p, strict=True)
     except RunFileError as e:
         if not e.missing:
-            problems.append(_unreadable("probe.jsonl", e))
+            problems.append(_unreadable(name, e))
         return []
     if bad:
-        problems.append(f"probe.jsonl is corrupt (line {bad[0]} is not JSON)")
+        problems.append(f"{name} is corrupt (line {bad[0]} is not JSON)")
         return []
     for line, row in rows:
         problem = probe_row_problem(row)
         if problem:
-            problems.append(f"probe.jsonl is corrupt (line {line}: {problem})")
+            problems.append(f"{name} is corrupt (line {line}: {problem})")
             return []
     return [row for _, row in rows]
 
 
 def _load_metrics(p: Path, problems: list[str]) -> list[dict]:
+    name = RunDir.METRICS
     try:
-        rows, _ = read_jsonl(p / "metrics.jsonl", within=p)  # a line cut by a kill mid-write is left out
+        rows, _ = read_jsonl(RunDir(p).metrics_path, within=p)  # a line cut by a kill mid-write is left out
     except RunFileError as e:
         if not e.missing:
-            problems.append(_unreadable("metrics.jsonl", e))
+            problems.append(_unreadable(name, e))
         return []
     metrics, bad = parse_metrics(rows)
     if bad:
-        problems.append(f"metrics.jsonl is damaged ({len(bad)} row{'s' * (len(bad) > 1)} of the wrong shape left "
+        problems.append(f"{name} is damaged ({len(bad)} row{'s' * (len(bad) > 1)} of the wrong shape left "
                         f"out; {bad[0]})")
     return metrics
 
@@ -377,22 +380,22 @@ def open_run(path: str | Path) -> RunView:
     if not p.is_dir():
         return RunView(p.name, str(p), "corrupt", (f"{p} is not a folder",))
     config, config_yaml = _load_config(p, problems)
-    state = _load_json(p, "state.json", problems)
+    state = _load_json(p, RunDir.STATE, problems)
     state_bad = state_problem(state) if state is not None else None
     if state_bad:
-        problems.append("state.json is not a mapping" if state_bad == "not a mapping"
-                        else f"state.json has the wrong shape ({state_bad})")
+        problems.append(f"{RunDir.STATE} is not a mapping" if state_bad == "not a mapping"
+                        else f"{RunDir.STATE} has the wrong shape ({state_bad})")
     state = {} if state is None or state_bad else state
-    summary = _load_json(p, "summary.json", problems, required=bool(state.get("finished")))
+    summary = _load_json(p, RunDir.SUMMARY, problems, required=bool(state.get("finished")))
     if summary is not None and (not isinstance(summary, dict) or summary.get("schema") != SUMMARY_SCHEMA):
-        problems.append("summary.json has an unknown schema")
+        problems.append(f"{RunDir.SUMMARY} has an unknown schema")
         summary = None
     elif summary is not None and summary_problem(summary):
-        problems.append(f"summary.json is corrupt ({summary_problem(summary)})")
+        problems.append(f"{RunDir.SUMMARY} is corrupt ({summary_problem(summary)})")
         summary = None
-    analysis = _load_json(p, "analysis.json", problems, required=False)
+    analysis = _load_json(p, RunDir.ANALYSIS, problems, required=False)
     if analysis is not None and not isinstance(analysis, dict):
-        problems.append("analysis.json is not a mapping")
+        problems.append(f"{RunDir.ANALYSIS} is not a mapping")
         analysis = None
     elif analysis is not None:
         analysis, damaged = checked_analysis(analysis)
@@ -403,13 +406,13 @@ def open_run(path: str | Path) -> RunView:
     bad = next((i for i, r in enumerate(probe, 1) if not 0 <= r["label"] < n_words), None)
     if bad is not None:  # an answer no page could name (without a readable config, none can be named)
         if config:
-            problems.append(f"probe.jsonl is corrupt (line {bad}: label {probe[bad - 1]['label']} is not one of the "
+            problems.append(f"{RunDir.PROBE} is corrupt (line {bad}: label {probe[bad - 1]['label']} is not one of the "
                             f"run's {n_words} answers)")
         probe = []
     status = state.get("status")
     if any(w in x for x in problems for w in ("corrupt", "not a mapping", "unknown schema", "damaged", "wrong shape")):
         health = "corrupt"
-    elif "config.yaml is missing" in problems or "state.json is missing" in problems:
+    elif f"{RunDir.CONFIG} is missing" in problems or f"{RunDir.STATE} is missing" in problems:
         health = "incomplete"
     elif status in ("done", "running", "cancelled", "failed", "prepared"):
         health = status
@@ -433,7 +436,7 @@ def run_stamp(path: str | Path) -> tuple:
     run does (a growing metrics.jsonl, a new analysis.json)."""
     p = Path(path)
     out = []
-    for name in ("state.json", "summary.json", "metrics.jsonl", "analysis.json", "config.yaml"):
+    for name in (RunDir.STATE, RunDir.SUMMARY, RunDir.METRICS, RunDir.ANALYSIS, RunDir.CONFIG):
         try:
             st = (p / name).stat()
             out.append((name, st.st_mtime_ns, st.st_size))
@@ -526,14 +529,14 @@ def projection(view: RunView, method: str) -> tuple[dict[str, np.ndarray], dict[
     arrays = _arrays(view, info["file"])
     coords = {}
     for k in info["stages"]:
-        a = arrays.get(k.replace("/", "__"))
+        a = arrays.get(RunDir.file_key(k))
         if a is None or a.ndim != 2 or a.shape[1] != 2 or len(a) != len(view.probe):
             raise ValueError(f"{info['file']}: stage {k!r} has no {len(view.probe)} x 2 coordinates")
         coords[k] = a
-    preds = {}
+    preds, run = {}, RunDir(view.path)
     for k in info["stages"]:
-        rel = f"hidden/{k.replace('/', '__')}.safetensors"
-        if (Path(view.path) / rel).is_file():
+        rel = run.hidden(k).relative_to(run.path).as_posix()
+        if run.hidden(k).is_file():
             pred = _arrays(view, rel).get("pred")
             if pred is not None and pred.ndim == 1 and len(pred) == len(view.probe):
                 pred = pred.astype(np.int64)
@@ -579,8 +582,8 @@ def analysis_left_out(view: RunView, part: str) -> bool:
 
 def stages_with_model(view: RunView) -> list[str]:
     """The finished stages whose checkpoint is stored (so a typed sentence can be answered)."""
-    ckpts = Path(view.path) / "checkpoints"
-    return [k for k in view.finished if (ckpts / k.replace("/", "__")).is_dir()]
+    run = RunDir(view.path)
+    return [k for k in view.finished if run.checkpoint(k).is_dir()]
 
 
 def head_grids(view: RunView, stage: str) -> dict[str, np.ndarray]:

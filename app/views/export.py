@@ -9,6 +9,7 @@ import support as S
 from locphylax_core import runview as R
 from locphylax_core.analysis import figures as F
 from locphylax_core.errors import RunError
+from locphylax_core.runs import RunDir
 
 st.title("Export")
 view = S.pick_run()
@@ -90,11 +91,11 @@ with right:
                            file_name=f"{view.run_id}_summary.json", mime="application/json", key="dl-summary")
     if view.config:  # a config.yaml that reads as one; served only as a regular file inside the run folder
         try:
-            config_bytes = R.run_file(view, "config.yaml")
+            config_bytes = R.run_file(view, RunDir.CONFIG)
         except RunError as e:
             st.warning(f"config.yaml is not offered: {S.esc(getattr(e, 'reason', e))}.")
         else:
             st.download_button("config.yaml", data=config_bytes, file_name=f"{view.run_id}_config.yaml",
                                mime="text/yaml", key="dl-config")
-    elif any(p.startswith("config.yaml") for p in view.problems):
+    elif any(p.startswith(RunDir.CONFIG) for p in view.problems):
         st.caption("config.yaml is not offered: it is damaged (see the message above).")

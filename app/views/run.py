@@ -56,7 +56,7 @@ def remote_code_allowed(run_id: str, key: str) -> bool:
     """False while the stored run's config.yaml trusts its model's code and the user has not
     confirmed it here (a damaged config.yaml is reported when resuming)."""
     try:
-        return S.remote_code_confirmed(load_run_config(S.runs_root() / run_id / "config.yaml"), key)
+        return S.remote_code_confirmed(load_run_config(S.run_dir(run_id).config_path), key)
     except ConfigError:
         return True
 
@@ -65,7 +65,7 @@ def resume_button(run_id: str) -> None:
     remote_code_ok = remote_code_allowed(run_id, f"remote-code-ok-{run_id}")
     if st.button("Resume this run", key=f"resume-{run_id}", type="primary", disabled=not remote_code_ok):
         try:
-            cfg = load_run_config(S.runs_root() / run_id / "config.yaml")
+            cfg = load_run_config(S.run_dir(run_id).config_path)
         except ConfigError as e:  # the run folder's config.yaml, edited or damaged
             problems = "; ".join(f"{k}: {m}" for k, m in (e.fields or {}).items()) or "it is not valid YAML"
             st.error(f"Run {S.code(run_id)} cannot be resumed: its config.yaml does not validate "
@@ -81,7 +81,7 @@ def resume_button(run_id: str) -> None:
 
 def ended_job(run_id: str) -> None:
     status = S.job_panel(run_id, key="ended")
-    resumable = (S.runs_root() / run_id / "config.yaml").is_file()
+    resumable = S.run_dir(run_id).config_path.is_file()
     if status.phase == "done":
         st.success("Finished. Its plots are on the Aggregation, Heads and Compare pages.")
     elif status.phase in ("cancelled", "stopped"):
@@ -126,7 +126,7 @@ else:
         remote_code_ok = remote_code_allowed(pick, f"resume-remote-code-ok-{pick}")
         if c2.button("Resume", key="resume_btn", disabled=not remote_code_ok):
             try:
-                S.start_job(load_run_config(S.runs_root() / pick / "config.yaml"), resume=pick,
+                S.start_job(load_run_config(S.run_dir(pick).config_path), resume=pick,
                             remote_code_ok=remote_code_ok)
             except (ConfigError, RunError) as e:  # a damaged config.yaml, or a run a live process holds
                 st.error(S.esc(e, 2000))

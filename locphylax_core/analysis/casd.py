@@ -36,7 +36,7 @@ from ..architectures import decoder_blocks
 from ..engine import capture_output, encode
 from ..errors import RunError
 from ..runs import RunDir
-from ..registry import DEFENSES, stage_key
+from ..registry import DEFENSES, LOCPHYLAX, stage_key
 from ..text import render_prompt
 from .representations import load_probe
 
@@ -45,7 +45,8 @@ METRICS = ("cosine", "l1")
 
 def default_trainings() -> dict[str, str]:
     """Locphylax's two stages and every registered defense's final stage, by label -> stage key."""
-    return {"stage1": "stage1", "stage2": "stage2", **{e.name: stage_key(e.name, "stage2") for e in DEFENSES}}
+    return {"stage1": "stage1", "stage2": "stage2",
+            **{e.name: stage_key(e.name, "stage2") for e in DEFENSES if e.name != LOCPHYLAX}}
 
 
 def layer_means(model, tokenizer, template: str, texts: list[str], batch_size: int = 128,
@@ -138,8 +139,8 @@ def run_casd(run: RunDir, trainings: dict[str, str] | None = None, metric: str =
     missing = [v for v in trainings.values() if not run.checkpoint(v).is_dir()]
     if missing or not run.checkpoint("victim").is_dir():
         raise RunError(f"{run.path}: missing checkpoints {missing or ['victim']}")
-    template = load_run_config(run.path / "config.yaml").task.template
-    tokenizer = M.load_tokenizer(str(run.path / "tokenizer"))
+    template = load_run_config(run.config_path).task.template
+    tokenizer = M.load_tokenizer(str(run.tokenizer_dir))
     texts = [row["text"] for row in load_probe(run)]
 
     def means(key: str) -> np.ndarray:

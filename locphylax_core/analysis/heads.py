@@ -454,7 +454,7 @@ def run_head_ablation(run: RunDir | str | Path, keys: Sequence[str] = DEFAULT_KE
     accelerate spread a model too big for one device (docs/scale.md)."""
 
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
-    cfg_path, tok_dir = run.path / "config.yaml", run.path / "tokenizer"
+    cfg_path, tok_dir = run.config_path, run.tokenizer_dir
     if not cfg_path.is_file():
         raise RunError(f"{cfg_path}: missing, so {run.path} is not a run folder")
     if not tok_dir.is_dir():

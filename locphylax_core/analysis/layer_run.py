@@ -35,7 +35,7 @@ class LayerProbe:
     """What every layer analysis of a run reads: its config, tokenizer, answers and probe inputs."""
 
     def __init__(self, run: RunDir, n_probe: int | None = None):
-        cfg_path, tok_dir = run.path / "config.yaml", run.path / "tokenizer"
+        cfg_path, tok_dir = run.config_path, run.tokenizer_dir
         if not cfg_path.is_file():
             raise RunError(f"{cfg_path}: missing, so {run.path} is not a run folder")
         if not tok_dir.is_dir():

@@ -32,7 +32,7 @@ def warm_up(n: int = 256, width: int = 128) -> None:
 
 def load_probe(run: RunDir) -> list[dict]:
     """The run's fixed probe set: one dict per row with ``text``, ``group`` and ``label``."""
-    path = run.path / "probe.jsonl"
+    path = run.probe_path
     rows, bad = read_jsonl(path, strict=True)  # RunFileError: missing, not a regular file, too large...
     if bad:
         raise RunError(f"{path}: corrupt (line {bad[0]} is not JSON)")
@@ -72,8 +72,8 @@ def stage_states(run: RunDir, key: str, layer: int | None = None, position: str 
     ckpt = run.checkpoint(key)
     if not ckpt.is_dir():
         raise RunError(f"{ckpt}: no checkpoint for stage {key!r}")
-    template = load_run_config(run.path / "config.yaml").task.template
-    tokenizer = M.load_tokenizer(str(run.path / "tokenizer"))
+    template = load_run_config(run.config_path).task.template
+    tokenizer = M.load_tokenizer(str(run.tokenizer_dir))
     model = M.load_checkpoint(ckpt, device, device_map=device_map, dtype=dtype)
     spec = HiddenSpec(-1 if layer is None else layer, after_final_norm, position)
     max_length = M.model_max_positions(model)  # as the pipeline: embedded n_positions, or the HF context

@@ -48,10 +48,6 @@ ANALYSIS_SCHEMA = 1
 HEAD_KEYS = ("victim", "stage1", "stage2")
 
 
-def _safe(key: str) -> str:
-    return key.replace("/", "__")
-
-
 def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +83,7 @@ def analyze_run(run: RunDir | str | Path, methods: Sequence[str] | None = None, 
     say = progress or (lambda _msg: None)
     t_all = time.perf_counter()
     if None in (methods, n_probe_heads, heads, casd, layers):  # the run's own settings (its eval section)
-        ev = load_run_config(run.path / "config.yaml").eval
+        ev = load_run_config(run.config_path).eval
         methods = ev.projections if methods is None else methods
         n_probe_heads = ev.head_probe if n_probe_heads is None else n_probe_heads
         heads, casd, layers = (("heads" in ev.analyses) if heads is None else heads,
@@ -103,7 +99,7 @@ def analyze_run(run: RunDir | str | Path, methods: Sequence[str] | None = None, 
                  "logit_lens": {}, "patching": {}, "salience": {}, "localisation": None}
 
     def written() -> None:  # the part just finished is readable at once (atomic replace)
-        atomic_write_json(run.path / "analysis.json", _jsonable(out))
+        atomic_write_json(run.analysis_path, _jsonable(out))
 
     say("aggregation metrics")
     t0 = time.perf_counter()
@@ -118,8 +114,8 @@ def analyze_run(run: RunDir | str | Path, methods: Sequence[str] | None = None, 
         say(f"projection: {method}")
         t1 = time.perf_counter()
         coords = project(states, method, seed=seed)
-        rel = f"analysis/projection_{method}.safetensors"
-        _save_arrays(run.path / rel, {_safe(k): v.astype(np.float32) for k, v in coords.items()})
+        rel = RunDir.analysis_file(f"projection_{method}")
+        _save_arrays(run.path / rel, {RunDir.file_key(k): v.astype(np.float32) for k, v in coords.items()})
         out["projections"][method] = {"file": rel, "stages": stages, "seconds": round(time.perf_counter() - t1, 3)}
         out["seconds"]["projections"] = round(out["seconds"].get("projections", 0.0) + time.perf_counter() - t1, 3)
         written()
@@ -135,7 +131,7 @@ def analyze_run(run: RunDir | str | Path, methods: Sequence[str] | None = None, 
         # sweep at 0.7x its speed there (stacking copies saves no FLOPs on a compute-bound CPU).
         results = run_head_ablation(run, keys=keys, n_probe=n_probe_heads, batched=batched_heads) if keys else {}
         for key, r in results.items():
-            rel = f"analysis/heads_{_safe(key)}.safetensors"
+            rel = RunDir.analysis_file(f"heads_{RunDir.file_key(key)}")
             arrays = {"delta_cacc": np.asarray(r["delta_cacc"], np.float32),
                       **{f"delta_asr_{n}": np.asarray(a, np.float32) for n, a in r["delta_asr"].items()}}
             _save_arrays(run.path / rel, arrays)
@@ -184,7 +180,7 @@ def layer_parts(run: RunDir, out: dict, stages: Sequence[str], n_probe: int | No
         say(f"logit lens, activation patching and salience: {key}")
         r = analyse_checkpoint(probe, key)
         lens, patch = r["logit_lens"], r["patching"]
-        rel = f"analysis/layers_{_safe(key)}.safetensors"
+        rel = RunDir.analysis_file(f"layers_{RunDir.file_key(key)}")
         _save_arrays(run.path / rel, {"patching_residual": np.asarray(patch["residual"], np.float32),
                                       "patching_heads": np.asarray(patch["heads"], np.float32),
                                       **{f"lens_{k}": np.asarray(lens[k], np.float32) for k in LENS_KEYS}})
@@ -230,16 +226,16 @@ def _jsonable(obj):
 def export_figures(run: RunDir | str | Path, folder: str | Path | None = None, method: str = "tsne") -> list[Path]:
     """Write every figure of an analysed run as standalone HTML + CSV (default: analysis/figures/)."""
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
-    a = read_json(run.path / "analysis.json")
+    a = read_json(run.analysis_path)
     if not isinstance(a, dict) or not isinstance(a.get("projections", {}), dict):
-        raise RunError(f"{run.path / 'analysis.json'}: corrupt (not an analysis; `locphylax analyze` writes it again)")
-    folder = Path(folder) if folder else run.path / "analysis" / "figures"
-    labels = load_run_config(run.path / "config.yaml").task.labels
+        raise RunError(f"{run.analysis_path}: corrupt (not an analysis; `locphylax analyze` writes it again)")
+    folder = Path(folder) if folder else run.figures_dir
+    labels = load_run_config(run.config_path).task.labels
     probe = load_probe(run)
     written: list[Path] = []
     if method in a["projections"]:
         arrays = load_arrays(run.path / a["projections"][method]["file"])
-        coords = {k: arrays[_safe(k)] for k in a["projections"][method]["stages"]}
+        coords = {k: arrays[RunDir.file_key(k)] for k in a["projections"][method]["stages"]}
         preds = {k: stage_predictions(run, k) for k in coords}
         written += F.export(F.projection_figure(coords, probe, preds, labels, method),
                             F.projection_table(coords, probe, preds, labels), folder / f"projection_{method}")
@@ -265,7 +261,7 @@ def export_figures(run: RunDir | str | Path, folder: str | Path | None = None, m
                  if k in ("victim", "stage1", "stage2")}
         written += F.export(F.logit_lens_figure(shown), F.logit_lens_table(shown), folder / "logit_lens")
     rows = run.read_metrics()
-    methods = [LOCPHYLAX, *[e.name for e in DEFENSES if any(r.get("method") == e.name for r in rows)]]
+    methods = [e.name for e in DEFENSES if e.name == LOCPHYLAX or any(r.get("method") == e.name for r in rows)]
     import pandas as pd
     written += F.export(F.curves_figure(rows, methods),
                         pd.concat([F.curve_table(rows, m) for m in methods], ignore_index=True), folder / "curves")
