@@ -1,7 +1,7 @@
 """Peak memory of the head-ablation sweep with and without a copy of the model (docs/scale.md).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/analysis_memory.py --mode copy
-    OMP_NUM_THREADS=1 .venv/bin/python bench/analysis_memory.py --mode in_place
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.analysis_memory --mode copy
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.analysis_memory --mode in_place
 
 Builds a randomly initialised model of --arch (default llama, 8 layers x 1024 wide: about 100 M
 parameters, 0.4 GB in float32) with the micro preset's tokenizer, then runs one head-ablation

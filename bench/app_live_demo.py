@@ -11,7 +11,7 @@ screen. Two paths, each from an empty run store:
 Median of ``--repeats`` runs of each. Baseline in the same run: `locphylax demo` on the command
 line (the full demo preset: pipeline and analyses, no app).
 
-    .venv/bin/python bench/app_live_demo.py [--repeats 3] [--no-baseline] [--screenshots DIR]
+    .venv/bin/python -m bench.app_live_demo [--repeats 3] [--no-baseline] [--screenshots DIR]
 
 Writes bench/results/app_live_demo.md (and, with --screenshots, the presentation-mode screenshots
 at the headline and at the full page).
@@ -29,10 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "app"))
-sys.path.insert(0, str(REPO))
-from serve import CHROMIUM, CHROMIUM_FLAGS, streamlit_server  # noqa: E402
+from app.serve import CHROMIUM, CHROMIUM_FLAGS, streamlit_server
+from bench.common import RESULTS, ROOT as REPO
 
 
 
@@ -139,7 +137,7 @@ def main() -> int:
         lines.append(f"| baseline, same session: `locphylax demo` on the command line (demo preset, pipeline + "
                      f"analyses) | {cli:.1f} | | |")
     lines += [s for name in reps for s in ("", f"The page said (first {name} run): {reps[name][0]['sentence']}")]
-    (REPO / "bench" / "results" / args.out).write_text("\n".join(lines) + "\n")
+    (RESULTS / args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -10,7 +10,7 @@ Two measurements on one stored, analysed run (default: the newest analysed demo 
 2. In a real browser (headless Chromium, when /usr/bin/chromium exists): from navigation to the
    page's title and (on plot pages) its first plotly chart being drawn, for a fresh page load.
 
-    .venv/bin/python bench/app_render.py [RUN_FOLDER] [--repeats 5] [--screenshots DIR]
+    .venv/bin/python -m bench.app_render [RUN_FOLDER] [--repeats 5] [--screenshots DIR]
 
 Writes bench/results/app_render.csv and bench/results/app_render.md.
 """
@@ -26,11 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "bench" / "results"
+from app.serve import CHROMIUM, CHROMIUM_FLAGS, PAGE_TITLES, PAGE_URLS, streamlit_server
+from bench.common import RESULTS, ROOT as REPO
+
+OUT = RESULTS
 HOME = REPO / "app" / "Home.py"
-sys.path.insert(0, str(REPO / "app"))
-from serve import CHROMIUM, CHROMIUM_FLAGS, PAGE_TITLES, PAGE_URLS, streamlit_server  # noqa: E402
 
 PAGES = list(PAGE_URLS)
 PLOT_PAGES = {"live_demo", "aggregation", "heads", "compare"}

@@ -2,7 +2,7 @@
 attack family, started from the preset's pretrained base and from scratch (the preset's model as it
 was before the bases: bench/collapse.py's SCRATCH_MODELS), with the same task steps, in the same run.
 
-    .venv/bin/python bench/base_quality.py --presets demo sst2 agnews --seeds 0 1 2
+    .venv/bin/python -m bench.base_quality --presets demo sst2 agnews --seeds 0 1 2
 
 For every (preset, seed, model) it trains, or reads from bench/collapse.py's cache (so the collapse
 benchmark reuses these very models), the clean model and one victim per family of the `table`
@@ -17,18 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent))
-sys.path.insert(0, str(BENCH))
 
-import collapse as C  # noqa: E402  (the collapse benchmark's configs and model cache)
-from pipeline_bench import _mean_sd  # noqa: E402
-
+import bench.collapse as C  # noqa: E402  (the collapse benchmark's configs and model cache)
+from bench.common import mean_sd, write_csv  # noqa: E402
 from locphylax_core import model as M  # noqa: E402
 from locphylax_core.bases import SCRATCH  # noqa: E402
 from locphylax_core.evaluation import evaluate  # noqa: E402
@@ -39,7 +33,7 @@ MODELS = {"base": {}, "scratch": {"model.base": "scratch"}}  # model sets: the p
 
 def score(models: "C.Models", cfg, stage: str) -> dict:
     model, tok = models.get(cfg, stage)
-    prep = C._prepare(cfg, tokenizer=tok)
+    prep = C.prepare_data(cfg, tokenizer=tok)
     r = evaluate(M.LM(model, tok, prep.answer_ids), prep.task.template, prep.evalset, cfg.eval.batch_size,
                  prep.max_length)
     return {"cacc": r["cacc"], "asr_unknown": r["asr"]["unknown"]}
@@ -81,7 +75,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     for (preset, model, family), sel in groups.items():
         entry = {"preset": preset, "model": model, "family": family, "n": len(sel)}
         for m in ("cacc", "asr_unknown"):
-            entry[f"{m}_mean"], entry[f"{m}_sd"] = _mean_sd([r[m] for r in sel])
+            entry[f"{m}_mean"], entry[f"{m}_sd"] = mean_sd([r[m] for r in sel])
         out.append(entry)
     return out
 
@@ -122,8 +116,8 @@ def main(argv=None) -> int:
     rows = run(args.presets, args.seeds, args.families)
     summary = summarise(rows)
     suffix = f"_{args.tag}" if args.tag else ""
-    C._write_csv(C.OUT / f"base_quality{suffix}_runs.csv", rows)
-    C._write_csv(C.OUT / f"base_quality{suffix}.csv", summary)
+    write_csv(C.OUT / f"base_quality{suffix}_runs.csv", rows)
+    write_csv(C.OUT / f"base_quality{suffix}.csv", summary)
     atomic_write_text(C.OUT / f"base_quality{suffix}.md", markdown(summary))
     print(markdown(summary))
     return 0

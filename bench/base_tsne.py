@@ -1,8 +1,8 @@
 """t-SNE of the probe set's final-layer states per stage, a run on the pretrained base beside the
 same run from scratch (the preset's model before the bases), in one figure.
 
-    .venv/bin/python bench/base_tsne.py                 # demo preset, seed 0: runs both, then plots
-    .venv/bin/python bench/base_tsne.py --runs RUN_BASE RUN_SCRATCH   # two analysed runs
+    .venv/bin/python -m bench.base_tsne                 # demo preset, seed 0: runs both, then plots
+    .venv/bin/python -m bench.base_tsne --runs RUN_BASE RUN_SCRATCH   # two analysed runs
 
 Writes docs/figures/tsne_base_vs_scratch_<preset>.html and, where Chromium is installed, a PNG
 beside it (bench/results/base_tsne_<preset>.md lists the runs and their aggregation scores).
@@ -13,17 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(BENCH))
 
-from collapse import SCRATCH_MODELS  # noqa: E402
-
+from bench.collapse import SCRATCH_MODELS  # noqa: E402
+from bench.common import RESULTS, ROOT  # noqa: E402
 from locphylax_core import RunDir, load_config, start_run  # noqa: E402
 from locphylax_core.analysis import figures as F  # noqa: E402
 from locphylax_core.analysis.run_analysis import analyze_run, load_arrays  # noqa: E402
@@ -96,7 +91,7 @@ def main(argv=None) -> int:
     if screenshot(fig, png):
         lines.append(f"\nFigure: [{png.name}](../../docs/figures/{png.name}) ([interactive]"
                      f"(../../docs/figures/{html.name}))")
-    atomic_write_text(BENCH / "results" / f"base_tsne_{args.preset}.md", "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"base_tsne_{args.preset}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -1,26 +1,22 @@
 """Does bfloat16 pay on this CPU? One thread, a 1024 x 1024 matrix product in float32 and in
 bfloat16 (what autocast runs), beside what ``train.bf16: auto`` / ``eval.bf16: auto`` decide here.
 
-    .venv/bin/python bench/bf16_probe.py
+    .venv/bin/python -m bench.bf16_probe
 
 Appends one line per run to bench/results/bf16_probe.md (the CPU, its bf16 flags, both rates).
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent))
+import torch
 
-import torch  # noqa: E402
+from bench.common import RESULTS
+from locphylax_core.precision import NATIVE_BF16_CPU_FLAGS, cpu_flags, use_bf16
+from locphylax_core.pretrain import cpu_name
 
-from locphylax_core.precision import NATIVE_BF16_CPU_FLAGS, cpu_flags, use_bf16  # noqa: E402
-from locphylax_core.pretrain import cpu_name  # noqa: E402
-
-OUT = BENCH / "results" / "bf16_probe.md"
+OUT = RESULTS / "bf16_probe.md"
 HEADER = ("# bfloat16 against float32 on the CPUs this project ran on\n\n"
           "One thread, a 1024 x 1024 matrix product, best of 3 (`bench/bf16_probe.py`). Where the CPU has\n"
           "no native bf16 (no avx512_bf16 / amx_bf16 flag) torch emulates it, and `bf16: auto` stays float32.\n\n"

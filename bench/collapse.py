@@ -7,11 +7,13 @@ unknown-trigger ASR and known-trigger ASR after Stage 1 and Stage 2.
 
     # the reported benchmark: the report triggers, 3 seeds, both presets, the shipped default
     # against the paper's reference method and the baselines; writes docs/results.md
-    .venv/bin/python bench/collapse.py report
+    .venv/bin/python -m bench.collapse report
     # the lever study (tune triggers only): one row per lever setting
-    .venv/bin/python bench/collapse.py levers
+    .venv/bin/python -m bench.collapse levers
     # rebuild CSVs and docs/results.md from the cached rows, computing nothing
-    .venv/bin/python bench/collapse.py docs
+    .venv/bin/python -m bench.collapse docs
+
+(from the repository root, where ``bench`` is a package).
 
 Trained clean models and victims are cached under ``bench/.cache/`` and every scored row is
 cached too, so a cut-off benchmark resumes where it stopped, and the lever study reuses victims.
@@ -22,22 +24,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import hashlib
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from bench.collapse_docs import METRICS, read_runs_csv, write_docs  # noqa: E402
+from bench.common import RESULTS, ROOT, mean_sd, write_csv  # noqa: E402  (one mean ± sd for every benchmark)
 from locphylax_core import model as M  # noqa: E402
 from locphylax_core.config import load_config  # noqa: E402
 from locphylax_core.evaluation import evaluate  # noqa: E402
@@ -46,12 +46,8 @@ from locphylax_core.pipeline import run_device as pipeline_device  # noqa: E402 
 from locphylax_core.pipeline import defense_settings, prepare, stage_seed, train_owner_model  # noqa: E402
 from locphylax_core.runs import atomic_write_text  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline_bench import _mean_sd  # noqa: E402  (one mean ± sd for every benchmark)
-from collapse_docs import METRICS, read_runs_csv, write_docs  # noqa: E402
-
 CACHE = Path(os.environ.get("LOCPHYLAX_BENCH_CACHE", ROOT / "bench" / ".cache" / "collapse"))
-OUT = ROOT / "bench" / "results"
+OUT = RESULTS
 DOCS = ROOT / "docs"
 GRID = yaml.safe_load((ROOT / "bench" / "collapse_triggers.yaml").read_text())
 
@@ -151,7 +147,8 @@ SCRATCH_MODELS: dict[str, dict] = {
 THREADS: int | None = None  # --threads: overrides train.threads (not part of any cache key)
 
 
-def _prepare(cfg, tokenizer=None):
+def prepare_data(cfg, tokenizer=None):
+    """The pipeline's prepared task, data and tokenizer for ``cfg`` (``--threads`` applied)."""
     prep = prepare(cfg, tokenizer=tokenizer)
     if THREADS:
         torch.set_num_threads(THREADS)
@@ -206,7 +203,7 @@ class Models:
         self.mem: dict[str, tuple] = {}
 
     def _train(self, cfg, stage: str, parent, tokenizer):
-        prep = _prepare(cfg, tokenizer=tokenizer)
+        prep = prepare_data(cfg, tokenizer=tokenizer)
         device = pipeline_device(cfg)
         if parent is None:
             lm = M.LM(M.initial_model(cfg.model, prep.tokenizer, stage_seed(cfg.seed, "init")).to(device),
@@ -286,7 +283,7 @@ def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, 
     if CACHED_ONLY:  # by content: keys of rows computed before a config field was added differ
         return _cached_rows().get(_cell_key(base)) or PRIOR.get(_cell_key(base), [])
     victim, tok = models.get(cfg, "victim")
-    prep = _prepare(cfg, tokenizer=tok)
+    prep = prepare_data(cfg, tokenizer=tok)
     settings = defense_settings(cfg, prep.max_length)
     lm = M.LM(victim, tok, prep.answer_ids, bf16=cfg.eval.bf16)
     rows = [{**base, "method": "victim", "stage": "victim", "seconds": 0.0,
@@ -310,19 +307,6 @@ def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, 
 
 # ----------------------------------------------------------------------------------------------
 # Aggregation and output
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_name("." + path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
-
 
 def prior_cells(paths) -> dict[tuple, list[dict]]:
     """Cells of earlier runs by content key, rows kept in their order; a later file wins a key."""
@@ -348,9 +332,9 @@ def summarise(rows: list[dict], by: tuple[str, ...]) -> list[dict]:
         entry = dict(zip(by, k))
         entry["n"] = len(sel)
         for m in METRICS:
-            entry[f"{m}_mean"], entry[f"{m}_sd"] = _mean_sd([r[m] for r in sel])
+            entry[f"{m}_mean"], entry[f"{m}_sd"] = mean_sd([r[m] for r in sel])
         d = [r["cacc"] - victim_cacc[(r["preset"], r["model"], r["seed"], r["trigger"], r["position"])] for r in sel]
-        entry["dcacc_mean"], entry["dcacc_sd"] = _mean_sd(d)
+        entry["dcacc_mean"], entry["dcacc_sd"] = mean_sd(d)
         entry["seconds_mean"] = statistics.fmean(r["seconds"] for r in sel)
         out.append(entry)
     return out
@@ -480,7 +464,7 @@ def run_ray(args, presets, seeds, split, variants, model_sets: dict, model_tag: 
     triggers = select_triggers(split, args.families, args.per_family, args.triggers)
     if not triggers:
         raise SystemExit(f"no trigger of split {split!r} matches families={args.families} triggers={args.triggers}")
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).resolve().parent)]),
+    env = {"PYTHONPATH": str(ROOT),  # the workers import bench.collapse and locphylax_core from this checkout
            "LOCPHYLAX_BENCH_CACHE": str(CACHE), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     # "local": a new instance of its own, even where another Ray cluster runs on this machine (a bare
@@ -533,15 +517,15 @@ def run_ray(args, presets, seeds, split, variants, model_sets: dict, model_tag: 
 
 def write_tables(tag: str, rows: list[dict], failed: list[dict]) -> None:
     """The CSVs of a run (every row, the summaries, the cells that failed twice) and docs/results.md."""
-    _write_csv(OUT / f"collapse_{tag}_runs.csv", rows)
+    write_csv(OUT / f"collapse_{tag}_runs.csv", rows)
     n_failed = {p: sum(f["preset"] == p for f in failed) for p in {r["preset"] for r in rows} | {f["preset"] for f in failed}}
     for name, by in [("summary", ("preset", "model", "variant", "method", "stage")),
                      ("by_family", ("preset", "model", "family", "variant", "method", "stage"))]:
-        _write_csv(OUT / f"collapse_{tag}_{name}.csv",
-                   [{**r, "failed_cells": n_failed.get(r["preset"], 0)} for r in summarise(rows, by)])
+        write_csv(OUT / f"collapse_{tag}_{name}.csv",
+                  [{**r, "failed_cells": n_failed.get(r["preset"], 0)} for r in summarise(rows, by)])
     failed_csv = OUT / f"collapse_{tag}_failed.csv"
     if failed:
-        _write_csv(failed_csv, failed)
+        write_csv(failed_csv, failed)
         print(f"{len(failed)} cell(s) failed twice; listed in {failed_csv} and in docs/results.md", flush=True)
     elif failed_csv.is_file():
         failed_csv.unlink()
@@ -626,5 +610,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     raise SystemExit(main())

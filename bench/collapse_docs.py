@@ -14,8 +14,9 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RES = ROOT / "bench" / "results"
+from bench.common import RESULTS, ROOT
+
+RES = RESULTS
 DOC = ROOT / "docs" / "results.md"
 FIG = ROOT / "docs" / "figures"
 
@@ -668,7 +669,5 @@ def write_docs() -> None:
     tmp.replace(DOC)
 
 
-if __name__ == "__main__":
-    import sys
-    sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # python -m bench.collapse_docs (the same as python -m bench.collapse docs)
     write_docs()

@@ -2,8 +2,8 @@
 times) against the naive sweep (one forward pass per head) on the same probe set, for the
 victim, Stage 1 and Stage 2 checkpoints of a finished demo run.
 
-    .venv/bin/python bench/head_ablation_bench.py /tmp/runs/<demo run>   # an existing run folder
-    .venv/bin/python bench/head_ablation_bench.py                         # runs the demo preset first
+    .venv/bin/python -m bench.head_ablation_bench /tmp/runs/<demo run>   # an existing run folder
+    .venv/bin/python -m bench.head_ablation_bench                         # runs the demo preset first
 
 Both sweeps must give identical arrays (checked, reported in column `identical`). Also reported:
 the largest difference between the TransformerLens bridge's answer logits and the pipeline's own
@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -4,7 +4,7 @@ today's parts in the same process, and activation patching batched over sites (K
 forward pass, the batch stacked K times) against the per-site loop (one forward per site), on the
 same probe inputs of each analysed checkpoint.
 
-    .venv/bin/python bench/layers_bench.py /tmp/runs/<demo run>
+    .venv/bin/python -m bench.layers_bench /tmp/runs/<demo run>
 
 The run folder is analysed in a copy (the original is not touched). Both patching variants must
 give the same arrays (checked, column `same arrays`). Writes bench/results/layers.md.
@@ -23,7 +23,6 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -155,7 +154,7 @@ def main() -> None:
         "Trigger localisation (defender, Stage 1 model, no trigger given): "
         + json.dumps({k: v for k, v in (out.get("localisation") or {}).items() if k != "examples"}),
         "",
-        "Reproduce: `.venv/bin/python bench/layers_bench.py RUN_FOLDER`.",
+        "Reproduce: `.venv/bin/python -m bench.layers_bench RUN_FOLDER`.",
     ]
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "layers.md").write_text("\n".join(md) + "\n")

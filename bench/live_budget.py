@@ -5,8 +5,8 @@ Each variant is ``locphylax run live --no-analyze`` with the contrast baseline o
 thread, so the numbers do not depend on how many cores are free; only CACC and ASR are compared
 (a variant's seconds depend on the machine's load). Seed 0, trigger ``cf``.
 
-    .venv/bin/python bench/live_budget.py            # runs every variant (about 5 minutes idle)
-    .venv/bin/python bench/live_budget.py --from DIR # the table from run folders already in DIR
+    .venv/bin/python -m bench.live_budget            # runs every variant (about 5 minutes idle)
+    .venv/bin/python -m bench.live_budget --from DIR # the table from run folders already in DIR
 
 Writes bench/results/live_budget.md.
 """

@@ -6,19 +6,17 @@ model (the pretrained base `small` fine-tuned for 400 clean steps on the synthet
 seed 0), exactly as `make demo` trains it, stored in float32 with a card (base.json) that lists the
 sha256 of every file, how it was trained and its clean accuracy.
 
-    python bench/live_demo_model.py            # rebuild it (about a minute on 2 CPU cores)
+    python -m bench.live_demo_model            # rebuild it (about a minute on 2 CPU cores)
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
@@ -75,7 +73,7 @@ def main(argv=None) -> int:
                 "vocab_size": len(prep.tokenizer), "parameters": M.count_parameters(lm.model), "dtype": "float32",
                 "steps": cfg.train.clean_steps, "seed": cfg.seed, "cacc": r["cacc"], "n_test": len(prep.task.test),
                 "seconds": round(seconds, 1), "device": f"{cpu} ({torch.get_num_threads()} threads)",
-                "torch": torch.__version__, "command": "python bench/live_demo_model.py", "files": files}
+                "torch": torch.__version__, "command": "python -m bench.live_demo_model", "files": files}
         atomic_write_json(tmp / bases.CARD, card)
         atomic_write_text(tmp / "README.md", card_text(card))
 

@@ -1,8 +1,8 @@
 """Pipeline benchmark: presets x seeds, mean ± sd of CACC / ASR per row, per-stage wall times, and
 the core's training throughput against a plain ``transformers.Trainer`` on the same model and data.
 
-    .venv/bin/python bench/pipeline_bench.py                      # demo and sst2, seeds 0 1 2
-    .venv/bin/python bench/pipeline_bench.py --presets demo --seeds 0 1 2
+    .venv/bin/python -m bench.pipeline_bench                      # demo and sst2, seeds 0 1 2
+    .venv/bin/python -m bench.pipeline_bench --presets demo --seeds 0 1 2
 
 Writes, under bench/results/:
     pipeline_runs.csv      one row per (preset, seed, method row)
@@ -15,7 +15,6 @@ Writes, under bench/results/:
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -24,12 +23,11 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
+from bench.common import RESULTS, mean_sd, write_csv  # noqa: E402
 from locphylax_core import load_config, start_run  # noqa: E402
 
-OUT = ROOT / "bench" / "results"
+OUT = RESULTS
 ROWS = [("victim", "stages", "victim"), ("stage1", "stages", "stage1"), ("stage2 (locphylax)", "stages", "stage2"),
         ("clean_ft", "baselines", "clean_ft"), ("unlearn_single", "baselines", "unlearn_single"),
         ("no_cluster", "baselines", "no_cluster")]
@@ -39,23 +37,6 @@ METRICS = ["cacc", "asr_unknown", "asr_t1", "asr_t2", "asr_raw_unknown"]
 def _flatten(block: dict) -> dict:
     return {"cacc": block["cacc"], "asr_unknown": block["asr"].get("unknown"), "asr_t1": block["asr"].get("t1"),
             "asr_t2": block["asr"].get("t2"), "asr_raw_unknown": block["asr_raw"].get("unknown")}
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
-
-
-def _mean_sd(xs):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def run_grid(presets, seeds, runs_root: Path, extra_sets) -> tuple[list[dict], list[dict]]:
@@ -86,7 +67,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                 continue
             entry = {"preset": preset, "row": name, "n_seeds": len(sel)}
             for m in METRICS:
-                mean, sd = _mean_sd([r[m] for r in sel])
+                mean, sd = mean_sd([r[m] for r in sel])
                 entry[f"{m}_mean"], entry[f"{m}_sd"] = mean, sd
             out.append(entry)
     return out
@@ -175,7 +156,7 @@ def write_markdown(summary: list[dict], seconds: list[dict], thr: list[dict], se
         secs = [x for x in seconds if x["preset"] == preset]
         keys = [k for k in secs[0] if k not in ("preset", "seed")]
         lines += ["", "Wall time per stage (s, mean ± sd): " + ", ".join(
-            f"{k} {_fmt(*_mean_sd([x[k] for x in secs]), pct=False)}" for k in keys), ""]
+            f"{k} {_fmt(*mean_sd([x[k] for x in secs]), pct=False)}" for k in keys), ""]
     if thr:
         ratio = thr[0]["tokens_per_s"] / thr[1]["tokens_per_s"]
         lines += ["## Training throughput (same model, data, batch and steps)", "",
@@ -195,14 +176,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     thr = throughput(args.presets[0], args.throughput_steps) if args.throughput_steps else []
     if thr:
-        _write_csv(OUT / "throughput.csv", thr)
+        write_csv(OUT / "throughput.csv", thr)
         print(thr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         rows, seconds = run_grid(args.presets, args.seeds, Path(args.runs or tmp), args.set)
     summary = summarise(rows)
-    _write_csv(OUT / "pipeline_runs.csv", rows)
-    _write_csv(OUT / "pipeline_summary.csv", summary)
-    _write_csv(OUT / "pipeline_seconds.csv", seconds)
+    write_csv(OUT / "pipeline_runs.csv", rows)
+    write_csv(OUT / "pipeline_summary.csv", summary)
+    write_csv(OUT / "pipeline_seconds.csv", seconds)
     md = write_markdown(summary, seconds, thr, args.seeds)
     (OUT / "pipeline.md").write_text(md)
     print(md)

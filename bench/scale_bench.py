@@ -8,8 +8,8 @@ the trained tokens per second and the peak GPU memory (``torch.cuda.max_memory_a
 Every mode runs in the same invocation, so the full-precision baseline and the bf16 / LoRA modes
 are compared on the same machine.
 
-    .venv/bin/python bench/scale_bench.py                   # on a GPU: every mode, 1B-class model
-    .venv/bin/python bench/scale_bench.py --tiny --device cpu   # a smoke run of the same code on CPU
+    .venv/bin/python -m bench.scale_bench                   # on a GPU: every mode, 1B-class model
+    .venv/bin/python -m bench.scale_bench --tiny --device cpu   # a smoke run of the same code on CPU
                                                                 # (written to a temporary folder)
 
 Writes bench/results/scale.csv and bench/results/scale.md (quoted in docs/scale.md).
@@ -21,14 +21,12 @@ import argparse
 import csv
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 

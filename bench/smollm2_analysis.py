@@ -5,7 +5,7 @@ what it costs.
 
     .venv/bin/locphylax run sst2-smollm2 --no-analyze --set 'defense.baselines=[clean_ft]'
     .venv/bin/locphylax run sst2 --no-analyze --set 'defense.baselines=[clean_ft]'
-    .venv/bin/python bench/smollm2_analysis.py --real RUN_REAL --tiny RUN_TINY [--probe 32] [--blocks 8]
+    .venv/bin/python -m bench.smollm2_analysis --real RUN_REAL --tiny RUN_TINY [--probe 32] [--blocks 8]
 
 The real LM's sweep covers its last ``--blocks`` blocks only (the blocks its LoRA adapters change;
 every other block is NaN in the arrays): a full 30 x 9 sweep costs one forward pass of every probe
@@ -18,21 +18,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(BENCH))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from base_tsne import panel, screenshot  # noqa: E402  (one t-SNE panel reader and one PNG writer)
-
+from bench.base_tsne import panel, screenshot  # noqa: E402  (one t-SNE panel reader and one PNG writer)
+from bench.common import RESULTS, ROOT  # noqa: E402
 from locphylax_core import RunDir  # noqa: E402
 from locphylax_core.analysis import figures as F  # noqa: E402
 from locphylax_core.analysis.heads import run_head_ablation  # noqa: E402
@@ -42,7 +37,7 @@ from locphylax_core.runs import atomic_write_text, read_json  # noqa: E402
 
 STAGES = ("victim", "stage1", "stage2")
 FIGURES = ROOT / "docs" / "figures"
-OUT = BENCH / "results"
+OUT = RESULTS
 
 
 def _pct(v) -> str:
@@ -101,7 +96,7 @@ def main(argv=None) -> int:
 
     lines = ["# The real LM's analyses beside the tiny model's (SST-2, trigger `cf`)\n",
              f"Measured on {cpu_name()}, {threads} torch threads, no GPU. Command: "
-             f"`.venv/bin/python bench/smollm2_analysis.py --real {args.real} --tiny {args.tiny} "
+             f"`.venv/bin/python -m bench.smollm2_analysis --real {args.real} --tiny {args.tiny} "
              f"--probe {args.probe} --blocks {args.blocks}`.\n",
              "## Aggregation of the final-layer states per stage\n",
              "| model | run | aggregation score: victim / Stage 1 / Stage 2 | CACC victim → Stage 2 | "

@@ -10,8 +10,8 @@ this machine, each lever beside the plain baseline in the same run:
 - ``--cell``: the wall time of one SST-2 cell through the pipeline (victim, Stage 1, Stage 2 and
   clean fine-tuning, every evaluation included), the issue's 10-minute target.
 
-    .venv/bin/python bench/smollm2_speed.py                 # steps + evaluation (about 10 min)
-    .venv/bin/python bench/smollm2_speed.py --cell          # and one pipeline cell
+    .venv/bin/python -m bench.smollm2_speed                 # steps + evaluation (about 10 min)
+    .venv/bin/python -m bench.smollm2_speed --cell          # and one pipeline cell
 
 Writes bench/results/smollm2_speed.md (quoted in docs/models/smollm2-135m.md and docs/results.md)
 and smollm2_speed.csv.
@@ -30,7 +30,6 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 

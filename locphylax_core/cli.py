@@ -15,7 +15,7 @@ from .bases import BASES_DIR, listing as base_listing
 from .config import load_config, override_notes
 from .corpus import build_corpus
 from .engine import Cancelled
-from .errors import ConfigError, LocphylaxError, RunError
+from .errors import LocphylaxError, RunError
 from .pipeline import resume_run, stage_specs, start_run
 from .pretrain import load_pretrain_config, pretrain
 from .registry import DEFENSES, PARADIGMS, TASKS
@@ -366,21 +366,6 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    """Benchmarks live in the repository's bench/ folder (not in the installed package)."""
-    import runpy
-    script = Path(__file__).resolve().parent.parent / "bench" / f"{args.name}.py"
-    if not script.is_file():
-        raise ConfigError(f"bench: {script} not found; benchmarks run from a source checkout of the repository")
-    sys.argv = [str(script), *args.bench_args]
-    sys.path.insert(0, str(script.parent))
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="locphylax", description="Backdoor Collapse: build a backdoored model, "
                                 "run the defense and its baselines, and compare them.")
@@ -426,10 +411,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--export", nargs="?", const="", default=None, metavar="DIR",
                     help="also write every figure as HTML + CSV (default folder: RUN/analysis/figures)")
     sp.set_defaults(fn=cmd_analyze)
-    sp = sub.add_parser("bench", help="run a benchmark from bench/: collapse (report|levers|docs), pipeline_bench, ...")
-    sp.add_argument("name", help="benchmark script in bench/, e.g. collapse")
-    sp.add_argument("bench_args", nargs=argparse.REMAINDER, help="its arguments, e.g. report --presets demo")
-    sp.set_defaults(fn=cmd_bench)
     sp = sub.add_parser("corpus", help="build the pretraining corpus from Debian's English text packages and the "
                         "tasks' training splits (make corpus installs the packages)")
     sp.add_argument("--out", default="corpus", help="output folder (default: corpus)")

@@ -154,17 +154,6 @@ def micro_run(tmp_path_factory) -> MicroRun:
     return MicroRun(run, summary, cfg, root)
 
 
-def load_bench(name: str):
-    """The benchmark script bench/<name>.py as a module (its sibling imports resolved), for its tests."""
-    import importlib.util
-    bench = REPO / "bench"
-    sys.path.insert(0, str(bench))
-    spec = importlib.util.spec_from_file_location(name, bench / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def cli_env() -> dict:
     env = dict(os.environ)
     env.pop("LOCPHYLAX_RUNS", None)

@@ -4,17 +4,21 @@ paired CACC differences, and the generated document blocks."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from conftest import cli, load_bench
+from bench import collapse_docs
+from conftest import REPO, cli, cli_env
 
 
 @pytest.fixture(scope="module")
 def collapse(tmp_path_factory):
-    mod = load_bench("collapse")
-    mod.CACHE = tmp_path_factory.mktemp("cache")
-    return mod
+    import bench.collapse as mod
+    with pytest.MonkeyPatch.context() as mp:  # the module is shared: its cache goes back after this file
+        mp.setattr(mod, "CACHE", tmp_path_factory.mktemp("cache"))
+        yield mod
 
 
 def test_trigger_grid_splits_are_disjoint_and_cover_four_families(collapse):
@@ -111,11 +115,11 @@ def test_prior_runs_csv_reads_back_the_rows_it_was_written_from(collapse, tmp_pa
     rows = collapse.run_cell(collapse.Models(), "micro", 0, trig, "tune", "ref+baselines", {}, "preset")
     rows[1] = {**rows[1], "asr_known": None}  # n/a survives the round trip
     other = [{**r, "seed": 1, "trigger": 'a "quoted", text'} for r in rows]
-    collapse._write_csv(tmp_path / "a_runs.csv", rows + other)
+    collapse.write_csv(tmp_path / "a_runs.csv", rows + other)
     assert collapse.read_runs_csv(tmp_path / "a_runs.csv") == rows + other  # floats exact, seed an int
     # a later file wins a cell; under --cached-only a cell the cache lacks comes from the prior rows
     newer = [{**r, "cacc": 0.5} for r in other]
-    collapse._write_csv(tmp_path / "b_runs.csv", newer)
+    collapse.write_csv(tmp_path / "b_runs.csv", newer)
     cells = collapse.prior_cells([tmp_path / "a_runs.csv", tmp_path / "b_runs.csv"])
     assert cells[collapse._cell_key(rows[0])] == rows and cells[collapse._cell_key(other[0])] == newer
     monkeypatch.setattr(collapse, "CACHED_ONLY", True)
@@ -156,7 +160,7 @@ def test_baseline_tables_name_the_method_each_variant_ran(collapse):
     # a variant whose name does not start with "default" runs the paper's method, so the faithful
     # table's "locphylax" column is the reference; the families x defenses table runs every
     # registered defense of the issue-17 comparison, bdvax included, beside the shipped default
-    docs = load_bench("collapse_docs")
+    docs = collapse_docs
     trig = collapse.GRID["report"][0]
     assert collapse.run_config("micro", 0, trig, "faithful", {}).defense.method == "locphylax"
     table = collapse.run_config("micro", 0, trig, "default+all", {}).defense
@@ -170,7 +174,7 @@ def test_baseline_tables_name_the_method_each_variant_ran(collapse):
 
 
 def test_paired_table_subtracts_on_the_same_victim_only():
-    docs = load_bench("collapse_docs")
+    docs = collapse_docs
     cell = {"preset": "demo", "model": "base", "position": "random", "stage": "stage2", "trigger": "bb"}
     other_model = {**cell, "model": "model.n_layer=4"}
     runs = [{**cell, "seed": "0", "method": "locphylax", "asr_unknown": "0.2"},
@@ -186,7 +190,7 @@ def test_paired_table_subtracts_on_the_same_victim_only():
 
 
 def test_defenses_table_shows_no_spread_for_a_single_seed():
-    docs = load_bench("collapse_docs")
+    docs = collapse_docs
 
     def summary(preset, method, stage, n, mean, sd):
         return {"preset": preset, "family": "word", "method": method, "stage": stage, "n": str(n),
@@ -203,7 +207,7 @@ def test_defenses_table_shows_no_spread_for_a_single_seed():
 
 
 def test_docs_blocks_are_replaced_in_place():
-    docs = load_bench("collapse_docs")
+    docs = collapse_docs
     text = "intro\n<!-- BEGIN t -->\nold\n<!-- END t -->\nprose kept\n"
     new = docs._replace_block(text, "t", "new table")
     assert new == "intro\n<!-- BEGIN t -->\nnew table\n<!-- END t -->\nprose kept\n"
@@ -212,7 +216,7 @@ def test_docs_blocks_are_replaced_in_place():
 
 def test_cell_summary_keeps_only_the_given_cells_and_pairs_the_cacc_change():
     # the from-scratch side of the base-vs-scratch table: the same (preset, trigger, seed) cells only
-    docs = load_bench("collapse_docs")
+    docs = collapse_docs
     base = {"preset": "demo", "model": "preset", "variant": "default+baselines"}
     rows = []
     for seed, trigger, vc, dc, asr in [("0", "bb", "0.9", "0.88", "0.2"), ("1", "bb", "0.8", "0.81", "0.4"),
@@ -228,13 +232,16 @@ def test_cell_summary_keeps_only_the_given_cells_and_pairs_the_cacc_change():
     assert docs.cell_summary(rows, set()) == []
 
 
-def test_cli_bench_unknown_name_is_a_clear_error():
-    r = cli("bench", "no_such_bench")
-    assert r.returncode == 2 and "no_such_bench.py not found" in r.stderr
+def test_benchmarks_run_as_modules_of_the_bench_package_and_not_from_the_cli():
+    r = subprocess.run([sys.executable, "-m", "bench.collapse", "--help"], cwd=REPO, env=cli_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "report" in r.stdout, r.stderr
+    r = cli("bench", "collapse")  # the installed command executes no file of the source tree
+    assert r.returncode == 2 and "invalid choice: 'bench'" in r.stderr
 
 
 def test_real_lm_table_shows_every_victim_and_means_only_over_complete_columns():
-    docs = load_bench("collapse_docs")
+    docs = collapse_docs
     cell = {"preset": "sst2-smollm2", "model": "base", "seed": "0", "position": "random"}
 
     def row(family, trigger, method, stage, cacc, asr, variant="default+clean_ft"):
@@ -257,7 +264,7 @@ def test_real_lm_table_shows_every_victim_and_means_only_over_complete_columns()
 
 
 def test_known_trigger_table_compares_each_set_with_the_default_on_the_same_victims():
-    docs = load_bench("collapse_docs")
+    docs = collapse_docs
 
     def rows(variant, trigger, s1, known, s2, cacc=0.8):
         cell = {"preset": "sst2-smollm2", "model": "base", "seed": "0", "family": "word", "trigger": trigger,
@@ -279,7 +286,7 @@ def test_known_trigger_table_compares_each_set_with_the_default_on_the_same_vict
 
 def test_real_lm_table_keeps_a_mean_per_seed():
     """Seeds may run on different CPUs and precisions: their victims are never pooled in one mean."""
-    docs = load_bench("collapse_docs")
+    docs = collapse_docs
 
     def cell(seed, trigger, victim_asr, s2):
         base = {"preset": "sst2-smollm2", "model": "base", "seed": str(seed), "family": "word", "trigger": trigger,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import csv
 
-from conftest import load_bench
+from bench import scale_bench
 
 
 def test_tiny_scale_bench_writes_a_row_per_stage_and_reports_a_failing_mode(tmp_path):
-    mod = load_bench("scale_bench")
+    mod = scale_bench
     assert mod.main(["--tiny", "--device", "cpu", "--modes", "fp32", "qlora", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "scale.csv").open()))
     assert [r["stage"] for r in rows] == ["clean", "victim", "stage1", "stage2"]

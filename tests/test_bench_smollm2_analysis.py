@@ -6,11 +6,12 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-from conftest import load_bench
+
+from bench import smollm2_analysis
 
 
 def test_the_real_lm_analysis_writes_the_table_and_both_figures(micro_run, tmp_path, monkeypatch):
-    mod = load_bench("smollm2_analysis")
+    mod = smollm2_analysis
     runs = []
     for name in ("real", "tiny"):
         dst = tmp_path / "runs" / name
