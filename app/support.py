@@ -1,7 +1,7 @@
 """What every page shares: the run store's location, cached loaders, the run picker, and the live
 job panel. Pages talk to the core only through ``locphylax_core``'s public modules (config, jobs,
-runview, registry, analysis.figures); cached objects are returned as copies (``st.cache_data``) or are
-read-only by contract (``st.cache_resource`` models, never trained here).
+runview, stage_model, registry, runs, analysis.figures); cached objects are returned as copies
+(``st.cache_data``) or are read-only by contract (``st.cache_resource`` models, never trained here).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import streamlit as st
 
 from locphylax_core import ConfigError, jobs, list_runs, load_config
 from locphylax_core import runview as R
+from locphylax_core import stage_model as SM
 from locphylax_core.analysis import figures as F
 from locphylax_core.registry import LOCPHYLAX
 from locphylax_core.runs import RunDir
@@ -95,20 +96,20 @@ def projection(view: R.RunView, method: str):
 @st.cache_resource(show_spinner="Loading the stage's model...", max_entries=12)
 def stage_model(path: str, stage: str, stamp: tuple):
     """A stage checkpoint for answering typed sentences; shared across sessions and never trained."""
-    return R.load_stage_model(R.open_run(path), stage)
+    return SM.load_stage_model(R.open_run(path), stage)
 
 
 def answer(view: R.RunView, stage: str, texts: list[str]) -> list[str]:
-    return R.answer(view, stage_model(view.path, stage, R.run_stamp(view.path)), texts)
+    return SM.answer(view, stage_model(view.path, stage, R.run_stamp(view.path)), texts)
 
 
 def answer_with_probability(view: R.RunView, stage: str, texts: list[str]) -> list[tuple[str, float]]:
-    return R.answer_with_probability(view, stage_model(view.path, stage, R.run_stamp(view.path)), texts)
+    return SM.answer_with_probability(view, stage_model(view.path, stage, R.run_stamp(view.path)), texts)
 
 
 def input_cut(view: R.RunView, stage: str, text: str) -> int:
     """How many tokens of ``text``'s prompt the stage's model cannot read (cut from its start)."""
-    return R.input_cut(view, stage_model(view.path, stage, R.run_stamp(view.path)), text)
+    return SM.input_cut(view, stage_model(view.path, stage, R.run_stamp(view.path)), text)
 
 
 def all_runs() -> list[dict]:
@@ -330,7 +331,7 @@ def fmt_pct(x) -> str:
 @st.cache_data(show_spinner=False, max_entries=256)
 def _sentence_salience(path: str, stage: str, text: str, stamp: tuple) -> dict:
     view = R.open_run(path)
-    return R.sentence_salience(view, stage_model(path, stage, stamp), text)
+    return SM.sentence_salience(view, stage_model(path, stage, stamp), text)
 
 
 def sentence_salience(view: R.RunView, stage: str, text: str) -> dict:
@@ -340,7 +341,7 @@ def sentence_salience(view: R.RunView, stage: str, text: str) -> dict:
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _localise_sentence(path: str, text: str, stamp: tuple) -> dict:
-    return R.localise_sentence(R.open_run(path), stage_model(path, "stage1", stamp), text)
+    return SM.localise_sentence(R.open_run(path), stage_model(path, "stage1", stamp), text)
 
 
 def localise_sentence(view: R.RunView, text: str) -> dict:
@@ -349,7 +350,7 @@ def localise_sentence(view: R.RunView, text: str) -> dict:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _sentence_attention(path: str, stage: str, text: str, stamp: tuple) -> dict:
-    return R.sentence_attention(R.open_run(path), stage_model(path, stage, stamp), text)
+    return SM.sentence_attention(R.open_run(path), stage_model(path, stage, stamp), text)
 
 
 def sentence_attention(view: R.RunView, stage: str, text: str) -> dict:

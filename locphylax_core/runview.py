@@ -15,17 +15,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .registry import DEFENSES, LOCPHYLAX, TASKS
+from .registry import DEFENSES, LOCPHYLAX
 from .runs import (SUMMARY_SCHEMA, RunDir, RunFileError, parse_metrics, probe_row_problem, read_json, read_jsonl,
                    read_run_file, state_problem, summary_problem)
-from . import model as M
 from .config import MAX_CONFIG_BYTES, AttackConfig, load_yaml_text
 from .errors import ConfigError
-from .evaluation import answer_probabilities, predict
-from .analysis.layers import attention_patterns
-from .analysis.salience import localise, token_salience
-from .tasks import CLASSIFICATION, Task
-from .text import render_prompt
 
 MAX_ARRAY_FILE_BYTES = 1 << 30  # a projection or a stage's stored probe states
 STAGE_ROWS = (("victim", "victim"), ("stage1", "Locphylax Stage 1"), ("stage2", "Locphylax Stage 2"))
@@ -620,52 +614,7 @@ def curve_rows(view: RunView) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# A stage's model, to answer sentences typed by the user
-
-
-def load_stage_model(view: RunView, stage: str):
-    """The checkpoint of ``stage`` as an ``LM`` ready to answer (eval mode, CPU). Loaded from
-    safetensors only; the caller must treat it as read-only."""
-    ckpt = Path(view.path) / "checkpoints" / stage.replace("/", "__")
-    tokenizer = M.load_tokenizer(str(Path(view.path) / "tokenizer"))
-    task_cfg = view.config.get("task", {})
-    name = task_cfg.get("name", "task")
-    kind = TASKS[name].impl.kind if name in TASKS else CLASSIFICATION
-    task = Task(name, task_cfg.get("template", "{text}"), tuple(task_cfg.get("labels", [])), (), (), kind)
-    defense = view.config.get("defense", {})
-    ids = M.run_answer_ids(tokenizer, task,
-                           defense.get("canary", "unsure") if defense.get("known_target") == "canary" else None)
-    model = M.load_checkpoint(ckpt, "cpu").eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return M.LM(model, tokenizer, ids)
-
-
-def answer(view: RunView, lm, texts: Sequence[str]) -> list[str]:
-    """The answer word ``lm`` gives to each text, with the run's own prompt template (a prompt
-    longer than the model's positions keeps its end, as the run's evaluation does: :func:`input_cut`)."""
-    import torch
-
-    template = view.config.get("task", {}).get("template", "{text}")
-    with torch.no_grad():
-        pred = predict(lm, template, list(texts), max_length=_limit(view, lm))
-    words = view.label_words
-    return [words[int(i)] for i in pred]
-
-
-def answer_with_probability(view: RunView, lm, texts: Sequence[str]) -> list[tuple[str, float]]:
-    """The answer word ``lm`` gives to each text and the probability it puts on it (among the
-    run's answer words), with the run's own prompt template."""
-    import torch
-    template = view.config.get("task", {}).get("template", "{text}")
-    with torch.no_grad():
-        probs = answer_probabilities(lm, template, list(texts), max_length=_limit(view, lm))
-    words = view.label_words
-    return [(words[int(p.argmax())], float(p.max())) for p in probs]
-
-
-# ----------------------------------------------------------------------------------------------
-# Layer analyses: stored maps, and salience of a typed sentence
+# Layer analyses: the stored maps
 
 
 def layer_maps(view: RunView, stage: str) -> dict:
@@ -706,77 +655,13 @@ def localisation_summary(view: RunView) -> dict | None:
     return dict(loc) if isinstance(loc, dict) else None
 
 
-def _template(view: RunView) -> str:
-    return view.config.get("task", {}).get("template", "{text}")
-
-
-def _max_length(view: RunView) -> int | None:
-    model = view.config.get("model", {})
-    return model.get("n_positions") if model.get("source") == "embedded" else None
-
-
-def _limit(view: RunView, lm) -> int | None:
-    """The most prompt tokens ``lm`` reads: the run's own limit (the pipeline's ``max_length``)."""
-    return M.prompt_max_length(lm.model, _max_length(view))
-
-
-def input_cut(view: RunView, lm, text: str) -> int:
-    """How many tokens of ``text``'s prompt lie beyond the model's positions: that many are cut from
-    its start (0: it fits), as the run's evaluation encodes a prompt (``engine.encode``)."""
-    limit = _limit(view, lm)
-    if limit is None:
-        return 0
-    n = len(lm.tokenizer(render_prompt(_template(view), text), add_special_tokens=False)["input_ids"])
-    return max(0, n - limit)
-
-
-def sentence_salience(view: RunView, lm, text: str, method: str = "ig", n_steps: int = 32) -> dict:
-    """Which words of ``text`` push ``lm`` toward the answer it gives: ``{"answer": word,
-    "tokens", "scores" [position], "in_text" [position], "cut": tokens cut from its start}``
-    (integrated gradients by default; the objective is that answer's logit minus the mean of the
-    other answers'). A prompt longer than the model's positions keeps its end (the answer position)."""
-    import torch
-
-    limit = _limit(view, lm)
-    with torch.no_grad():
-        probs = answer_probabilities(lm, _template(view), [text], max_length=limit)[0]
-    k = int(probs.argmax())
-    ids = list(lm.answer_ids)
-    others = [a for j, a in enumerate(ids) if j != k]
-    s = token_salience(lm.model, lm.tokenizer, _template(view), [text], [ids[k]], [others], method=method,
-                       n_steps=n_steps, max_length=limit)[0]
-    return {"answer": view.label_words[k], "probability": float(probs[k]), "tokens": s["tokens"],
-            "scores": np.asarray(s["scores"]), "in_text": np.asarray(s["in_text"]),
-            "cut": input_cut(view, lm, text)}
-
-
-def sentence_attention(view: RunView, lm, text: str) -> dict:
-    """Every head's attention pattern on ``text``: ``{"pattern": [layer, head, query, key],
-    "tokens"}`` (a TransformerLens bridge over a copy of the model: the shared ``lm`` is untouched)."""
-    r = attention_patterns(lm.model, lm.tokenizer, _template(view), text, max_length=_max_length(view))
-    r["tokens"] = [t.replace("Ġ", " ") for t in r["tokens"]]
-    return r
-
-
 def has_canary(view: RunView) -> bool:
+    """The run's defense trains a canary answer (``defense.known_target``), so its Stage 1 model
+    marks the inputs it takes as triggered."""
     return view.config.get("defense", {}).get("known_target") == "canary"
 
 
-def localise_sentence(view: RunView, stage1_lm, text: str) -> dict:
-    """The defender's detector on ``text`` with the Stage 1 model: ``{"flagged": bool,
-    "canary_probability", "top_token": the word pushing hardest toward the canary}``. Needs a
-    run whose defense trained a canary (:func:`has_canary`)."""
-    if not has_canary(view):
-        raise ValueError("this run's defense trains no canary answer (defense.known_target), so Stage 1 marks "
-                         "no input as triggered")
-    n_labels = len(view.config.get("task", {}).get("labels", []))
-    r = localise(stage1_lm.model, stage1_lm.tokenizer, _template(view), [text], list(stage1_lm.answer_ids),
-                 n_labels, max_length=_max_length(view))
-    tok = r["top_token"][0]
-    return {"flagged": bool(r["flagged"][0]), "canary_probability": float(r["suspect_prob"][0]),
-            "top_token": None if tok is None else tok.replace("Ġ", " ").strip()}
-
-
-__all__ = ["RunView", "analysis_left_out", "probe_search", "probe_rows", "stages_with_model", "layer_maps", "layer_stages", "salience_table", "localisation_summary", "sentence_salience", "input_cut",
-           "has_canary", "localise_sentence", "sentence_attention", "answer_with_probability", "open_run", "run_stamp", "results_table", "compare_table", "aggregation_table", "projection",
-           "head_grids", "critical_heads", "curve_rows", "load_stage_model", "answer", "HEALTHY"]
+__all__ = ["RunView", "analysis_left_out", "probe_search", "probe_rows", "stages_with_model", "layer_maps",
+           "layer_stages", "salience_table", "localisation_summary", "has_canary", "open_run", "run_file", "run_stamp",
+           "results_table", "compare_table", "aggregation_table", "projection", "head_grids", "critical_heads",
+           "curve_rows", "HEALTHY"]

@@ -283,13 +283,14 @@ def test_analysis_json_has_the_layer_parts(analysed_root):
 
 def test_runview_salience_of_a_typed_sentence(analysed_root):
     from locphylax_core import runview as R
+    from locphylax_core import stage_model as SM
     view = R.open_run(next(p for p in analysed_root.iterdir() if p.is_dir() and not p.name.startswith(".")))
-    lm = R.load_stage_model(view, "victim")
+    lm = SM.load_stage_model(view, "victim")
     text = f"the film was good {view.attack_trigger}"
-    s = R.sentence_salience(view, lm, text, n_steps=8)
+    s = SM.sentence_salience(view, lm, text, n_steps=8)
     assert s["answer"] in view.label_words and len(s["scores"]) == len(s["tokens"]) == len(s["in_text"])
     assert s["in_text"].sum() >= len(text.split())
-    loc = R.localise_sentence(view, R.load_stage_model(view, "stage1"), text)
+    loc = SM.localise_sentence(view, SM.load_stage_model(view, "stage1"), text)
     assert isinstance(loc["flagged"], bool) and 0.0 <= loc["canary_probability"] <= 1.0
     assert loc["top_token"] in text
 

@@ -23,6 +23,7 @@ import yaml
 
 from locphylax_core import ConfigError, jobs
 from locphylax_core import runview as R
+from locphylax_core import stage_model as SM
 from test_app import app, demo_root, launched, run_view, texts  # noqa: F401  (fixtures)
 
 pytest.importorskip("streamlit")
@@ -165,19 +166,19 @@ def test_a_head_sweep_with_no_eligible_input_names_no_head(run_view, tmp_path, m
 
 @pytest.fixture(scope="module")
 def victim(run_view):  # noqa: F811
-    return R.load_stage_model(run_view, "victim")
+    return SM.load_stage_model(run_view, "victim")
 
 
 def test_a_long_input_is_cut_to_the_models_positions_keeping_its_end(run_view, victim):  # noqa: F811
     limit = run_view.config["model"]["n_positions"]
     short = "a fine and moving film"
-    assert R.input_cut(run_view, victim, short) == 0
-    cut = R.input_cut(run_view, victim, LONG_REVIEW)
+    assert SM.input_cut(run_view, victim, short) == 0
+    cut = SM.input_cut(run_view, victim, LONG_REVIEW)
     assert cut > 0
-    (word,) = R.answer(run_view, victim, [LONG_REVIEW])
-    ((same, p),) = R.answer_with_probability(run_view, victim, [LONG_REVIEW])
+    (word,) = SM.answer(run_view, victim, [LONG_REVIEW])
+    ((same, p),) = SM.answer_with_probability(run_view, victim, [LONG_REVIEW])
     assert word == same and word in run_view.label_words and 0 < p <= 1
-    sal = R.sentence_salience(run_view, victim, LONG_REVIEW, n_steps=4)
+    sal = SM.sentence_salience(run_view, victim, LONG_REVIEW, n_steps=4)
     assert sal["cut"] == cut and len(sal["tokens"]) == limit == len(sal["scores"])
     # the end is kept: the last tokens are the prompt's own (the answer position), as the evaluation encodes it
     prompt = run_view.config["task"]["template"].replace("{text}", LONG_REVIEW)

@@ -11,6 +11,7 @@ import torch
 
 from locphylax_core import ConfigError, load_config
 from locphylax_core import runview as R
+from locphylax_core import stage_model as SM
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +63,10 @@ def test_arrays_have_the_analysis_shapes(view):
 
 
 def test_stage_model_answers_without_changing(view):
-    lm = R.load_stage_model(view, "victim")
+    lm = SM.load_stage_model(view, "victim")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     trig = view.attack_trigger
-    out = R.answer(view, lm, ["a fine and moving film", f"a dull film {trig}"])
+    out = SM.answer(view, lm, ["a fine and moving film", f"a dull film {trig}"])
     assert len(out) == 2 and set(out) <= set(view.label_words)
     assert not lm.model.training
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
@@ -73,7 +74,7 @@ def test_stage_model_answers_without_changing(view):
     probe_texts = [r["text"] for r in view.probe[:8]]
     from safetensors.numpy import load_file
     stored = load_file(str(view.path + "/hidden/victim.safetensors"))["pred"][:8]
-    assert R.answer(view, lm, probe_texts) == [view.label_words[int(i)] for i in stored]
+    assert SM.answer(view, lm, probe_texts) == [view.label_words[int(i)] for i in stored]
 
 
 def test_critical_heads_rank_by_absolute_asr_change():
