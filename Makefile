@@ -73,18 +73,18 @@ app: $(STAMP)
 
 # how fast a stored run's pages render (bench/results/app_render.md); needs an analysed demo run
 bench-app: $(DEVSTAMP) browser
-	$(PY) bench/app_render.py --screenshots docs/screenshots
+	$(PY) -m bench.app_render --screenshots docs/screenshots
 
 bench: $(STAMP)
-	$(PY) bench/pipeline_bench.py --presets sst2 demo --seeds 0 1 2
+	$(PY) -m bench.pipeline_bench --presets sst2 demo --seeds 0 1 2
 
 # the collapse benchmark (docs/results.md): report triggers x 3 seeds on demo and sst2
 bench-collapse: $(STAMP)
-	$(PY) bench/collapse.py report
+	$(PY) -m bench.collapse report
 
 # the lever study on the tune triggers (chooses the defaults; docs/results.md, "Levers")
 bench-levers: $(STAMP)
-	$(PY) bench/collapse.py levers
+	$(PY) -m bench.collapse levers
 
 clean-venv:
 	rm -rf $(VENV)
