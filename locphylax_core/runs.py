@@ -413,6 +413,25 @@ def new_run_id(preset: str) -> str:
     return f"{stamp}-{safe}-{secrets.token_hex(3)}"
 
 
+JOBS_DIR = ".jobs"  # beside the runs: the app's job records and logs, and the warm standby (locphylax_core.jobs)
+
+
+def jobs_dir(runs_root: str | Path) -> Path:
+    """The run store's folder of job records (docs/run_store.md; ``list_runs`` skips it)."""
+    return Path(runs_root) / JOBS_DIR
+
+
+def read_record(path: Path) -> dict | None:
+    """A job record or a run's state / progress, through the run store's safe reader (a named pipe
+    or a link to /dev/zero in its place is refused, not read); None when it cannot be read or is not
+    a mapping."""
+    try:
+        v = read_json(path)
+        return v if isinstance(v, dict) else None
+    except RunFileError:
+        return None
+
+
 def check_runs_root(root: Path) -> Path:
     """The runs folder, created if needed; a clear RunError when it is a file or cannot be written."""
     root = Path(root)
@@ -493,6 +512,26 @@ def holder_pid(folder: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def pid_alive(pid: int, token: str) -> bool:
+    """True when ``pid`` runs and is the process we think (its command line holds ``token``: a job's
+    run id, a standby's token), not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    proc = Path(f"/proc/{pid}")
+    if proc.is_dir():
+        try:
+            if proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+            return token in proc.joinpath("cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError):
+            return False
+    return True
 
 
 INTERRUPTED = "interrupted"

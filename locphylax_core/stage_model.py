@@ -25,7 +25,6 @@ from .tasks import CLASSIFICATION, Task
 from .text import render_prompt
 
 
-
 def load_stage_model(view: RunView, stage: str):
     """The checkpoint of ``stage`` as an ``LM`` ready to answer (eval mode, CPU). Loaded from
     safetensors only; the caller must treat it as read-only."""
