@@ -48,6 +48,7 @@ STANDBY_DIR = "standby"
 STANDBY_IDLE_S = 3600.0  # a standby process nobody used within an hour exits
 PREPARE_STAGE = "victim"  # what a prepared run runs ahead of the click: the backdoor is planted
 WORKER = "locphylax_core.worker"  # the module a standby, its warm-up and every job process run
+STATE, GO, PREPARE = "state.json", "go.json", "prepare.json"  # in standby_dir (the module's docstring)
 
 
 def standby_dir(runs_root: str | Path) -> Path:
@@ -55,7 +56,7 @@ def standby_dir(runs_root: str | Path) -> Path:
 
 
 def _state_file(runs_root: str | Path) -> Path:
-    return standby_dir(runs_root) / "state.json"
+    return standby_dir(runs_root) / STATE
 
 
 def live_standby(runs_root: str | Path) -> dict | None:
@@ -91,7 +92,7 @@ def stop_standby(runs_root: str | Path) -> bool:
         return False
     retired = sd / f"retired-{secrets.token_hex(4)}.json"
     try:
-        os.rename(sd / "state.json", retired)  # atomic against a launcher claiming it at this moment
+        os.rename(sd / STATE, retired)  # atomic against a launcher claiming it at this moment
     except OSError:
         return False
     retired.unlink(missing_ok=True)
@@ -106,10 +107,10 @@ def request_prepare(runs_root: str | Path, rec: dict, cfg: RunConfig, stop_after
     sha, sd = cfg.sha256(), standby_dir(root)
     # the request first, then the state: the standby records a request in its state before it
     # removes the request file, so one of the two reads sees it
-    asked = read_record(sd / "prepare.json")
+    asked = read_record(sd / PREPARE)
     if asked is not None and asked.get("token") == rec["token"] and asked.get("sha256") == sha:
         return asked["run_id"]
-    held = (read_record(sd / "state.json") or rec).get("prepared")
+    held = (read_record(sd / STATE) or rec).get("prepared")
     if held is not None and held.get("sha256") == sha:
         return held["run_id"]
     if held is not None and not held.get("done"):
@@ -117,7 +118,7 @@ def request_prepare(runs_root: str | Path, rec: dict, cfg: RunConfig, stop_after
     run_id = new_run_id(cfg.name)
     cfg_path = sd / f"prepare-{run_id}.yaml"
     atomic_write_text(cfg_path, cfg.to_yaml())
-    atomic_write_json(sd / "prepare.json", {"token": rec["token"], "run_id": run_id, "config": str(cfg_path.resolve()),
+    atomic_write_json(sd / PREPARE, {"token": rec["token"], "run_id": run_id, "config": str(cfg_path.resolve()),
                                             "sha256": sha, "stop_after": stop_after})
     return run_id
 
@@ -162,7 +163,7 @@ def claim(root: Path) -> dict | None:
         return None
     claimed = sd / f"claimed-{secrets.token_hex(4)}.json"
     try:
-        os.rename(sd / "state.json", claimed)  # atomic: one launcher gets it
+        os.rename(sd / STATE, claimed)  # atomic: one launcher gets it
     except OSError:
         return None
     return {"rec": read_record(claimed) or rec, "claimed": claimed}
@@ -179,7 +180,7 @@ def hand_over(root: Path, standby: dict, argv: list[str], log_path: Path, wait: 
     still importing, or busy preparing a run, takes the job as soon as it can, which is sooner than
     a fresh process would be."""
     rec, claimed = standby["rec"], standby["claimed"]
-    go = standby_dir(root) / "go.json"
+    go = standby_dir(root) / GO
     atomic_write_json(go, {"token": rec["token"], "argv": argv, "log": str(log_path)})
     preparing = rec.get("prepared") is not None and not rec["prepared"].get("done")
     idle = rec.get("ready") and not preparing
@@ -218,7 +219,7 @@ def serve(root: Path, token: str, prepare_run: Callable[[Path, dict], bool]) -> 
     it is asked for with ``prepare_run(root, request)`` (False: stopped or failed, nothing kept)."""
     from transformers import AutoModelForCausalLM, GPT2LMHeadModel  # noqa: F401  (most of a job's start)
     sd = standby_dir(root)
-    state, go = sd / "state.json", sd / "go.json"
+    state, go = sd / STATE, sd / GO
     # UMAP's compilation in a process of its own (a job can be taken meanwhile), into the cache
     # that this process and the job it becomes then read; paused while a run is prepared and
     # stopped when a job is taken, which need the CPUs first (a job that needs UMAP before the
@@ -256,13 +257,13 @@ def serve(root: Path, token: str, prepare_run: Callable[[Path, dict], bool]) -> 
                     # numba's cache only ever holds whole files (written aside, then renamed)
                     warming.kill()
                 return list(job["argv"])
-            asked = read_record(sd / "prepare.json")
+            asked = read_record(sd / PREPARE)
             if asked is not None and asked.get("token") == token:
                 if prepared is not None:
                     discard_prepared(root, prepared["run_id"])
                 prepared = {"run_id": asked["run_id"], "sha256": asked["sha256"], "done": False}
                 update(prepared=prepared)  # not done: busy, so a launcher does not wait for an answer
-                (sd / "prepare.json").unlink(missing_ok=True)  # after the state says so (see request_prepare())
+                (sd / PREPARE).unlink(missing_ok=True)  # after the state says so (see request_prepare())
                 with _paused(warming):
                     ok = prepare_run(root, asked)
                 prepared = {**prepared, "done": True} if ok else None
