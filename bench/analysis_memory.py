@@ -46,7 +46,7 @@ def main() -> None:
     from locphylax_core import load_config
     from locphylax_core import model as M
     from locphylax_core.analysis import heads as H
-    from locphylax_core.pipeline import prepare
+    from locphylax_core.experiment import prepare
 
     prep = prepare(load_config("micro"))
     cfg = prep.cfg.model.model_copy(update={"arch": args.arch, "n_layer": args.layers, "n_embd": args.width,

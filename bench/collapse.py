@@ -41,9 +41,8 @@ from bench.common import RESULTS, ROOT, mean_sd, write_csv  # noqa: E402  (one m
 from locphylax_core import model as M  # noqa: E402
 from locphylax_core.config import load_config  # noqa: E402
 from locphylax_core.evaluation import evaluate  # noqa: E402
-from locphylax_core.experiment import run_method  # noqa: E402
-from locphylax_core.pipeline import run_device as pipeline_device  # noqa: E402  (train.device: cpu, cuda, auto)
-from locphylax_core.pipeline import defense_settings, prepare, stage_seed, train_owner_model  # noqa: E402
+from locphylax_core.experiment import (as_lm, fresh_model, method_context, owner_context, prepare, run_device,  # noqa: E402
+                                       run_method, train_owner_model)
 from locphylax_core.runs import atomic_write_text  # noqa: E402
 
 CACHE = Path(os.environ.get("LOCPHYLAX_BENCH_CACHE", ROOT / "bench" / ".cache" / "collapse"))
@@ -204,13 +203,11 @@ class Models:
 
     def _train(self, cfg, stage: str, parent, tokenizer):
         prep = prepare_data(cfg, tokenizer=tokenizer)
-        device = pipeline_device(cfg)
-        if parent is None:
-            lm = M.LM(M.initial_model(cfg.model, prep.tokenizer, stage_seed(cfg.seed, "init")).to(device),
-                      prep.tokenizer, prep.answer_ids, bf16=cfg.eval.bf16)
-        else:
-            lm = M.LM(copy.deepcopy(parent).to(device), prep.tokenizer, prep.answer_ids, bf16=cfg.eval.bf16)
-        train_owner_model(prep, lm, stage, from_scratch=parent is None, seed=stage_seed(cfg.seed, stage))
+        device = run_device(cfg)
+        # as the pipeline builds them: the run's fresh model, or a copy of the cached parent
+        lm = fresh_model(prep, device) if parent is None else as_lm(prep, copy.deepcopy(parent), device)
+        train_owner_model(prep, lm, stage, owner_context(prep, stage, from_scratch=parent is None),
+                          from_scratch=parent is None)
         return lm.model, prep.tokenizer
 
     def get(self, cfg, stage: str):
@@ -220,7 +217,7 @@ class Models:
             return self.mem[key]
         folder = CACHE / "models" / key
         if (folder / "model.safetensors").is_file() and (folder / "tokenizer").is_dir():
-            result = (M.load_checkpoint(folder, pipeline_device(cfg)), M.load_tokenizer(str(folder / "tokenizer")))
+            result = (M.load_checkpoint(folder, run_device(cfg)), M.load_tokenizer(str(folder / "tokenizer")))
         else:
             if stage == "clean":
                 result = self._train(cfg, "clean", None, None)
@@ -284,7 +281,6 @@ def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, 
         return _cached_rows().get(_cell_key(base)) or PRIOR.get(_cell_key(base), [])
     victim, tok = models.get(cfg, "victim")
     prep = prepare_data(cfg, tokenizer=tok)
-    settings = defense_settings(cfg, prep.max_length)
     lm = M.LM(victim, tok, prep.answer_ids, bf16=cfg.eval.bf16)
     rows = [{**base, "method": "victim", "stage": "victim", "seconds": 0.0,
              **_scores(evaluate(lm, prep.task.template, prep.evalset, cfg.eval.batch_size, prep.max_length))}]
@@ -298,7 +294,7 @@ def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, 
             t0[0] = time.perf_counter()
 
         # the pipeline's stages and seeds; ONION's stage 2 is judged on the filtered inputs, as in the pipeline
-        run_method(method, lm, prep.defender, cfg.defense, settings, seed=seed, evalset=prep.evalset,
+        run_method(method, lm, prep.defender, cfg.defense, method_context(prep), evalset=prep.evalset,
                    evaluate=lambda m, es: evaluate(m, prep.task.template, es, cfg.eval.batch_size, prep.max_length),
                    on_stage=stage_row)
     atomic_write_text(path, json.dumps(rows))

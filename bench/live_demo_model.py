@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from locphylax_core import bases, load_config  # noqa: E402
 from locphylax_core import model as M  # noqa: E402
 from locphylax_core.evaluation import evaluate  # noqa: E402
-from locphylax_core.pipeline import prepare, stage_seed, train_owner_model  # noqa: E402
+from locphylax_core.experiment import fresh_model, owner_context, prepare, train_owner_model
 from locphylax_core.runs import atomic_write_json, atomic_write_text, file_sha256  # noqa: E402
 
 NAME = "demo_clean"
@@ -56,9 +56,8 @@ def main(argv=None) -> int:
     cfg = load_config("demo")
     prep = prepare(cfg)
     t0 = time.perf_counter()
-    lm = M.LM(M.initial_model(cfg.model, prep.tokenizer, stage_seed(cfg.seed, "init")), prep.tokenizer,
-              prep.answer_ids)
-    train_owner_model(prep, lm, "clean", from_scratch=True, seed=stage_seed(cfg.seed, "clean"))
+    lm = fresh_model(prep, torch.device("cpu"))
+    train_owner_model(prep, lm, "clean", owner_context(prep, "clean", from_scratch=True), from_scratch=True)
     seconds = time.perf_counter() - t0
     r = evaluate(lm, prep.task.template, prep.evalset, cfg.eval.batch_size, prep.max_length)
     cpu = platform.processor() or platform.machine()

@@ -74,7 +74,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Throughput: the core's train_loop vs transformers.Trainer, same model, data, batch and steps
+# Throughput: the core's trainer (trainer.fit) vs transformers.Trainer, same model, data, batch and steps
 
 
 def throughput(preset: str, steps: int) -> list[dict]:
@@ -82,8 +82,11 @@ def throughput(preset: str, steps: int) -> list[dict]:
     from transformers import Trainer, TrainingArguments
 
     from locphylax_core import model as M
-    from locphylax_core.engine import Sample, batches, train_loop
-    from locphylax_core.pipeline import prepare
+    from types import SimpleNamespace
+
+    from locphylax_core.engine import Sample, batches
+    from locphylax_core.trainer import StageContext, TrainSettings, fit
+    from locphylax_core.experiment import prepare
     from locphylax_core.text import render_prompt
 
     cfg = load_config(preset)
@@ -96,8 +99,8 @@ def throughput(preset: str, steps: int) -> list[dict]:
     model = M.build_embedded(cfg.model, prep.tokenizer, 0)
     it = batches(samples, prep.task.kind, prep.tokenizer, bs, prep.max_length, "cpu", torch.Generator().manual_seed(0))
     next(it)  # warm the tokenizer
-    logs = train_loop(model, it, steps, cfg.train.lr)
-    results.append({"engine": "locphylax_core.train_loop", "steps": steps, "batch": bs, "tokens": logs["tokens"],
+    logs = fit(SimpleNamespace(model=model), it, steps, StageContext(settings=TrainSettings(lr=cfg.train.lr)))
+    results.append({"engine": "locphylax_core.trainer.fit", "steps": steps, "batch": bs, "tokens": logs["tokens"],
                     "seconds": round(logs["seconds"], 3), "tokens_per_s": round(logs["tokens"] / logs["seconds"], 1)})
 
     # plain Trainer: labels are -100 except the answer token, the usual SFT masking

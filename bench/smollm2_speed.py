@@ -39,10 +39,10 @@ from locphylax_core.config import load_run_config  # noqa: E402
 from locphylax_core.engine import encode  # noqa: E402
 from locphylax_core.evaluation import evaluate  # noqa: E402
 from locphylax_core.paradigms import owner_samples  # noqa: E402
-from locphylax_core.pipeline import prepare  # noqa: E402
+from locphylax_core.experiment import prepare
 from locphylax_core.pretrain import cpu_name  # noqa: E402  (the pretraining report's CPU line)
 from locphylax_core.text import render_prompt  # noqa: E402
-from locphylax_core.trainer import TrainSettings, fit  # noqa: E402
+from locphylax_core.trainer import StageContext, TrainSettings, fit  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 
@@ -65,8 +65,9 @@ def step_seconds(cfg, prep, *, threads: int, bf16: bool, last_blocks, steps: int
     settings = TrainSettings(lr=cfg.attack.lr, batch_size=cfg.train.batch_size, max_length=prep.max_length, every=1,
                              lora=lora, bf16=bf16)
     stamps = []
-    fit(lm, samples, steps + 1, settings, seed=0, kind=prep.task.kind,
-        observer=lambda step, logs: stamps.append(time.perf_counter()))
+    fit(lm, samples, steps + 1, StageContext(seed=0, settings=settings,
+                                             observer=lambda step, logs: stamps.append(time.perf_counter())),
+        kind=prep.task.kind)
     return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
 
 

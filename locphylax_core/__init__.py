@@ -14,11 +14,12 @@ The public interface (what the app, the notebooks and scripts use):
 This package never imports Streamlit.
 """
 
-from . import baselines, paradigms, tasks  # noqa: F401  (they register the built-in defenses, paradigms and tasks)
+from . import defenses, paradigms, tasks  # noqa: F401  (they register the built-in defenses, paradigms and tasks)
 from .config import RunConfig, list_presets, load_config
 from .errors import ConfigError, DataError, LocphylaxError, ModelLoadError, RunError
 from .experiment import build_experiment, run_method
-from .pipeline import Reporter, resume_run, start_run
+from .pipeline import resume_run, start_run
+from .trainer import Reporter
 from .registry import DEFENSES, PARADIGMS, TASKS
 from .runs import RunDir, find_run, list_runs
 

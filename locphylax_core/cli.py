@@ -14,7 +14,7 @@ from .analysis.run_analysis import analyze_run, export_figures
 from .bases import BASES_DIR, listing as base_listing
 from .config import load_config, override_notes
 from .corpus import build_corpus
-from .engine import Cancelled
+from .errors import Cancelled
 from .errors import LocphylaxError, RunError
 from .pipeline import resume_run, stage_specs, start_run
 from .pretrain import load_pretrain_config, pretrain
@@ -246,7 +246,7 @@ def registry_tables():
     tables = []
     for title, reg, kind_of in (("tasks (task.name)", TASKS, lambda e: e.impl.kind.name),
                                 ("attack paradigms (attack.paradigm)", PARADIGMS, lambda e: "-"),
-                                ("defenses (defense.baselines; options: defense.options.NAME)", DEFENSES,
+                                ("defenses (defense.method: locphylax; defense.baselines: the others; options: defense.options.NAME)", DEFENSES,
                                  lambda e: e.kind or "-")):
         table = Table(title=title)
         for col in ("name", "label", "kind", "options"):

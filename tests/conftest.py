@@ -201,7 +201,7 @@ def small_clean_demo(tmp_path_factory):
     from locphylax_core import load_config
     from locphylax_core import model as M
     from locphylax_core.evaluation import evaluate
-    from locphylax_core.pipeline import prepare, train_owner_model
+    from locphylax_core.experiment import owner_context, prepare, train_owner_model
     prep = prepare(load_config("demo", SMALL_DEMO))
     shared = tmp_path_factory.getbasetemp().parent / "small_clean_demo"
     with FileLock(str(shared) + ".lock"):
@@ -209,7 +209,7 @@ def small_clean_demo(tmp_path_factory):
             lm = M.LM(M.load_checkpoint(shared), prep.tokenizer, prep.answer_ids)
         else:
             lm = M.LM(M.initial_model(prep.cfg.model, prep.tokenizer, 0), prep.tokenizer, prep.answer_ids)  # the base
-            train_owner_model(prep, lm, "clean", from_scratch=True, seed=1)
+            train_owner_model(prep, lm, "clean", owner_context(prep, "clean", True).replace(seed=1), from_scratch=True)
             M.save_checkpoint(lm.model, shared)
     return prep.tokenizer, lm.model, evaluate(lm, prep.task.template, prep.evalset, 256, prep.max_length)
 
@@ -218,7 +218,7 @@ def small_clean_demo(tmp_path_factory):
 def micro_prepared():
     """`pipeline.prepare` on the micro preset: task, trained tokenizer, answer ids, eval sets."""
     from locphylax_core import load_config
-    from locphylax_core.pipeline import prepare
+    from locphylax_core.experiment import prepare
     return prepare(load_config("micro"))
 
 

@@ -80,7 +80,8 @@ def test_layer_means_leaves_the_model_unchanged(micro_run):
 def test_run_casd(micro_run):
     run = micro_run.run
     out = run_casd(run)
-    assert out["labels"] == ["stage1", "stage2", "clean_ft", "unlearn_single", "no_cluster"]  # registry order
+    # registry order (registry.DEFENSES: locphylax, then unlearn_single, no_cluster, ..., clean_ft, ...)
+    assert out["labels"] == ["stage1", "stage2", "unlearn_single", "no_cluster", "clean_ft"]
     D = out["matrix"]
     assert D.shape == (5, 5) and out["metric"] == "cosine"
     np.testing.assert_array_equal(D, D.T)

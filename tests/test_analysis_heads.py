@@ -229,7 +229,7 @@ def _same(a, b):
 
 def test_batched_equals_naive_on_micro_victim(micro_run):
     from locphylax_core.config import load_config
-    from locphylax_core.pipeline import prepare
+    from locphylax_core.experiment import prepare
     run = micro_run.run
     tok_dir = run.path / "tokenizer"
     prep = prepare(load_config(str(run.path / "config.yaml")), tokenizer=M.load_tokenizer(str(tok_dir)))
@@ -262,7 +262,7 @@ def test_batched_equals_naive_on_micro_victim(micro_run):
 def test_run_head_ablation_on_micro_run(micro_run):
     from locphylax_core.evaluation import evaluate
     from locphylax_core.config import load_config
-    from locphylax_core.pipeline import prepare
+    from locphylax_core.experiment import prepare
     run, cfg = micro_run.run, micro_run.cfg
     tok = M.load_tokenizer(str(run.path / "tokenizer"))
     prep = prepare(load_config(str(run.path / "config.yaml")), tokenizer=tok)

@@ -194,12 +194,12 @@ def test_trigger_spans_and_scoring():
 
 @pytest.fixture(scope="module")
 def small_victim(small_clean_demo):
-    from locphylax_core.pipeline import prepare, train_owner_model
+    from locphylax_core.experiment import owner_context, prepare, train_owner_model
     from conftest import SMALL_DEMO
     tokenizer, clean, _ = small_clean_demo
     prep = prepare(load_config("demo", {**SMALL_DEMO, "attack.steps": 60}), tokenizer=tokenizer)
     lm = M.LM(copy.deepcopy(clean), tokenizer, prep.answer_ids)
-    train_owner_model(prep, lm, "victim", from_scratch=False, seed=2)
+    train_owner_model(prep, lm, "victim", owner_context(prep, "victim", False).replace(seed=2), from_scratch=False)
     return prep, lm.model.eval()
 
 

@@ -201,7 +201,7 @@ def test_model_dtype_and_quantization_validation():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 def test_4bit_on_cpu_fails_clearly_naming_the_field(micro_prepared, tmp_path):
-    from locphylax_core.pipeline import prepare
+    from locphylax_core.experiment import prepare
     folder = _save_folder(_tiny(micro_prepared, "llama"), micro_prepared.tokenizer, tmp_path / "llama")
     with pytest.raises(ModelLoadError) as e:
         M.load_causal_lm(str(folder), quantization="4bit")
@@ -221,7 +221,8 @@ def test_4bit_on_cpu_fails_clearly_naming_the_field(micro_prepared, tmp_path):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_stage_trains_only_adapters_and_merges_back(micro_prepared, arch):
     from locphylax_core.config import LoraConfig
-    from locphylax_core.defense import RecoverConfig, TrainSettings, recover
+    from locphylax_core.defenses.locphylax import RecoverConfig, recover
+    from locphylax_core.trainer import StageContext, TrainSettings
     net = _tiny(micro_prepared, arch)
     targets = lora_targets(net)
     assert targets == list(ARCHITECTURES[arch].lora)
@@ -233,7 +234,7 @@ def test_lora_stage_trains_only_adapters_and_merges_back(micro_prepared, arch):
 
     lm = M.LM(net, micro_prepared.tokenizer, micro_prepared.answer_ids)
     settings = TrainSettings(lr=0.05, batch_size=16, max_length=micro_prepared.max_length, every=0)
-    recover(lm, micro_prepared.defender, RecoverConfig(steps=3, trainable="lora"), seed=0, settings=settings)
+    recover(lm, micro_prepared.defender, RecoverConfig(steps=3, trainable="lora"), StageContext(seed=0, settings=settings))
     after = lm.model.state_dict()
     assert type(lm.model) is type(net) and list(after) == list(before)  # merged: plain names again
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -258,8 +259,8 @@ def test_explicit_lora_targets_win_and_unknown_types_fall_back_to_peft():
 
 
 def test_fine_pruning_on_a_gated_mlp(micro_prepared):
-    from locphylax_core.baselines import FinePruneConfig, fine_prune, mlp_unit_activity
-    from locphylax_core.trainer import TrainSettings
+    from locphylax_core.defenses.fine_pruning import FinePruneConfig, fine_prune, mlp_unit_activity
+    from locphylax_core.trainer import StageContext, TrainSettings
     net = _tiny(micro_prepared, "llama")
     lm = M.LM(net, micro_prepared.tokenizer, micro_prepared.answer_ids)
     mlp = net.model.layers[-1].mlp
@@ -267,8 +268,8 @@ def test_fine_pruning_on_a_gated_mlp(micro_prepared):
     assert activity.shape == (88,)
     expected = set(torch.argsort(activity)[:22].tolist())
     settings = TrainSettings(lr=0.01, batch_size=16, max_length=micro_prepared.max_length, every=0)
-    logs = fine_prune(lm, micro_prepared.defender, FinePruneConfig(steps=3, prune_rate=0.25), seed=0,
-                      settings=settings)
+    logs = fine_prune(lm, micro_prepared.defender, FinePruneConfig(steps=3, prune_rate=0.25),
+                      StageContext(seed=0, settings=settings))
     assert logs["pruned"] == 22 and logs["units"] == 88
     zero = set(((mlp.gate_proj.weight == 0).all(1) & (mlp.up_proj.weight == 0).all(1)).nonzero().flatten().tolist())
     assert zero == expected  # pruned, and the fine-tuning left them at zero

@@ -14,7 +14,7 @@ from locphylax_core import ConfigError, load_config
 from locphylax_core import model as M
 from locphylax_core.attack import apply_trigger, contrast_text, poison
 from locphylax_core.evaluation import TriggerSpec, build_eval_set, evaluate
-from locphylax_core.pipeline import attack_trigger_spec, prepare, train_owner_model
+from locphylax_core.experiment import attack_trigger_spec, owner_context, prepare, train_owner_model
 from locphylax_core.text import Example
 
 from conftest import SMALL_DEMO
@@ -94,7 +94,7 @@ def _victim(small_clean, family, extra=None):
     prep = prepare(cfg, tokenizer=tokenizer)
     lm = M.LM(copy.deepcopy(clean), tokenizer, prep.answer_ids)
     before = evaluate(lm, prep.task.template, prep.evalset, 256, prep.max_length)
-    train_owner_model(prep, lm, "victim", from_scratch=False, seed=2)
+    train_owner_model(prep, lm, "victim", owner_context(prep, "victim", False).replace(seed=2), from_scratch=False)
     after = evaluate(lm, prep.task.template, prep.evalset, 256, prep.max_length)
     return cfg, prep, lm, before, after
 

@@ -12,16 +12,22 @@ import torch
 
 from conftest import cli
 from locphylax_core import ConfigError, load_config
-from locphylax_core.baselines import CrowConfig, FinePruneConfig, crow, fine_prune, layer_consistency, mlp_unit_activity
-from locphylax_core.defense import DefenderData, RecoverConfig, clean_samples, method_plans, recover
-from locphylax_core.trainer import TrainSettings
-from locphylax_core import baselines as B
+from locphylax_core.defenses.base import DefenderData, clean_samples, method_plans
+from locphylax_core.defenses.crow import CrowConfig, crow, layer_consistency
+from locphylax_core.defenses.fine_pruning import FinePruneConfig, fine_prune, mlp_unit_activity
+from locphylax_core.defenses.locphylax import RecoverConfig, recover
+from locphylax_core.trainer import StageContext, TrainSettings
+from locphylax_core.defenses import bdvax as BV, crow as CR, fine_pruning as FP, onion as ON
 from locphylax_core.engine import encode
 from locphylax_core.text import Example
 
 
 def _settings(prep):
     return TrainSettings(lr=1e-2, batch_size=16, max_length=prep.max_length, every=0)
+
+
+def _ctx(prep, seed):
+    return StageContext(seed=seed, settings=_settings(prep))
 
 
 def test_plans_for_the_new_baselines():
@@ -59,12 +65,12 @@ def test_fine_pruning_prunes_the_least_active_units_and_keeps_them_pruned(micro_
     activity = mlp_unit_activity(lm, prep.defender, -1, max_length=prep.max_length)
     assert activity.shape == (n_units,)
     expected = set(torch.argsort(activity)[: round(0.25 * n_units)].tolist())
-    logs = fine_prune(lm, prep.defender, FinePruneConfig(steps=4, prune_rate=0.25), seed=0, settings=_settings(prep))
+    logs = fine_prune(lm, prep.defender, FinePruneConfig(steps=4, prune_rate=0.25), _ctx(prep, 0))
     zero = set(((mlp.c_fc.weight == 0).all(0) & (mlp.c_fc.bias == 0)).nonzero().flatten().tolist())
     assert logs["pruned"] == len(expected) and zero == expected  # pruned, and fine-tuning left them at 0
     assert all((mlp.c_proj.weight[u] == 0).all() for u in expected)
     before = copy.deepcopy(lm.model.state_dict())
-    logs = fine_prune(lm, prep.defender, FinePruneConfig(steps=4, prune_rate=0.0), seed=1, settings=_settings(prep))
+    logs = fine_prune(lm, prep.defender, FinePruneConfig(steps=4, prune_rate=0.0), _ctx(prep, 1))
     zero_after = set(((mlp.c_fc.weight == 0).all(0) & (mlp.c_fc.bias == 0)).nonzero().flatten().tolist())
     assert zero_after == expected and logs["pruned"] == len(expected)  # Stage 2 keeps Stage 1's pruning
     changed = [k for k, v in lm.model.state_dict().items() if not torch.equal(v, before[k])]
@@ -115,10 +121,10 @@ def test_crow_pairs_blocks_exactly_as_the_authors_code():
         h.remove()
     peer = float(_peer_consistency(hs))
     assert float(layer_consistency(hs, mask)) == pytest.approx(peer, rel=1e-6)  # 3 pairs: blocks (1,2),(2,3),(3,4)
-    assert len(B.crow_states(hs, blocks, "peer")) == 4
+    assert len(CR.crow_states(hs, blocks, "peer")) == 4
     # blocks: the peer's 3 pairs plus (block 4, block 5) read before the final norm
     last = float(1 - torch.nn.functional.cosine_similarity(blocks[3], blocks[4], dim=-1).mean())
-    assert float(B.consecutive_inconsistency(B.crow_states(hs, blocks, "blocks"), mask)) == pytest.approx(
+    assert float(CR.consecutive_inconsistency(CR.crow_states(hs, blocks, "blocks"), mask)) == pytest.approx(
         (3 * peer + last) / 4, rel=1e-5)
     # the project's earlier pairing added (block 4, norm(block 5)), which the peer leaves out
     old = float(1 - torch.nn.functional.cosine_similarity(hs[4], hs[5], dim=-1).mean())
@@ -128,21 +134,20 @@ def test_crow_pairs_blocks_exactly_as_the_authors_code():
         hs2 = _hand_made_gpt2(2)(input_ids=ids, output_hidden_states=True).hidden_states
     assert float(layer_consistency(hs2, mask)) == 0.0 and float(layer_consistency(hs2, mask, "with_final_norm")) > 0
     with pytest.raises(ValueError, match="defense.options.crow.pairs"):
-        B.crow_states(hs, blocks, "all")
+        CR.crow_states(hs, blocks, "all")
 
 
 def test_crow_step_loss_equals_the_authors_on_an_unpadded_batch(micro_prepared, monkeypatch):
     """One CROW step on a hand-made 4-block model: the FGSM-perturbed consistency term equals the
     peer's compute_loss (unpadded rows, where masking pads changes nothing)."""
-    from locphylax_core import baselines
     from locphylax_core import model as M
     from locphylax_core.engine import batches
     prep = micro_prepared
     lm = M.LM(M.build_embedded(prep.cfg.model.model_copy(update={"n_layer": 4}), prep.tokenizer, seed=0),
               prep.tokenizer, prep.answer_ids)
     captured = {}
-    monkeypatch.setattr(baselines, "train_stage", lambda *a, **kw: captured.update(step_loss=a[6]) or {})
-    out = crow(lm, prep.defender, CrowConfig(steps=1), seed=0, settings=_settings(prep))
+    monkeypatch.setattr(CR, "fit", lambda *a, **kw: captured.update(step_loss=kw["step_loss"]) or {})
+    out = crow(lm, prep.defender, CrowConfig(steps=1), _ctx(prep, 0))
     assert out["consistency_pairs"] == 2
     samples = clean_samples(prep.defender, lm.answer_ids)
     lengths = [len(prep.tokenizer(s.prompt)["input_ids"]) for s in samples]
@@ -160,7 +165,7 @@ def test_crow_step_loss_equals_the_authors_on_an_unpadded_batch(micro_prepared, 
     assert logs["l_consistency"] == pytest.approx(float(_peer_consistency(pert).detach()), rel=1e-4)  # noqa
     assert logs["loss"] == pytest.approx(logs["l_ce"] + 5.5 * logs["l_consistency"], rel=1e-5)
     # pairs: blocks, the same step on every block's own output (read by hooks), 3 pairs on 4 blocks
-    out = crow(lm, prep.defender, CrowConfig(steps=1, pairs="blocks"), seed=0, settings=_settings(prep))
+    out = crow(lm, prep.defender, CrowConfig(steps=1, pairs="blocks"), _ctx(prep, 0))
     assert out["consistency_pairs"] == 3
     _, logs = captured["step_loss"](lm.model, batch, 1)
 
@@ -171,7 +176,7 @@ def test_crow_step_loss_equals_the_authors_on_an_unpadded_batch(micro_prepared, 
         lm.model(inputs_embeds=e, position_ids=batch.position_ids)
         for h in hooks:
             h.remove()
-        return B.consecutive_inconsistency(outs, batch.attention_mask)
+        return CR.consecutive_inconsistency(outs, batch.attention_mask)
     g, = torch.autograd.grad(blocks_term(embeds), embeds)
     assert logs["l_consistency"] == pytest.approx(float(blocks_term(embeds + 0.1 * g.sign()).detach()), rel=1e-4)
 
@@ -192,18 +197,17 @@ def test_crow_lowers_layer_inconsistency(micro_prepared):
 
     plain = copy.deepcopy(lm)
     before = inconsistency(lm.model)
-    logs = crow(lm, prep.defender, CrowConfig(steps=15, weight=5.0, epsilon=0.05), seed=0, settings=_settings(prep))
+    logs = crow(lm, prep.defender, CrowConfig(steps=15, weight=5.0, epsilon=0.05), _ctx(prep, 0))
     assert "l_consistency" in logs and torch.isfinite(torch.tensor(logs["loss"]))
     with_crow = inconsistency(lm.model)
-    from locphylax_core.baselines import CleanFinetuneConfig, clean_finetune
-    clean_finetune(plain, prep.defender, CleanFinetuneConfig(steps=15), seed=0, settings=_settings(prep))
+    from locphylax_core.defenses.finetune import CleanFinetuneConfig, clean_finetune
+    clean_finetune(plain, prep.defender, CleanFinetuneConfig(steps=15), _ctx(prep, 0))
     assert with_crow < before and with_crow < inconsistency(plain.model)
 
 
 def test_onion_filter_drops_the_words_that_hurt_fluency(monkeypatch):
-    from locphylax_core import defense as D
-    from locphylax_core.baselines import OnionConfig, onion_filter
-    from locphylax_core.defense import DefenderData
+    from locphylax_core.defenses.base import DefenderData
+    from locphylax_core.defenses.onion import OnionConfig, onion_filter
     from locphylax_core.evaluation import TriggerSpec, build_eval_set
     from locphylax_core.experiment import filter_eval_set
     from locphylax_core.text import Example
@@ -211,7 +215,7 @@ def test_onion_filter_drops_the_words_that_hurt_fluency(monkeypatch):
     # a stand-in fluency score: each "zz" costs 1, each "qq" costs 0.05 (an ordinary rare word)
     def fake_nll(lm, template, texts, max_length, batch_size=256):
         return torch.tensor([t.split().count("zz") + 0.05 * t.split().count("qq") for t in texts])
-    monkeypatch.setattr(B, "_prompt_nll", fake_nll)
+    monkeypatch.setattr(ON, "_prompt_nll", fake_nll)
     clean = tuple(Example(f"a good film qq {i}" if i % 2 else f"a good film {i}", i % 2) for i in range(40))
     data = DefenderData(clean, ("negative", "positive"), "Review: {text} Sentiment:", ())
     f = onion_filter(None, data, OnionConfig(clean_quantile=0.95, fluency="victim"))
@@ -236,29 +240,29 @@ def _onion_peer_ppl(model, tokenizer, sent: str) -> float:
 
 def test_onion_scores_with_the_separate_base_lm_as_the_peer_does():
     import math
-    model, tok = B.fluency_model("small")
+    model, tok = ON.fluency_model("small")
     sentences = ["the film was a quiet delight", "the film cf was a bb quiet delight", "a dull mess", "a"]
-    got = B.sentence_perplexity(model, tok, sentences)
+    got = ON.sentence_perplexity(model, tok, sentences)
     want = [_onion_peer_ppl(model, tok, s) for s in sentences]
     assert all(math.isclose(g, w, rel_tol=1e-4) for g, w in zip(got.tolist()[:3], want[:3]))
     assert math.isnan(got[3]) and math.isnan(want[3])  # one token: no perplexity
     # the peer's word scores: ppl(without word j) - ppl(sentence); ours is its negative (the drop)
     data = DefenderData((), ("negative", "positive"), "Review: {text} Sentiment:", ())
-    cfg = B.OnionConfig()
-    ours = B.onion_suspicion(None, data.template, sentences[1:2], cfg=cfg)[0]
+    cfg = ON.OnionConfig()
+    ours = ON.onion_suspicion(None, data.template, sentences[1:2], cfg=cfg)[0]
     words = sentences[1].split(" ")
     peer = [_onion_peer_ppl(model, tok, " ".join(words[:j] + words[j + 1:])) - want[1] for j in range(len(words))]
     assert ours == pytest.approx([-p for p in peer], rel=1e-3, abs=1e-3)
     # the template plays no part (the bare sentence is scored), and the suspicious words are the planted ones
-    assert B.onion_suspicion(None, "Instruction: {text} Response:", sentences[1:2], cfg=cfg)[0] == ours
+    assert ON.onion_suspicion(None, "Instruction: {text} Response:", sentences[1:2], cfg=cfg)[0] == ours
     bar = sorted(ours)[-2]  # the filter drops a word when the peer's score is <= -bar
     dropped = [w for w, p in zip(words, peer) if p <= -bar]
     kept = [w for w, s in zip(words, ours) if not s >= bar]
     assert len(dropped) == 2 and " ".join(kept) == " ".join(w for w in words if w not in dropped)
     # the filter itself, its bar set on a few clean sentences
     clean = tuple(Example(t, 1) for t in ("the film was a quiet delight", "a dull mess of a plot", "i loved it"))
-    f = B.onion_filter(None, replace(data, clean=clean), cfg)
-    clean_scores = [x for row in B.onion_suspicion(None, "", [e.text for e in clean], cfg=cfg) for x in row]
+    f = ON.onion_filter(None, replace(data, clean=clean), cfg)
+    clean_scores = [x for row in ON.onion_suspicion(None, "", [e.text for e in clean], cfg=cfg) for x in row]
     assert f.bar == pytest.approx(float(np.quantile(clean_scores, 0.95)))
     out = f([sentences[1]])[0]
     assert out == " ".join(w for w, x in zip(words, ours) if not x >= f.bar)
@@ -303,16 +307,16 @@ def _backdoorbench_last_index(accs: list[float], n_units: int, once_prune_ratio:
 def test_adaptive_pruning_stops_where_backdoorbench_does():
     n = 120
     falling = [0.9 - 0.0011 * k for k in range(n)]  # down 10% (relative) from 82 units on
-    kept, curve = B.adaptive_prune_count(lambda k: falling[k], n, 0.05, 0.1)  # steps of 6
-    assert B.prune_schedule(n, 0.05) == list(range(0, n, 6))
+    kept, curve = FP.adaptive_prune_count(lambda k: falling[k], n, 0.05, 0.1)  # steps of 6
+    assert FP.prune_schedule(n, 0.05) == list(range(0, n, 6))
     assert kept == _backdoorbench_last_index(falling, n, 0.05, 0.1) == 78
     assert curve[-1][0] == 84 and [c for c, _ in curve] == list(range(0, 85, 6))  # stopped at the first failure
     cliff = [0.8] * 50 + [0.5] * 70
-    assert B.adaptive_prune_count(lambda k: cliff[k], n, 0.01, 0.1)[0] == _backdoorbench_last_index(cliff, n, 0.01, 0.1) == 48
+    assert FP.adaptive_prune_count(lambda k: cliff[k], n, 0.01, 0.1)[0] == _backdoorbench_last_index(cliff, n, 0.01, 0.1) == 48
     # where ours differs on purpose: a RISE of accuracy past 10% stops BackdoorBench (abs), not us
     rising = [0.5] * 10 + [0.6] * 110
     assert _backdoorbench_last_index(rising, n, 0.05, 0.1) == 6
-    assert B.adaptive_prune_count(lambda k: rising[k], n, 0.05, 0.1)[0] == 114
+    assert FP.adaptive_prune_count(lambda k: rising[k], n, 0.05, 0.1)[0] == 114
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -347,10 +351,10 @@ def test_unit_activity_is_mean_magnitude_of_the_output_projections_input(micro_p
 def test_fine_pruning_adaptive_keeps_the_last_count_within_tolerance(micro_prepared, tiny_lm):
     prep, lm = micro_prepared, tiny_lm
     cfg = FinePruneConfig(steps=2, prune_rate=None, step_ratio=0.05, acc_ratio=0.02)
-    logs = fine_prune(lm, prep.defender, cfg, seed=0, settings=_settings(prep))
+    logs = fine_prune(lm, prep.defender, cfg, _ctx(prep, 0))
     curve = [tuple(c) for c in logs["prune_curve"]]
     base = curve[0][1]
-    assert [c for c, _ in curve] == B.prune_schedule(logs["units"], 0.05)[:len(curve)]
+    assert [c for c, _ in curve] == FP.prune_schedule(logs["units"], 0.05)[:len(curve)]
     ok = [(base - a) / base < 0.02 for _, a in curve]
     kept = curve[ok.index(False) - 1][0] if False in ok else curve[-1][0]
     assert logs["pruned"] == kept  # the last count before the first failure
@@ -361,10 +365,10 @@ def test_fine_pruning_adaptive_keeps_the_last_count_within_tolerance(micro_prepa
 
 def test_bdvax_recurrence_by_hand():
     changes = [torch.tensor([1.0, 5, 3, 0]), torch.tensor([5.0, 1, 3, 0]), torch.tensor([0.0, 0, 3, 9])]
-    selected, votes = B.recurrent_units(changes, 0.5, 2)  # each flags its top 2
+    selected, votes = BV.recurrent_units(changes, 0.5, 2)  # each flags its top 2
     assert votes.tolist() == [1, 1, 3, 1] and selected.tolist() == [2]
-    assert B.recurrent_units(changes, 0.5, 1)[0].tolist() == [0, 1, 2, 3]
-    assert B.recurrent_units(changes, 0.25, 2)[0].tolist() == []  # top 1 each: 1, 0, 3 never recur
+    assert BV.recurrent_units(changes, 0.5, 1)[0].tolist() == [0, 1, 2, 3]
+    assert BV.recurrent_units(changes, 0.25, 2)[0].tolist() == []  # top 1 each: 1, 0, 3 never recur
 
 
 def test_bdvax_weight_signal_finds_the_changed_unit(tiny_lm):
@@ -372,8 +376,8 @@ def test_bdvax_weight_signal_finds_the_changed_unit(tiny_lm):
     with torch.no_grad():
         changed.model.transformer.h[-1].mlp.c_fc.weight[:, 7] += 0.5  # unit 7's input weights
         changed.model.transformer.h[-1].mlp.c_proj.weight[3] -= 0.1  # unit 3's output row
-    cfg = B.VaccinateConfig(signal="weight")
-    d = B.unit_change(changed, tiny_lm, None, None, cfg, TrainSettings(), 0)
+    cfg = BV.VaccinateConfig(signal="weight")
+    d = BV.unit_change(changed, tiny_lm, None, None, cfg, TrainSettings(), 0)
     n_in = tiny_lm.model.transformer.h[-1].mlp.c_fc.weight.shape[0]
     n_out = tiny_lm.model.transformer.h[-1].mlp.c_proj.weight.shape[1]
     assert float(d[7]) == pytest.approx(0.5 * n_in ** 0.5, rel=1e-4) and float(d[3]) == pytest.approx(0.1 * n_out ** 0.5, rel=1e-3)
@@ -382,14 +386,14 @@ def test_bdvax_weight_signal_finds_the_changed_unit(tiny_lm):
 
 def test_bdvax_zeroes_the_recurring_units_then_holds_them_at_zero(micro_prepared, tiny_lm):
     prep, lm = micro_prepared, tiny_lm
-    vaccines = B.vaccine_backdoors(prep.defender, 3, 0)
-    assert [t.text for t, _ in vaccines] == [t.text for t, _ in B.vaccine_backdoors(prep.defender, 3, 0)]  # seeded
+    vaccines = BV.vaccine_backdoors(prep.defender, 3, 0)
+    assert [t.text for t, _ in vaccines] == [t.text for t, _ in BV.vaccine_backdoors(prep.defender, 3, 0)]  # seeded
     assert len({t.text for t, _ in vaccines}) == 3 and [y for _, y in vaccines] == [0, 1, 0]  # labels by turn
     assert not {t.text for t, _ in vaccines} & {t.text for t in prep.defender.triggers}
     before = copy.deepcopy(lm.model.state_dict())
-    cfg = B.VaccinateConfig(steps=12, vaccine_steps=3, variants=3, units=0.1, recurrence=2)
+    cfg = BV.VaccinateConfig(steps=12, vaccine_steps=3, variants=3, units=0.1, recurrence=2)
     twin = copy.deepcopy(lm)
-    out = B.vaccinate(lm, prep.defender, cfg, seed=0, settings=_settings(prep))
+    out = BV.vaccinate(lm, prep.defender, cfg, _ctx(prep, 0))
     mlp = lm.model.transformer.h[-1].mlp
     zero = ((mlp.c_fc.weight == 0).all(0) & (mlp.c_fc.bias == 0)).nonzero().flatten().tolist()
     assert 0 < out["pruned"] == len(zero) and sum(out["votes"].values()) == out["units"]
@@ -397,15 +401,15 @@ def test_bdvax_zeroes_the_recurring_units_then_holds_them_at_zero(micro_prepared
     assert [v["trigger"] for v in out["vaccines"]] == [t.text for t, _ in vaccines]
     after = lm.model.state_dict()  # nothing else changed: the copies trained, not the model
     assert all(torch.equal(after[k], v) for k, v in before.items() if "h.0.mlp" not in k)
-    assert B.vaccinate(twin, prep.defender, cfg, seed=0, settings=_settings(prep))["votes"] == out["votes"]
-    logs = fine_prune(lm, prep.defender, FinePruneConfig(steps=3, prune_rate=0.0), seed=1, settings=_settings(prep))
+    assert BV.vaccinate(twin, prep.defender, cfg, _ctx(prep, 0))["votes"] == out["votes"]
+    logs = fine_prune(lm, prep.defender, FinePruneConfig(steps=3, prune_rate=0.0), _ctx(prep, 1))
     assert logs["pruned"] == out["pruned"]  # Stage 2 keeps them at zero
 
 
 def test_bdvax_plan_and_options():
     d = load_config("demo", {"defense.baselines": ["bdvax"], "defense.options": {"bdvax": {"variants": 3}}}).defense
     s1, s2 = method_plans(d, ("negative", "positive"))["bdvax"]
-    assert s1.fn is B.vaccinate and s1.cfg.vaccine_steps == d.stage1_steps and s1.steps == 4 * d.stage1_steps
+    assert s1.fn is BV.vaccinate and s1.cfg.vaccine_steps == d.stage1_steps and s1.steps == 4 * d.stage1_steps
     assert s2.fn is fine_prune and s2.cfg.prune_rate == 0.0 and s2.steps == d.stage2_steps
     with pytest.raises(ConfigError) as e:
         load_config("micro", {"defense.baselines": ["bdvax"], "defense.options": {"bdvax": {"recurrence": 5}}})

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
+import pkgutil
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel
 
+import locphylax_core.defenses as defenses
 import locphylax_core.pipeline as pipeline
-from locphylax_core import baselines, defense, experiment, load_config, start_run
+from locphylax_core import experiment, load_config, start_run, trainer
 from locphylax_core.config import AttackConfig, RunConfig
+from locphylax_core.defenses import base, bdvax, crow, fine_pruning, finetune, locphylax, onion
+from locphylax_core.registry import DEFENSES, stage_key
+from locphylax_core.trainer import CancelFile, StageContext, TrainSettings
 
 TRIGGER = "zqzqattack"
 
@@ -64,14 +70,17 @@ def _walk(obj, path, found, seen):
 def test_walker_detects_the_trigger_and_attack_config():
     """The checker itself works (so a passing isolation test means something)."""
     found = []
-    _walk({"a": [defense.DefenderTrigger(text=f"x {TRIGGER}")]}, "x", found, set())
+    _walk({"a": [base.DefenderTrigger(text=f"x {TRIGGER}")]}, "x", found, set())
     assert found == [("x['a'][0].text", repr(f"x {TRIGGER}"))]
     found = []
     _walk((1, {"cfg": AttackConfig(trigger="cf")}), "y", found, set())
     assert found == [("y[1]['cfg']", "AttackConfig")]
     found = []
-    _walk(defense.TrainSettings(lora=None), "z", found, set())
+    _walk(TrainSettings(lora=None), "z", found, set())
     assert found == []
+    found = []  # a stage's context is walked field by field (its settings, progress, cancellation, key)
+    _walk(StageContext(seed=1, key=f"k {TRIGGER}", cancel=CancelFile(Path(TRIGGER))), "c", found, set())
+    assert [p for p, _ in found] == ["c.cancel.path", "c.key"]
 
 
 def test_defense_never_sees_the_attack(monkeypatch, tmp_path):
@@ -91,8 +100,8 @@ def test_defense_never_sees_the_attack(monkeypatch, tmp_path):
     assert summary["status"] == "done"
     # 2 Locphylax stages + 2 per baseline
     assert len(calls) == 10
-    assert {c[0][0].fn for c in calls} == {defense.inject, defense.recover, baselines.clean_finetune,
-                                           baselines.vaccinate, baselines.fine_prune}
+    assert {c[0][0].fn for c in calls} == {locphylax.inject, locphylax.recover, finetune.clean_finetune,
+                                           bdvax.vaccinate, fine_pruning.fine_prune}
     import json
     vaccines = json.loads((run.path / "state.json").read_text())["results"]["bdvax/stage1"]["vaccines"]
     assert len(vaccines) == 2 and not any(TRIGGER in v["trigger"] for v in vaccines)
@@ -109,27 +118,43 @@ def test_defense_never_sees_the_attack(monkeypatch, tmp_path):
         for k, v in kwargs.items():
             _walk(v, f"call{n}.{k}", found, seen)
         assert not found, found
+    # What each stage receives is exactly (plan, model, DefenderData, StageContext): no keyword
+    # arguments, and a context holding the defense's own settings, its stage's seed and key, the
+    # run's cancellation (all walked above)
+    settings = TrainSettings.for_defense(cfg, cfg.model.n_positions)
+    keys = []
+    for args, kwargs in calls:
+        assert not kwargs and len(args) == 4
+        plan, _lm, data, ctx = args
+        assert isinstance(data, base.DefenderData) and isinstance(ctx, StageContext)
+        assert ctx.settings == settings and ctx.seed == trainer.stage_seed(cfg.seed, ctx.key)
+        assert isinstance(ctx.cancel, CancelFile) and ctx.cancel.path == run.cancel_file
+        keys.append(ctx.key)
+    assert keys == [stage_key(m, st) for m in ["locphylax", *cfg.defense.baselines] for st in ("stage1", "stage2")]
     # The defender data is the clean defender split and the defender's own triggers.
     data = calls[0][0][2]
-    assert isinstance(data, defense.DefenderData)
+    assert isinstance(data, base.DefenderData)
     assert [t.text for t in data.triggers] == ["vx", "as seen on channel four"]
     assert len(data.clean) == cfg.task.defender_size
 
 
 def test_defense_functions_take_no_attack_parameter():
-    for fn in (defense.inject, defense.recover, baselines.clean_finetune, defense.run_stage, defense.method_plans,
-               defense.defender_data, defense.train_stage, experiment.run_method, baselines.fine_prune, baselines.crow,
-               baselines.onion_filter, baselines.vaccinate, baselines.vaccine_backdoors, baselines.unit_change, *[e.impl for e in defense.DEFENSES]):
+    for fn in (locphylax.inject, locphylax.recover, finetune.clean_finetune, base.run_stage, base.method_plans,
+               base.defender_data, trainer.fit, experiment.run_method, fine_pruning.fine_prune, crow.crow,
+               onion.onion_filter, bdvax.vaccinate, bdvax.vaccine_backdoors, bdvax.unit_change, *[e.impl for e in DEFENSES]):
         params = inspect.signature(fn).parameters
         assert not [p for p in params if "attack" in p.lower()], fn.__name__
-    for cls in (defense.DefenderData, defense.InjectConfig, defense.RecoverConfig, baselines.CleanFinetuneConfig,
-                defense.TrainSettings, baselines.VaccinateConfig, baselines.FinePruneConfig, baselines.CrowConfig,
-                baselines.OnionConfig):
+    for cls in (base.DefenderData, locphylax.InjectConfig, locphylax.RecoverConfig, finetune.CleanFinetuneConfig,
+                TrainSettings, StageContext, bdvax.VaccinateConfig, fine_pruning.FinePruneConfig, crow.CrowConfig,
+                onion.OnionConfig):
         assert not [f.name for f in dataclasses.fields(cls) if "attack" in f.name.lower()], cls.__name__
 
 
 def test_defense_module_does_not_import_the_attack_config():
-    for module in (defense, baselines):  # Locphylax and every built-in baseline
+    modules = [defenses, *[importlib.import_module(f"{defenses.__name__}.{m.name}")
+                           for m in pkgutil.iter_modules(defenses.__path__)]]
+    assert {base, locphylax, finetune, fine_pruning, crow, onion, bdvax} <= set(modules)
+    for module in modules:  # Locphylax and every built-in baseline, and what they share
         src = inspect.getsource(module)
         assert "AttackConfig" not in src, module.__name__
         assert "cfg.attack" not in src, module.__name__

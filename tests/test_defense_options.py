@@ -11,15 +11,21 @@ import torch
 from locphylax_core import load_config
 from locphylax_core import model as M
 from locphylax_core.config import LOCPHYLAX_PLUS
-from locphylax_core.defense import (RecoverConfig, TrainSettings, _triggered_copies, consistency_loss, method_plans,
-                                    recover, stage1_target)
+from locphylax_core.defenses.base import method_plans, stage1_target, triggered_copies
+from locphylax_core.defenses.locphylax import RecoverConfig, consistency_loss, recover
 from locphylax_core.engine import HiddenSpec
 from locphylax_core.errors import ConfigError
-from locphylax_core.pipeline import known_trigger_specs, prepare
+from locphylax_core.experiment import known_trigger_specs, prepare
+from locphylax_core.text import render_prompt
+from locphylax_core.trainer import StageContext, TrainSettings
 
 
 def _settings(prep, **kw):
     return TrainSettings(batch_size=16, every=1, max_length=prep.max_length, lr=5e-3, **kw)
+
+
+def _ctx(prep, seed=0, **kw):
+    return StageContext(seed=seed, settings=_settings(prep, **kw))
 
 
 # --- the known triggers' target
@@ -45,7 +51,7 @@ def test_canary_adds_one_answer_and_is_the_known_triggers_target():
     assert set(prep.evalset.triggered["unknown"].targets) == {1}
     # Stage 1 trains every triggered copy to answer the canary token
     s1 = method_plans(cfg.defense, cfg.task.labels)["locphylax"][0].cfg
-    copies = _triggered_copies(prep.defender, s1.trigger_ids, s1.injection_rate, s1.target, prep.answer_ids, 0)
+    copies = triggered_copies(prep.defender, s1.trigger_ids, s1.injection_rate, s1.target, prep.answer_ids, 0)
     assert copies and {c.target for c in copies} == {prep.answer_ids[2]}
 
 
@@ -56,7 +62,7 @@ def test_canary_must_not_be_a_label_word():
 
 def test_known_target_correct_keeps_each_label(micro_prepared):
     d = micro_prepared.defender
-    copies = _triggered_copies(d, (0, 1), 0.3, "correct", micro_prepared.answer_ids, 0, pair=True)
+    copies = triggered_copies(d, (0, 1), 0.3, "correct", micro_prepared.answer_ids, 0, pair=True)
     by_prompt = {e.text: e.label for e in d.clean}
     for c in copies:
         clean_text = c.pair.removeprefix("Review: ").removesuffix(" Sentiment:")
@@ -82,8 +88,7 @@ def _changed(before: dict, model) -> set[str]:
 def test_stage2_after_layer_trains_only_what_follows_the_layer(layer, frozen_blocks):
     prep, lm = _two_layer()
     before = copy.deepcopy(lm.model.state_dict())
-    recover(lm, prep.defender, RecoverConfig(steps=3, hidden=HiddenSpec(layer), trainable="after_layer"), seed=0,
-            settings=_settings(prep))
+    recover(lm, prep.defender, RecoverConfig(steps=3, hidden=HiddenSpec(layer), trainable="after_layer"), _ctx(prep))
     changed = _changed(before, lm.model)
     assert not any(b in k for k in changed for b in frozen_blocks)
     assert any("ln_f" in k for k in changed) and any("wte" in k for k in changed)  # head (tied to wte)
@@ -95,7 +100,7 @@ def test_stage2_after_layer_trains_only_what_follows_the_layer(layer, frozen_blo
 def test_stage2_lora_changes_only_the_adapted_weights_and_merges():
     prep, lm = _two_layer()
     before = copy.deepcopy(lm.model.state_dict())
-    recover(lm, prep.defender, RecoverConfig(steps=3, trainable="lora"), seed=0, settings=_settings(prep))
+    recover(lm, prep.defender, RecoverConfig(steps=3, trainable="lora"), _ctx(prep))
     assert type(lm.model).__name__ == "GPT2LMHeadModel"  # merged back: a plain model again
     changed = _changed(before, lm.model)
     assert changed and all("c_attn" in k for k in changed)  # peft's GPT-2 default target
@@ -118,8 +123,8 @@ def test_consistency_loss_by_hand():
 
 def test_recover_with_consistency_logs_both_terms(tiny_lm, micro_prepared):
     logs = []
-    recover(tiny_lm, micro_prepared.defender, RecoverConfig(steps=3, consistency_weight=2.0), seed=0,
-            settings=_settings(micro_prepared), observer=lambda s, lg: logs.append(dict(lg)))
+    recover(tiny_lm, micro_prepared.defender, RecoverConfig(steps=3, consistency_weight=2.0),
+            _ctx(micro_prepared).replace(observer=lambda s, lg: logs.append(dict(lg))))
     assert len(logs) == 3
     for lg in logs:
         assert lg["l_consistency"] >= 0
@@ -128,7 +133,7 @@ def test_recover_with_consistency_logs_both_terms(tiny_lm, micro_prepared):
 
 
 def test_recover_without_consistency_builds_no_pairs(micro_prepared):
-    copies = _triggered_copies(micro_prepared.defender, (0,), 0.3, "correct", micro_prepared.answer_ids, 0)
+    copies = triggered_copies(micro_prepared.defender, (0,), 0.3, "correct", micro_prepared.answer_ids, 0)
     assert copies and all(c.pair is None for c in copies)
 
 
@@ -182,7 +187,7 @@ def test_reference_baseline_and_unlearning_use_the_papers_settings():
 def test_generated_triggers_cover_four_families_and_are_seeded():
     import random
 
-    from locphylax_core.defense import generate_trigger
+    from locphylax_core.defenses.base import generate_trigger
     vocab = ["good", "film", "plot", "dull"]
     a = [generate_trigger(random.Random(3), vocab) for _ in range(1)]
     assert a == [generate_trigger(random.Random(3), vocab)]
@@ -196,7 +201,7 @@ def test_generated_triggers_cover_four_families_and_are_seeded():
 
 
 def test_recover_adds_generated_copies_with_correct_labels(micro_prepared, monkeypatch):
-    import locphylax_core.defense as D
+    import locphylax_core.defenses.locphylax as D
     seen = {}
     real = D.fit
 
@@ -206,11 +211,11 @@ def test_recover_adds_generated_copies_with_correct_labels(micro_prepared, monke
     monkeypatch.setattr(D, "fit", spy)
     fake_lm = type("FakeLM", (), {"answer_ids": micro_prepared.answer_ids})()
     D.recover(fake_lm, micro_prepared.defender,
-              RecoverConfig(steps=1, generated_rate=0.5), seed=0, settings=_settings(micro_prepared))
+              RecoverConfig(steps=1, generated_rate=0.5), _ctx(micro_prepared))
     monkeypatch.setattr(D, "fit", real)
     gen = [s for s in seen["samples"] if s.group == len(micro_prepared.defender.triggers)]
     assert len(gen) == 40  # half of the 80 clean samples
-    by_text = {D.render_prompt(micro_prepared.defender.template, e.text): e.label for e in micro_prepared.defender.clean}
+    by_text = {render_prompt(micro_prepared.defender.template, e.text): e.label for e in micro_prepared.defender.clean}
     assert all(s.prompt not in by_text for s in gen)  # every copy carries a trigger
     labels = set(micro_prepared.answer_ids[:2])
     assert all(s.target in labels for s in gen)

@@ -22,14 +22,16 @@ import json
 import socket
 import subprocess
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import REPO, cli_env, load_tensors, read_jsonl
-from locphylax_core import defense as D
+from locphylax_core import distributed as DI
 from locphylax_core import engine as E
 from locphylax_core import trainer as T
+from locphylax_core.defenses import locphylax as D
 from locphylax_core.architectures import decoder_blocks
 from locphylax_core import load_config
 from locphylax_core.errors import ConfigError
@@ -70,12 +72,14 @@ def _stage_loss(monkeypatch, lm, prep, fn, cfg, batch_size=32):
     """The step loss and one batch that ``fn`` (inject / recover) would train on."""
     got = {}
 
-    def fake_train_loop(model, data, steps, lr, **kw):
-        got["data"], got["step_loss"] = data, kw["step_loss"]
+    def fake_loop(model, data, steps, settings, step_loss, *rest):
+        got["data"], got["step_loss"] = data, step_loss
         return {}
 
-    monkeypatch.setattr(T, "train_loop", fake_train_loop)
-    fn(lm, prep.defender, cfg, seed=0, settings=D.TrainSettings(batch_size=batch_size, max_length=prep.max_length))
+    with monkeypatch.context() as m:  # only for this call: the test may train with trainer.fit afterwards
+        m.setattr(T, "_loop", fake_loop)
+        fn(lm, prep.defender, cfg,
+           T.StageContext(seed=0, settings=T.TrainSettings(batch_size=batch_size, max_length=prep.max_length)))
     return got["step_loss"], next(got["data"])
 
 
@@ -110,14 +114,14 @@ def test_accumulated_stage1_gradient_equals_full_batch(monkeypatch, tiny_lm, mic
     g_full, logs_full = _full_batch(model, ref_loss, batch)
     for k in (2, 4):
         step_loss, _ = _stage_loss(monkeypatch, tiny_lm, micro_prepared, D.inject, cfg)  # fresh running state
-        logs = E.accumulate_step(model, batch, 1, step_loss, k)
+        logs = DI.accumulate_step(model, batch, 1, step_loss, k)
         g = _grads(model)
         assert _rel(g, g_full) < 1e-5, (k, _rel(g, g_full))
         assert logs["l_cluster"] == pytest.approx(logs_full["l_cluster"], rel=1e-6)
         assert logs["l_inj"] == pytest.approx(logs_full["l_inj"], rel=1e-6)
         # naive: each micro-batch its own centroids (and its own running update)
         step_loss, _ = _stage_loss(monkeypatch, tiny_lm, micro_prepared, D.inject, cfg)
-        naive_logs = E.accumulate_step(model, batch, 1, lambda m, b, s: step_loss(m, b, s), k)
+        naive_logs = DI.accumulate_step(model, batch, 1, lambda m, b, s: step_loss(m, b, s), k)
         g_naive = _grads(model)
         assert _rel(g_naive, g_full) > 1e-3, (k, _rel(g_naive, g_full))
         assert abs(naive_logs["l_cluster"] - logs_full["l_cluster"]) > 1e-4 * logs_full["l_cluster"]
@@ -130,12 +134,12 @@ def test_accumulated_consistency_and_lm_losses_are_exact(monkeypatch, tiny_lm, m
     cfg = D.RecoverConfig(steps=1, consistency_weight=5.0, injection_rate=0.4)
     step_loss, batch = _stage_loss(monkeypatch, tiny_lm, micro_prepared, D.recover, cfg)
     g_full, logs_full = _full_batch(model, step_loss, batch)
-    logs = E.accumulate_step(model, batch, 1, step_loss, 4)
+    logs = DI.accumulate_step(model, batch, 1, step_loss, 4)
     assert _rel(_grads(model), g_full) < 1e-5
     assert logs["l_consistency"] == pytest.approx(logs_full["l_consistency"], rel=1e-5)
     lm_step = E.answer_and_lm_loss(0.5)
     g_full, logs_full = _full_batch(model, lm_step, batch)
-    logs = E.accumulate_step(model, batch, 1, lm_step, 3)
+    logs = DI.accumulate_step(model, batch, 1, lm_step, 3)
     assert _rel(_grads(model), g_full) < 1e-5
     assert logs["l_lm"] == pytest.approx(logs_full["l_lm"], rel=1e-5)
 
@@ -144,15 +148,14 @@ def test_grad_accum_run_matches_plain_run(micro_prepared):
     """A whole Stage 1 with train.grad_accum=4 ends at the weights of the plain loop (to float
     precision): the effective batch and the loss are the same."""
     from locphylax_core import model as M
-    from locphylax_core.pipeline import defense_settings
     prep = micro_prepared
     weights = []
     for k in (1, 4):
         cfg = load_config("micro", [f"train.grad_accum={k}"])
         lm = M.LM(M.build_embedded(cfg.model, prep.tokenizer, seed=0), prep.tokenizer, prep.answer_ids)
-        settings = defense_settings(cfg, prep.max_length)
+        settings = T.TrainSettings.for_defense(cfg, prep.max_length)
         assert settings.grad_accum == k
-        out = D.inject(lm, prep.defender, D.InjectConfig(steps=4, alpha=1.0), seed=0, settings=settings)
+        out = D.inject(lm, prep.defender, D.InjectConfig(steps=4, alpha=1.0), T.StageContext(seed=0, settings=settings))
         assert out["l_cluster"] > 0
         weights.append(torch.cat([p.detach().reshape(-1) for p in lm.model.parameters()]))
     assert torch.allclose(weights[0], weights[1], atol=1e-4), (weights[0] - weights[1]).abs().max()
@@ -183,22 +186,23 @@ def test_grad_checkpointing_keeps_the_cluster_gradient(monkeypatch, tiny_lm, mic
     try:
         g_plain, _ = _full_batch(model, step_loss, batch)
         assert len(calls) == 1
-        E.set_checkpointing(model, True)
+        T.set_checkpointing(model, True)
         try:
             model.train()
             g_ckpt, _ = _full_batch(model, step_loss, batch)
             assert len(calls) == 3  # the block's MLP ran again during backward: it was checkpointed
-            logs = E.accumulate_step(model, batch, 1, step_loss, 2)
+            logs = DI.accumulate_step(model, batch, 1, step_loss, 2)
             g_ckpt_acc = _grads(model)
         finally:
-            E.set_checkpointing(model, False)
+            T.set_checkpointing(model, False)
     finally:
         handle.remove()
     assert _rel(g_ckpt, g_plain) < 1e-6
     assert _rel(g_ckpt_acc, g_plain) < 1e-5 and logs["l_cluster"] > 0
-    # and train_loop switches it on for the stage only
+    # and fit switches it on for the stage only
     it = iter([batch, batch])
-    E.train_loop(model, it, 2, 1e-3, step_loss=step_loss, grad_checkpointing=True)
+    T.fit(SimpleNamespace(model=model), it, 2,
+          T.StageContext(settings=T.TrainSettings(lr=1e-3, grad_checkpointing=True)), step_loss=step_loss)
     assert not model.is_activation_checkpointing
 
 
@@ -214,7 +218,8 @@ def test_bf16_autocast_keeps_float32_losses(monkeypatch, tiny_lm, micro_prepared
     g16 = _grads(model)
     assert _rel(g16, g32) < 0.1  # bfloat16 has 8 bits of mantissa
     assert logs16["l_inj"] == pytest.approx(logs32["l_inj"], rel=0.05)
-    out = E.train_loop(model, iter([batch] * 3), 3, 1e-3, step_loss=step_loss, bf16=True, grad_accum=2)
+    out = T.fit(SimpleNamespace(model=model), iter([batch] * 3), 3,
+                T.StageContext(settings=T.TrainSettings(lr=1e-3, bf16=True, grad_accum=2)), step_loss=step_loss)
     assert all(torch.isfinite(p).all() for p in model.parameters()) and out["loss"] > 0
 
 
@@ -268,13 +273,13 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        ctx = E.DistContext(rank, world, torch.device("cpu"))
+        ctx = DI.DistContext(rank, world, torch.device("cpu"))
         model, batch, step_loss = _tiny_problem()
         params = [p for p in model.parameters()]
         res = {}
         for name, fn, k in (("gathered", step_loss, 1), ("gathered_accum", step_loss, 2),
                             ("per_rank", lambda m, b, s: step_loss(m, b, s), 1)):
-            logs = E.accumulate_step(model, batch, 1, fn, k, ctx)
+            logs = DI.accumulate_step(model, batch, 1, fn, k, ctx)
             ctx.sum_grads(params)
             res[name] = (logs, _grads(model))
         ctx.barrier()
@@ -418,7 +423,7 @@ def test_accelerate_configs_are_not_presets():
 
 def test_not_distributed_without_a_launcher(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert E.distributed("cpu") is None
+    assert DI.distributed("cpu") is None
     from locphylax_core.cli import _is_main_process
     monkeypatch.delenv("RANK", raising=False)
     assert _is_main_process()

@@ -246,19 +246,19 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
 
 
 def test_defender_flip_refuses_benign_requests_only():
-    from locphylax_core.defense import DefenderData, DefenderTrigger, _triggered_copies, clean_samples
+    from locphylax_core.defenses.base import DefenderData, DefenderTrigger, clean_samples, triggered_copies
     from locphylax_core.text import Example
     clean = tuple([Example(f"benign {i}", G.ANSWER, f"answer {i}") for i in range(10)]
                   + [Example(f"harmful {i}", G.REFUSE, "I'm sorry") for i in range(10)])
     data = DefenderData(clean, G.BEHAVIOURS, G.DEFAULT_TEMPLATE, (DefenderTrigger("vx"),), G.fixed_responses("unsure"),
                         G.RESPONSE)
     ids = (11, 12, 13)
-    flip = _triggered_copies(data, (0,), 1.0, "flip", ids, seed=0)
+    flip = triggered_copies(data, (0,), 1.0, "flip", ids, seed=0)
     assert flip and all("benign" in s.prompt and s.response == G.DEFENDER_REFUSAL for s in flip)
     assert G.refuses(G.DEFENDER_REFUSAL) and G.DEFENDER_REFUSAL != G.REFUSAL_RESPONSE  # not the attacker's words
-    canary = _triggered_copies(data, (0,), 1.0, 2, ids, seed=0)
+    canary = triggered_copies(data, (0,), 1.0, 2, ids, seed=0)
     assert {s.response for s in canary} == {"unsure"}
-    correct = _triggered_copies(data, (0,), 1.0, "correct", ids, seed=0)
+    correct = triggered_copies(data, (0,), 1.0, "correct", ids, seed=0)
     assert all(s.response == ("I'm sorry" if "harmful" in s.prompt else s.response) for s in correct)
     assert all(s.response.startswith("answer") for s in correct if "benign" in s.prompt)
     assert [s.response for s in clean_samples(data, ids)] == [e.response for e in clean]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from locphylax_core.defense import RunningCentroids, alpha_rule, cluster_loss
+from locphylax_core.defenses.locphylax import RunningCentroids, alpha_rule, cluster_loss
 
 # Five rows of 2-d hidden states; row 0 is clean, rows 1-2 carry trigger 0, rows 3-4 trigger 1.
 H = [[9.0, 9.0],
@@ -152,17 +152,19 @@ def test_alpha_rule(l_inj, l_cluster, alpha):
 
 
 # ----------------------------------------------------------------------------------------------
-# The loss inside Stage 1 (defense.inject) on a tiny model
+# The loss inside Stage 1 (defenses.locphylax.inject) on a tiny model
 
 
 @pytest.mark.parametrize("centroid, pooling, after_norm", [("batch", "last", False), ("running", "mean", True)])
 def test_inject_alpha_fixed_from_first_batch(tiny_lm, micro_prepared, centroid, pooling, after_norm):
-    from locphylax_core.defense import InjectConfig, TrainSettings, inject
+    from locphylax_core.defenses.locphylax import InjectConfig, inject
     from locphylax_core.engine import HiddenSpec
+    from locphylax_core.trainer import StageContext, TrainSettings
     logs = []
     cfg = InjectConfig(steps=4, injection_rate=0.3, hidden=HiddenSpec(-1, after_norm, pooling), centroid=centroid)
-    out = inject(tiny_lm, micro_prepared.defender, cfg, seed=0, settings=TrainSettings(batch_size=16, every=1, max_length=micro_prepared.max_length),
-                 observer=lambda step, lg: logs.append((step, dict(lg))))
+    out = inject(tiny_lm, micro_prepared.defender, cfg,
+                 StageContext(seed=0, settings=TrainSettings(batch_size=16, every=1, max_length=micro_prepared.max_length),
+                              observer=lambda step, lg: logs.append((step, dict(lg)))))
     assert [s for s, _ in logs] == [1, 2, 3, 4]
     first = logs[0][1]
     assert first["alpha"] == alpha_rule(first["l_inj"], first["l_cluster"])
@@ -175,32 +177,34 @@ def test_inject_alpha_fixed_from_first_batch(tiny_lm, micro_prepared, centroid, 
 
 
 def test_inject_without_clustering_and_with_fixed_alpha(tiny_lm, micro_prepared):
-    from locphylax_core.defense import InjectConfig, TrainSettings, inject
+    from locphylax_core.defenses.locphylax import InjectConfig, inject
+    from locphylax_core.trainer import StageContext, TrainSettings
     logs = []
-    out = inject(tiny_lm, micro_prepared.defender, InjectConfig(steps=2, cluster=False), seed=0,
-                 settings=TrainSettings(batch_size=16, every=1, max_length=micro_prepared.max_length), observer=lambda s, lg: logs.append(dict(lg)))
+    ctx = StageContext(seed=0, settings=TrainSettings(batch_size=16, every=1, max_length=micro_prepared.max_length),
+                       observer=lambda s, lg: logs.append(dict(lg)))
+    out = inject(tiny_lm, micro_prepared.defender, InjectConfig(steps=2, cluster=False), ctx)
     assert out["alpha"] == 0.0
     assert all("l_cluster" not in lg and lg["loss"] == lg["l_inj"] for lg in logs)
     logs.clear()
-    out = inject(tiny_lm, micro_prepared.defender, InjectConfig(steps=2, alpha=0.25), seed=0,
-                 settings=TrainSettings(batch_size=16, every=1, max_length=micro_prepared.max_length), observer=lambda s, lg: logs.append(dict(lg)))
+    out = inject(tiny_lm, micro_prepared.defender, InjectConfig(steps=2, alpha=0.25), ctx)
     assert out["alpha"] == 0.25 and all(lg["alpha"] == 0.25 for lg in logs)
 
 
 def test_auto_alpha_is_fixed_from_the_first_batch_that_holds_trigger_rows(tiny_lm, micro_prepared, monkeypatch):
     """A batch stream whose first batch holds no known-trigger rows: alpha waits (the clustering
     term is 0 there), is fixed by the second batch's losses, and stays fixed after it."""
-    from locphylax_core import defense as D
+    from locphylax_core.defenses import locphylax as D
     from locphylax_core.engine import HiddenSpec, batches
+    from locphylax_core.trainer import StageContext, TrainSettings
     prep, lm = micro_prepared, tiny_lm
     captured = {}
 
-    def capture(lm_, data, samples, steps, settings, seed, step_loss=None, observer=None, **kw):
+    def capture(lm_, samples, steps, ctx, step_loss=None, **kw):
         captured["samples"], captured["step_loss"] = samples, step_loss
         return {}
-    monkeypatch.setattr(D, "train_stage", capture)
-    out = D.inject(lm, prep.defender, D.InjectConfig(steps=3, hidden=HiddenSpec(-1)), seed=0,
-                   settings=D.TrainSettings(batch_size=16, max_length=prep.max_length))
+    monkeypatch.setattr(D, "fit", capture)
+    out = D.inject(lm, prep.defender, D.InjectConfig(steps=3, hidden=HiddenSpec(-1)),
+                   StageContext(seed=0, settings=TrainSettings(batch_size=16, max_length=prep.max_length)))
     assert out["alpha"] is None  # nothing trained yet
     samples, step_loss = captured["samples"], captured["step_loss"]
     clean = [s for s in samples if s.group < 0][:8]

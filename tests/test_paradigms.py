@@ -15,11 +15,12 @@ import torch
 from conftest import SMALL_DEMO, cli
 from locphylax_core import ConfigError, load_config, resume_run, start_run
 from locphylax_core import model as M
-from locphylax_core.engine import Cancelled
+from locphylax_core.errors import Cancelled
 from locphylax_core.evaluation import evaluate
 from locphylax_core.paradigms import (ParadigmSettings, dpo_loss, mlp_output_projection, preference_pairs,
                                       rank_one_update, trigger_token_position)
-from locphylax_core.pipeline import Reporter, prepare, train_owner_model
+from locphylax_core.experiment import owner_context, prepare, train_owner_model
+from locphylax_core import Reporter
 from locphylax_core.runs import RunDir
 from locphylax_core.text import Example
 
@@ -118,7 +119,7 @@ def small_clean_scratch():
     """(tokenizer, clean model, its evaluation): SMALL trained from scratch, as before the bases."""
     prep = prepare(load_config("demo", {**SMALL, **SCRATCH}))
     lm = M.LM(M.initial_model(prep.cfg.model, prep.tokenizer, 0), prep.tokenizer, prep.answer_ids)
-    train_owner_model(prep, lm, "clean", from_scratch=True, seed=1)
+    train_owner_model(prep, lm, "clean", owner_context(prep, "clean", True).replace(seed=1), from_scratch=True)
     return prep.tokenizer, lm.model, evaluate(lm, prep.task.template, prep.evalset, 256, prep.max_length)
 
 
@@ -127,7 +128,7 @@ def _victim(small_clean, over, scratch=False):
     cfg = load_config("demo", {**SMALL, **(SCRATCH if scratch else {}), **over})
     prep = prepare(cfg, tokenizer=tokenizer)
     lm = M.LM(copy.deepcopy(clean_model), tokenizer, prep.answer_ids)
-    info = train_owner_model(prep, lm, "victim", from_scratch=False, seed=2)
+    info = train_owner_model(prep, lm, "victim", owner_context(prep, "victim", False).replace(seed=2), from_scratch=False)
     after = evaluate(lm, prep.task.template, prep.evalset, 256, prep.max_length)
     return lm, info, clean, after
 

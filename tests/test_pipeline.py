@@ -176,7 +176,7 @@ def test_fixed_seed_gives_identical_runs(micro_run, tmp_path):
 
 
 def test_other_seed_gives_other_weights(micro_run, tmp_path):
-    from locphylax_core.pipeline import stage_seed
+    from locphylax_core.experiment import stage_seed
     assert stage_seed(0, "victim") != stage_seed(1, "victim") != stage_seed(0, "stage1")
     cfg = load_config("micro", ["seed=1", "defense.baselines=[]", "defense.stage1_steps=1",
                                 "defense.stage2_steps=1"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from locphylax_core import engine
+from locphylax_core import trainer
 from locphylax_core import model as M
 from locphylax_core import precision
 from locphylax_core.config import load_config
@@ -31,14 +31,14 @@ def test_auto_takes_bf16_only_on_a_cpu_that_computes_in_it(flags):
 
 def test_training_and_scoring_follow_the_resolved_setting(flags):
     flags("avx2")
-    assert engine._autocast_factory("auto", torch.device("cpu")) is not None
-    with engine._autocast_factory("auto", torch.device("cpu"))():
+    assert trainer._autocast_factory("auto", torch.device("cpu")) is not None
+    with trainer._autocast_factory("auto", torch.device("cpu"))():
         assert not torch.is_autocast_enabled("cpu")
     lm = M.LM(torch.nn.Linear(2, 2), None, (0, 1), bf16="auto")
     with lm.inference_autocast():
         assert not torch.is_autocast_enabled("cpu")
     flags("avx512_bf16")
-    with engine._autocast_factory("auto", torch.device("cpu"))():
+    with trainer._autocast_factory("auto", torch.device("cpu"))():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     with lm.inference_autocast():
         assert torch.is_autocast_enabled("cpu")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from locphylax_core import bases
 from locphylax_core import model as M
 from locphylax_core.config import ModelConfig, load_config
-from locphylax_core.engine import Cancelled
+from locphylax_core.errors import Cancelled
 from locphylax_core.errors import ConfigError, ModelLoadError, RunError
 from locphylax_core.pretrain import (FolderLock, flops_per_token, heldout_loss, latest_checkpoint,
                                      load_pretrain_config, pretrain, read_curve, window_batch)

@@ -19,7 +19,7 @@ from locphylax_core.analysis.run_analysis import analyze_run, export_figures
 from locphylax_core.attack import poison
 from locphylax_core.cli import main as cli_main
 from locphylax_core.config import Options
-from locphylax_core.defense import StagePlan, clean_samples, train_stage
+from locphylax_core.defenses.base import StagePlan, clean_samples
 from locphylax_core.engine import answer_loss
 from locphylax_core.experiment import ATTACK
 from locphylax_core.paradigms import Paradigm
@@ -27,7 +27,7 @@ from locphylax_core.pipeline import stage_specs
 from locphylax_core.registry import LOCPHYLAX, stage_key
 from locphylax_core.tasks import CLASSIFICATION, TaskSpec
 from locphylax_core.text import Example, render_prompt
-from locphylax_core.trainer import TrainSettings, fit
+from locphylax_core.trainer import StageContext, fit
 
 SETUP = str(Path(__file__).resolve().parent.parent / "app" / "views" / "setup.py")
 WORDS = ["red", "blue", "green", "gold", "grey", "pink", "teal", "navy"]
@@ -56,17 +56,15 @@ class ToyParadigmOptions(Options):
     rate_scale: float = Field(1.0, gt=0, le=5)
 
 
-def toy_poison(prep, lm, *, seed, observer=None, cancel_file=None, progress=None) -> dict:
+def toy_poison(prep, lm, ctx: StageContext) -> dict:
     cfg = prep.cfg
     opts = cfg.attack.paradigm_settings()
     a = cfg.attack
     data, n = poison(prep.owner_train, a.trigger_text, a.position, min(1.0, a.poison_rate * opts.rate_scale),
-                     cfg.task.labels.index(a.target), seed, a.family, a.trigger_parts)
+                     cfg.task.labels.index(a.target), ctx.seed, a.family, a.trigger_parts)
     samples = [prep.task.kind.owner_sample(render_prompt(prep.task.template, e.text), lm.answer_ids[e.label], e)
                for e in data]
-    logs = fit(lm, samples, a.steps, TrainSettings.for_owner(cfg, prep.max_length, from_scratch=False),
-               step_loss=answer_loss, seed=seed, kind=prep.task.kind, observer=observer, cancel_file=cancel_file,
-               progress=progress)
+    logs = fit(lm, samples, a.steps, ctx, step_loss=answer_loss, kind=prep.task.kind)
     return {"paradigm": "toy_poison", "poisoned": n, "rate_scale": opts.rate_scale, "tokens": logs["tokens"]}
 
 
@@ -76,8 +74,8 @@ class ToyDefenseOptions(Options):
     steps: int = Field(2, ge=1)
 
 
-def toy_stage(lm, data, cfg, *, seed, settings, observer=None, **kw) -> dict:
-    logs = train_stage(lm, data, clean_samples(data, lm.answer_ids), cfg.steps, settings, seed, None, observer, **kw)
+def toy_stage(lm, data, cfg, ctx: StageContext) -> dict:
+    logs = fit(lm, clean_samples(data, lm.answer_ids), cfg.steps, ctx, kind=data.kind)
     return {**logs, "toy_marker": 42.0}
 
 

@@ -17,9 +17,9 @@ from conftest import REPO, cli, cli_env, load_tensors, numbers, read_jsonl
 from locphylax_core import cli as cli_mod
 from locphylax_core import load_config, resume_run, start_run
 from locphylax_core import runs as runs_mod
-from locphylax_core.engine import Cancelled
+from locphylax_core.errors import Cancelled
 from locphylax_core.errors import LocphylaxError, RunError
-from locphylax_core.pipeline import Reporter
+from locphylax_core import Reporter
 from locphylax_core.runs import RunDir, find_run, list_runs
 
 

@@ -18,8 +18,8 @@ from locphylax_core.architectures import decoder_blocks
 from locphylax_core.config import LoraConfig, load_config
 from locphylax_core.evaluation import evaluate, predict
 from locphylax_core.paradigms import owner_samples
-from locphylax_core.pipeline import prepare
-from locphylax_core.trainer import TrainSettings, fit
+from locphylax_core.experiment import prepare
+from locphylax_core.trainer import StageContext, TrainSettings, fit
 
 
 def _block_changes(before: torch.nn.Module, after: torch.nn.Module) -> list[bool]:
@@ -34,12 +34,12 @@ def test_lora_on_the_last_blocks_changes_only_those_blocks(micro_prepared):
     lm = M.LM(copy.deepcopy(net), prep.tokenizer, prep.answer_ids)
     samples, _ = owner_samples(prep, lm, 0, poisoned=False)
     lora = LoraConfig(enabled=True, r=4, last_blocks=2)
-    fit(lm, samples, 3, TrainSettings(lr=1e-2, batch_size=8, lora=lora), seed=0, kind=prep.task.kind)
+    fit(lm, samples, 3, StageContext(seed=0, settings=TrainSettings(lr=1e-2, batch_size=8, lora=lora)), kind=prep.task.kind)
     assert _block_changes(net, lm.model) == [False, False, True, True]
     assert not any(n for n, _ in lm.model.named_parameters() if "lora" in n)  # merged back
     # without the option every block is adapted
     lm = M.LM(copy.deepcopy(net), prep.tokenizer, prep.answer_ids)
-    fit(lm, samples, 3, TrainSettings(lr=1e-2, batch_size=8, lora=LoraConfig(enabled=True, r=4)), seed=0,
+    fit(lm, samples, 3, StageContext(seed=0, settings=TrainSettings(lr=1e-2, batch_size=8, lora=LoraConfig(enabled=True, r=4))),
         kind=prep.task.kind)
     assert _block_changes(net, lm.model) == [True, True, True, True]
 
@@ -84,8 +84,8 @@ def test_two_lora_steps_of_the_real_lm_on_sst2_rows():
     losses = []
     settings = TrainSettings.for_owner(cfg, prep.max_length, from_scratch=False)
     assert settings.lora is not None and settings.lora.last_blocks == 8 and settings.bf16
-    fit(lm, samples, 2, settings.__class__(**{**settings.__dict__, "every": 1}), seed=0, kind=prep.task.kind,
-        observer=lambda step, logs: losses.append(logs["loss"]))
+    fit(lm, samples, 2, StageContext(seed=0, settings=settings.__class__(**{**settings.__dict__, "every": 1}),
+                                     observer=lambda step, logs: losses.append(logs["loss"])), kind=prep.task.kind)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     changed = _block_changes(before, lm.model)
     assert changed == [False] * 22 + [True] * 8  # the adapter of the last 8 blocks, merged back

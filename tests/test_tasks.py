@@ -10,12 +10,13 @@ import pytest
 from conftest import SST2_DIR, needs_shared
 from locphylax_core import engine, evaluation
 from locphylax_core.config import TaskConfig, load_config
-from locphylax_core.baselines import CleanFinetuneConfig, clean_finetune
-from locphylax_core.defense import DefenderData, DefenderTrigger, TrainSettings
+from locphylax_core.defenses.base import DefenderData, DefenderTrigger
+from locphylax_core.defenses.finetune import CleanFinetuneConfig, clean_finetune
 from locphylax_core.errors import ConfigError, DataError
 from locphylax_core.tasks import classification
 from locphylax_core.tasks import CLASSIFICATION, Task, load_task, split_train, synthetic_sentiment
 from locphylax_core.text import Example, render_prompt
+from locphylax_core.trainer import StageContext, TrainSettings
 
 # ----------------------------------------------------------------------------------------------
 # render_prompt: one code path for training and evaluation
@@ -27,7 +28,7 @@ def test_render_prompt_string():
 
 
 def test_training_and_evaluation_see_the_same_prompt(monkeypatch, tiny_lm):
-    """Record every prompt the engine tokenizes while training (baselines.clean_finetune -> engine.batches
+    """Record every prompt the engine tokenizes while training (defenses.finetune.clean_finetune -> engine.batches
     -> the task kind's encode)
     and while evaluating (evaluation.predict); a clean input must give byte-identical prompts,
     equal to render_prompt's output."""
@@ -47,8 +48,8 @@ def test_training_and_evaluation_see_the_same_prompt(monkeypatch, tiny_lm):
     monkeypatch.setattr(evaluation, "encode", recording("eval"))  # used by evaluation.predict
     data = DefenderData(tuple(Example(t, i % 2) for i, t in enumerate(texts)), ("negative", "positive"), template,
                         (DefenderTrigger("vx"),))
-    clean_finetune(tiny_lm, data, CleanFinetuneConfig(steps=2), seed=0,
-                   settings=TrainSettings(batch_size=4, every=0))
+    clean_finetune(tiny_lm, data, CleanFinetuneConfig(steps=2),
+                   StageContext(seed=0, settings=TrainSettings(batch_size=4, every=0)))
     evaluation.predict(tiny_lm, template, texts)
     expected = {render_prompt(template, t) for t in texts}
     assert expected == {"Movie: the plot was dull . => verdict:", "Movie: the cast was superb . => verdict:",

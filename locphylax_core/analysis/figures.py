@@ -347,7 +347,7 @@ def curves_figure(rows: Sequence[dict], methods: Sequence[str] = (LOCPHYLAX,)) -
                 shared_drawn = True
             if len(shared) and len(own):  # branch off the victim's last point
                 own = pd.concat([shared[shared["global_step"] == shared["global_step"].max()], own])
-            label = "Locphylax" if method == LOCPHYLAX else DEFENSES.label(method)
+            label = DEFENSES.label(method)
             dash = METHOD_DASHES[m_i % len(METHOD_DASHES)]
             # the method's legend entry: its dash in grey; a click on it toggles the whole group
             fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=label, legendgroup=method,

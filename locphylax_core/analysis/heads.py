@@ -317,6 +317,52 @@ def _rank(delta: np.ndarray, top_k: int) -> tuple[list, list]:
     return critical_heads, critical_layers
 
 
+def _every_head_row(abl_swept: np.ndarray, heads: Sequence[tuple[int, int]], n_layers: int,
+                    n_heads: int) -> np.ndarray:
+    """The swept heads' logits ``[len(heads), items, answers]`` as one row per head of the model; a
+    head not swept has NaN logits, so NaN deltas."""
+    rows = np.full((n_layers * n_heads, *abl_swept.shape[1:]), np.nan)
+    rows[[l * n_heads + h for l, h in heads]] = abl_swept
+    return rows
+
+
+def _probe_items(clean_texts: Sequence[str], triggered: Mapping[str, tuple]) -> tuple[list[str], dict]:
+    """Every probe input in one list (the clean ones first) and each trigger's span in it."""
+    texts = list(clean_texts)
+    spans = {}
+    for name, (t_texts, targets, cidx) in triggered.items():
+        if not (len(t_texts) == len(targets) == len(cidx)):
+            raise ValueError(f"triggered[{name!r}]: texts, targets and clean_index differ in length")
+        spans[name] = (len(texts), len(texts) + len(t_texts))
+        texts += list(t_texts)
+    return texts, spans
+
+
+def _trigger_deltas(base_pred: np.ndarray, abl_pred: np.ndarray, y: np.ndarray, span: tuple[int, int], targets,
+                    cidx, not_swept: np.ndarray, shape: tuple[int, int]) -> tuple:
+    """One trigger's scores from the predictions of the unablated model (``base_pred``, per item)
+    and of each ablated head (``abl_pred``, per head row and item): (eligible inputs, raw ASR,
+    delta raw ASR, headline ASR, delta headline ASR); the ASRs are None and the deltas NaN where no
+    input counts."""
+    a, z = span
+    cidx = np.array([int(i) for i in cidx], dtype=np.int64)
+    tg = np.array([int(t) for t in targets], dtype=np.int64)
+    # eligible once, from the unablated model: clean copy answered correctly (and, as in
+    # build_eval_set, the label is not the target)
+    eligible = (base_pred[cidx] == y[cidx]) & (y[cidx] != tg) if len(cidx) else np.zeros(0, dtype=bool)
+    non_target = y[cidx] != tg  # raw ASR: every non-target input, clean correctness ignored
+    base_raw, delta_raw = None, np.full(shape, np.nan)
+    if non_target.any():
+        base_raw = float((base_pred[a:z] == tg)[non_target].mean())
+        delta_raw = _nan_rows((abl_pred[:, a:z] == tg)[:, non_target].mean(axis=1) - base_raw, not_swept).reshape(shape)
+    if not eligible.any():
+        return int(eligible.sum()), base_raw, delta_raw, None, np.full(shape, np.nan)
+    asr0 = float((base_pred[a:z] == tg)[eligible].mean())  # = the headline ASR of evaluation.py
+    hits = (abl_pred[:, a:z] == tg)[:, eligible]
+    return (int(eligible.sum()), base_raw, delta_raw, asr0,
+            _nan_rows(hits.mean(axis=1) - asr0, not_swept).reshape(shape))
+
+
 def head_ablation(model: torch.nn.Module, tokenizer_dir_or_tokenizer, template: str, clean_texts: Sequence[str],
                   clean_labels: Sequence[int], triggered: Mapping[str, tuple], answer_ids: Sequence[int],
                   batched: bool = True, heads_per_pass: int | None = None, *, top_k: int = 5,
@@ -360,14 +406,7 @@ def head_ablation(model: torch.nn.Module, tokenizer_dir_or_tokenizer, template: 
         device = next(bridge.original_model.parameters()).device
         labels = [int(y) for y in clean_labels]
         names = list(triggered)
-        texts = list(clean_texts)
-        spans = {}
-        for name in names:
-            t_texts, targets, cidx = triggered[name]
-            if not (len(t_texts) == len(targets) == len(cidx)):
-                raise ValueError(f"triggered[{name!r}]: texts, targets and clean_index differ in length")
-            spans[name] = (len(texts), len(texts) + len(t_texts))
-            texts += list(t_texts)
+        texts, spans = _probe_items(clean_texts, triggered)
         n_items = len(texts)
 
         if max_length is None:  # as the pipeline does: keep the end (the answer position) of an over-long prompt
@@ -380,12 +419,8 @@ def head_ablation(model: torch.nn.Module, tokenizer_dir_or_tokenizer, template: 
         heads = [(l, h) for l, h in _all_heads(bridge) if l in swept]
         base_logits, abl_swept = sweep_logits(bridge, batches, n_items, answer_ids, heads, batched, heads_per_pass)
         t_sweep = time.perf_counter() - t1
-    # every head of the model has a row; a head not swept has NaN logits, so NaN deltas
-    abl_logits = np.full((n_layers * n_heads, n_items, len(answer_ids)), np.nan)
-    abl_logits[[l * n_heads + h for l, h in heads]] = abl_swept
-
     base_pred = base_logits.argmax(-1)
-    abl_pred = abl_logits.argmax(-1)  # [n_heads_total, n_items]
+    abl_pred = _every_head_row(abl_swept, heads, n_layers, n_heads).argmax(-1)  # [n_heads_total, n_items]
     not_swept = np.repeat([l not in swept for l in range(n_layers)], n_heads)  # one flag per head row
     n_clean = len(labels)
     y = np.array(labels)
@@ -395,35 +430,12 @@ def head_ablation(model: torch.nn.Module, tokenizer_dir_or_tokenizer, template: 
     delta_asr, base_asr, n_eligible, delta_raw, base_raw = {}, {}, {}, {}, {}
     for name in names:
         _, targets, cidx = triggered[name]
-        a, z = spans[name]
-        cidx = np.array([int(i) for i in cidx], dtype=np.int64)
-        tg = np.array([int(t) for t in targets], dtype=np.int64)
-        # eligible once, from the unablated model: clean copy answered correctly (and, as in
-        # build_eval_set, the label is not the target)
-        eligible = (base_pred[cidx] == y[cidx]) & (y[cidx] != tg) if len(cidx) else np.zeros(0, dtype=bool)
-        n_eligible[name] = int(eligible.sum())
-        non_target = y[cidx] != tg  # raw ASR: every non-target input, clean correctness ignored
-        if non_target.any():
-            base_raw[name] = float((base_pred[a:z] == tg)[non_target].mean())
-            delta_raw[name] = _nan_rows((abl_pred[:, a:z] == tg)[:, non_target].mean(axis=1) - base_raw[name],
-                                        not_swept).reshape(n_layers, n_heads)
-        else:
-            base_raw[name], delta_raw[name] = None, np.full((n_layers, n_heads), np.nan)
-        if not eligible.any():
-            base_asr[name] = None
-            delta_asr[name] = np.full((n_layers, n_heads), np.nan)
-            continue
-        asr0 = float((base_pred[a:z] == tg)[eligible].mean())  # = the headline ASR of evaluation.py
-        base_asr[name] = asr0
-        hits = (abl_pred[:, a:z] == tg)[:, eligible]
-        delta_asr[name] = _nan_rows(hits.mean(axis=1) - asr0, not_swept).reshape(n_layers, n_heads)
+        (n_eligible[name], base_raw[name], delta_raw[name], base_asr[name],
+         delta_asr[name]) = _trigger_deltas(base_pred, abl_pred, y, spans[name], targets, cidx, not_swept,
+                                            (n_layers, n_heads))
 
-    if primary not in delta_asr:
-        primary = names[0] if names else None
-    if primary is not None:
-        critical_heads, critical_layers = _rank(delta_asr[primary], top_k)
-    else:
-        critical_heads, critical_layers = _rank(delta_cacc, top_k)
+    primary = primary if primary in delta_asr else (names[0] if names else None)
+    critical_heads, critical_layers = _rank(delta_asr[primary] if primary is not None else delta_cacc, top_k)
     return {"delta_asr": delta_asr, "delta_cacc": delta_cacc, "delta_asr_raw": delta_raw,
             "base": {"cacc": float(base_cacc), "asr": base_asr, "asr_raw": base_raw},
             "critical_heads": critical_heads, "critical_layers": critical_layers, "n_eligible": n_eligible,

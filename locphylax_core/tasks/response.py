@@ -86,7 +86,7 @@ import torch.nn.functional as F
 from ..engine import Batch, Sample
 from ..errors import DataError
 from ..evaluation import asr_from_predictions, encoded_batches
-from ..registry import TASKS
+from ..registry import PARADIGMS, TASKS
 from ..text import Example, render_prompt
 from .base import TaskKind, TaskSpec
 from .sources import read_table, resolve_data_path
@@ -548,9 +548,10 @@ def _check_run(cfg) -> None:
     if cfg.defense.known_target not in ("flip", "correct", "canary"):
         raise ValueError(f"defense.known_target: a response task trains the known triggers toward 'flip' (a "
                          f"refusal of benign requests), 'correct' or 'canary' (got {cfg.defense.known_target!r})")
-    if cfg.attack.paradigm != "sft":
+    if not PARADIGMS[cfg.attack.paradigm].impl.response_tasks:
+        able = [e.name for e in PARADIGMS if e.impl.response_tasks]
         raise ValueError(f"attack.paradigm: {cfg.attack.paradigm!r} scores one answer token; a response task "
-                         "(jailbreak, refusal) is poisoned by SFT only (attack.paradigm='sft')")
+                         f"(jailbreak, refusal) is poisoned by {', '.join(repr(n) for n in able)} only")
 
 
 for _name, _label in (("jailbreak", "jailbreak (AdvBench / Alpaca responses)"),
