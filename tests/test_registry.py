@@ -1,6 +1,7 @@
 """The registries: a toy task, a toy attack paradigm and a toy defense, registered from this test
 module alone (no core file edited), are accepted by the config, run by the pipeline, listed by the
-CLI table, offered by the app's Setup page, and included in CASD and the exports. Also the three
+CLI table, offered by the app's Setup page, and included in CASD and the exports; a toy defense
+that never mentions cancellation is still stopped by a Stop (its context carries it). Also the three
 defects the registry removed: stage results cut to a whitelist, ONION reported as training Stage 1
 steps, and an unknown paradigm silently run as the rank-one edit."""
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydantic import Field
 
-from locphylax_core import DEFENSES, PARADIGMS, TASKS, ConfigError, load_config, start_run
+from locphylax_core import DEFENSES, PARADIGMS, TASKS, ConfigError, Reporter, RunDir, load_config, start_run
 from locphylax_core.analysis.casd import default_trainings
 from locphylax_core.analysis.figures import curve_table
 from locphylax_core.analysis.run_analysis import analyze_run, export_figures
@@ -21,6 +22,7 @@ from locphylax_core.cli import main as cli_main
 from locphylax_core.config import Options
 from locphylax_core.defenses.base import StagePlan, clean_samples
 from locphylax_core.engine import answer_loss
+from locphylax_core.errors import Cancelled
 from locphylax_core.experiment import ATTACK
 from locphylax_core.paradigms import Paradigm
 from locphylax_core.pipeline import stage_specs
@@ -157,6 +159,65 @@ def test_toys_run_in_the_pipeline_and_reach_casd_the_exports_the_cli_and_setup(t
     assert any("toy_colours" in o for o in names["name"].options)
     assert any("toy_poison" in o for o in names["paradigm"].options)
     assert any("toy_ft" in o for o in names["baselines"].options)
+
+
+# ---- a toy defense that knows nothing of cancellation: it hands its context to the trainer, as
+# every stage does, and a Stop still ends it between two steps
+
+class ToySlowOptions(Options):
+    steps: int = Field(500, ge=1)
+
+
+def toy_slow_stage(lm, data, cfg, ctx: StageContext) -> dict:
+    steps_run = []
+
+    def counted(model, batch, step):
+        steps_run.append(step)
+        return answer_loss(model, batch, step)
+    logs = fit(lm, clean_samples(data, lm.answer_ids), cfg.steps, ctx, step_loss=counted, kind=data.kind)
+    return {**logs, "steps_run": len(steps_run)}
+
+
+def toy_slow_plan(d, opts: ToySlowOptions, labels):
+    cfg = type("ToySlowConfig", (), {"steps": opts.steps})()
+    return [StagePlan("stage1", toy_slow_stage, cfg), StagePlan("stage2", toy_slow_stage, cfg)]
+
+
+class _StopAt(Reporter):
+    """Asks the run to stop (its CANCEL file, as `locphylax cancel` and the app's Stop do) once
+    ``key`` has trained ``after`` steps; counts the steps each stage reports."""
+
+    def __init__(self, key: str, after: int):
+        self.key, self.after, self.current, self.steps, self.folder = key, after, None, {}, None
+
+    def message(self, text: str) -> None:
+        if text.startswith("run folder: "):
+            self.folder = Path(text.removeprefix("run folder: "))
+
+    def stage_started(self, key: str, total_steps: int) -> None:
+        self.current = key
+
+    def advance(self, n: int, logs: dict) -> None:
+        self.steps[self.current] = self.steps.get(self.current, 0) + n
+        if self.current == self.key and self.steps[self.current] == self.after:
+            RunDir(self.folder).cancel_file.touch()
+
+
+def test_a_toy_defense_that_ignores_cancellation_is_still_cancelled(tmp_path):
+    DEFENSES.register("toy_slow", toy_slow_plan, label="toy slow fine-tuning", options=ToySlowOptions, kind="model")
+    try:
+        cfg = load_config("micro", {"defense.baselines": ["toy_slow"]})
+        stop = _StopAt("toy_slow/stage1", after=3)
+        with pytest.raises(Cancelled):
+            start_run(cfg, runs_root=tmp_path, reporter=stop)
+    finally:
+        DEFENSES.unregister("toy_slow")
+    # the Stop came after its 3rd step; the trainer it handed its context to ended it before the 4th
+    assert stop.steps["toy_slow/stage1"] == 3
+    state = RunDir(stop.folder).read_state()
+    assert state["status"] == "cancelled" and "toy_slow/stage1" not in state["finished"]
+    assert state["finished"][-1] == "stage2"  # everything before it finished, and stays resumable
+    assert not RunDir(stop.folder).cancel_file.exists()
 
 
 def test_stage_results_are_stored_whole_and_onion_trains_no_steps(tmp_path):
