@@ -11,8 +11,7 @@ the inputs and the canary only; the trigger is read afterwards, to score it.
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 

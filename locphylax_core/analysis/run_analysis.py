@@ -124,25 +124,7 @@ def analyze_run(run: RunDir | str | Path, methods: Sequence[str] | None = None, 
         projection(method)
 
     if heads:
-        keys = [k for k in HEAD_KEYS if k in stages]
-        say(f"head ablation: {', '.join(keys)}")
-        t0 = time.perf_counter()
-        # Naive (one forward per head) on CPU: bench/results/head_ablation.md measured the batched
-        # sweep at 0.7x its speed there (stacking copies saves no FLOPs on a compute-bound CPU).
-        results = run_head_ablation(run, keys=keys, n_probe=n_probe_heads, batched=batched_heads) if keys else {}
-        for key, r in results.items():
-            rel = RunDir.analysis_file(f"heads_{RunDir.file_key(key)}")
-            arrays = {"delta_cacc": np.asarray(r["delta_cacc"], np.float32),
-                      **{f"delta_asr_{n}": np.asarray(a, np.float32) for n, a in r["delta_asr"].items()}}
-            _save_arrays(run.path / rel, arrays)
-            out["head_ablation"][key] = {
-                "delta_asr": {n: np.asarray(a).tolist() for n, a in r["delta_asr"].items()},
-                "delta_cacc": np.asarray(r["delta_cacc"]).tolist(), "base": r["base"],
-                "critical_heads": r["critical_heads"], "critical_layers": r["critical_layers"],
-                "n_layers": r["n_layers"], "n_heads": r["n_heads"], "n_eligible": r.get("n_eligible"),
-                "file": rel, "seconds": r.get("seconds")}
-        out["seconds"]["head_ablation"] = round(time.perf_counter() - t0, 3)
-        written()
+        head_parts(run, out, stages, n_probe_heads, batched_heads, written, say)
 
     if casd:
         say("CASD")
@@ -162,6 +144,31 @@ def analyze_run(run: RunDir | str | Path, methods: Sequence[str] | None = None, 
     out["complete"] = True
     written()
     return out
+
+
+def head_parts(run: RunDir, out: dict, stages: Sequence[str], n_probe: int | None, batched: bool, written,
+               say) -> None:
+    """The head sweep of the victim and the defense's stages (analysis/heads_<stage>.safetensors
+    holds the arrays; the JSON has them too), written when done."""
+    keys = [k for k in HEAD_KEYS if k in stages]
+    say(f"head ablation: {', '.join(keys)}")
+    t0 = time.perf_counter()
+    # Naive (one forward per head) on CPU: bench/results/head_ablation.md measured the batched
+    # sweep at 0.7x its speed there (stacking copies saves no FLOPs on a compute-bound CPU).
+    results = run_head_ablation(run, keys=keys, n_probe=n_probe, batched=batched) if keys else {}
+    for key, r in results.items():
+        rel = RunDir.analysis_file(f"heads_{RunDir.file_key(key)}")
+        arrays = {"delta_cacc": np.asarray(r["delta_cacc"], np.float32),
+                  **{f"delta_asr_{n}": np.asarray(a, np.float32) for n, a in r["delta_asr"].items()}}
+        _save_arrays(run.path / rel, arrays)
+        out["head_ablation"][key] = {
+            "delta_asr": {n: np.asarray(a).tolist() for n, a in r["delta_asr"].items()},
+            "delta_cacc": np.asarray(r["delta_cacc"]).tolist(), "base": r["base"],
+            "critical_heads": r["critical_heads"], "critical_layers": r["critical_layers"],
+            "n_layers": r["n_layers"], "n_heads": r["n_heads"], "n_eligible": r.get("n_eligible"),
+            "file": rel, "seconds": r.get("seconds")}
+    out["seconds"]["head_ablation"] = round(time.perf_counter() - t0, 3)
+    written()
 
 
 def layer_parts(run: RunDir, out: dict, stages: Sequence[str], n_probe: int | None, written, say) -> None:
