@@ -207,10 +207,9 @@ def train_owner_model(prep: Prepared, lm: M.LM, stage: str, ctx: StageContext, *
     clean model, or SFT poisoning from scratch when ``attack.build=scratch``. The attacker's side;
     never called by the defense. ``ctx``: :func:`owner_context`."""
     cfg = prep.cfg
-    if stage == "clean" and cfg.model.source == "hf":
-        return {"seconds": 0.0, "note": "the loaded model is the clean model"}
-    if stage == "clean" and cfg.train.clean_steps == 0:
-        return {"seconds": 0.0, "note": f"the base {cfg.model.base!r} is the clean model"}
+    if not owner_trains(cfg, stage):
+        return {"seconds": 0.0, "note": "the loaded model is the clean model" if cfg.model.source == "hf"
+                else f"the base {cfg.model.base!r} is the clean model"}
     if stage == "victim" and not from_scratch:
         return PARADIGMS[cfg.attack.paradigm].impl.build(prep, lm, ctx)
     samples, info = owner_samples(prep, lm, ctx.seed, poisoned=stage == "victim")

@@ -304,7 +304,7 @@ class Pipeline:
 
     def _steps(self, spec: StageSpec, plans: dict) -> int:
         if spec.stage == "clean":
-            return 0 if self.cfg.model.source == "hf" else self.cfg.train.clean_steps  # 0: the base is clean
+            return self.cfg.train.clean_steps if owner_trains(self.cfg, "clean") else 0  # 0: the base is clean
         if spec.stage == "victim":
             return self.cfg.train.clean_steps if spec.parent is None else victim_steps(self.cfg)
         return next(p for p in plans[spec.method] if p.name == spec.stage).steps  # 0 for a stage that trains nothing
