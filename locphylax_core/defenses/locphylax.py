@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import REFERENCE_SETTINGS
-from ..engine import HiddenSpec, SplitLoss, forward_answer, forward_loss
+from ..engine import HiddenSpec, SplitLoss, answer_loss, forward_answer, forward_loss
 from ..registry import DEFENSES, LOCPHYLAX
 from ..trainer import StageContext, fit
 from .base import (DefenderData, StagePlan, clean_samples, generated_copies, stage1_target,
@@ -177,7 +177,7 @@ def recover(lm, data: DefenderData, cfg: RecoverConfig, ctx: StageContext) -> di
         data, cfg.trigger_ids, cfg.injection_rate, "correct", lm.answer_ids, ctx.seed, pair=pair)
     if cfg.generated_rate > 0:
         samples += generated_copies(data, cfg.generated_rate, lm.answer_ids, ctx.seed, len(data.triggers), pair)
-    how: dict = {}
+    step_loss = answer_loss  # the plain answer loss unless the consistency term is asked for
     if pair:
         def step_loss(model, batch, step):
             l_ce, h = forward_loss(model, batch, cfg.hidden)
@@ -204,8 +204,8 @@ def recover(lm, data: DefenderData, cfg: RecoverConfig, ctx: StageContext) -> di
             return t, {"loss": l_ce + t.item(), "l_ce": l_ce, "l_consistency": l_cons.item()}
 
         step_loss.split = SplitLoss(rows, term)
-        how["step_loss"] = step_loss
-    logs = fit(lm, samples, cfg.steps, ctx, kind=data.kind, trainable=cfg.trainable, after_layer=cfg.hidden.layer, **how)
+    logs = fit(lm, samples, cfg.steps, ctx, kind=data.kind, step_loss=step_loss, trainable=cfg.trainable,
+               after_layer=cfg.hidden.layer)
     return {**logs, "samples": len(samples)}
 
 
