@@ -127,6 +127,10 @@ VARIANTS["triggers=2phrases"] = {"defense.known_triggers": DIVERSE4[1::2]}
 # the registered defenses not in default+reference+baselines, so the families x defenses table of a
 # victim can be completed beside an earlier report run
 VARIANTS["default+others"] = {"baselines": ["augment_ft", "p2p", "fine_pruning", "crow", "onion", "bdvax"]}
+# the defense's learning rate on the real LM (issue 33): at the preset's 5e-4 the reference's known
+# triggers reach only 4-8% ASR after Stage 1, so its injection barely takes; chosen on `cf` only
+VARIANTS["lr=1e-3"] = {"defense.lr": 1e-3}
+VARIANTS["lr=2e-3"] = {"defense.lr": 2e-3}
 SCALED = ("defense.stage1_steps", "defense.stage2_steps")  # values are multipliers of the preset's
 
 # Levers on the model itself (they change the victim, so they need their own clean models)
@@ -281,11 +285,12 @@ def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, 
         return _cached_rows().get(_cell_key(base)) or PRIOR.get(_cell_key(base), [])
     victim, tok = models.get(cfg, "victim")
     prep = prepare_data(cfg, tokenizer=tok)
-    lm = M.LM(victim, tok, prep.answer_ids, bf16=cfg.eval.bf16)
+    device = run_device(cfg)
+    lm = as_lm(prep, victim, device)
     rows = [{**base, "method": "victim", "stage": "victim", "seconds": 0.0,
              **_scores(evaluate(lm, prep.task.template, prep.evalset, cfg.eval.batch_size, prep.max_length))}]
     for method in ["locphylax", *cfg.defense.baselines]:
-        lm = M.LM(copy.deepcopy(victim), tok, prep.answer_ids, bf16=cfg.eval.bf16)  # the cached victim is never trained
+        lm = as_lm(prep, copy.deepcopy(victim), device)  # the cached victim is never trained
         t0 = [time.perf_counter()]
 
         def stage_row(record, _lm, method=method, t0=t0):

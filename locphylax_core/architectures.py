@@ -30,6 +30,10 @@ class Arch:
     rotary: bool = False  # full rotary position embeddings: a head's width must be even
     gqa: bool = False  # grouped-query attention (fewer key/value heads than heads)
     embedded: bool = False  # the project's own embedded model can be built as this (model.arch)
+    # engine.answer_logits may run its blocks from block k on stored block-k inputs: its forward
+    # (Llama's, restated in engine._logits_from_block) adds nothing to the embeddings and masks only
+    # causally (no sliding window)
+    runs_from_block: bool = False
 
 
 _LLAMA = Arch("model.layers", "model.norm", "mlp", ("gate_proj", "up_proj"), "down_proj",
@@ -38,7 +42,7 @@ ARCHITECTURES: dict[str, Arch] = {
     "gpt2": Arch("transformer.h", "transformer.ln_f", "mlp", ("c_fc",), "c_proj", ("c_attn",), embedded=True),
     "gpt_neox": Arch("gpt_neox.layers", "gpt_neox.final_layer_norm", "mlp", ("dense_h_to_4h",), "dense_4h_to_h",
                      ("query_key_value", "dense"), embedded=True),
-    "llama": _LLAMA, "qwen2": _LLAMA, "mistral": _LLAMA,
+    "llama": replace(_LLAMA, runs_from_block=True), "qwen2": _LLAMA, "mistral": _LLAMA,
     "gemma": replace(_LLAMA, lora=None, embedded=False), "qwen3": replace(_LLAMA, lora=None, embedded=False),
     "gptj": Arch("transformer.h", "transformer.ln_f", "mlp", ("fc_in",), "fc_out", None),
     "phi": Arch("model.layers", "model.final_layernorm", "mlp", ("fc1",), "fc2", None),

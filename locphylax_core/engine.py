@@ -10,14 +10,17 @@ after the prompt, ``tasks/response.py``), so the engine never asks which kind of
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+from transformers.masking_utils import create_causal_mask
 
-from .architectures import decoder_blocks, final_norm
+from .architectures import arch_of, base_model, decoder_blocks, final_norm
 from .errors import ConfigError
 
 
@@ -42,6 +45,8 @@ class Batch:
     targets: torch.Tensor | None = None  # answer token id per row
     groups: torch.Tensor | None = None  # -1 clean, k >= 0: carries known trigger k
     pair: "Batch | None" = None  # the same rows without their trigger (for consistency terms)
+    # answer_logits' stored block-k inputs of these rows: {"key": (k, lower weights' digest, ...), "states": ...}
+    lower_states: dict = field(default_factory=dict, repr=False, compare=False)
 
     def logits_to_keep(self) -> int:
         """How many last positions' logits the loss needs (the output layer over the whole
@@ -124,6 +129,107 @@ def forward_answer(model, batch: Batch, hidden: HiddenSpec | None = None):
                     position_ids=batch.position_ids, logits_to_keep=1, use_cache=False)
     h = hidden.pool(store["out"], batch.attention_mask) if hidden is not None else None
     return out.logits[:, -1], h
+
+
+class _StopForward(Exception):
+    """Ends a forward pass once the inputs of the first block it needs are captured."""
+
+
+def reusable_lower_blocks(model, frozen: int = 0) -> int:
+    """How many leading decoder blocks' output scoring may store and reuse for ``model``: those
+    before its first adapter, or ``frozen`` (``LM.frozen_blocks``, the blocks its run never adapts)
+    for a model without adapters. 0 where nothing can be reused: an architecture whose forward
+    the engine cannot restart at a block (``Arch.runs_from_block``), or an adapter on the
+    embeddings. Which weights the stored output came from is checked by content on every use."""
+    arch = arch_of(model)
+    if arch is None or not arch.runs_from_block:
+        return 0
+    if any("lora_" in n for n, _ in base_model(model).get_input_embeddings().named_parameters()):
+        return 0
+    blocks = decoder_blocks(model)
+    for i, block in enumerate(blocks):
+        if any("lora_" in n for n, _ in block.named_parameters()):
+            return i
+    return frozen if 0 < frozen < len(blocks) else 0
+
+
+_DIGESTS = WeakIdKeyDictionary()  # weight -> (its version, its digest); by identity, dies with it
+
+
+def _tensor_digest(t: torch.Tensor) -> bytes:
+    """The content hash of a weight, recomputed only after an in-place change (its version)."""
+    hit = _DIGESTS.get(t)
+    if hit is not None and hit[0] == t._version:
+        return hit[1]
+    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    digest = hashlib.blake2b(data, digest_size=16).digest()
+    _DIGESTS[t] = (t._version, digest)
+    return digest
+
+
+def _lower_key(model, k: int) -> tuple:
+    """What the inputs of block k depend on: the embeddings' and blocks 0..k-1's weights (by
+    content, so a copy of the model shares them), and the autocast dtype they were computed in."""
+    h = hashlib.blake2b(digest_size=16)
+    modules = [base_model(model).get_input_embeddings(), *decoder_blocks(model)[:k]]
+    for mod in modules:
+        for t in (*mod.parameters(), *mod.buffers()):
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(_tensor_digest(t))
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    return k, h.hexdigest(), str(dtype)
+
+
+def _block_inputs(model, batch: Batch, k: int) -> torch.Tensor:
+    """The inputs of decoder block k for ``batch`` (the blocks above are not run)."""
+    captured = {}
+
+    def capture(_mod, args, kwargs):
+        captured["h"] = args[0] if args else kwargs["hidden_states"]
+        raise _StopForward
+
+    handle = decoder_blocks(model)[k].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+              logits_to_keep=1, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured["h"].detach()
+
+
+def _logits_from_block(model, batch: Batch, k: int, states: torch.Tensor) -> torch.Tensor:
+    """Answer-position logits ``[B, V]`` from block k's inputs: the Llama forward from block k on,
+    the same operations in the same order as the whole forward (so the same numbers)."""
+    lm = base_model(model)
+    inner = lm.model
+    embeds_dtype = lm.get_input_embeddings().weight.dtype
+    mask = create_causal_mask(config=inner.config, inputs_embeds=states.to(embeds_dtype),
+                              attention_mask=batch.attention_mask, past_key_values=None,
+                              position_ids=batch.position_ids)
+    rotary = inner.rotary_emb(states, position_ids=batch.position_ids)
+    h = states
+    for block in inner.layers[k:inner.config.num_hidden_layers]:
+        h = block(h, attention_mask=mask, position_embeddings=rotary, position_ids=batch.position_ids,
+                  past_key_values=None, use_cache=False)
+    return lm.lm_head(inner.norm(h)[:, -1:])[:, -1]
+
+
+def answer_logits(model, batch: Batch, frozen: int = 0) -> torch.Tensor:
+    """``forward_answer``'s logits ``[B, V]``, for scoring. Where the model's lower blocks are frozen
+    (LoRA on the upper blocks only, as the real LM's presets train; ``frozen``: see
+    :func:`reusable_lower_blocks`), the inputs of its first adapted block are kept on the batch and
+    reused by every later model with the same lower weights (a victim, each stage of each
+    defense, clean fine-tuning): scoring a fixed evaluation set then runs only the adapted blocks,
+    with the same result as the whole forward."""
+    k = reusable_lower_blocks(model, frozen) if not model.training else 0
+    if k == 0 or torch.is_grad_enabled():
+        return forward_answer(model, batch)[0]
+    key = _lower_key(model, k)
+    if batch.lower_states.get("key") != key:
+        batch.lower_states = {"key": key, "states": _block_inputs(model, batch, k)}
+    return _logits_from_block(model, batch, k, batch.lower_states["states"])
 
 
 def forward_loss(model, batch: Batch, hidden: HiddenSpec | None = None):

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from .attack import apply_trigger, target_label
-from .engine import encode, forward_answer
+from .engine import answer_logits, encode
 from .text import Example, render_prompt
 
 
@@ -88,7 +88,7 @@ def predict(lm, template: str, texts: Sequence[str], batch_size: int = 256, max_
     out = torch.empty(len(texts), dtype=torch.long)
     for idx, b in encoded_batches(lm.tokenizer, template, texts, batch_size, max_length, lm.device):
         with lm.inference_autocast():
-            logits, _ = forward_answer(model, b)
+            logits = answer_logits(model, b, lm.frozen_blocks)
         out[idx] = logits[:, answer].float().argmax(-1).cpu()
     model.train(was_training)
     return out
@@ -106,7 +106,7 @@ def answer_probabilities(lm, template: str, texts: Sequence[str], batch_size: in
     out = torch.empty(len(texts), len(lm.answer_ids))
     for idx, b in encoded_batches(lm.tokenizer, template, texts, batch_size, max_length, lm.device):
         with lm.inference_autocast():
-            logits, _ = forward_answer(model, b)
+            logits = answer_logits(model, b, lm.frozen_blocks)
         out[idx] = torch.softmax(logits[:, answer].float(), -1).cpu()
     model.train(was_training)
     return out

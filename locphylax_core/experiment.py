@@ -240,7 +240,9 @@ def as_lm(prep: Prepared, model, device: torch.device) -> M.LM:
     the GPU while loading)."""
     if not M.is_quantized(model):
         model = model.to(device)
-    return M.LM(model, prep.tokenizer, prep.answer_ids, bf16=prep.cfg.eval.bf16)
+    lora = prep.cfg.model.lora
+    frozen = len(decoder_blocks(model)) - lora.last_blocks if lora.enabled and lora.last_blocks else 0
+    return M.LM(model, prep.tokenizer, prep.answer_ids, bf16=prep.cfg.eval.bf16, frozen_blocks=max(0, frozen))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,6 +46,9 @@ class LM:
     tokenizer: object  # a PreTrainedTokenizerFast, left-padded
     answer_ids: tuple[int, ...]  # first token of each label's answer, indexed by label
     bf16: Bf16Setting = False  # eval.bf16: bfloat16 autocast of the scoring and probe forward passes
+    # leading decoder blocks that no stage of the run adapts (model.lora.last_blocks): scoring may
+    # reuse their output across models (engine.answer_logits, which checks their weights by content)
+    frozen_blocks: int = 0
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,128 @@
+"""Scoring reuses the inputs of the first adapted block (engine.answer_logits): the same logits
+as the whole forward, recomputed whenever the lower weights change."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from locphylax_core.architectures import decoder_blocks
+from locphylax_core.engine import Batch, answer_logits, forward_answer, reusable_lower_blocks
+from locphylax_core.model import with_lora
+
+
+def _llama(seed=0):
+    torch.manual_seed(seed)
+    conf = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(conf).eval()
+
+
+def _lora(model, last_blocks=2, seed=1):
+    lm = with_lora(model, SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules=None, last_blocks=last_blocks))
+    torch.manual_seed(seed)
+    with torch.no_grad():  # a trained-looking adapter (peft starts lora_B at zero)
+        for n, p in lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    return lm.eval()
+
+
+def _batch(seed=2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 97, (5, 9), generator=g)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate([0, 3, 1, 5, 2]):  # left padding, as the engine encodes
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    return Batch(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+
+
+def _count_calls(module):
+    calls = []
+    module.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@torch.no_grad()
+def test_reused_lower_blocks_give_the_whole_forwards_logits_exactly():
+    base = _llama()
+    victim = _lora(copy.deepcopy(base), seed=1)
+    defended = _lora(copy.deepcopy(base), seed=3)  # another adapter on the same lower weights
+    assert reusable_lower_blocks(victim) == 2
+    batch = _batch()
+    first_block_calls = _count_calls(decoder_blocks(defended)[0])
+
+    for model in (victim, defended, victim):
+        expected = forward_answer(model, _batch())[0]
+        first_block_calls.clear()
+        assert torch.equal(answer_logits(model, batch), expected)
+        if model is defended:  # its lower blocks never ran: their output came from the victim's pass
+            assert first_block_calls == [] and batch.lower_states["key"][0] == 2
+    assert not torch.equal(answer_logits(victim, batch), answer_logits(defended, batch))
+
+
+@torch.no_grad()
+def test_a_change_to_a_lower_weight_recomputes_the_stored_inputs():
+    model = _lora(_llama())
+    batch = _batch()
+    before = answer_logits(model, batch)
+    first_key = batch.lower_states["key"]
+    decoder_blocks(model)[0].mlp.down_proj.weight.mul_(1.5)  # in place: the same tensor, a new version
+    after = answer_logits(model, batch)
+    assert batch.lower_states["key"] != first_key
+    assert torch.equal(after, forward_answer(model, _batch())[0])
+    assert not torch.equal(before, after)
+
+
+@torch.no_grad()
+def test_nothing_is_reused_where_every_block_may_have_changed_or_the_forward_cannot_restart():
+    assert reusable_lower_blocks(_llama()) == 0  # no adapter: any weight may have been trained
+    assert reusable_lower_blocks(_lora(_llama(), last_blocks=4)) == 0  # an adapter on every block
+    torch.manual_seed(0)
+    gpt2 = _lora(GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=4, n_head=4, n_positions=64)))
+    assert reusable_lower_blocks(gpt2) == 0  # GPT-2 adds position embeddings: no restart
+    batch = _batch()
+    assert torch.equal(answer_logits(gpt2, batch), forward_answer(gpt2, _batch())[0])
+    assert batch.lower_states == {}
+
+
+def test_training_mode_and_gradients_take_the_whole_forward():
+    model = _lora(_llama())
+    batch = _batch()
+    logits = answer_logits(model, batch)  # gradients on: no stored states
+    assert logits.requires_grad and batch.lower_states == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+@torch.no_grad()
+def test_reuse_under_autocast_keys_the_dtype(dtype):
+    model = _lora(_llama())
+    batch = _batch()
+    answer_logits(model, batch)
+    with torch.autocast("cpu", dtype=dtype):
+        got = answer_logits(model, batch)
+        expected = forward_answer(model, _batch())[0]
+    assert batch.lower_states["key"][2] == str(dtype)
+    assert torch.equal(got, expected)
+
+
+@torch.no_grad()
+def test_a_merged_model_reuses_by_its_runs_frozen_blocks_and_only_where_they_match():
+    from locphylax_core.model import merge_lora
+    base = _llama()
+    victim = merge_lora(_lora(copy.deepcopy(base), seed=1))  # adapters folded in: blocks 2 and 3 changed
+    defended = merge_lora(_lora(copy.deepcopy(base), seed=3))
+    assert reusable_lower_blocks(victim) == 0 and reusable_lower_blocks(victim, frozen=2) == 2
+    batch = _batch()
+    assert torch.equal(answer_logits(victim, batch, frozen=2), forward_answer(victim, _batch())[0])
+    calls = _count_calls(decoder_blocks(defended)[0])
+    assert torch.equal(answer_logits(defended, batch, frozen=2), forward_answer(defended, _batch())[0])
+    assert len(calls) == 1  # forward_answer's own pass only
+    # a model whose block 0 was trained (a full fine-tune) does not match: recomputed, still exact
+    trained = copy.deepcopy(defended)
+    decoder_blocks(trained)[0].self_attn.q_proj.weight.add_(0.01)
+    key = batch.lower_states["key"]
+    assert torch.equal(answer_logits(trained, batch, frozen=2), forward_answer(trained, _batch())[0])
+    assert batch.lower_states["key"] != key
