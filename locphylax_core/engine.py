@@ -216,6 +216,15 @@ def _logits_from_block(model, batch: Batch, k: int, states: torch.Tensor) -> tor
     return lm.lm_head(inner.norm(h)[:, -1:])[:, -1]
 
 
+def _hooked(modules) -> bool:
+    """Whether a forward hook sits on any of ``modules`` or their parts (an ablation or a patch
+    changes what the blocks compute, which their weights do not show), or on every module."""
+    from torch.nn.modules import module as nn_module
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for top in modules for m in top.modules())
+
+
 def answer_logits(model, batch: Batch, frozen: int = 0) -> torch.Tensor:
     """``forward_answer``'s logits ``[B, V]``, for scoring. Where the model's lower blocks are frozen
     (LoRA on the upper blocks only, as the real LM's presets train; ``frozen``: see
@@ -224,7 +233,8 @@ def answer_logits(model, batch: Batch, frozen: int = 0) -> torch.Tensor:
     defense, clean fine-tuning): scoring a fixed evaluation set then runs only the adapted blocks,
     with the same result as the whole forward."""
     k = reusable_lower_blocks(model, frozen) if not model.training else 0
-    if k == 0 or torch.is_grad_enabled():
+    if k == 0 or torch.is_grad_enabled() or _hooked([base_model(model).get_input_embeddings(),
+                                                     *decoder_blocks(model)[:k]]):
         return forward_answer(model, batch)[0]
     key = _lower_key(model, k)
     if batch.lower_states.get("key") != key:

@@ -40,8 +40,13 @@ def _batch(seed=2):
 
 
 def _count_calls(module):
-    calls = []
-    module.register_forward_pre_hook(lambda *_: calls.append(1))
+    """Counts the module's forward calls (by wrapping its forward: a hook would stop the reuse)."""
+    calls, forward = [], module.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+    module.forward = counted
     return calls
 
 
@@ -126,3 +131,19 @@ def test_a_merged_model_reuses_by_its_runs_frozen_blocks_and_only_where_they_mat
     key = batch.lower_states["key"]
     assert torch.equal(answer_logits(trained, batch, frozen=2), forward_answer(trained, _batch())[0])
     assert batch.lower_states["key"] != key
+
+
+@torch.no_grad()
+def test_a_hook_on_a_lower_block_is_honoured_not_reused_past():
+    model = _lora(_llama())
+    batch = _batch()
+    plain = answer_logits(model, batch)  # stores block 2's inputs
+    block = decoder_blocks(model)[1]
+    handle = block.mlp.register_forward_hook(lambda _m, _i, out: out * 0)  # an ablation of block 1's MLP
+    try:
+        ablated = answer_logits(model, batch)
+        assert torch.equal(ablated, forward_answer(model, _batch())[0])
+        assert not torch.equal(ablated, plain)
+    finally:
+        handle.remove()
+    assert torch.equal(answer_logits(model, batch), plain)
