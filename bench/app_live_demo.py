@@ -122,8 +122,8 @@ def main() -> int:
              f"An empty run store each time, the Live demo page open in headless Chromium (preset `live`); this "
              f"machine ({os.cpu_count()} CPU cores, no GPU). Median of {args.repeats} runs of each path (each run "
              f"in brackets), in seconds from the click unless said otherwise.", "",
-             f"- **planted**: the page open until it says the backdoor `cf` is planted (its waiting job process "
-             f"trains the backdoored model and plain clean fine-tuning on it meanwhile), then one click on **Run the live demo**.",
+             "- **planted**: the page open until it says the backdoor `cf` is planted (its waiting job process "
+             "trains the backdoored model and plain clean fine-tuning on it meanwhile), then one click on **Run the live demo**.",
              f"- **typed, clicked at once**: the same, then the room's trigger `{ROOM_TRIGGER}` is typed and "
              f"clicked at once: the backdoor is planted after the click.", "",
              "| what | median s | runs | target |", "| --- | ---: | --- | ---: |",

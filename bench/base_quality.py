@@ -99,7 +99,7 @@ def markdown(summary: list[dict]) -> str:
             b, s = sel.get(("base", fam)), sel.get(("scratch", fam))
             cell = lambda r, m: "–" if r is None else _pct(r[f"{m}_mean"], r[f"{m}_sd"], r["n"])  # noqa: E731
             label = fam if fam == "clean model" else f"victim, {fam}"
-            asr = (lambda r: "" if fam == "clean model" else cell(r, "asr_unknown"))
+            asr = (lambda r: "" if fam == "clean model" else cell(r, "asr_unknown"))  # noqa: E731
             out.append(f"| {label} | {cell(b, 'cacc')} | {asr(b)} | {cell(s, 'cacc')} | {asr(s)} |")
     return "\n".join(out).strip() + "\n"
 

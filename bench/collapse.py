@@ -131,6 +131,10 @@ VARIANTS["default+others"] = {"baselines": ["augment_ft", "p2p", "fine_pruning",
 # triggers reach only 4-8% ASR after Stage 1, so its injection barely takes; chosen on `cf` only
 VARIANTS["lr=1e-3"] = {"defense.lr": 1e-3}
 VARIANTS["lr=2e-3"] = {"defense.lr": 2e-3}
+VARIANTS["lr=4e-3"] = {"defense.lr": 4e-3}
+VARIANTS["default+lr=2e-3"] = {"defense.lr": 2e-3}
+# the contrast at the same learning rate: clean fine-tuning alone ("only": the methods the cell runs)
+VARIANTS["lr=2e-3:clean_ft"] = {"defense.lr": 2e-3, "only": ["clean_ft"]}
 SCALED = ("defense.stage1_steps", "defense.stage2_steps")  # values are multipliers of the preset's
 
 # Levers on the model itself (they change the victim, so they need their own clean models)
@@ -181,6 +185,8 @@ def run_config(preset: str, seed: int, trigger: dict, variant: str, model_sets: 
     for k, v in VARIANTS[variant].items():
         if k == "baselines":
             over["defense.baselines"] = v
+        elif k == "only":
+            continue
         elif k in SCALED:
             over[k] = max(1, round(v * getattr(base.defense, k.split(".")[1])))
         else:
@@ -289,7 +295,7 @@ def run_cell(models: Models, preset: str, seed: int, trigger: dict, split: str, 
     lm = as_lm(prep, victim, device)
     rows = [{**base, "method": "victim", "stage": "victim", "seconds": 0.0,
              **_scores(evaluate(lm, prep.task.template, prep.evalset, cfg.eval.batch_size, prep.max_length))}]
-    for method in ["locphylax", *cfg.defense.baselines]:
+    for method in VARIANTS[variant].get("only") or ["locphylax", *cfg.defense.baselines]:
         lm = as_lm(prep, copy.deepcopy(victim), device)  # the cached victim is never trained
         t0 = [time.perf_counter()]
 

@@ -321,8 +321,10 @@ def real_lm_table(runs: list[dict], default_name: str) -> str:
     """Every cell of the real-LM report, one line per victim (no mean hides a cell): the victim's
     CACC and unknown-trigger ASR, then each defense's unknown ASR after Stage 2 with its CACC,
     and a last line of means over the victims that every column has."""
-    # a cell run as variant `ref` has the paper's method as its main method: that is the reference
-    runs = [{**r, "method": "reference"} if r["variant"] == "ref" and r["method"] == "locphylax" else r for r in runs]
+    # a cell whose variant is not a `default...` one has the paper's method as its main method
+    # (collapse.run_config): that is the reference
+    runs = [{**r, "method": "reference"} if not r["variant"].startswith("default") and r["method"] == "locphylax"
+            else r for r in runs]
     names = [(m, name or default_name) for m, name in DEFENSES if any(r["method"] == m for r in runs)]
     out = ["| preset | seed | family | trigger | victim CACC / ASR | "
            f"{default_name} after Stage 1 | " + " | ".join(f"{n} ASR (CACC)" for _, n in names) + " |",
@@ -424,6 +426,32 @@ def known_trigger_table(runs: list[dict]) -> str:
         out.append(f"| {KNOWN_SETS[variant]} | {len(by[variant])} | {show(values(variant, 'stage1', 'asr_unknown'))} | "
                    f"{show(values(variant, 'stage1', 'asr_known'))} | {show(s2)} | {delta} | "
                    f"{show(values(variant, 'stage2', 'cacc'))} |")
+    return "\n".join(out)
+
+
+def learning_rate_table(runs: list[dict]) -> str:
+    """The defense learning rate on the real LM, chosen on the tune trigger: each method at each
+    rate on the same victim, with its known triggers' ASR after Stage 1 (did the injection take?)."""
+    lrs = {"ref": 5e-4, "default": 5e-4, "default+clean_ft": 5e-4}
+    names = {"locphylax": "reference (paper)", "clean_ft": "clean fine-tuning (its first 100 steps as Stage 1)"}
+    cells: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in runs:
+        variant = r["variant"]
+        lr = lrs.get(variant) or next((float(p[3:]) for p in re.split(r"[+:]", variant) if p.startswith("lr=")), None)
+        if lr is None or r["method"] == "victim":
+            continue
+        method = names.get(r["method"], r["method"]) if not variant.startswith("default") or r["method"] != "locphylax" \
+            else "locphylax+"
+        cells[(method, lr, r["trigger"], int(r["seed"]))][r["stage"]] = r
+    out = ["| method | learning rate | trigger (seed) | unknown ASR % after Stage 1 | known ASR % after Stage 1 | "
+           "unknown ASR % after Stage 2 | CACC % after Stage 2 |", "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+
+    def p(r, k):
+        return "–" if r is None or r.get(k, "") in ("", None) else f"{100 * float(r[k]):.1f}"
+    for (method, lr, trigger, seed), st in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        s1, s2 = st.get("stage1"), st.get("stage2")
+        out.append(f"| {method} | {lr:g} | `{trigger}` ({seed}) | {p(s1, 'asr_unknown')} | {p(s1, 'asr_known')} | "
+                   f"{p(s2, 'asr_unknown')} | {p(s2, 'cacc')} |")
     return "\n".join(out)
 
 
@@ -654,9 +682,16 @@ def write_docs() -> None:
     real_lm = _read_runs("collapse_smollm2-report*_runs.csv")  # issue 33: the real pretrained LM
     if real_lm:
         text = _replace_block(text, "smollm2-report", real_lm_table(real_lm, default_name))
+    real_lm = _read_runs("collapse_smollm2-lr2e-3-report*_runs.csv")  # the same at the tuned learning rate
+    if real_lm:
+        text = _replace_block(text, "smollm2-lr2e-3-report", real_lm_table(real_lm, default_name))
     study = _read_runs("collapse_smollm2-known-triggers*_runs.csv")  # issue 33: how many known triggers, which kind
     if study:
         text = _replace_block(text, "smollm2-known-triggers", known_trigger_table(study))
+    tune = [r for r in _read_runs("collapse_smollm2-known-triggers*_runs.csv") if r["variant"] == "ref"] + \
+        _read_runs("collapse_smollm2-tune-*_runs.csv")  # issue 33: the defense's learning rate, on `cf`
+    if tune:
+        text = _replace_block(text, "smollm2-tune-lr", learning_rate_table(tune))
     rounds = _lever_rounds()
     if rounds:
         text = _replace_block(text, "levers", lever_table(rounds))

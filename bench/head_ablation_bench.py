@@ -30,7 +30,7 @@ from locphylax_core import RunDir, load_config, start_run  # noqa: E402
 from locphylax_core import model as M  # noqa: E402
 from locphylax_core.analysis import heads as H  # noqa: E402
 from locphylax_core.engine import encode, forward_answer  # noqa: E402
-from locphylax_core.experiment import prepare
+from locphylax_core.experiment import prepare  # noqa: E402
 from locphylax_core.text import render_prompt  # noqa: E402
 
 OUT = ROOT / "bench" / "results"

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from locphylax_core import bases, load_config  # noqa: E402
 from locphylax_core import model as M  # noqa: E402
 from locphylax_core.evaluation import evaluate  # noqa: E402
-from locphylax_core.experiment import fresh_model, owner_context, prepare, train_owner_model
+from locphylax_core.experiment import fresh_model, owner_context, prepare, train_owner_model  # noqa: E402
 from locphylax_core.runs import atomic_write_json, atomic_write_text, file_sha256  # noqa: E402
 
 NAME = "demo_clean"

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 import torch  # noqa: E402
 
 from locphylax_core import load_config, start_run  # noqa: E402
-from locphylax_core import Reporter
+from locphylax_core import Reporter  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 

@@ -119,7 +119,7 @@ def main(argv=None) -> int:
               "checkpoint | a full sweep of one checkpoint | top heads by ΔASR, victim | top heads, Stage 2 |",
               "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for name, h in heads.items():
-        top = {k: ", ".join(f"L{l}h{hh} {100 * d:+.0f}" for l, hh, d in h["res"][k]["critical_heads"][:3]
+        top = {k: ", ".join(f"L{ly}h{hh} {100 * d:+.0f}" for ly, hh, d in h["res"][k]["critical_heads"][:3]
                             if not np.isnan(d)) for k in ("victim", "stage2")}
         full = h["per_head"] * (h["all_heads"] + 1)
         lines.append(f"| {name} | {h['swept_heads']} of {h['all_heads']} | {h['n_items']} | {h['wall']:.0f} | "
