@@ -688,6 +688,11 @@ def write_docs() -> None:
     study = _read_runs("collapse_smollm2-known-triggers*_runs.csv")  # issue 33: how many known triggers, which kind
     if study:
         text = _replace_block(text, "smollm2-known-triggers", known_trigger_table(study))
+    # the same study at the tuned rate: the default set is the reference's run at 2e-3 on `cf`
+    study = _read_runs("collapse_smollm2-kt-lr2e-3-*_runs.csv")
+    if study:
+        default_set = [{**r, "variant": "ref"} for r in _read_runs("collapse_smollm2-tune-lr=2e-3-avx2_runs.csv")]
+        text = _replace_block(text, "smollm2-known-triggers-lr2e-3", known_trigger_table(default_set + study))
     tune = [r for r in _read_runs("collapse_smollm2-known-triggers*_runs.csv") if r["variant"] == "ref"] + \
         _read_runs("collapse_smollm2-tune-*_runs.csv")  # issue 33: the defense's learning rate, on `cf`
     if tune:
