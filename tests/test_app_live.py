@@ -125,6 +125,36 @@ def test_the_headline_fills_in_while_the_job_runs(live_root, tmp_path, monkeypat
     assert len(at.get("plotly_chart")) == 1  # the live curve; the other plots appear with their data
 
 
+def _with_rates(live_root, tmp_path, victim, stage2, fine_tuning):
+    """A finished copy of the live run whose headline rates are the given ones."""
+    root, dst = _running_copy(live_root, tmp_path)
+    summary = json.loads((dst / "summary.json").read_text())
+    summary["stages"]["victim"]["asr"]["unknown"] = victim
+    summary["stages"]["stage2"]["asr"]["unknown"] = stage2
+    summary["baselines"]["clean_ft"]["asr"]["unknown"] = fine_tuning
+    (dst / "summary.json").write_text(json.dumps(summary))
+    return root
+
+
+@pytest.mark.parametrize("rates, badge, colour, sentence", [
+    # the issue's page: 97.7% -> 55.4% after Stage 2, 50.2% for fine-tuning: a 42-point drop, but no
+    # better than fine-tuning: grey, not a green "-42.3 points"
+    ((0.977, 0.554, 0.502), "+5.2 points vs plain fine-tuning", "GRAY", "did no better than plain fine-tuning"),
+    ((0.99, 0.70, 0.30), "+40.0 points vs plain fine-tuning", "RED", "Plain fine-tuning did better"),
+    ((0.99, 0.03, 0.60), "-57.0 points vs plain fine-tuning", "GREEN", "removed the backdoor; plain fine-tuning did not"),
+    ((0.99, 0.30, 0.60), "-30.0 points vs plain fine-tuning", "GREEN", "weakened the backdoor more than plain"),
+    ((0.99, 0.02, 0.05), "-3.0 points vs plain fine-tuning", "GRAY", "plain fine-tuning removed it as well"),
+])
+def test_the_stage2_badge_and_sentence_follow_the_comparison_with_fine_tuning(live_root, tmp_path, monkeypatch,
+                                                                              rates, badge, colour, sentence):
+    from streamlit.proto.Metric_pb2 import Metric
+    at = app(_with_rates(live_root, tmp_path, *rates), monkeypatch)
+    (after,) = [m for m in at.metric if m.label == "after Stage 2"]
+    assert after.proto.delta == badge
+    assert Metric.MetricColor.Name(after.proto.color) == colour
+    assert sentence in texts(at.markdown)
+
+
 def test_the_progress_says_done_once_every_plot_is_written(live_root, tmp_path, monkeypatch):
     # the job process still runs for a moment after its last file: the page no longer says it draws
     root, dst = _running_copy(live_root, tmp_path)

@@ -210,18 +210,42 @@ def headline(view: R.RunView) -> None:
     m = st.columns(4)
     m[0].metric("backdoored model", cell("victim", v, stages))
     m[1].metric("after Stage 1", cell("stage1", a1, stages))
+    sentence, colour = verdict(a2, ft)
     m[2].metric("after Stage 2", cell("stage2", a2, stages),
-                delta=None if v is None or a2 is None else f"{100 * (a2 - v):+.1f} points", delta_color="inverse")
+                delta=None if a2 is None or ft is None else f"{100 * (a2 - ft):+.1f} points vs plain fine-tuning",
+                delta_color=colour)
     m[3].metric("plain clean fine-tuning", cell(CONTRAST, ft, base))
     if "stage2" in stages and CONTRAST in base:
         cacc_v, cacc_2 = stages.get("victim", {}).get("cacc"), stages["stage2"].get("cacc")
-        verdict = ("" if a2 is None or v is None else "The defense removed most of the backdoor." if a2 <= 0.1
-                   else "The backdoor survived the defense here." if a2 >= 0.5 * v
-                   else "The defense weakened the backdoor but did not remove it.")
         st.markdown(f"**In one sentence:** the hidden trigger fooled the backdoored model on {S.fmt_pct(v)} of the "
                     f"reviews; after the defense it fools it on {S.fmt_pct(a2)}, while ordinary accuracy went "
                     f"from {S.fmt_pct(cacc_v)} to {S.fmt_pct(cacc_2)}. Plain fine-tuning on the same clean data "
-                    f"leaves it at {S.fmt_pct(ft)}. {verdict}")
+                    f"leaves it at {S.fmt_pct(ft)}. {sentence}")
+
+
+# Within this many points of plain fine-tuning the defense did no better than it: one seed on a
+# few hundred reviews moves a rate by more than that.
+SAME_AS_FINE_TUNING = 0.10
+REMOVED = 0.10  # at most this rate left: the backdoor is gone
+
+
+def verdict(after: float | None, fine_tuning: float | None) -> tuple[str, str]:
+    """The headline's sentence and its badge colour (``st.metric``'s ``delta_color``), from the one
+    comparison that says what the defense did: the hidden trigger's rate after Stage 2 against plain
+    clean fine-tuning on the same data (not the drop from the backdoored model, which fine-tuning
+    alone may give). "inverse": a rate below fine-tuning's is green, above it red; "off": grey."""
+    if after is None or fine_tuning is None:
+        return "", "off"
+    gap = after - fine_tuning
+    if abs(gap) <= SAME_AS_FINE_TUNING:
+        if after <= REMOVED:
+            return "The backdoor is gone, but plain fine-tuning removed it as well.", "off"
+        return "The defense did no better than plain fine-tuning here: the backdoor survived both.", "off"
+    if gap > 0:
+        return "Plain fine-tuning did better: the backdoor survived the defense here.", "inverse"
+    if after <= REMOVED:
+        return "The defense removed the backdoor; plain fine-tuning did not.", "inverse"
+    return "The defense weakened the backdoor more than plain fine-tuning, but did not remove it.", "inverse"
 
 
 def curve(view: R.RunView) -> None:
