@@ -139,11 +139,11 @@ def _with_rates(live_root, tmp_path, victim, stage2, fine_tuning):
 @pytest.mark.parametrize("rates, badge, colour, sentence", [
     # the page: 97.7% -> 55.4% after Stage 2, 50.2% for fine-tuning: a 42-point drop, but no
     # better than fine-tuning: grey, not a green "-42.3 points"
-    ((0.977, 0.554, 0.502), "+5.2 points vs plain fine-tuning", "GRAY", "did no better than plain fine-tuning"),
-    ((0.99, 0.70, 0.30), "+40.0 points vs plain fine-tuning", "RED", "Plain fine-tuning did better"),
-    ((0.99, 0.03, 0.60), "-57.0 points vs plain fine-tuning", "GREEN", "removed the backdoor; plain fine-tuning did not"),
-    ((0.99, 0.30, 0.60), "-30.0 points vs plain fine-tuning", "GREEN", "weakened the backdoor more than plain"),
-    ((0.99, 0.02, 0.05), "-3.0 points vs plain fine-tuning", "GRAY", "plain fine-tuning removed it as well"),
+    ((0.977, 0.554, 0.502), "+5.2 pts vs fine-tuning", "GRAY", "did no better than plain fine-tuning"),
+    ((0.99, 0.70, 0.30), "+40.0 pts vs fine-tuning", "RED", "Plain fine-tuning did better"),
+    ((0.99, 0.03, 0.60), "-57.0 pts vs fine-tuning", "GREEN", "removed the backdoor; plain fine-tuning did not"),
+    ((0.99, 0.30, 0.60), "-30.0 pts vs fine-tuning", "GREEN", "weakened the backdoor more than plain"),
+    ((0.99, 0.02, 0.05), "-3.0 pts vs fine-tuning", "GRAY", "plain fine-tuning removed it as well"),
 ])
 def test_the_stage2_badge_and_sentence_follow_the_comparison_with_fine_tuning(live_root, tmp_path, monkeypatch,
                                                                               rates, badge, colour, sentence):

@@ -212,7 +212,7 @@ def headline(view: R.RunView) -> None:
     m[1].metric("after Stage 1", cell("stage1", a1, stages))
     sentence, colour = verdict(a2, ft)
     m[2].metric("after Stage 2", cell("stage2", a2, stages),
-                delta=None if a2 is None or ft is None else f"{100 * (a2 - ft):+.1f} points vs plain fine-tuning",
+                delta=None if a2 is None or ft is None else f"{100 * (a2 - ft):+.1f} pts vs fine-tuning",
                 delta_color=colour)
     m[3].metric("plain clean fine-tuning", cell(CONTRAST, ft, base))
     if "stage2" in stages and CONTRAST in base:
