@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as nn_module
 from torch.utils.weak import WeakIdKeyDictionary
 from transformers.masking_utils import create_causal_mask
 
@@ -219,7 +220,6 @@ def _logits_from_block(model, batch: Batch, k: int, states: torch.Tensor) -> tor
 def _hooked(modules) -> bool:
     """Whether a forward hook sits on any of ``modules`` or their parts (an ablation or a patch
     changes what the blocks compute, which their weights do not show), or on every module."""
-    from torch.nn.modules import module as nn_module
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for top in modules for m in top.modules())
