@@ -135,6 +135,8 @@ VARIANTS["lr=4e-3"] = {"defense.lr": 4e-3}
 VARIANTS["default+lr=2e-3"] = {"defense.lr": 2e-3}
 # the contrast at the same learning rate: clean fine-tuning alone ("only": the methods the cell runs)
 VARIANTS["lr=2e-3:clean_ft"] = {"defense.lr": 2e-3, "only": ["clean_ft"]}
+VARIANTS["lr=2e-3:no_cluster"] = {"defense.lr": 2e-3, "only": ["no_cluster"]}
+VARIANTS["lr=2e-3:unlearn_single"] = {"defense.lr": 2e-3, "only": ["unlearn_single"]}
 SCALED = ("defense.stage1_steps", "defense.stage2_steps")  # values are multipliers of the preset's
 
 # Levers on the model itself (they change the victim, so they need their own clean models)
