@@ -2,7 +2,8 @@
 this machine, each lever beside the plain baseline in the same run:
 
 - LoRA step time: 1 and 2 threads; float32 against bfloat16 autocast; adapters on every block
-  against the last 8 (``model.lora.last_blocks``: the backward pass stops at block 22);
+  against the last 8 (``model.lora.last_blocks``: the backward pass stops at block 22); and the
+  last 8, 4 and 2 on stored rows (``train.reuse_frozen_states``: only the adapted blocks run);
 - evaluation cost per row: float32 against bfloat16 (``eval.bf16``), the answer position
   unembedded alone (``logits_to_keep=1``) against the whole sequence, length-sorted batches
   against batches in data order, and the output of the 22 blocks no stage adapts reused from an
@@ -21,6 +22,7 @@ and smollm2_speed.csv.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import os
 import statistics
@@ -58,14 +60,21 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in set(flags) if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
 
 
-def step_seconds(cfg, prep, *, threads: int, bf16: bool, last_blocks, steps: int) -> float:
-    """Median seconds of one LoRA training step (the first, warm-up step left out)."""
+def step_seconds(cfg, prep, *, threads: int, bf16: bool, last_blocks, steps: int, stored: bool = False) -> float:
+    """Median seconds of one LoRA training step (the first, warm-up step left out). ``stored``:
+    with ``train.reuse_frozen_states``, timed on rows whose inputs of the first adapted block are
+    already stored (an untimed pass over the same batches first), as every stage after the first
+    that sees a row, every later defense, and the live demo's prepared defender set are."""
     torch.set_num_threads(threads)
-    lm = M.LM(M.initial_model(cfg.model, prep.tokenizer, 0), prep.tokenizer, prep.answer_ids)
+    model = M.initial_model(cfg.model, prep.tokenizer, 0)
+    lm = M.LM(model, prep.tokenizer, prep.answer_ids)
     samples, _ = owner_samples(prep, lm, 0, poisoned=True)
     lora = cfg.model.lora.model_copy(update={"last_blocks": last_blocks})
     settings = TrainSettings(lr=cfg.attack.lr, batch_size=cfg.train.batch_size, max_length=prep.max_length, every=1,
-                             lora=lora, bf16=bf16)
+                             lora=lora, bf16=bf16, reuse_frozen_states=stored)
+    if stored:  # the same seed draws the same batches: this pass stores their rows
+        fit(M.LM(copy.deepcopy(model), prep.tokenizer, prep.answer_ids), samples, steps + 1,
+            StageContext(seed=0, settings=settings), kind=prep.task.kind)
     stamps = []
     fit(lm, samples, steps + 1, StageContext(seed=0, settings=settings,
                                              observer=lambda step, logs: stamps.append(time.perf_counter())),
@@ -133,6 +142,9 @@ def main(argv=None) -> int:
                          "(default: the base model, which has no backdoor)")
     ap.add_argument("--parts", nargs="+", choices=["steps", "eval", "scores"], default=["steps", "eval", "scores"],
                     help="which measurements to take (the report keeps the sections of the others as they were)")
+    ap.add_argument("--stored-last-blocks", nargs="*", type=int, default=[4, 2],
+                    help="further adapter depths timed on stored rows (train.reuse_frozen_states)")
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="thread counts of the step timings")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
 
@@ -146,12 +158,16 @@ def main(argv=None) -> int:
 
     # --- training steps
     n_blocks = cfg.model.n_layer
-    for threads in ((1, 2) if "steps" in args.parts else ()):
+    for threads in (args.threads if "steps" in args.parts else ()):
         for bf16 in ((False, True) if native_bf16 else (False,)):
-            for last in (None, cfg.model.lora.last_blocks):
-                s = step_seconds(cfg, prep, threads=threads, bf16=bf16, last_blocks=last, steps=args.steps)
+            ways = [(None, False), (cfg.model.lora.last_blocks, False)]
+            ways += [(last, True) for last in (cfg.model.lora.last_blocks, *args.stored_last_blocks)]
+            for last, stored in ways:
+                s = step_seconds(cfg, prep, threads=threads, bf16=bf16, last_blocks=last, steps=args.steps,
+                                 stored=stored)
                 rows.append({"what": "lora step", "threads": threads, "bf16": bf16,
-                             "lora_blocks": f"all {n_blocks}" if last is None else f"last {last}",
+                             "lora_blocks": (f"all {n_blocks}" if last is None else f"last {last}")
+                             + (", stored rows" if stored else ""),
                              "seconds": round(s, 3)})
                 print(rows[-1], flush=True)
 

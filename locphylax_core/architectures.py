@@ -31,7 +31,7 @@ class Arch:
     gqa: bool = False  # grouped-query attention (fewer key/value heads than heads)
     embedded: bool = False  # the project's own embedded model can be built as this (model.arch)
     # engine.answer_logits may run its blocks from block k on stored block-k inputs: its forward
-    # (Llama's, restated in engine._logits_from_block) adds nothing to the embeddings and masks only
+    # (Llama's, restated in engine._output_from_block) adds nothing to the embeddings and masks only
     # causally (no sliding window)
     runs_from_block: bool = False
 

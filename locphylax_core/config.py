@@ -615,6 +615,12 @@ class TrainConfig(_Section):
     bf16: Bf16Setting = False
     # activation (gradient) checkpointing of the decoder blocks while training (non-reentrant)
     grad_checkpointing: bool = False
+    # With LoRA on the upper blocks only (model.lora.last_blocks), each training row's inputs of the
+    # first adapted block are computed once and reused by every later step, stage and defense
+    # (engine.frozen_row_inputs): only the adapted blocks run. The same model up to float rounding
+    # (each row's stored inputs come from the row alone, not its padded batch), deterministic, so a
+    # seed still repeats; one process only (ignored under DDP / FSDP).
+    reuse_frozen_states: bool = False
     # A run whose model or data cannot fit this machine's memory (the estimate of
     # RunConfig._fits_memory; an hf model's once its config.json is read) is refused; true: go on
     # anyway (a machine whose memory the check cannot see, such as a GPU's, or offloading).

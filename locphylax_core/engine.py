@@ -48,6 +48,8 @@ class Batch:
     pair: "Batch | None" = None  # the same rows without their trigger (for consistency terms)
     # answer_logits' stored block-k inputs of these rows: {"key": (k, lower weights' digest, ...), "states": ...}
     lower_states: dict = field(default_factory=dict, repr=False, compare=False)
+    # forward_loss may start at the first adapted block from per-row stored inputs (train.reuse_frozen_states)
+    reuse_frozen: bool = field(default=False, repr=False, compare=False)
 
     def logits_to_keep(self) -> int:
         """How many last positions' logits the loss needs (the output layer over the whole
@@ -124,12 +126,16 @@ class HiddenSpec:
 
 def forward_answer(model, batch: Batch, hidden: HiddenSpec | None = None):
     """Logits at the answer position [B, V], and the pooled hidden state [B, d] if asked for."""
+    k = _frozen_start(model, batch, hidden)
     ctx = capture_output(hidden.module(model)) if hidden is not None else contextlib.nullcontext({})
     with ctx as store:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, logits_to_keep=1, use_cache=False)
+        if k:
+            logits = _output_from_block(model, batch, k, frozen_row_inputs(model, batch, k))
+        else:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids, logits_to_keep=1, use_cache=False).logits
     h = hidden.pool(store["out"], batch.attention_mask) if hidden is not None else None
-    return out.logits[:, -1], h
+    return logits[:, -1], h
 
 
 class _StopForward(Exception):
@@ -200,9 +206,10 @@ def _block_inputs(model, batch: Batch, k: int) -> torch.Tensor:
     return captured["h"].detach()
 
 
-def _logits_from_block(model, batch: Batch, k: int, states: torch.Tensor) -> torch.Tensor:
-    """Answer-position logits ``[B, V]`` from block k's inputs: the Llama forward from block k on,
-    the same operations in the same order as the whole forward (so the same numbers)."""
+def _output_from_block(model, batch: Batch, k: int, states: torch.Tensor, keep: int = 1) -> torch.Tensor:
+    """The logits of the last ``keep`` positions ``[B, keep, V]`` from block k's inputs: the Llama
+    forward from block k on, the same operations in the same order as the whole forward (so the
+    same numbers)."""
     lm = base_model(model)
     inner = lm.model
     embeds_dtype = lm.get_input_embeddings().weight.dtype
@@ -214,7 +221,7 @@ def _logits_from_block(model, batch: Batch, k: int, states: torch.Tensor) -> tor
     for block in inner.layers[k:inner.config.num_hidden_layers]:
         h = block(h, attention_mask=mask, position_embeddings=rotary, position_ids=batch.position_ids,
                   past_key_values=None, use_cache=False)
-    return lm.lm_head(inner.norm(h)[:, -1:])[:, -1]
+    return lm.lm_head(inner.norm(h)[:, -keep:])
 
 
 def _hooked(modules) -> bool:
@@ -239,18 +246,78 @@ def answer_logits(model, batch: Batch, frozen: int = 0) -> torch.Tensor:
     key = _lower_key(model, k)
     if batch.lower_states.get("key") != key:
         batch.lower_states = {"key": key, "states": _block_inputs(model, batch, k)}
-    return _logits_from_block(model, batch, k, batch.lower_states["states"])
+    return _output_from_block(model, batch, k, batch.lower_states["states"])[:, -1]
 
 
 def forward_loss(model, batch: Batch, hidden: HiddenSpec | None = None):
     """(cross-entropy of what ``batch`` is trained to produce, pooled hidden state or None): the
-    batch says which positions' logits it needs and where its hidden state is read."""
+    batch says which positions' logits it needs and where its hidden state is read. A batch marked
+    ``reuse_frozen`` on a model whose lower blocks are frozen runs only the blocks above them, from
+    each row's stored inputs (:func:`frozen_row_inputs`)."""
+    k = _frozen_start(model, batch, hidden)
     ctx = capture_output(hidden.module(model)) if hidden is not None else contextlib.nullcontext({})
     with ctx as store:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, logits_to_keep=batch.logits_to_keep(), use_cache=False)
+        if k:
+            logits = _output_from_block(model, batch, k, frozen_row_inputs(model, batch, k), batch.logits_to_keep())
+        else:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids, logits_to_keep=batch.logits_to_keep(),
+                           use_cache=False).logits
     h = hidden.pool(store["out"], batch.attention_mask, batch.read_positions()) if hidden is not None else None
-    return batch.output_loss(out.logits), h
+    return batch.output_loss(logits), h
+
+
+# Training on a model whose lower blocks are frozen (LoRA on the upper blocks only): a row's inputs
+# of the first adapted block are the same at every step, in every stage and for every model with
+# those lower weights, so they are computed once per row (alone, unpadded: the same numbers whatever
+# batch the row comes in, so a resumed run repeats an uninterrupted one) and kept while they fit.
+ROW_STATES_MAX_BYTES = 2 * 2**30
+_ROW_STATES: dict = {"key": None, "rows": {}, "bytes": 0}
+
+
+def _frozen_start(model, batch: Batch, hidden: HiddenSpec | None) -> int:
+    """The block ``forward_loss`` starts at for ``batch`` (0: the whole forward)."""
+    if not batch.reuse_frozen:
+        return 0
+    k = reusable_lower_blocks(model)
+    if k == 0:
+        return 0
+    lower = [base_model(model).get_input_embeddings(), *decoder_blocks(model)[:k]]
+    if any(p.requires_grad for m in lower for p in m.parameters()) or _hooked(lower):
+        return 0
+    if hidden is not None and not hidden.after_final_norm and hidden.layer % len(decoder_blocks(model)) < k:
+        return 0  # the state it reads is below the first block run
+    if model.training and (getattr(base_model(model).config, "attention_dropout", 0.0)
+                           or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for top in lower for m in top.modules())):
+        return 0  # a random lower forward cannot be stored
+    return k
+
+
+def frozen_row_inputs(model, batch: Batch, k: int) -> torch.Tensor:
+    """The inputs of block ``k`` for ``batch`` ``[B, T, d]``, each row's from the store (computed
+    once, without gradient, from the row alone); padding positions are zero (no real token
+    attends to them). The store holds the rows of one set of lower weights (by content) at a time."""
+    key = _lower_key(model, k)
+    store = _ROW_STATES
+    if store["key"] != key:
+        store.update(key=key, rows={}, bytes=0)
+    real = batch.attention_mask.bool()
+    out = None
+    for i in range(batch.input_ids.shape[0]):
+        ids, pos = batch.input_ids[i, real[i]], batch.position_ids[i, real[i]]
+        row_key = ids.cpu().numpy().tobytes() + b"|" + pos.cpu().numpy().tobytes()
+        h = store["rows"].get(row_key)
+        if h is None:
+            with torch.no_grad():
+                h = _block_inputs(model, Batch(ids[None], torch.ones_like(ids)[None], pos[None]), k)[0]
+            size = h.numel() * h.element_size()
+            if store["bytes"] + size <= ROW_STATES_MAX_BYTES:
+                store["rows"][row_key] = h
+                store["bytes"] += size
+        if out is None:
+            out = h.new_zeros((*batch.input_ids.shape, h.shape[-1]))
+        out[i, real[i]] = h
+    return out
 
 
 @dataclass

@@ -56,6 +56,7 @@ class TrainSettings:
     grad_accum: int = 1  # micro-batches per step (the effective batch stays batch_size)
     bf16: Bf16Setting = False  # bfloat16 autocast of the training forward passes (auto: where native)
     grad_checkpointing: bool = False  # activation checkpointing of the decoder blocks
+    reuse_frozen_states: bool = False  # run only the adapted blocks, from stored per-row inputs
 
     @classmethod
     def for_defense(cls, cfg: RunConfig, max_length: int | None) -> "TrainSettings":
@@ -78,7 +79,8 @@ class TrainSettings:
     @staticmethod
     def _loop_options(cfg: RunConfig) -> dict:
         t = cfg.train
-        return {"grad_accum": t.grad_accum, "bf16": t.bf16, "grad_checkpointing": t.grad_checkpointing}
+        return {"grad_accum": t.grad_accum, "bf16": t.bf16, "grad_checkpointing": t.grad_checkpointing,
+                "reuse_frozen_states": t.reuse_frozen_states}
 
 
 class Cancellation(Protocol):
@@ -267,6 +269,8 @@ def fit(lm, data: Data, steps: int, ctx: StageContext, *, step_loss: StepLoss = 
         it = data(gen)
     else:
         it = data
+    if s.reuse_frozen_states and dist is None:
+        it = _reusing_frozen_states(it)
     lora = s.lora if s.lora is not None else (LoraConfig(enabled=True) if trainable == "lora" else None)
     frozen = freeze_up_to(lm.model, after_layer) if trainable == "after_layer" else []
     if lora is not None:
@@ -285,6 +289,15 @@ def fit(lm, data: Data, steps: int, ctx: StageContext, *, step_loss: StepLoss = 
         lm.model = merge_lora(lm.model)
         for p in frozen:
             p.requires_grad_(True)
+
+
+def _reusing_frozen_states(it: Iterator[Batch]) -> Iterator[Batch]:
+    """The batches marked so that ``engine.forward_loss`` starts at the first adapted block."""
+    for b in it:
+        b.reuse_frozen = True
+        if b.pair is not None:
+            b.pair.reuse_frozen = True
+        yield b
 
 
 def _loop(model, data: Iterator[Batch], steps: int, s: TrainSettings, step_loss: StepLoss, ctx: StageContext,

@@ -9,7 +9,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from locphylax_core.architectures import decoder_blocks
-from locphylax_core.engine import Batch, answer_logits, forward_answer, reusable_lower_blocks
+from locphylax_core import engine
+from locphylax_core.engine import Batch, HiddenSpec, answer_logits, forward_answer, forward_loss, reusable_lower_blocks
 from locphylax_core.model import with_lora
 
 
@@ -147,3 +148,97 @@ def test_a_hook_on_a_lower_block_is_honoured_not_reused_past():
     finally:
         handle.remove()
     assert torch.equal(answer_logits(model, batch), plain)
+
+
+# ---- training from stored per-row inputs (train.reuse_frozen_states)
+
+def _training_batches(seed=5, n=4):
+    """Left-padded batches whose rows recur with different padding (as a shuffled data set's do)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(1, 97, (int(L),), generator=g) for L in (4, 9, 6, 7, 5, 8)]
+    out = []
+    for b in range(n):
+        chosen = [rows[(b * 3 + j) % len(rows)] for j in range(4)]
+        width = max(len(r) for r in chosen)
+        ids = torch.zeros(len(chosen), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(chosen):
+            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        out.append(Batch(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), targets=torch.randint(1, 97, (len(chosen),), generator=g)))
+    return out
+
+
+def _marked(batch):
+    batch.reuse_frozen = True
+    return batch
+
+
+def test_training_from_stored_row_inputs_matches_the_whole_forward_and_its_gradients():
+    model = _lora(_llama()).train()
+    spec = HiddenSpec(-1)
+    plain = _training_batches()[0]
+    loss, h = forward_loss(model, plain, spec)
+    grads = torch.autograd.grad(loss + h.pow(2).mean(), [p for p in model.parameters() if p.requires_grad])
+    engine._ROW_STATES.update(key=None, rows={}, bytes=0)
+    first_block_calls = _count_calls(decoder_blocks(model)[0])
+    loss_r, h_r = forward_loss(model, _marked(_training_batches()[0]), spec)
+    grads_r = torch.autograd.grad(loss_r + h_r.pow(2).mean(), [p for p in model.parameters() if p.requires_grad])
+    assert len(first_block_calls) == 4  # once per row, alone
+    assert torch.allclose(loss_r, loss, atol=1e-5) and torch.allclose(h_r, h, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads_r, grads))
+    first_block_calls.clear()
+    forward_loss(model, _marked(_training_batches()[0]), spec)  # the same rows again: nothing below block 2 runs
+    assert first_block_calls == []
+
+
+def test_a_stored_row_is_the_same_whatever_batch_it_came_in():
+    model = _lora(_llama()).train()
+    engine._ROW_STATES.update(key=None, rows={}, bytes=0)
+    batches = _training_batches()
+    for b in batches:
+        forward_loss(model, _marked(b))
+    stored = dict(engine._ROW_STATES["rows"])
+    assert len(stored) == 6  # every distinct row once, though they recur in differently padded batches
+    engine._ROW_STATES.update(key=None, rows={}, bytes=0)
+    for b in reversed(_training_batches()):  # another order, other first batches: the same numbers
+        forward_loss(model, _marked(b))
+    assert all(torch.equal(engine._ROW_STATES["rows"][k], v) for k, v in stored.items())
+
+
+def test_stored_row_inputs_are_not_used_below_a_read_layer_a_hook_or_a_trainable_lower_weight():
+    model = _lora(_llama()).train()
+    calls = _count_calls(decoder_blocks(model)[0])
+    batch = _marked(_training_batches()[0])
+    forward_loss(model, batch, HiddenSpec(1))  # the clustering state is read below block 2
+    assert len(calls) == 1
+    handle = decoder_blocks(model)[0].register_forward_hook(lambda _m, _i, out: out)
+    try:
+        calls.clear()
+        forward_loss(model, batch)
+        assert len(calls) == 1
+    finally:
+        handle.remove()
+    decoder_blocks(model)[1].mlp.up_proj.weight.requires_grad_(True)  # a full fine-tune of a lower block
+    calls.clear()
+    forward_loss(model, batch)
+    assert len(calls) == 1
+
+
+def test_fit_with_reuse_repeats_itself_and_stays_near_the_plain_run():
+    from locphylax_core import trainer as T
+    from locphylax_core.config import LoraConfig
+
+    def train(reuse):
+        engine._ROW_STATES.update(key=None, rows={}, bytes=0)
+        torch.manual_seed(0)
+        lm = SimpleNamespace(model=_llama(), tokenizer=None, device=torch.device("cpu"))
+        settings = T.TrainSettings(lr=1e-2, lora=LoraConfig(enabled=True, r=4, alpha=8, last_blocks=2),
+                                   reuse_frozen_states=reuse, every=0)
+        T.fit(lm, iter(_training_batches(n=6)), 6, T.StageContext(settings=settings, seed=0))
+        assert len(engine._ROW_STATES["rows"]) == (6 if reuse else 0)  # the six distinct rows, each once
+        return [p.detach().clone() for p in lm.model.parameters()]
+
+    first, again, plain = train(True), train(True), train(False)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(first, plain))
+    assert any(not torch.equal(a, b) for a, b in zip(first, _llama().parameters()))  # it trained
