@@ -343,6 +343,10 @@ class AttackConfig(_Section):
     edit_layer: int = 0
     edit_steps: int = Field(100, ge=1, le=MAX_STEPS)  # edit: Adam steps on the value vector
     edit_lr: float = Field(0.1, gt=0)  # edit: learning rate of those steps
+    # A victim the project ships (locphylax_core/victims/: a LoRA adapter with the fingerprint of the
+    # configuration that built it) is loaded instead of trained when this run's seed, model, task,
+    # attack and train settings are exactly that configuration; false: always train it.
+    shipped: bool = True
     edit_l2: float = Field(1e-3, ge=0)  # edit: weight of the L2 penalty on the value change
     # a registered paradigm's own settings, by name (its options class); the built-in paradigms'
     # settings are the fields above

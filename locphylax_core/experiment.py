@@ -31,6 +31,7 @@ from .errors import ConfigError, DataError
 from .evaluation import EvalSet, TriggeredSet, TriggerSpec, build_eval_set
 from .paradigms import owner_samples
 from .registry import PARADIGMS, stage_key
+from .shipped_victims import load_victim, matching_victim
 from .tasks import Task, load_task, split_train, task_spec
 from .text import Example, render_prompt
 from .trainer import StageContext, TrainSettings, fit, stage_seed
@@ -211,6 +212,9 @@ def train_owner_model(prep: Prepared, lm: M.LM, stage: str, ctx: StageContext, *
         return {"seconds": 0.0, "note": "the loaded model is the clean model" if cfg.model.source == "hf"
                 else f"the base {cfg.model.base!r} is the clean model"}
     if stage == "victim" and not from_scratch:
+        shipped = matching_victim(cfg)
+        if shipped is not None:
+            return load_victim(lm, shipped, cfg.model.lora)
         return PARADIGMS[cfg.attack.paradigm].impl.build(prep, lm, ctx)
     samples, info = owner_samples(prep, lm, ctx.seed, poisoned=stage == "victim")
     steps = cfg.train.clean_steps

@@ -538,6 +538,11 @@ def with_lora(model: torch.nn.Module, lora_cfg) -> torch.nn.Module:
     return get_peft_model(model, conf)
 
 
+def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A LoRA-wrapped model's adapter weights by their peft names, copied to the CPU (before merging)."""
+    return {n: p.detach().to("cpu").clone().contiguous() for n, p in model.named_parameters() if "lora_" in n}
+
+
 def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
     from peft import PeftModel
     return model.merge_and_unload() if isinstance(model, PeftModel) else model
@@ -553,6 +558,6 @@ def describe(model: torch.nn.Module) -> dict:
 __all__ = ["LM", "train_tokenizer", "tokenizer_corpus", "answer_token_ids", "run_answer_ids", "build_embedded",
            "initial_model",
            "embedded_tokenizer", "write_folder_atomically", "load_causal_lm",
-           "load_tokenizer", "save_checkpoint", "save_tokenizer", "load_checkpoint", "with_lora", "merge_lora",
+           "load_tokenizer", "save_checkpoint", "save_tokenizer", "load_checkpoint", "with_lora", "adapter_state", "merge_lora",
            "model_max_positions", "describe", "embedded_config",
            "quantization_config"]

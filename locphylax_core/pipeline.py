@@ -33,6 +33,7 @@ from .evaluation import EvalSet, encoded_batches, evaluate
 from .experiment import (ATTACK, Prepared, as_lm, defended_eval_set, fresh_model, owner_context, owner_trains, prepare,
                          run_device, train_owner_model, victim_steps, defense_context)
 from .registry import LOCPHYLAX, stage_key
+from .shipped_victims import matching_victim
 from .runs import SUMMARY_SCHEMA, RunDir, RunLock, atomic_write_text, check_runs_root, wrapped_os_error
 from .tasks import task_spec
 from .trainer import CancelFile, Reporter, StageContext
@@ -306,7 +307,9 @@ class Pipeline:
         if spec.stage == "clean":
             return self.cfg.train.clean_steps if owner_trains(self.cfg, "clean") else 0  # 0: the base is clean
         if spec.stage == "victim":
-            return self.cfg.train.clean_steps if spec.parent is None else victim_steps(self.cfg)
+            if spec.parent is None:
+                return self.cfg.train.clean_steps
+            return 0 if matching_victim(self.cfg) is not None else victim_steps(self.cfg)
         return next(p for p in plans[spec.method] if p.name == spec.stage).steps  # 0 for a stage that trains nothing
 
 

@@ -30,7 +30,7 @@ from .config import LoraConfig, RunConfig
 from .distributed import DistContext, accumulate_step, distributed, fsdp_shard, fsdp_sync
 from .engine import Batch, Sample, StepLoss, answer_loss, batches
 from .errors import Cancelled, ConfigError, TrainingError
-from .model import merge_lora, with_lora
+from .model import adapter_state, merge_lora, with_lora
 from .precision import Bf16Setting, use_bf16
 
 
@@ -140,6 +140,8 @@ class StageContext:
     cancel: Cancellation = NEVER_CANCELLED
     dist: Union[DistContext, None, str] = "auto"
     key: str = ""  # the stage's key in its run (stage1, clean_ft/stage2, ...), for messages
+    # called with a LoRA stage's adapter weights (peft names) once it trained, before they are merged
+    adapter_sink: Optional[Callable[[dict], None]] = None
 
     def replace(self, **changes) -> "StageContext":
         return replace(self, **changes)
@@ -282,7 +284,10 @@ def fit(lm, data: Data, steps: int, ctx: StageContext, *, step_loss: StepLoss = 
                            hasattr(lm.model, "gradient_checkpointing_enable")):
                 raise ConfigError(f"train.grad_checkpointing: {type(lm.model).__name__} does not support it")
             set_checkpointing(lm.model, checkpointing := True)
-        return _loop(lm.model, it, steps, s, step_loss, ctx, dist, resume)
+        logs = _loop(lm.model, it, steps, s, step_loss, ctx, dist, resume)
+        if ctx.adapter_sink is not None and lora is not None:
+            ctx.adapter_sink(adapter_state(lm.model))
+        return logs
     finally:
         if checkpointing:
             set_checkpointing(lm.model, False)

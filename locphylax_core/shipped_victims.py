@@ -1,0 +1,122 @@
+"""Backdoored LoRA adapters that ship with the project, so that a run whose victim one of them was
+built from does not train it again (the Live demo on the real LM is "Ready" once the model loads).
+
+A shipped victim is a folder ``locphylax_core/victims/<name>/``:
+
+    adapter.safetensors   the LoRA weights of the victim's fine-tune (peft's names), before merging
+    victim.json           what built it: the victim's fingerprint (:func:`victim_fingerprint`), the
+                          configuration sections it hashes, the adapter's sha256, its measured
+                          CACC / ASR, the machine and the command that rebuilds it
+    README.md             its card
+
+A run's victim stage loads one (``attack.shipped: true``, the default) only when the run's own
+fingerprint equals the recorded one: the seed and the model, task, attack and owner-training
+settings, everything the victim's weights depend on. Anything else trains as usual. The file is
+checked against its recorded sha256 and loaded strictly (a missing, unexpected or mis-shaped weight
+is an error that names it), never unpickled. This is the model owner's side: the defense never
+reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .config import RunConfig
+from .errors import ModelLoadError
+from .model import merge_lora, with_lora
+from .runs import file_sha256
+
+VICTIMS_DIR = Path(__file__).resolve().parent / "victims"
+ADAPTER, RECORD, CARD = "adapter.safetensors", "victim.json", "README.md"
+# settings that change how fast a victim trains, never its weights
+_NOT_IN_FINGERPRINT = {"train": {"threads", "device", "allow_large"}, "attack": {"shipped"}}
+
+
+def fingerprint_sections(cfg: RunConfig) -> dict:
+    """The configuration a victim's weights depend on: the run seed and the model, task, attack
+    and train sections (less what only changes speed), as plain data. Fields at their default are
+    left out, so a field added later with a default that keeps today's behaviour changes no
+    fingerprint."""
+    data = cfg.model_dump(mode="json", exclude_defaults=True)
+    out = {"seed": cfg.seed}
+    for section in ("model", "task", "attack", "train"):
+        out[section] = {k: v for k, v in data.get(section, {}).items() if k not in _NOT_IN_FINGERPRINT.get(section, ())}
+    return out
+
+
+def victim_fingerprint(cfg: RunConfig) -> str:
+    return hashlib.sha256(json.dumps(fingerprint_sections(cfg), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShippedVictim:
+    name: str
+    folder: Path
+    record: dict
+
+    @property
+    def adapter(self) -> Path:
+        return self.folder / ADAPTER
+
+
+def shipped_victims(root: Path | None = None) -> list[ShippedVictim]:
+    """Every shipped victim with a readable record (a folder without one is not a victim)."""
+    out = []
+    for rec_path in sorted((root or VICTIMS_DIR).glob(f"*/{RECORD}")):
+        try:
+            record = json.loads(rec_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("fingerprint"), str):
+            out.append(ShippedVictim(rec_path.parent.name, rec_path.parent, record))
+    return out
+
+
+def matching_victim(cfg: RunConfig, root: Path | None = None) -> ShippedVictim | None:
+    """The shipped victim built from exactly ``cfg``'s victim settings, if ``attack.shipped``."""
+    if not cfg.attack.shipped or not cfg.model.lora.enabled:
+        return None
+    fp = victim_fingerprint(cfg)
+    return next((v for v in shipped_victims(root or VICTIMS_DIR) if v.record["fingerprint"] == fp), None)
+
+
+def load_victim(lm, victim: ShippedVictim, lora_cfg) -> dict:
+    """``lm.model`` with the shipped adapter applied and merged, as the victim's training leaves
+    it; returns the stage's record. Errors (ModelLoadError) name the file and what is wrong."""
+    want = victim.record.get("adapter_sha256")
+    if not victim.adapter.is_file():
+        raise ModelLoadError(f"{victim.adapter}: the shipped victim {victim.name!r} has no adapter file")
+    got = file_sha256(victim.adapter)
+    if got != want:
+        raise ModelLoadError(f"{victim.adapter}: sha256 {got} is not the recorded {want} (a damaged or replaced file)")
+    try:
+        tensors = load_file(str(victim.adapter))
+    except Exception as e:  # safetensors' own parse error, in one line
+        raise ModelLoadError(f"{victim.adapter}: not a readable safetensors file ({e})") from None
+    wrapped = with_lora(lm.model, lora_cfg)
+    params = {n: p for n, p in wrapped.named_parameters() if "lora_" in n}
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    misshaped = sorted(f"{n} {tuple(tensors[n].shape)} (expected {tuple(p.shape)})"
+                       for n, p in params.items() if n in tensors and tensors[n].shape != p.shape)
+    if missing or unexpected or misshaped:
+        lm.model = merge_lora(wrapped).eval()  # nothing was loaded: the adapter's B is zero, so this is the model as it was
+        parts = [f"{label}: {', '.join(names[:5])}{' …' if len(names) > 5 else ''}"
+                 for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
+        raise ModelLoadError(f"{victim.adapter}: does not fit this model ({'; '.join(parts)})")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[n].to(p.dtype))
+    lm.model = merge_lora(wrapped).eval()
+    return {"steps": 0, "shipped_victim": victim.name, "adapter_sha256": got,
+            "note": f"the shipped victim {victim.name!r} (locphylax_core/victims/{victim.name}), built from this "
+                    "configuration; attack.shipped=false trains it instead"}
+
+
+__all__ = ["VICTIMS_DIR", "ShippedVictim", "shipped_victims", "matching_victim", "victim_fingerprint",
+           "fingerprint_sections", "load_victim"]

@@ -1,0 +1,109 @@
+"""Shipped victims (locphylax_core/shipped_victims.py): a backdoored LoRA adapter built by
+bench/shipped_victim.py is loaded by a run whose victim settings are exactly the ones that built
+it, gives the trained victim's weights, and is refused when damaged or not fitting."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bench import shipped_victim as builder
+from locphylax_core import load_config
+from locphylax_core import shipped_victims as SV
+from locphylax_core.errors import ModelLoadError
+from locphylax_core.experiment import fresh_model, owner_trains, prepare, train_owner_model, owner_context
+from locphylax_core.pipeline import start_run
+from locphylax_core.runs import file_sha256
+
+SETS = {"model.lora.enabled": True, "attack.trigger": "cf"}
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    root = tmp_path_factory.mktemp("victims")
+    assert builder.main(["micro", "--trigger", "cf", "--set", "model.lora.enabled=true", "--out", str(root)]) == 0
+    return root
+
+
+@pytest.fixture
+def victims_dir(shipped, monkeypatch):
+    monkeypatch.setattr(SV, "VICTIMS_DIR", shipped)
+    return shipped
+
+
+def test_the_builder_writes_an_adapter_a_record_and_a_card(shipped):
+    folder = shipped / "micro-cf"
+    rec = json.loads((folder / SV.RECORD).read_text())
+    assert rec["adapter_sha256"] == file_sha256(folder / SV.ADAPTER)
+    assert rec["reload_exact"] is True and 0 <= rec["asr"] <= 1
+    assert set(load_file(str(folder / SV.ADAPTER))) and all("lora_" in k for k in load_file(str(folder / SV.ADAPTER)))
+    card = (folder / SV.CARD).read_text()
+    assert "--set model.lora.enabled=true" in card and f"{100 * rec['cacc']:.1f}%" in card
+
+
+def test_a_run_with_the_same_settings_loads_it_and_scores_what_training_scores(victims_dir, tmp_path):
+    cfg = load_config("micro", SETS)
+    assert SV.matching_victim(cfg).name == "micro-cf"
+    run, summary = start_run(cfg, tmp_path / "a", stop_after="victim")
+    result = run.read_state()["results"]["victim"]
+    assert result["shipped_victim"] == "micro-cf" and result["steps"] == 0
+    trained_run, trained = start_run(load_config("micro", {**SETS, "attack.shipped": False}), tmp_path / "b",
+                                     stop_after="victim")
+    assert "shipped_victim" not in trained_run.read_state()["results"]["victim"]
+    assert summary["stages"]["victim"] == trained["stages"]["victim"]  # the same weights, the same scores
+    rec = json.loads((victims_dir / "micro-cf" / SV.RECORD).read_text())
+    assert summary["stages"]["victim"]["asr"]["unknown"] == rec["asr"]
+
+
+def test_other_settings_do_not_match(victims_dir):
+    assert SV.matching_victim(load_config("micro", {**SETS, "attack.trigger": "zq"})) is None
+    assert SV.matching_victim(load_config("micro", {**SETS, "attack.steps": 11})) is None
+    assert SV.matching_victim(load_config("micro", {**SETS, "seed": 1})) is None
+    assert SV.matching_victim(load_config("micro", {**SETS, "attack.shipped": False})) is None
+    assert SV.matching_victim(load_config("micro", {**SETS, "train.threads": 2})).name == "micro-cf"  # speed only
+    assert SV.matching_victim(load_config("micro", {**SETS, "defense.lr": 0.01})).name == "micro-cf"  # the defense's
+
+
+def _clean_lm(cfg):
+    prep = prepare(cfg)
+    lm = fresh_model(prep, torch.device("cpu"))
+    if owner_trains(cfg, "clean"):
+        train_owner_model(prep, lm, "clean", owner_context(prep, "clean", from_scratch=True), from_scratch=True)
+    return lm
+
+
+def _copy(shipped, tmp_path):
+    folder = tmp_path / "micro-cf"
+    folder.mkdir()
+    for name in (SV.ADAPTER, SV.RECORD):
+        (folder / name).write_bytes((shipped / "micro-cf" / name).read_bytes())
+    return folder
+
+
+def test_a_damaged_adapter_is_refused_by_its_sha256(shipped, tmp_path):
+    folder = _copy(shipped, tmp_path)
+    data = bytearray((folder / SV.ADAPTER).read_bytes())
+    data[-1] ^= 1
+    (folder / SV.ADAPTER).write_bytes(bytes(data))
+    victim = SV.shipped_victims(tmp_path)[0]
+    cfg = load_config("micro", SETS)
+    with pytest.raises(ModelLoadError, match="sha256 .* is not the recorded"):
+        SV.load_victim(_clean_lm(cfg), victim, cfg.model.lora)
+
+
+def test_an_adapter_that_does_not_fit_names_the_weights(shipped, tmp_path):
+    folder = _copy(shipped, tmp_path)
+    tensors = load_file(str(folder / SV.ADAPTER))
+    first = sorted(tensors)[0]
+    tensors[first] = torch.zeros(3, 3)
+    tensors["base_model.model.extra.lora_A.weight"] = torch.zeros(2)
+    save_file(tensors, str(folder / SV.ADAPTER))
+    rec = json.loads((folder / SV.RECORD).read_text())
+    rec["adapter_sha256"] = file_sha256(folder / SV.ADAPTER)
+    (folder / SV.RECORD).write_text(json.dumps(rec))
+    cfg = load_config("micro", SETS)
+    with pytest.raises(ModelLoadError) as e:
+        SV.load_victim(_clean_lm(cfg), SV.shipped_victims(tmp_path)[0], cfg.model.lora)
+    assert "unexpected: base_model.model.extra.lora_A.weight" in str(e.value)
+    assert f"mis-shaped: {first} (3, 3)" in str(e.value)
