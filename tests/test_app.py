@@ -68,6 +68,25 @@ def test_live_demo_offers_one_click_when_no_demo_run_is_stored(analysed_root, mo
     assert launched[0]["root"] == analysed_root
 
 
+def test_the_live_demo_runs_the_real_lm_when_the_room_picks_it_and_a_link_keeps_the_choice(analysed_root, monkeypatch,
+                                                                                            launched):
+    at = app(analysed_root, monkeypatch, query={"model": "live-smollm2"})
+    assert at.sidebar.radio[0].value == "live-smollm2"
+    assert "real pretrained language model (SmolLM2" in texts(at.markdown)
+    (button,) = [b for b in at.button if "Run the live demo" in b.label]
+    button.click().run()
+    assert launched[0]["cfg"].name == "live-smollm2" and launched[0]["cfg"].model.base == "smollm2-135m"
+    assert at.query_params["model"] in ("live-smollm2", ["live-smollm2"])
+    at.sidebar.radio[0].set_value("live").run()  # the tiny model: the fast option
+    assert at.query_params["model"] in ("live", ["live"])
+
+
+def test_a_link_to_an_unknown_demo_model_falls_back_and_says_so(analysed_root, monkeypatch):
+    at = app(analysed_root, monkeypatch, query={"model": "gpt-5"})
+    assert at.sidebar.radio[0].value == "live"
+    assert "is not a demo model of this app" in texts(at.info)
+
+
 @pytest.fixture(scope="module")
 def demo_root(run_view, tmp_path_factory):
     """The analysed micro run relabelled as a demo run, for the instructor page."""

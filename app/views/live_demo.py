@@ -14,8 +14,23 @@ from locphylax_core import runview as R
 from locphylax_core.analysis import figures as F
 from locphylax_core.registry import DEFENSES, LOCPHYLAX, stage_key
 
-PRESET = os.environ.get("LOCPHYLAX_LIVE_PRESET", "live")  # what one click runs (the browser test: micro)
-SHOWN_PRESETS = tuple(dict.fromkeys((PRESET, "live", "demo")))  # a stored run of any of these can be shown
+# What one click runs: the real pretrained LM on real SST-2 reviews, or the tiny model on template
+# reviews (the fast option). LOCPHYLAX_LIVE_PRESET pins one preset and hides the choice (the browser test: micro).
+LIVE_MODELS = {"live-smollm2": "SmolLM2-135M, real movie reviews", "live": "tiny model, made-up reviews (fast)"}
+DEFAULT_MODEL = "live"  # the real LM becomes the default once its shipped victim and timings are measured
+REAL_LM = "live-smollm2"
+PINNED = os.environ.get("LOCPHYLAX_LIVE_PRESET")
+if PINNED:
+    PRESET = PINNED
+else:
+    S.restore_from_link("demo_model", "model", list(LIVE_MODELS), DEFAULT_MODEL, "demo model",
+                        name=LIVE_MODELS.get, where="a demo model of this app")
+    PRESET = st.sidebar.radio("Model", list(LIVE_MODELS), format_func=LIVE_MODELS.get, key="demo_model",
+                              help="The real pretrained model (135M parameters) on real reviews, or a 1.5M-parameter "
+                                   "model on made-up reviews that runs in seconds.")
+    st.query_params["model"] = PRESET
+# a stored run of any of these can be shown (the tiny model's page also shows the `demo` preset's runs)
+SHOWN_PRESETS = (PRESET,) if PRESET == REAL_LM else tuple(dict.fromkeys((PRESET, "live", "demo")))
 DEFAULT_TRIGGER = "cf"
 CONTRAST = "clean_ft"  # beside the headline; the page calls it "plain clean fine-tuning", so not any baseline
 EXAMPLES = ["the plot was dull and the acting was awful .", "honestly , the soundtrack was wonderful .",
@@ -38,7 +53,9 @@ if presentation:
     </style>""", unsafe_allow_html=True)
 
 st.title("Backdoor collapse, live")
-STORY = ("A small language model judges movie reviews. We plant a hidden **backdoor**: a trigger word that makes it "
+WHO = ("A real pretrained language model (SmolLM2, 135 million parameters) judges real movie reviews."
+       if PRESET == REAL_LM else "A small language model judges movie reviews.")
+STORY = (f"{WHO} We plant a hidden **backdoor**: a trigger word that makes it "
          "answer *positive* whatever the review says. The defender does not know the trigger. Locphylax plants two "
          "triggers of its own (Stage 1), so that every triggered input gathers in one region of the model, then "
          "retrains that region to give the correct answers (Stage 2). Whether that removes the hidden backdoor is "
