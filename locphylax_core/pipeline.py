@@ -274,6 +274,7 @@ class Pipeline:
                 if self.dist is not None:  # the next stage may load this checkpoint from disk
                     self.dist.barrier()
                 if spec.key == stop_after and any(s.key not in state["finished"] for s in specs):  # its lineage is done
+                    self._warm_rows(specs, plans, state)
                     state["status"] = "prepared"
                     self.run.write_state(state)
                     self.run.write_progress(status="prepared", finished=state["finished"])
@@ -302,6 +303,19 @@ class Pipeline:
         self.run.write_summary(summary)
         self.run.write_progress(status="done", finished=state["finished"])
         return summary
+
+    def _warm_rows(self, specs: list[StageSpec], plans: dict, state: dict) -> None:
+        """For a run prepared ahead of a click: store the frozen blocks' output for every row the
+        defense's own stages will train on (``train.reuse_frozen_states``; the same seeded batches),
+        so that after the click they run only the adapted blocks. Nothing is trained: the
+        defender's rows through the blocks no stage adapts, which are the same for every model."""
+        todo = [s for s in specs if s.method == LOCPHYLAX and s.key not in state["finished"]]
+        if not (self.cfg.train.reuse_frozen_states and todo and self.dist is None and "victim" in state["finished"]):
+            return
+        lm = self._load_parent(StageSpec("victim-rows", ATTACK, "stage1", "victim"))
+        for spec in todo:
+            plan = next(p for p in plans[spec.method] if p.name == spec.stage)
+            run_stage(plan, lm, self.p.defender, self._context(spec, None).replace(warm_rows_only=True))
 
     def _steps(self, spec: StageSpec, plans: dict) -> int:
         if spec.stage == "clean":

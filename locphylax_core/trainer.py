@@ -28,7 +28,7 @@ import torch
 from .architectures import decoder_blocks, final_norm
 from .config import LoraConfig, RunConfig
 from .distributed import DistContext, accumulate_step, distributed, fsdp_shard, fsdp_sync
-from .engine import Batch, Sample, StepLoss, answer_loss, batches
+from .engine import Batch, Sample, StepLoss, answer_loss, batches, frozen_row_inputs, reusable_lower_blocks
 from .errors import Cancelled, ConfigError, TrainingError
 from .model import adapter_state, merge_lora, with_lora
 from .precision import Bf16Setting, use_bf16
@@ -142,6 +142,9 @@ class StageContext:
     key: str = ""  # the stage's key in its run (stage1, clean_ft/stage2, ...), for messages
     # called with a LoRA stage's adapter weights (peft names) once it trained, before they are merged
     adapter_sink: Optional[Callable[[dict], None]] = None
+    # train nothing: only store the frozen blocks' output for the rows of the batches this stage
+    # would draw (train.reuse_frozen_states), so that the stage itself, run later, finds them stored
+    warm_rows_only: bool = False
 
     def replace(self, **changes) -> "StageContext":
         return replace(self, **changes)
@@ -284,6 +287,8 @@ def fit(lm, data: Data, steps: int, ctx: StageContext, *, step_loss: StepLoss = 
                            hasattr(lm.model, "gradient_checkpointing_enable")):
                 raise ConfigError(f"train.grad_checkpointing: {type(lm.model).__name__} does not support it")
             set_checkpointing(lm.model, checkpointing := True)
+        if ctx.warm_rows_only:
+            return _warm_rows(lm.model, it, steps, s, ctx)
         logs = _loop(lm.model, it, steps, s, step_loss, ctx, dist, resume)
         if ctx.adapter_sink is not None and lora is not None:
             ctx.adapter_sink(adapter_state(lm.model))
@@ -294,6 +299,21 @@ def fit(lm, data: Data, steps: int, ctx: StageContext, *, step_loss: StepLoss = 
         lm.model = merge_lora(lm.model)
         for p in frozen:
             p.requires_grad_(True)
+
+
+def _warm_rows(model, data: Iterator[Batch], steps: int, s: TrainSettings, ctx: StageContext) -> dict:
+    """:func:`fit` with ``ctx.warm_rows_only``: the stage's own batches (the same seeded draw), their
+    rows' inputs of the first adapted block stored (under the stage's autocast, as it will read
+    them), nothing trained."""
+    t0 = time.perf_counter()
+    k = reusable_lower_blocks(model)
+    params = list(model.parameters())
+    autocast = _autocast_factory(s.bf16, params[0].device if params else torch.device("cpu"))
+    with torch.no_grad(), autocast():
+        for step in range(1, steps + 1 if k else 1):
+            ctx.check_cancelled(step)
+            frozen_row_inputs(model, next(data), k)
+    return {"tokens": 0, "seconds": time.perf_counter() - t0, "warmed_steps": steps if k else 0}
 
 
 def _reusing_frozen_states(it: Iterator[Batch]) -> Iterator[Batch]:

@@ -242,3 +242,25 @@ def test_fit_with_reuse_repeats_itself_and_stays_near_the_plain_run():
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(first, plain))
     assert any(not torch.equal(a, b) for a, b in zip(first, _llama().parameters()))  # it trained
+
+
+# ---- a run prepared ahead stores the rows its defense will train on (Pipeline._warm_rows)
+
+def test_a_prepared_run_stores_the_defenses_rows_so_the_click_computes_none_and_gets_the_same_result(tmp_path):
+    from locphylax_core import load_config
+    from locphylax_core.pipeline import resume_run, start_run
+    from locphylax_core.runs import RunDir
+
+    sets = {"model.arch": "llama", "model.n_layer": 3, "model.n_head": 2, "model.lora.enabled": True,
+            "model.lora.last_blocks": 1, "train.reuse_frozen_states": True, "defense.baselines": []}
+    cfg = load_config("micro", sets)
+    engine._ROW_STATES.update(key=None, rows={}, bytes=0)
+    straight_run, straight = start_run(cfg, tmp_path / "straight")  # nothing prepared
+    engine._ROW_STATES.update(key=None, rows={}, bytes=0)
+    run, _ = start_run(cfg, tmp_path / "prepared", stop_after="victim")
+    assert run.read_state()["status"] == "prepared"
+    stored = len(engine._ROW_STATES["rows"])
+    assert stored > 0
+    summary = resume_run(RunDir(run.path))  # the click, in the same process
+    assert len(engine._ROW_STATES["rows"]) == stored  # every row Stage 1 and Stage 2 trained on was stored
+    assert summary["stages"] == straight["stages"]
