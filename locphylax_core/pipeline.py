@@ -23,11 +23,11 @@ import torch
 from safetensors.torch import save_file
 
 from . import model as M
-from .architectures import final_norm
+from .architectures import decoder_blocks, final_norm
 from .config import RunConfig, load_run_config
 from .defenses.base import method_plans, run_stage
 from .distributed import distributed
-from .engine import (HiddenSpec, capture_output, forward_answer)
+from .engine import HiddenSpec, answer_logits, capture_output
 from .errors import Cancelled, ConfigError, RunError, TrainingError
 from .evaluation import EvalSet, encoded_batches, evaluate
 from .experiment import (ATTACK, Prepared, as_lm, defended_eval_set, fresh_model, owner_context, owner_trains, prepare,
@@ -190,9 +190,11 @@ class Pipeline:
         answer = torch.tensor(lm.answer_ids, device=lm.device)
         for idx, b in encoded_batches(lm.tokenizer, self.p.task.template, texts, self.cfg.eval.batch_size,
                                       self.p.max_length, lm.device):
-            with capture_output(final_norm(lm.model)) as normed, lm.inference_autocast():  # both states, one pass
-                logits, h = forward_answer(lm.model, b, HiddenSpec(-1, False, "last"))
-            block[idx] = h.float().cpu()
+            # both states in one pass; answer_logits reuses the frozen blocks' output of these (cached) batches
+            with (capture_output(decoder_blocks(lm.model)[-1]) as last, capture_output(final_norm(lm.model)) as normed,
+                  lm.inference_autocast()):
+                logits = answer_logits(lm.model, b, lm.frozen_blocks)
+            block[idx] = HiddenSpec(-1, False, "last").pool(last["out"], b.attention_mask).float().cpu()
             final[idx] = normed["out"][:, -1].float().cpu()
             pred[idx] = logits[:, answer].argmax(-1).cpu()
         path = self.run.hidden(spec.key)

@@ -264,3 +264,23 @@ def test_a_prepared_run_stores_the_defenses_rows_so_the_click_computes_none_and_
     summary = resume_run(RunDir(run.path))  # the click, in the same process
     assert len(engine._ROW_STATES["rows"]) == stored  # every row Stage 1 and Stage 2 trained on was stored
     assert summary["stages"] == straight["stages"]
+
+
+@torch.no_grad()
+def test_hooks_on_upper_modules_see_the_same_states_when_the_lower_blocks_are_reused():
+    """What the pipeline stores per stage (the last block's and the final norm's states) comes out
+    of answer_logits' reused path unchanged."""
+    from locphylax_core.architectures import final_norm
+    from locphylax_core.engine import capture_output
+    base = _llama()
+    victim, defended = _lora(copy.deepcopy(base), seed=1), _lora(copy.deepcopy(base), seed=3)
+    batch = _batch()
+    answer_logits(victim, batch)  # stores block 2's inputs
+    with capture_output(decoder_blocks(defended)[-1]) as last, capture_output(final_norm(defended)) as normed:
+        calls = _count_calls(decoder_blocks(defended)[0])
+        answer_logits(defended, batch)
+    assert calls == []
+    _, h = forward_answer(defended, _batch(), HiddenSpec(-1))
+    with capture_output(final_norm(defended)) as normed_whole:
+        forward_answer(defended, _batch())
+    assert torch.equal(last["out"][:, -1], h) and torch.equal(normed["out"], normed_whole["out"])
