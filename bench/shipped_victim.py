@@ -37,6 +37,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> str:
+    """The CPU's vector flags that change float results (AVX2 / AVX-512 / native bf16)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "flags unknown"
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "flags " + (", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "none of note")
+
+
 def card_text(rec: dict) -> str:
     a = rec["config"]["attack"]
     blocks = "every block" if rec["lora"]["last_blocks"] is None else f"the last {rec['lora']['last_blocks']} blocks"
@@ -101,7 +111,7 @@ def main(argv=None) -> int:
            "steps": cfg.attack.steps, "adapter_parameters": sum(t.numel() for t in adapter.values()),
            "adapter_bytes": sum(t.numel() * t.element_size() for t in adapter.values()),
            "cacc": scores["cacc"], "asr": scores["asr"]["unknown"], "n_test": len(prep.evalset.clean),
-           "seconds": round(seconds, 1), "machine": f"{cpu_name()} ({torch.get_num_threads()} threads)",
+           "seconds": round(seconds, 1), "machine": f"{cpu_name()}, {cpu_flags()}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}",
            "torch": torch.__version__, "sets": args.set,
            "command": f"python -m bench.shipped_victim {args.preset} --trigger {args.trigger}"
                       + "".join(f" --set {s}" for s in args.set)}
