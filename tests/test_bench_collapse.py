@@ -299,3 +299,15 @@ def test_real_lm_table_keeps_a_mean_per_seed():
     assert means == ["| **mean of 2** (seed 0) | | | | 80.0 / 100.0 | – (–) | 30.0 (80.0) |",
                      "| **mean of 2** (seed 1) | | | | 80.0 / 90.0 | – (–) | 80.0 (80.0) |"]
     assert lines.index(means[0]) < next(i for i, ln in enumerate(lines) if "| 1 | word | `bb`" in ln)
+
+
+def test_live_click_times_the_prepared_path_and_writes_its_table(tmp_path):
+    from bench import live_click
+    out = tmp_path / "live_click.md"
+    assert live_click.main(["--presets", "micro", "--out", str(out)]) == 0
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `micro` | trained |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert all(float(c) > 0 for c in cells[2:6])  # prepared, Stage 1, headline, every stage
+    assert float(cells[3]) <= float(cells[4]) <= float(cells[5])
+    assert "- `micro`: clean" in text and "stage2" in text
