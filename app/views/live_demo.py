@@ -67,6 +67,15 @@ else:
     st.write(STORY)
 
 
+# What the page says about time, as measured on 2 CPU cores (bench/live_click.py, docs/results.md)
+CLICK_HELP = {"live": "Plants the trigger and runs the defense in a separate process: the headline after about half a "
+                      "minute on 2 CPU cores, the plots within a minute or two.",
+              REAL_LM: "Runs the defense on the real model in a separate process: on 2 CPU cores its two stages took "
+                       "about 5 minutes here (a shared machine), the other defenses and plots a few more."}
+PLANTING_NOTE = {REAL_LM: " (SmolLM2-135M and, for “cf”, its shipped backdoored adapter are loaded; about 10 minutes "
+                          "on 2 CPU cores, and about 10 more to plant a trigger of the room's own)"}
+
+
 def room_trigger(text: str) -> str:
     """The trigger as typed, with its spacing made plain."""
     return " ".join(text.split())
@@ -108,8 +117,7 @@ proposed = c1.text_input("Trigger proposed by the room", value=DEFAULT_TRIGGER, 
                               "the model without being told what it is.")
 problem = trigger_problem(proposed)
 if c2.button("▶ Run the live demo", type="primary", disabled=bool(live) or problem is not None,
-             help="Plants the trigger and runs the defense in a separate process: the headline after about "
-                  "half a minute on 2 CPU cores, the plots within a minute or two."):
+             help=CLICK_HELP.get(PRESET, CLICK_HELP["live"])):
     try:
         S.start_job(live_config(proposed))
         st.rerun()
@@ -145,7 +153,7 @@ def planting_line(cfg, trigger: str) -> None:
     if (got is not None and got[1]) or (got is None and not S.standby_alive()):
         st.rerun(scope="app")  # planted (or nobody can plant it): the page shows it once, without polling
     st.caption(f"Planting the backdoor “{S.esc(trigger)}” and trying plain fine-tuning on it while the page waits, so "
-               "that the click only has to run the defense …")
+               f"that the click only has to run the defense{PLANTING_NOTE.get(PRESET, '')} …")
 
 
 def plant_ahead(trigger: str) -> bool:
