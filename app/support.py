@@ -6,6 +6,7 @@ runview, stage_model, registry, runs, analysis.figures); cached objects are retu
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -124,6 +125,20 @@ def all_runs() -> list[dict]:
 def selected_run_id() -> str | None:
     rid = st.query_params.get("run") or st.session_state.get("run_id")
     return rid
+
+
+# what bench/live_range.py measured for a Live demo preset over seeds and room-style triggers
+MEASURED_RANGES = Path(__file__).resolve().parent.parent / "bench" / "results"
+
+
+@st.cache_data(show_spinner=False)
+def measured_range(preset: str) -> dict | None:
+    """The preset's measured range (``bench/results/live_range_<preset>.json``), or None."""
+    try:
+        data = json.loads((MEASURED_RANGES / f"live_range_{preset}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("range"), dict) else None
 
 
 def select_run(run_id: str) -> None:

@@ -361,3 +361,25 @@ def test_a_generative_run_renders_on_every_page(generative_root, monkeypatch, pa
     if page == "compare":  # the utility of a generative run is its perplexity, shown as such
         (table,) = [d.value for d in at.dataframe if "perplexity" in d.value.columns]
         assert table["perplexity"].notna().all() and table["CACC %"].isna().all()
+
+
+def test_the_live_demo_states_the_range_measured_beforehand_and_where_this_run_sits(demo_root, run_view, monkeypatch,
+                                                                                    tmp_path):
+    app(demo_root, monkeypatch)  # puts the app's folder on the path, as the pages import it
+    import support
+    runs = [{"seed": s, "trigger": "cf", "stage2": {"asr": a}, "clean_ft": {"asr": f}}
+            for s, a, f in ((0, 0.02, 0.5), (1, 0.1, 0.8))]
+    measured = {"preset": "demo", "machine": "a test CPU", "seeds": [0, 1], "triggers": ["cf"], "runs": runs,
+                "range": {"stage2": {"asr": {"n": 2, "mean": 0.06, "min": 0.02, "max": 0.1}},
+                          "clean_ft": {"asr": {"n": 2, "mean": 0.65, "min": 0.5, "max": 0.8}}}}
+    (tmp_path / "live_range_demo.json").write_text(json.dumps(measured))
+    monkeypatch.setattr(support, "MEASURED_RANGES", tmp_path)
+    support.measured_range.clear()
+    at = app(demo_root, monkeypatch)
+    said = texts(at.caption)
+    assert ("Measured beforehand over 2 runs of this demo (2 seeds × 1 triggers, a test CPU): after Stage 2 the hidden "
+            "trigger works on 2–10% (mean 6%) of the reviews, after plain clean fine-tuning on 50–80% (mean 65%)") in said
+    s = run_view.summary
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    assert (f"This run: {pct(s['stages']['stage2']['asr']['unknown'])} and "
+            f"{pct(s['baselines']['clean_ft']['asr']['unknown'])}.") in said

@@ -241,11 +241,30 @@ def headline(view: R.RunView) -> None:
                 delta_color=colour)
     m[3].metric("plain clean fine-tuning", cell(CONTRAST, ft, base))
     if "stage2" in stages and CONTRAST in base:
+        where_it_sits((view.state or {}).get("preset") or s.get("preset"), a2, ft)
         cacc_v, cacc_2 = stages.get("victim", {}).get("cacc"), stages["stage2"].get("cacc")
         st.markdown(f"**In one sentence:** the hidden trigger fooled the backdoored model on {S.fmt_pct(v)} of the "
                     f"reviews; after the defense it fools it on {S.fmt_pct(a2)}, while ordinary accuracy went "
                     f"from {S.fmt_pct(cacc_v)} to {S.fmt_pct(cacc_2)}. Plain fine-tuning on the same clean data "
                     f"leaves it at {S.fmt_pct(ft)}. {sentence}")
+
+
+def where_it_sits(preset: str | None, after: float | None, fine_tuning: float | None) -> None:
+    """The preset's range measured beforehand (bench/live_range.py), and this run's place in it: what
+    an instructor can say before the click."""
+    measured = S.measured_range(preset) if preset else None
+    if not measured:
+        return
+    r2, rf = measured["range"]["stage2"]["asr"], measured["range"]["clean_ft"]["asr"]
+    if not (r2.get("n") and rf.get("n")):
+        return
+
+    def span(r):
+        return f"{100 * r['min']:.0f}–{100 * r['max']:.0f}% (mean {100 * r['mean']:.0f}%)"
+    st.caption(f"Measured beforehand over {len(measured['runs'])} runs of this demo ({len(measured['seeds'])} seeds × "
+               f"{len(measured['triggers'])} triggers, {S.esc(measured['machine'])}): after Stage 2 the hidden trigger "
+               f"works on {span(r2)} of the reviews, after plain clean fine-tuning on {span(rf)}. This run: "
+               f"{S.fmt_pct(after)} and {S.fmt_pct(fine_tuning)}.")
 
 
 # Within this many points of plain fine-tuning the defense did no better than it: one seed on a

@@ -1,0 +1,109 @@
+"""What the Live demo can promise: its preset over several seeds and room-style triggers (a word, a
+phrase, a symbol), each run exactly as the page starts it (its trigger and family, the contrast
+baseline plain clean fine-tuning), so that the page can state the measured range in advance and
+show where a run sits in it.
+
+    .venv/bin/python -m bench.live_range                      # live: seeds 0-4 x cf, a phrase, a symbol
+    .venv/bin/python -m bench.live_range --seeds 0 1 --jobs 2  # fewer, two at a time
+
+One thread per run (two runs at a time on 2 cores), so a run's numbers do not depend on the load;
+finished runs are kept under bench/.cache/live_range/ and not run again. Writes
+bench/results/live_range_<preset>.json (read by the app's Live demo page) and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench.common import RESULTS, ROOT
+from bench.shipped_victim import cpu_flags, cpu_name
+
+CACHE = ROOT / "bench" / ".cache" / "live_range"
+TRIGGERS = ["cf", "the popcorn was cold", "§"]  # the page's default word, a phrase, a symbol
+PARTS = {"victim": ("stages", "victim"), "stage1": ("stages", "stage1"), "stage2": ("stages", "stage2"),
+         "clean_ft": ("baselines", "clean_ft")}
+LABELS = {"victim": "backdoored model", "stage1": "after Stage 1", "stage2": "after Stage 2",
+          "clean_ft": "plain clean fine-tuning"}
+
+
+def family(trigger: str) -> str:
+    return "phrase" if " " in trigger else "word"  # as the page's live_config
+
+
+def run_dir(preset: str, seed: int, trigger: str) -> Path:
+    return CACHE / preset / f"s{seed}-{trigger.encode().hex()}"
+
+
+def run_one(preset: str, seed: int, trigger: str) -> Path:
+    root = run_dir(preset, seed, trigger)
+    if not any(json.loads(p.read_text()).get("status") == "done" for p in root.glob("*/summary.json")):
+        sets = [f"seed={seed}", f"attack.trigger={trigger}", f"attack.family={family(trigger)}",
+                "defense.baselines=[clean_ft]", "train.threads=1"]
+        subprocess.run([sys.executable, "-m", "locphylax_core.cli", "--runs", str(root), "run", preset, "--no-analyze",
+                        *[a for s in sets for a in ("--set", s)]], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return root
+
+
+def scores(root: Path) -> dict:
+    summary = json.loads(sorted(root.glob("*/summary.json"))[-1].read_text())
+    out = {}
+    for part, (where, key) in PARTS.items():
+        block = (summary.get(where) or {}).get(key) or {}
+        out[part] = {"asr": (block.get("asr") or {}).get("unknown"), "cacc": block.get("cacc")}
+    return out
+
+
+def spread(values: list) -> dict:
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return {"n": 0}
+    return {"n": len(xs), "mean": statistics.fmean(xs), "min": min(xs), "max": max(xs)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="live")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    ap.add_argument("--triggers", nargs="+", default=TRIGGERS)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    cells = [(s, t) for t in args.triggers for s in args.seeds]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        roots = list(pool.map(lambda c: run_one(args.preset, *c), cells))
+    runs = [{"seed": s, "trigger": t, **scores(r)} for (s, t), r in zip(cells, roots)]
+    result = {"preset": args.preset, "machine": f"{cpu_name()} ({cpu_flags()})", "seeds": args.seeds,
+              "triggers": args.triggers, "runs": runs,
+              "range": {part: {"asr": spread([r[part]["asr"] for r in runs]),
+                               "cacc": spread([r[part]["cacc"] for r in runs])} for part in PARTS},
+              "command": f"python -m bench.live_range --preset {args.preset} --seeds {' '.join(map(str, args.seeds))}"}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"live_range_{args.preset}.json").write_text(json.dumps(result, indent=1) + "\n")
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}"
+    lines = [f"# The Live demo over seeds and room-style triggers (bench/live_range.py, preset `{args.preset}`)", "",
+             f"Measured on {result['machine']}, one thread per run; seeds {', '.join(map(str, args.seeds))} × triggers "
+             + ", ".join(f"`{t}`" for t in args.triggers) + f" ({len(runs)} runs). Hidden trigger's ASR % (CACC %).", "",
+             "| | " + " | ".join(LABELS.values()) + " |", "| --- |" + " ---: |" * len(PARTS)]
+    for stat in ("mean", "min", "max"):
+        lines.append(f"| {stat} | " + " | ".join(
+            f"{pct(result['range'][p]['asr'].get(stat))} ({pct(result['range'][p]['cacc'].get(stat))})" for p in PARTS) + " |")
+    lines += ["", "| trigger | seed | " + " | ".join(LABELS.values()) + " |", "| --- | ---: |" + " ---: |" * len(PARTS)]
+    for r in runs:
+        lines.append(f"| `{r['trigger']}` | {r['seed']} | " + " | ".join(
+            f"{pct(r[p]['asr'])} ({pct(r[p]['cacc'])})" for p in PARTS) + " |")
+    (args.out / f"live_range_{args.preset}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
