@@ -16,6 +16,9 @@ method is scored on exactly the same inputs.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 import random
 import weakref
 from dataclasses import dataclass
@@ -112,7 +115,37 @@ def answer_probabilities(lm, template: str, texts: Sequence[str], batch_size: in
     return out
 
 
-_ENCODED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Encoded evaluation batches by the tokenizer's content (not its object: a resumed run, or the live
+# demo's job after its waiting process prepared the run, loads the same tokenizer again, and its
+# batches keep the frozen blocks' output engine.answer_logits stored on them).
+_ENCODED: dict[str, dict] = {}
+_TOKENIZER_KEYS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_OBJECTS = itertools.count()
+
+
+def _tokenizer_key(tokenizer) -> str:
+    """What a tokenizer's encodings depend on, hashed once per tokenizer object: its serialized
+    model and settings (a fast tokenizer), or its identity (any other)."""
+    try:
+        return _TOKENIZER_KEYS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        key = f"object:{next(_OBJECTS)}"  # never shared: an id() may be reused after the object dies
+    else:
+        spec = json.loads(backend.to_str())
+        for transient in ("padding", "truncation"):  # set by each call (padding=True ...), not the tokenizer's content
+            spec.pop(transient, None)
+        h = hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=16)
+        h.update(repr((getattr(tokenizer, "padding_side", None), getattr(tokenizer, "truncation_side", None),
+                       getattr(tokenizer, "pad_token_id", None), type(tokenizer).__name__)).encode())
+        key = h.hexdigest()
+    try:
+        _TOKENIZER_KEYS[tokenizer] = key
+    except TypeError:  # not weakly referenceable: hashed again next time
+        pass
+    return key
 
 
 def encoded_batches(tokenizer, template: str, texts: Sequence[str], batch_size: int, max_length, device):
@@ -121,7 +154,10 @@ def encoded_batches(tokenizer, template: str, texts: Sequence[str], batch_size: 
     Sorting by length wastes little compute on padding. The evaluation sets of a run are fixed
     and scored dozens of times (every curve point of every stage), so their encodings are kept
     (a small bounded cache keyed by the tokenizer, template and texts)."""
-    per_tok = _ENCODED.setdefault(tokenizer, {})  # weak keys: dies with its tokenizer, never reused
+    tok_key = _tokenizer_key(tokenizer)
+    if tok_key not in _ENCODED and len(_ENCODED) >= 4:
+        _ENCODED.clear()
+    per_tok = _ENCODED.setdefault(tok_key, {})
     key = (template, tuple(texts), batch_size, max_length, str(device))
     hit = per_tok.get(key)
     if hit is not None:

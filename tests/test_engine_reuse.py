@@ -284,3 +284,17 @@ def test_hooks_on_upper_modules_see_the_same_states_when_the_lower_blocks_are_re
     with capture_output(final_norm(defended)) as normed_whole:
         forward_answer(defended, _batch())
     assert torch.equal(last["out"][:, -1], h) and torch.equal(normed["out"], normed_whole["out"])
+
+
+def test_evaluation_batches_are_kept_for_a_tokenizer_loaded_again_with_the_same_content(micro_prepared):
+    """A resumed run (or the live demo's job after its waiting process) loads its tokenizer again:
+    its evaluation batches, with the frozen blocks' output stored on them, are the ones kept."""
+    from locphylax_core.evaluation import encoded_batches
+    tok = micro_prepared.tokenizer
+    texts = ["a fine film", "dull and long", "the cast was superb"]
+    first = encoded_batches(tok, "{text}", texts, 2, None, "cpu")
+    again = encoded_batches(copy.deepcopy(tok), "{text}", texts, 2, None, "cpu")
+    assert all(a is b for (_, a), (_, b) in zip(again, first))
+    other = copy.deepcopy(tok)
+    other.add_tokens(["zzqq"])  # another vocabulary: its own encodings
+    assert encoded_batches(other, "{text}", texts, 2, None, "cpu")[0][1] is not first[0][1]
