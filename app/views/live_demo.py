@@ -71,8 +71,8 @@ else:
 CLICK_HELP = {"live": "Plants the trigger and runs the defense in a separate process: the headline after about half a "
                       "minute on 2 CPU cores, the plots within a minute or two.",
               REAL_LM: "Runs the defense on the real model in a separate process: on 2 CPU cores its two stages took "
-                       "about 5 minutes here (a shared machine), the other defenses and plots a few more."}
-PLANTING_NOTE = {REAL_LM: " (SmolLM2-135M and, for “cf”, its shipped backdoored adapter are loaded; about 10 minutes "
+                       "about 3 minutes here, the other defense and the plots a few more."}
+PLANTING_NOTE = {REAL_LM: " (SmolLM2-135M and, for “cf”, its shipped backdoored adapter are loaded; about 7 minutes "
                           "on 2 CPU cores, and about 10 more to plant a trigger of the room's own)"}
 
 
