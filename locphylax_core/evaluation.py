@@ -191,20 +191,51 @@ def accuracy(pred: Sequence[int], labels: Sequence[int]) -> float:
 class AnswerScoring:
     """Classification: the argmax over the answer tokens, CACC and ASR."""
 
-    def evaluate(self, lm, template: str, evalset: EvalSet, batch_size: int = 256,
-                 max_length: int | None = None) -> dict:
+    def predictions(self, lm, template: str, evalset: EvalSet, batch_size: int = 256,
+                    max_length: int | None = None) -> dict[str, list[int]]:
+        """The predicted label per input: ``"clean"`` for the clean inputs, then each trigger's."""
+        out = {"clean": predict(lm, template, [e.text for e in evalset.clean], batch_size, max_length).tolist()}
+        for name, ts in evalset.triggered.items():
+            out[name] = predict(lm, template, ts.texts, batch_size, max_length).tolist()
+        return out
+
+    def score(self, evalset: EvalSet, preds: dict[str, list[int]]) -> dict:
         labels = [e.label for e in evalset.clean]
-        clean_pred = predict(lm, template, [e.text for e in evalset.clean], batch_size, max_length).tolist()
+        clean_pred = preds["clean"]
         result = {"cacc": accuracy(clean_pred, labels), "asr": {}, "asr_raw": {}}
         for name, ts in evalset.triggered.items():
-            trig_pred = predict(lm, template, ts.texts, batch_size, max_length).tolist()
             asr, raw = asr_from_predictions([clean_pred[i] for i in ts.indices], [labels[i] for i in ts.indices],
-                                            trig_pred, ts.targets)
+                                            preds[name], ts.targets)
             result["asr"][name], result["asr_raw"][name] = asr, raw
         return result
+
+    def evaluate(self, lm, template: str, evalset: EvalSet, batch_size: int = 256,
+                 max_length: int | None = None) -> dict:
+        return self.score(evalset, self.predictions(lm, template, evalset, batch_size, max_length))
+
+    def evaluate_with_subset(self, lm, template: str, evalset: EvalSet, n: int, batch_size: int = 256,
+                             max_length: int | None = None) -> tuple[dict, dict]:
+        """The results on ``evalset`` and on ``evalset.subset(n)`` from one pass: the subset's inputs
+        are the set's own first ones, so their predictions are read off the whole set's."""
+        preds = self.predictions(lm, template, evalset, batch_size, max_length)
+        sub = {"clean": preds["clean"][:n]}
+        for name, ts in evalset.triggered.items():
+            sub[name] = [p for p, i in zip(preds[name], ts.indices) if i < n]
+        return self.score(evalset, preds), self.score(evalset.subset(n), sub)
 
 
 def evaluate(lm, template: str, evalset: EvalSet, batch_size: int = 256, max_length: int | None = None) -> dict:
     """The evaluation result of ``lm`` on ``evalset``, by the set's own scoring."""
     scoring = evalset.scoring if evalset.scoring is not None else AnswerScoring()
     return scoring.evaluate(lm, template, evalset, batch_size, max_length)
+
+
+def evaluate_with_subset(lm, template: str, evalset: EvalSet, n: int, batch_size: int = 256,
+                         max_length: int | None = None) -> tuple[dict, dict]:
+    """``(evaluate(evalset), evaluate(evalset.subset(n)))``, in one pass where the set's scoring
+    can read the subset off the whole set (classification), else in two."""
+    scoring = evalset.scoring if evalset.scoring is not None else AnswerScoring()
+    if hasattr(scoring, "evaluate_with_subset"):
+        return scoring.evaluate_with_subset(lm, template, evalset, n, batch_size, max_length)
+    return (scoring.evaluate(lm, template, evalset, batch_size, max_length),
+            scoring.evaluate(lm, template, evalset.subset(n), batch_size, max_length))

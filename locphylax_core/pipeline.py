@@ -29,7 +29,7 @@ from .defenses.base import method_plans, run_stage
 from .distributed import distributed
 from .engine import HiddenSpec, answer_logits, capture_output
 from .errors import Cancelled, ConfigError, RunError, TrainingError
-from .evaluation import EvalSet, encoded_batches, evaluate
+from .evaluation import EvalSet, encoded_batches, evaluate, evaluate_with_subset
 from .experiment import (ATTACK, Prepared, as_lm, defended_eval_set, fresh_model, owner_context, owner_trains, prepare,
                          run_device, train_owner_model, victim_steps, defense_context)
 from .registry import LOCPHYLAX, stage_key
@@ -133,6 +133,9 @@ class Pipeline:
         if not self.main:
             self.run = _FollowerRun(run.path)
         self._kept: dict[str, torch.nn.Module] = {}  # finished stages a later stage starts from
+        # a stage's curve point at its last step, waiting for the final evaluation: the curve's
+        # inputs are the test set's first ones, so both come from one scoring of the test set
+        self._last_curve: dict[str, tuple[int, dict]] = {}
 
     # --- models
     def _lm(self, model) -> M.LM:
@@ -167,16 +170,30 @@ class Pipeline:
     # --- evaluation
     def _observer(self, spec: StageSpec, state: dict, lm: M.LM):
         def observe(step: int, logs: dict):
-            # lm.model at call time: a LoRA stage swaps in its wrapped model while it trains
-            r = evaluate(lm, self.p.task.template, self.p.curve_set, self.cfg.eval.batch_size, self.p.max_length)
-            self.run.append_metric({"key": spec.key, "method": spec.method, "stage": spec.stage, "step": step,
-                                    "split": "curve", **r, **{k: v for k, v in logs.items() if k != "tokens"}})
             self.run.write_progress(status="running", key=spec.key, step=step, total=state["total_steps"],
                                     finished=state["finished"])
+            if step == state["total_steps"][spec.key]:
+                self._last_curve[spec.key] = (step, logs)  # scored with the final evaluation (_final_eval)
+                return
+            # lm.model at call time: a LoRA stage swaps in its wrapped model while it trains
+            r = evaluate(lm, self.p.task.template, self.p.curve_set, self.cfg.eval.batch_size, self.p.max_length)
+            self._append_curve(spec, step, logs, r)
         return observe
 
+    def _append_curve(self, spec: StageSpec, step: int, logs: dict, result: dict) -> None:
+        self.run.append_metric({"key": spec.key, "method": spec.method, "stage": spec.stage, "step": step,
+                                "split": "curve", **result, **{k: v for k, v in logs.items() if k != "tokens"}})
+
     def _final_eval(self, spec: StageSpec, lm: M.LM, step: int, extra: dict, evalset: EvalSet | None = None) -> dict:
-        r = evaluate(lm, self.p.task.template, evalset or self.p.evalset, self.cfg.eval.batch_size, self.p.max_length)
+        args = (self.cfg.eval.batch_size, self.p.max_length)
+        last = self._last_curve.pop(spec.key, None)
+        if last is not None and evalset is None:
+            r, curve = evaluate_with_subset(lm, self.p.task.template, self.p.evalset, self.cfg.eval.curve_examples, *args)
+            self._append_curve(spec, *last, curve)
+        else:
+            if last is not None:  # an input filter scores the test set through it; the curve never is
+                self._append_curve(spec, *last, evaluate(lm, self.p.task.template, self.p.curve_set, *args))
+            r = evaluate(lm, self.p.task.template, evalset or self.p.evalset, *args)
         self.run.append_metric({"key": spec.key, "method": spec.method, "stage": spec.stage, "step": step,
                                 "split": "test", **r})
         return {**r, **extra}

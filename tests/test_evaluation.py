@@ -94,3 +94,18 @@ def test_subset_keeps_aligned_triggered_copies():
     assert sub.clean == tuple(EXAMPLES[:3])
     assert sub.triggered["unknown"].indices == (1, 2)
     assert sub.triggered["unknown"].texts == ("bad film here cf", "awful plot cf")
+
+
+def test_the_curve_is_read_off_the_test_sets_scoring(micro_prepared):
+    """One scoring of the test set gives the curve subset's result too, equal to scoring it alone."""
+    import torch
+
+    from locphylax_core import model as M
+    from locphylax_core.evaluation import evaluate, evaluate_with_subset
+    from locphylax_core.experiment import as_lm
+    p = micro_prepared
+    lm = as_lm(p, M.initial_model(p.cfg.model, p.tokenizer, 3), torch.device("cpu"))
+    full, curve = evaluate_with_subset(lm, p.task.template, p.evalset, 20, 16, p.max_length)
+    assert full == evaluate(lm, p.task.template, p.evalset, 16, p.max_length)
+    assert curve == evaluate(lm, p.task.template, p.evalset.subset(20), 16, p.max_length)
+    assert curve != full and set(curve["asr"]) == set(full["asr"]) == {"unknown", "t1", "t2"}

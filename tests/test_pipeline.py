@@ -184,3 +184,17 @@ def test_other_seed_gives_other_weights(micro_run, tmp_path):
     a = load_tensors(micro_run.run.checkpoint("victim") / "model.safetensors")
     b = load_tensors(run.checkpoint("victim") / "model.safetensors")
     assert not torch.equal(a["transformer.wte.weight"], b["transformer.wte.weight"])
+
+
+def test_the_last_curve_point_is_the_final_model_on_the_curve_set(micro_run):
+    """A stage's curve ends with its final model (read off the final evaluation of the test set)."""
+    from locphylax_core import model as M
+    from locphylax_core.evaluation import evaluate
+    from locphylax_core.experiment import as_lm, prepare
+    rows = read_jsonl(micro_run.path / "metrics.jsonl")
+    p = prepare(micro_run.cfg)
+    for key in ("victim", "stage2"):
+        last = [r for r in rows if r["key"] == key and r["split"] == "curve"][-1]
+        lm = as_lm(p, M.load_checkpoint(micro_run.run.checkpoint(key)), torch.device("cpu"))
+        r = evaluate(lm, p.task.template, p.curve_set, micro_run.cfg.eval.batch_size, p.max_length)
+        assert {k: last[k] for k in ("cacc", "asr", "asr_raw")} == r, key
