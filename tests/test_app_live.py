@@ -192,3 +192,17 @@ def test_a_link_to_an_unknown_run_says_so_instead_of_opening_another(analysed_ro
     at = app(analysed_root, monkeypatch, "aggregation", {"run": "20990101-000000-nope-000000"})
     assert "not in this run store" in texts(at.warning)
     assert not at.get("plotly_chart")  # no other run's plots
+
+
+def test_an_undefined_stage1_rate_is_explained_with_what_did_happen(live_root, tmp_path, monkeypatch):
+    # the real LM's live demo: after Stage 1 no negative review is answered correctly without the
+    # trigger, so the rate is n/a; the page says why, and the rate over all of them
+    root, dst = _running_copy(live_root, tmp_path)
+    summary = json.loads((dst / "summary.json").read_text())
+    stage1 = summary["stages"]["stage1"]
+    stage1["asr"]["unknown"], stage1["asr_raw"]["unknown"], stage1["cacc"] = None, 0.376, 0.395
+    (dst / "summary.json").write_text(json.dumps(summary))
+    at = app(root, monkeypatch)
+    assert {m.label: m.value for m in at.metric}["after Stage 1"] == "n/a"
+    said = texts(at.caption)
+    assert "After Stage 1 the rate is undefined" in said and "39.5%" in said and "37.6%" in said, said

@@ -240,6 +240,8 @@ def headline(view: R.RunView) -> None:
                 delta=None if a2 is None or ft is None else f"{100 * (a2 - ft):+.1f} pts vs fine-tuning",
                 delta_color=colour)
     m[3].metric("plain clean fine-tuning", cell(CONTRAST, ft, base))
+    if "stage1" in stages and a1 is None:
+        stage1_undefined(view, stages["stage1"])
     if "stage2" in stages and CONTRAST in base:
         where_it_sits((view.state or {}).get("preset") or s.get("preset"), a2, ft)
         cacc_v, cacc_2 = stages.get("victim", {}).get("cacc"), stages["stage2"].get("cacc")
@@ -247,6 +249,21 @@ def headline(view: R.RunView) -> None:
                     f"reviews; after the defense it fools it on {S.fmt_pct(a2)}, while ordinary accuracy went "
                     f"from {S.fmt_pct(cacc_v)} to {S.fmt_pct(cacc_2)}. Plain fine-tuning on the same clean data "
                     f"leaves it at {S.fmt_pct(ft)}. {sentence}")
+
+
+def stage1_undefined(view: R.RunView, block: dict) -> None:
+    """Why "after Stage 1" shows n/a, and what did happen: the rate counts only reviews the model
+    answers correctly without the trigger, and after Stage 1 there may be none."""
+    raw = (block.get("asr_raw") or {}).get("unknown")
+    defense, attack = view.config.get("defense", {}), view.config.get("attack", {})
+    canary = " (Stage 1 has just taught it the defender's canary answer)" if defense.get("known_target") == "canary" else ""
+    target = attack.get("target")
+    said = (f"After Stage 1 the rate is undefined: the model answers only {S.fmt_pct(block.get('cacc'))} of clean "
+            f"reviews correctly{canary}, and none of the reviews the trigger could turn is among them.")
+    if raw is not None:
+        said += (f" Over all of those reviews, {S.fmt_pct(raw)} are answered "
+                 f"{S.code(str(target)) if target is not None else 'with the target'} once the trigger is added.")
+    st.caption(said)
 
 
 def where_it_sits(preset: str | None, after: float | None, fine_tuning: float | None) -> None:
