@@ -94,10 +94,25 @@ def projection(view: R.RunView, method: str):
     return _projection(view.path, R.run_stamp(view.path), method)
 
 
-@st.cache_resource(show_spinner="Loading the stage's model...", max_entries=12)
+# Stage models kept in this process: about 3 of the real LM's (538 MB each), any number of tiny ones
+STAGE_MODEL_BYTES = 2 * 1024 ** 3
+
+
+@st.cache_resource(show_spinner=False)
+def _stage_models() -> SM.StageModels:
+    return SM.StageModels(STAGE_MODEL_BYTES)
+
+
 def stage_model(path: str, stage: str, stamp: tuple):
-    """A stage checkpoint for answering typed sentences; shared across sessions and never trained."""
-    return SM.load_stage_model(R.open_run(path), stage)
+    """A stage checkpoint for answering typed sentences; shared across sessions and never trained.
+    The page says which model it loads and how large it is, since the real LM's takes seconds."""
+    models, key = _stage_models(), (path, stage, stamp)
+    if key in models:
+        return models.get(key, None)
+    weights = RunDir(path).checkpoint(stage) / "model.safetensors"
+    size = weights.stat().st_size if weights.is_file() else 0
+    with st.spinner(f"Loading the {F.STAGE_TITLES.get(stage, stage)} model ({size / 1e6:,.0f} MB) …"):
+        return models.get(key, lambda: SM.load_stage_model(R.open_run(path), stage))
 
 
 def answer(view: R.RunView, stage: str, texts: list[str]) -> list[str]:

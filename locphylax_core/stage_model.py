@@ -6,11 +6,14 @@ input it reads (:func:`input_cut`), which words push it to that answer (:func:`s
 attention patterns (:func:`sentence_attention`) and the defender's detector on Stage 1
 (:func:`localise_sentence`). Every function takes the run's :class:`~runview.RunView`, for its prompt
 template, answer words and limits. The models are for inference only: never trained here.
+:class:`StageModels` keeps loaded models within a memory budget (the app holds one per process).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import threading
+from collections import OrderedDict
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -42,6 +45,41 @@ def load_stage_model(view: RunView, stage: str):
     for p in model.parameters():
         p.requires_grad_(False)
     return M.LM(model, tokenizer, ids)
+
+
+def model_bytes(lm) -> int:
+    """The memory of ``lm``'s weights and buffers."""
+    tensors = [*lm.model.parameters(), *lm.model.buffers()]
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())  # tied weights once
+
+
+class StageModels:
+    """Loaded stage models, shared by every session of a process and never trained: the least
+    recently used is dropped once together they hold more than ``budget_bytes``. A count alone would
+    not do: a tiny model's weights take 6 MB and the real LM's 538 MB. The one model just asked
+    for is always kept, even when it alone exceeds the budget."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self._models: OrderedDict[Hashable, tuple[object, int]] = OrderedDict()
+        self._lock = threading.Lock()  # loads one at a time: two sessions asking at once load once
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._models
+
+    def held_bytes(self) -> int:
+        return sum(size for _, size in self._models.values())
+
+    def get(self, key: Hashable, load: Callable[[], object]):
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key][0]
+            lm = load()
+            self._models[key] = (lm, model_bytes(lm))
+            while len(self._models) > 1 and self.held_bytes() > self.budget:
+                self._models.popitem(last=False)
+            return lm
 
 
 def answer(view: RunView, lm, texts: Sequence[str]) -> list[str]:

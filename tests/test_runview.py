@@ -139,3 +139,28 @@ def test_config_error_names_each_bad_field():
         load_config("micro", {"attack.poison_rate": 2, "defense.stage1_steps": 0})
     assert set(e.value.fields) == {"attack.poison_rate", "defense.stage1_steps"}
     assert "(0, 1]" in e.value.fields["attack.poison_rate"]
+
+
+def test_stage_models_are_kept_within_a_memory_budget(micro_run):
+    """Loaded models are shared, reloaded never while kept, and the least recently used dropped once
+    together they exceed the budget (a count would keep 12 of the real LM's 538 MB models)."""
+    from locphylax_core.stage_model import StageModels, load_stage_model, model_bytes
+    view = R.open_run(micro_run.path)
+    loads = []
+
+    def load(stage):
+        loads.append(stage)
+        return load_stage_model(view, stage)
+    one = model_bytes(load_stage_model(view, "victim"))
+    models = StageModels(budget_bytes=2 * one)
+    victim = models.get("victim", lambda: load("victim"))
+    assert models.get("victim", lambda: load("victim")) is victim and loads == ["victim"]
+    models.get("stage1", lambda: load("stage1"))
+    models.get("victim", lambda: load("victim"))  # used again: stage1 is now the oldest
+    models.get("stage2", lambda: load("stage2"))
+    assert "stage1" not in models and "victim" in models and "stage2" in models
+    assert models.held_bytes() == 2 * one and loads == ["victim", "stage1", "stage2"]
+    small = StageModels(budget_bytes=1)  # one model larger than the budget is still kept, alone
+    small.get("victim", lambda: load("victim"))
+    small.get("stage2", lambda: load("stage2"))
+    assert "victim" not in small and "stage2" in small
