@@ -40,9 +40,13 @@ def run_dir(preset: str, seed: int, trigger: str) -> Path:
     return CACHE / preset / f"s{seed}-{trigger.encode().hex()}"
 
 
+def finished(root: Path) -> bool:
+    return any(json.loads(p.read_text()).get("status") == "done" for p in root.glob("*/summary.json"))
+
+
 def run_one(preset: str, seed: int, trigger: str) -> Path:
     root = run_dir(preset, seed, trigger)
-    if not any(json.loads(p.read_text()).get("status") == "done" for p in root.glob("*/summary.json")):
+    if not finished(root):
         sets = [f"seed={seed}", f"attack.trigger={trigger}", f"attack.family={family(trigger)}",
                 "defense.baselines=[clean_ft]", "train.threads=1"]
         subprocess.run([sys.executable, "-m", "locphylax_core.cli", "--runs", str(root), "run", preset, "--no-analyze",
@@ -67,6 +71,15 @@ def spread(values: list) -> dict:
     return {"n": len(xs), "mean": statistics.fmean(xs), "min": min(xs), "max": max(xs)}
 
 
+def runs_described(runs: list[dict]) -> str:
+    """"seeds 0, 1 × triggers `cf`, `§`" for a full cross, else the seeds of each trigger."""
+    seeds = {t: [r["seed"] for r in runs if r["trigger"] == t] for t in dict.fromkeys(r["trigger"] for r in runs)}
+    if len({tuple(v) for v in seeds.values()}) == 1:
+        return (f"seeds {', '.join(map(str, next(iter(seeds.values()))))} × triggers "
+                + ", ".join(f"`{t}`" for t in seeds))
+    return "; ".join(f"`{t}`: seed{'s' * (len(v) > 1)} {', '.join(map(str, v))}" for t, v in seeds.items())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="live")
@@ -74,24 +87,35 @@ def main(argv=None) -> int:
     ap.add_argument("--triggers", nargs="+", default=TRIGGERS)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--measured-only", action="store_true",
+                    help="run nothing: summarise the cells whose runs are finished (say which are left out)")
     args = ap.parse_args(argv)
     cells = [(s, t) for t in args.triggers for s in args.seeds]
+    if args.measured_only:
+        missing = [c for c in cells if not finished(run_dir(args.preset, *c))]
+        cells = [c for c in cells if c not in missing]
+        if missing:
+            print("left out (not run yet): " + ", ".join(f"seed {s} `{t}`" for s, t in missing))
+        if not cells:
+            print("nothing is measured yet")
+            return 1
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         roots = list(pool.map(lambda c: run_one(args.preset, *c), cells))
     runs = [{"seed": s, "trigger": t, **scores(r)} for (s, t), r in zip(cells, roots)]
-    result = {"preset": args.preset, "machine": f"{cpu_name()} ({cpu_flags()})", "seeds": args.seeds,
-              "triggers": args.triggers, "runs": runs,
+    result = {"preset": args.preset, "machine": f"{cpu_name()} ({cpu_flags()})",
+              "seeds": sorted({s for s, _ in cells}), "triggers": list(dict.fromkeys(t for _, t in cells)), "runs": runs,
               "range": {part: {"asr": spread([r[part]["asr"] for r in runs]),
                                "cacc": spread([r[part]["cacc"] for r in runs])} for part in PARTS},
-              "command": f"python -m bench.live_range --preset {args.preset} --seeds {' '.join(map(str, args.seeds))}"}
+              "command": f"python -m bench.live_range --preset {args.preset} --seeds {' '.join(map(str, args.seeds))} "
+                         f"--triggers {' '.join(repr(t) for t in args.triggers)}" + " --measured-only" * args.measured_only}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"live_range_{args.preset}.json").write_text(json.dumps(result, indent=1) + "\n")
 
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.1f}"
     lines = [f"# The Live demo over seeds and room-style triggers (bench/live_range.py, preset `{args.preset}`)", "",
-             f"Measured on {result['machine']}, one thread per run; seeds {', '.join(map(str, args.seeds))} × triggers "
-             + ", ".join(f"`{t}`" for t in args.triggers) + f" ({len(runs)} runs). Hidden trigger's ASR % (CACC %).", "",
+             f"Measured on {result['machine']}, one thread per run; {runs_described(runs)} ({len(runs)} runs). "
+             "Hidden trigger's ASR % (CACC %).", "",
              "| | " + " | ".join(LABELS.values()) + " |", "| --- |" + " ---: |" * len(PARTS)]
     for stat in ("mean", "min", "max"):
         lines.append(f"| {stat} | " + " | ".join(

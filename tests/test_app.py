@@ -22,11 +22,15 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 HOME = str(Path(__file__).resolve().parent.parent / "app" / "Home.py")
 
 
-def app(root: Path, monkeypatch, page: str | None = None, query: dict | None = None) -> AppTest:
+def app(root: Path, monkeypatch, page: str | None = None, query: dict | None = None,
+        model: str | None = "live") -> AppTest:
     """A fresh browser session on the run store ``root``, switched to ``views/<page>.py``; ``query``
-    is the URL's query string (a shared link)."""
+    is the URL's query string (a shared link). The Live demo (the first page, run before any other)
+    shows the tiny model's runs (``?model=live``), which the tests' stored runs stand for, unless
+    ``model`` says otherwise (None: the page's own default)."""
     monkeypatch.setenv("LOCPHYLAX_RUNS", str(root))
     at = AppTest.from_file(HOME, default_timeout=120)
+    at.query_params.update({"model": model} if model and "model" not in (query or {}) else {})
     at.query_params.update(query or {})
     at.run()
     if page:
@@ -59,13 +63,21 @@ def launched(monkeypatch):
 
 
 def test_live_demo_offers_one_click_when_no_demo_run_is_stored(analysed_root, monkeypatch, launched):
-    at = app(analysed_root, monkeypatch)
+    at = app(analysed_root, monkeypatch, model=None)  # the page's default
+    assert at.sidebar.radio[0].value == "live"
     assert "No demo run is stored yet" in texts(at.info)
     (button,) = [b for b in at.button if "Run the live demo" in b.label]
     button.click().run()
-    assert len(launched) == 1 and launched[0]["cfg"].name == "live"  # the fast preset, from the shipped clean model
+    assert len(launched) == 1 and launched[0]["cfg"].name == "live"
     assert launched[0]["cfg"].attack.trigger == "cf"
     assert launched[0]["root"] == analysed_root
+
+
+def test_the_tiny_model_is_the_fast_option(analysed_root, monkeypatch, launched):
+    at = app(analysed_root, monkeypatch)  # ?model=live
+    (button,) = [b for b in at.button if "Run the live demo" in b.label]
+    button.click().run()
+    assert launched[0]["cfg"].name == "live"  # from the shipped clean model
 
 
 def test_the_live_demo_runs_the_real_lm_when_the_room_picks_it_and_a_link_keeps_the_choice(analysed_root, monkeypatch,
@@ -383,3 +395,18 @@ def test_the_live_demo_states_the_range_measured_beforehand_and_where_this_run_s
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     assert (f"This run: {pct(s['stages']['stage2']['asr']['unknown'])} and "
             f"{pct(s['baselines']['clean_ft']['asr']['unknown'])}.") in said
+
+
+def test_the_measured_range_says_which_seeds_ran_on_which_trigger(demo_root, monkeypatch, tmp_path):
+    app(demo_root, monkeypatch)
+    import support
+    runs = [{"seed": s, "trigger": t, "stage2": {"asr": 0.02}, "clean_ft": {"asr": 0.9}}
+            for s, t in ((0, "cf"), (1, "cf"), (0, "§"))]
+    spread = {"n": 3, "mean": 0.02, "min": 0.02, "max": 0.02}
+    measured = {"preset": "demo", "machine": "a test CPU", "seeds": [0, 1], "triggers": ["cf", "§"], "runs": runs,
+                "range": {"stage2": {"asr": spread}, "clean_ft": {"asr": {**spread, "mean": 0.9, "min": 0.9, "max": 0.9}}}}
+    (tmp_path / "live_range_demo.json").write_text(json.dumps(measured))
+    monkeypatch.setattr(support, "MEASURED_RANGES", tmp_path)
+    support.measured_range.clear()
+    said = texts(app(demo_root, monkeypatch).caption)
+    assert "Measured beforehand over 3 runs of this demo (2 seeds on “cf”, 1 seed on “§”, a test CPU)" in said

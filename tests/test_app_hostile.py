@@ -305,12 +305,13 @@ def _listening(port: int) -> set[str]:
 @contextlib.contextmanager
 def _a_page_open(port: int):
     """What a browser tab does: open the app's websocket and ask for a script run (the Live demo
-    page, which starts the warm standby job process); the tab stays open inside the block."""
+    page on the tiny model, which starts the warm standby job process and plants its backdoor); the
+    tab stays open inside the block."""
     from streamlit.proto.BackMsg_pb2 import BackMsg
     from websockets.sync.client import connect
     with connect(f"ws://127.0.0.1:{port}/_stcore/stream", subprotocols=["streamlit"], open_timeout=60) as ws:
         msg = BackMsg()
-        msg.rerun_script.query_string = ""
+        msg.rerun_script.query_string = "model=live"
         ws.send(msg.SerializeToString())
         yield ws
 
@@ -445,7 +446,7 @@ def test_in_a_browser_markdown_in_links_and_runs_makes_no_request_to_another_hos
             page.screenshot(path=str(shots / f"hostile_{name}.png"), full_page=True)
             assert not elsewhere(), (name, elsewhere())
             assert page.get_by_text(HOST, exact=False).count() > 0, name  # the page says what the link asked, as text
-        page.goto(url)  # the Live demo: the newest live run, whose trigger is an image's Markdown
+        page.goto(f"{url}?model=live")  # the Live demo: the newest live run, whose trigger is an image's Markdown
         page.get_by_text("How often the hidden trigger").wait_for(timeout=120_000)
         page.get_by_text("Try it yourself").wait_for(timeout=120_000)
         box = page.get_by_role("textbox", name="A review")

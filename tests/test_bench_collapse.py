@@ -311,3 +311,30 @@ def test_live_click_times_the_prepared_path_and_writes_its_table(tmp_path):
     assert all(float(c) > 0 for c in cells[2:6])  # prepared, Stage 1, headline, every stage
     assert float(cells[3]) <= float(cells[4]) <= float(cells[5])
     assert "- `micro`: clean" in text and "stage2" in text
+
+
+def test_live_range_summarises_only_the_finished_runs_when_asked(tmp_path, monkeypatch, capsys):
+    """`bench.live_range --measured-only` runs nothing: it states the finished cells' range and
+    names the cells left out."""
+    import bench.live_range as lr
+    monkeypatch.setattr(lr, "CACHE", tmp_path / "cache")
+
+    def finished(seed, trigger, stage2, clean_ft):
+        run = lr.run_dir("p", seed, trigger) / "20990101-000000-p-000000"
+        run.mkdir(parents=True)
+        block = lambda asr: {"asr": {"unknown": asr}, "cacc": 0.8}  # noqa: E731
+        run.joinpath("summary.json").write_text(json.dumps({
+            "status": "done", "stages": {"victim": block(1.0), "stage1": block(None), "stage2": block(stage2)},
+            "baselines": {"clean_ft": block(clean_ft)}}))
+    finished(0, "cf", 0.02, 0.9)
+    finished(1, "cf", 0.06, 0.7)
+    finished(0, "§", 0.10, 1.0)
+    assert lr.main(["--preset", "p", "--seeds", "0", "1", "--triggers", "cf", "§", "--measured-only",
+                    "--out", str(tmp_path)]) == 0
+    assert "left out (not run yet): seed 1 `§`" in capsys.readouterr().out
+    got = json.loads((tmp_path / "live_range_p.json").read_text())
+    assert [(r["seed"], r["trigger"]) for r in got["runs"]] == [(0, "cf"), (1, "cf"), (0, "§")]
+    assert got["range"]["stage2"]["asr"] == {"n": 3, "mean": pytest.approx(0.06), "min": 0.02, "max": 0.10}
+    assert got["range"]["stage1"]["asr"] == {"n": 0}  # undefined on every run
+    assert "`cf`: seeds 0, 1; `§`: seed 0 (3 runs)" in (tmp_path / "live_range_p.md").read_text()
+    assert lr.main(["--preset", "q", "--measured-only", "--out", str(tmp_path)]) == 1  # nothing measured

@@ -278,8 +278,14 @@ def where_it_sits(preset: str | None, after: float | None, fine_tuning: float | 
 
     def span(r):
         return f"{100 * r['min']:.0f}–{100 * r['max']:.0f}% (mean {100 * r['mean']:.0f}%)"
-    st.caption(f"Measured beforehand over {len(measured['runs'])} runs of this demo ({len(measured['seeds'])} seeds × "
-               f"{len(measured['triggers'])} triggers, {S.esc(measured['machine'])}): after Stage 2 the hidden trigger "
+    runs = measured["runs"]
+    seeds = {t: {r["seed"] for r in runs if r["trigger"] == t} for t in measured["triggers"]}
+    if len({frozenset(v) for v in seeds.values()}) == 1:  # every seed on every trigger
+        which = f"{len(measured['seeds'])} seeds × {len(measured['triggers'])} triggers"
+    else:
+        which = ", ".join(f"{len(v)} seed{'s' * (len(v) != 1)} on “{S.esc(t)}”" for t, v in seeds.items())
+    st.caption(f"Measured beforehand over {len(runs)} runs of this demo ({which}, {S.esc(measured['machine'])}): "
+               f"after Stage 2 the hidden trigger "
                f"works on {span(r2)} of the reviews, after plain clean fine-tuning on {span(rf)}. This run: "
                f"{S.fmt_pct(after)} and {S.fmt_pct(fine_tuning)}.")
 
