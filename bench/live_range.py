@@ -5,6 +5,7 @@ show where a run sits in it.
 
     .venv/bin/python -m bench.live_range                      # live: seeds 0-4 x cf, a phrase, a symbol
     .venv/bin/python -m bench.live_range --seeds 0 1 --jobs 2  # fewer, two at a time
+    .venv/bin/python -m bench.live_range --preset demo --triggers cf --all-baselines  # the README's demo table
 
 One thread per run (two runs at a time on 2 cores), so a run's numbers do not depend on the load;
 finished runs are kept under bench/.cache/live_range/ and not run again. Writes
@@ -36,19 +37,19 @@ def family(trigger: str) -> str:
     return "phrase" if " " in trigger else "word"  # as the page's live_config
 
 
-def run_dir(preset: str, seed: int, trigger: str) -> Path:
-    return CACHE / preset / f"s{seed}-{trigger.encode().hex()}"
+def run_dir(preset: str, seed: int, trigger: str, all_baselines: bool = False) -> Path:
+    return CACHE / preset / f"s{seed}-{trigger.encode().hex()}{'-all' * all_baselines}"
 
 
 def finished(root: Path) -> bool:
     return any(json.loads(p.read_text()).get("status") == "done" for p in root.glob("*/summary.json"))
 
 
-def run_one(preset: str, seed: int, trigger: str) -> Path:
-    root = run_dir(preset, seed, trigger)
+def run_one(preset: str, seed: int, trigger: str, all_baselines: bool = False) -> Path:
+    root = run_dir(preset, seed, trigger, all_baselines)
     if not finished(root):
-        sets = [f"seed={seed}", f"attack.trigger={trigger}", f"attack.family={family(trigger)}",
-                "defense.baselines=[clean_ft]", "train.threads=1"]
+        sets = [f"seed={seed}", f"attack.trigger={trigger}", f"attack.family={family(trigger)}", "train.threads=1",
+                *([] if all_baselines else ["defense.baselines=[clean_ft]"])]
         subprocess.run([sys.executable, "-m", "locphylax_core.cli", "--runs", str(root), "run", preset, "--no-analyze",
                         *[a for s in sets for a in ("--set", s)]], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -58,9 +59,11 @@ def run_one(preset: str, seed: int, trigger: str) -> Path:
 def scores(root: Path) -> dict:
     summary = json.loads(sorted(root.glob("*/summary.json"))[-1].read_text())
     out = {}
-    for part, (where, key) in PARTS.items():
+    parts = {**PARTS, **{b: ("baselines", b) for b in summary.get("baselines") or {}}}
+    for part, (where, key) in parts.items():
         block = (summary.get(where) or {}).get(key) or {}
         out[part] = {"asr": (block.get("asr") or {}).get("unknown"), "cacc": block.get("cacc")}
+    out["seconds"] = (summary.get("seconds") or {}).get("total")  # the run's wall time, one thread
     return out
 
 
@@ -80,6 +83,11 @@ def runs_described(runs: list[dict]) -> str:
     return "; ".join(f"`{t}`: seed{'s' * (len(v) > 1)} {', '.join(map(str, v))}" for t, v in seeds.items())
 
 
+def seconds_said(runs: list[dict]) -> str:
+    took = [r["seconds"] for r in runs if r.get("seconds") is not None]
+    return f" A run took {min(took):.0f}–{max(took):.0f} s." if took else ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="live")
@@ -87,12 +95,14 @@ def main(argv=None) -> int:
     ap.add_argument("--triggers", nargs="+", default=TRIGGERS)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--all-baselines", action="store_true",
+                    help="keep the preset's own baselines (the page runs only plain clean fine-tuning) and report each")
     ap.add_argument("--measured-only", action="store_true",
                     help="run nothing: summarise the cells whose runs are finished (say which are left out)")
     args = ap.parse_args(argv)
     cells = [(s, t) for t in args.triggers for s in args.seeds]
     if args.measured_only:
-        missing = [c for c in cells if not finished(run_dir(args.preset, *c))]
+        missing = [c for c in cells if not finished(run_dir(args.preset, *c, args.all_baselines))]
         cells = [c for c in cells if c not in missing]
         if missing:
             print("left out (not run yet): " + ", ".join(f"seed {s} `{t}`" for s, t in missing))
@@ -100,31 +110,34 @@ def main(argv=None) -> int:
             print("nothing is measured yet")
             return 1
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        roots = list(pool.map(lambda c: run_one(args.preset, *c), cells))
+        roots = list(pool.map(lambda c: run_one(args.preset, *c, args.all_baselines), cells))
     runs = [{"seed": s, "trigger": t, **scores(r)} for (s, t), r in zip(cells, roots)]
+    parts = {**LABELS, **{p: f"baseline: {p}" for r in runs for p, v in r.items() if p not in LABELS and isinstance(v, dict)}}
     result = {"preset": args.preset, "machine": f"{cpu_name()} ({cpu_flags()})",
               "seeds": sorted({s for s, _ in cells}), "triggers": list(dict.fromkeys(t for _, t in cells)), "runs": runs,
-              "range": {part: {"asr": spread([r[part]["asr"] for r in runs]),
-                               "cacc": spread([r[part]["cacc"] for r in runs])} for part in PARTS},
+              "range": {part: {"asr": spread([r.get(part, {}).get("asr") for r in runs]),
+                               "cacc": spread([r.get(part, {}).get("cacc") for r in runs])} for part in parts},
               "command": f"python -m bench.live_range --preset {args.preset} --seeds {' '.join(map(str, args.seeds))} "
-                         f"--triggers {' '.join(repr(t) for t in args.triggers)}" + " --measured-only" * args.measured_only}
+                         f"--triggers {' '.join(repr(t) for t in args.triggers)}" + " --all-baselines" * args.all_baselines
+                         + " --measured-only" * args.measured_only}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"live_range_{args.preset}.json").write_text(json.dumps(result, indent=1) + "\n")
+    name = f"live_range_{args.preset}{'_all' * args.all_baselines}"
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
 
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.1f}"
     lines = [f"# The Live demo over seeds and room-style triggers (bench/live_range.py, preset `{args.preset}`)", "",
              f"Measured on {result['machine']}, one thread per run; {runs_described(runs)} ({len(runs)} runs). "
-             "Hidden trigger's ASR % (CACC %).", "",
-             "| | " + " | ".join(LABELS.values()) + " |", "| --- |" + " ---: |" * len(PARTS)]
+             "Hidden trigger's ASR % (CACC %)." + seconds_said(runs), "",
+             "| | " + " | ".join(parts.values()) + " |", "| --- |" + " ---: |" * len(parts)]
     for stat in ("mean", "min", "max"):
         lines.append(f"| {stat} | " + " | ".join(
-            f"{pct(result['range'][p]['asr'].get(stat))} ({pct(result['range'][p]['cacc'].get(stat))})" for p in PARTS) + " |")
-    lines += ["", "| trigger | seed | " + " | ".join(LABELS.values()) + " |", "| --- | ---: |" + " ---: |" * len(PARTS)]
+            f"{pct(result['range'][p]['asr'].get(stat))} ({pct(result['range'][p]['cacc'].get(stat))})" for p in parts) + " |")
+    lines += ["", "| trigger | seed | " + " | ".join(parts.values()) + " |", "| --- | ---: |" + " ---: |" * len(parts)]
     for r in runs:
         lines.append(f"| `{r['trigger']}` | {r['seed']} | " + " | ".join(
-            f"{pct(r[p]['asr'])} ({pct(r[p]['cacc'])})" for p in PARTS) + " |")
-    (args.out / f"live_range_{args.preset}.md").write_text("\n".join(lines) + "\n")
+            f"{pct(r.get(p, {}).get('asr'))} ({pct(r.get(p, {}).get('cacc'))})" for p in parts) + " |")
+    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -338,3 +338,14 @@ def test_live_range_summarises_only_the_finished_runs_when_asked(tmp_path, monke
     assert got["range"]["stage1"]["asr"] == {"n": 0}  # undefined on every run
     assert "`cf`: seeds 0, 1; `§`: seed 0 (3 runs)" in (tmp_path / "live_range_p.md").read_text()
     assert lr.main(["--preset", "q", "--measured-only", "--out", str(tmp_path)]) == 1  # nothing measured
+    # --all-baselines: runs of their own, every baseline of the preset reported
+    run = lr.run_dir("p", 0, "cf", all_baselines=True) / "20990101-000000-p-000001"
+    run.mkdir(parents=True)
+    block = {"asr": {"unknown": 0.3}, "cacc": 0.9}
+    run.joinpath("summary.json").write_text(json.dumps({"status": "done", "seconds": {"total": 12.0},
+                                                        "stages": {"victim": block, "stage2": block},
+                                                        "baselines": {"clean_ft": block, "unlearn_single": block}}))
+    assert lr.main(["--preset", "p", "--seeds", "0", "--triggers", "cf", "--all-baselines", "--measured-only",
+                    "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "live_range_p_all.md").read_text()
+    assert "baseline: unlearn_single" in table and "A run took 12–12 s." in table
