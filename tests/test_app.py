@@ -382,7 +382,8 @@ def test_the_live_demo_states_the_range_measured_beforehand_and_where_this_run_s
     runs = [{"seed": s, "trigger": "cf", "stage2": {"asr": a}, "clean_ft": {"asr": f}}
             for s, a, f in ((0, 0.02, 0.5), (1, 0.1, 0.8))]
     measured = {"preset": "demo", "machine": "a test CPU", "seeds": [0, 1], "triggers": ["cf"], "runs": runs,
-                "range": {"stage2": {"asr": {"n": 2, "mean": 0.06, "min": 0.02, "max": 0.1}},
+                "range": {"stage2": {"asr": {"n": 2, "mean": 0.06, "min": 0.02, "max": 0.1},
+                                     "cacc": {"n": 2, "mean": 0.65, "min": 0.525, "max": 0.775}},
                           "clean_ft": {"asr": {"n": 2, "mean": 0.65, "min": 0.5, "max": 0.8}}}}
     (tmp_path / "live_range_demo.json").write_text(json.dumps(measured))
     monkeypatch.setattr(support, "MEASURED_RANGES", tmp_path)
@@ -390,7 +391,8 @@ def test_the_live_demo_states_the_range_measured_beforehand_and_where_this_run_s
     at = app(demo_root, monkeypatch)
     said = texts(at.caption)
     assert ("Measured beforehand over 2 runs of this demo (2 seeds × 1 triggers, a test CPU): after Stage 2 the hidden "
-            "trigger works on 2–10% (mean 6%) of the reviews, after plain clean fine-tuning on 50–80% (mean 65%)") in said
+            "trigger works on 2–10% (mean 6%) of the reviews, clean accuracy 52–78%, after plain clean fine-tuning on "
+            "50–80% (mean 65%). This run:") in said
     s = run_view.summary
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     assert (f"This run: {pct(s['stages']['stage2']['asr']['unknown'])} and "

@@ -125,13 +125,15 @@ def test_the_headline_fills_in_while_the_job_runs(live_root, tmp_path, monkeypat
     assert len(at.get("plotly_chart")) == 1  # the live curve; the other plots appear with their data
 
 
-def _with_rates(live_root, tmp_path, victim, stage2, fine_tuning):
-    """A finished copy of the live run whose headline rates are the given ones."""
+def _with_rates(live_root, tmp_path, victim, stage2, fine_tuning, cacc=(0.9, 0.9)):
+    """A finished copy of the live run whose headline rates (and clean accuracy of the victim and
+    after Stage 2) are the given ones."""
     root, dst = _running_copy(live_root, tmp_path)
     summary = json.loads((dst / "summary.json").read_text())
     summary["stages"]["victim"]["asr"]["unknown"] = victim
     summary["stages"]["stage2"]["asr"]["unknown"] = stage2
     summary["baselines"]["clean_ft"]["asr"]["unknown"] = fine_tuning
+    summary["stages"]["victim"]["cacc"], summary["stages"]["stage2"]["cacc"] = cacc
     (dst / "summary.json").write_text(json.dumps(summary))
     return root
 
@@ -206,3 +208,15 @@ def test_an_undefined_stage1_rate_is_explained_with_what_did_happen(live_root, t
     assert {m.label: m.value for m in at.metric}["after Stage 1"] == "n/a"
     said = texts(at.caption)
     assert "After Stage 1 the rate is undefined" in said and "39.5%" in said and "37.6%" in said, said
+
+
+def test_a_defense_that_broke_the_model_is_not_credited_with_a_low_rate(live_root, tmp_path, monkeypatch):
+    # the real LM's live demo, seed 1: 0.0% after Stage 2 against 97% for fine-tuning, but clean
+    # accuracy 85.5% -> 52.5%: the model answers "positive" to nearly everything
+    from streamlit.proto.Metric_pb2 import Metric
+    at = app(_with_rates(live_root, tmp_path, 1.0, 0.0, 0.97, cacc=(0.855, 0.525)), monkeypatch)
+    (after,) = [m for m in at.metric if m.label == "after Stage 2"]
+    assert Metric.MetricColor.Name(after.proto.color) == "GRAY"
+    said = texts(at.markdown)
+    assert "the defense broke the model: its clean accuracy fell from 85.5% to 52.5%" in said
+    assert "removed the backdoor" not in said

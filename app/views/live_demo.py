@@ -235,7 +235,7 @@ def headline(view: R.RunView) -> None:
     m = st.columns(4)
     m[0].metric("backdoored model", cell("victim", v, stages))
     m[1].metric("after Stage 1", cell("stage1", a1, stages))
-    sentence, colour = verdict(a2, ft)
+    sentence, colour = verdict(a2, ft, (stages.get("victim") or {}).get("cacc"), (stages.get("stage2") or {}).get("cacc"))
     m[2].metric("after Stage 2", cell("stage2", a2, stages),
                 delta=None if a2 is None or ft is None else f"{100 * (a2 - ft):+.1f} pts vs fine-tuning",
                 delta_color=colour)
@@ -278,6 +278,10 @@ def where_it_sits(preset: str | None, after: float | None, fine_tuning: float | 
 
     def span(r):
         return f"{100 * r['min']:.0f}–{100 * r['max']:.0f}% (mean {100 * r['mean']:.0f}%)"
+
+    def accuracy(part):  # a low rate from a broken model is no removal: its clean accuracy beside it
+        c = measured["range"][part].get("cacc") or {}
+        return f", clean accuracy {100 * c['min']:.0f}–{100 * c['max']:.0f}%" if c.get("n") else ""
     runs = measured["runs"]
     seeds = {t: {r["seed"] for r in runs if r["trigger"] == t} for t in measured["triggers"]}
     if len({frozenset(v) for v in seeds.values()}) == 1:  # every seed on every trigger
@@ -285,8 +289,8 @@ def where_it_sits(preset: str | None, after: float | None, fine_tuning: float | 
     else:
         which = ", ".join(f"{len(v)} seed{'s' * (len(v) != 1)} on “{S.esc(t)}”" for t, v in seeds.items())
     st.caption(f"Measured beforehand over {len(runs)} runs of this demo ({which}, {S.esc(measured['machine'])}): "
-               f"after Stage 2 the hidden trigger "
-               f"works on {span(r2)} of the reviews, after plain clean fine-tuning on {span(rf)}. This run: "
+               f"after Stage 2 the hidden trigger works on {span(r2)} of the reviews{accuracy('stage2')}, "
+               f"after plain clean fine-tuning on {span(rf)}{accuracy('clean_ft')}. This run: "
                f"{S.fmt_pct(after)} and {S.fmt_pct(fine_tuning)}.")
 
 
@@ -296,14 +300,26 @@ SAME_AS_FINE_TUNING = 0.10
 REMOVED = 0.10  # at most this rate left: the backdoor is gone
 
 
-def verdict(after: float | None, fine_tuning: float | None) -> tuple[str, str]:
+# More than this many points of clean accuracy lost by the defense: the model is broken, and a low
+# rate only says that it answers the target to much of everything (the rate counts only reviews it
+# still answers correctly without the trigger)
+ACCURACY_LOST = 0.10
+
+
+def verdict(after: float | None, fine_tuning: float | None, cacc_before: float | None = None,
+            cacc_after: float | None = None) -> tuple[str, str]:
     """The headline's sentence and its badge colour (``st.metric``'s ``delta_color``), from the one
     comparison that says what the defense did: the hidden trigger's rate after Stage 2 against plain
     clean fine-tuning on the same data (not the drop from the backdoored model, which fine-tuning
-    alone may give). "inverse": a rate below fine-tuning's is green, above it red; "off": grey."""
+    alone may give), unless the defense cost the model its clean accuracy. "inverse": a rate below
+    fine-tuning's is green, above it red; "off": grey."""
     if after is None or fine_tuning is None:
         return "", "off"
     gap = after - fine_tuning
+    credited = gap < -SAME_AS_FINE_TUNING or after <= REMOVED
+    if credited and cacc_before is not None and cacc_after is not None and cacc_before - cacc_after > ACCURACY_LOST:
+        return (f"But the defense broke the model: its clean accuracy fell from {100 * cacc_before:.1f}% to "
+                f"{100 * cacc_after:.1f}%, so this low rate does not mean the backdoor was removed.", "off")
     if abs(gap) <= SAME_AS_FINE_TUNING:
         if after <= REMOVED:
             return "The backdoor is gone, but plain fine-tuning removed it as well.", "off"
