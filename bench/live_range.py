@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -24,6 +25,10 @@ from pathlib import Path
 
 from bench.common import RESULTS, ROOT
 from bench.shipped_victim import cpu_flags, cpu_name
+from locphylax_core import ConfigError, load_config
+from locphylax_core.config import load_run_config
+from locphylax_core.runs import atomic_write_json, atomic_write_text, new_run_id
+from locphylax_core.shipped_victims import victim_fingerprint
 
 CACHE = ROOT / "bench" / ".cache" / "live_range"
 TRIGGERS = ["cf", "the popcorn was cold", "§"]  # the page's default word, a phrase, a symbol
@@ -41,23 +46,74 @@ def run_dir(preset: str, seed: int, trigger: str, all_baselines: bool = False) -
     return CACHE / preset / f"s{seed}-{trigger.encode().hex()}{'-all' * all_baselines}"
 
 
-def finished(root: Path) -> bool:
-    return any(json.loads(p.read_text()).get("status") == "done" for p in root.glob("*/summary.json"))
+def cell_sets(seed: int, trigger: str, all_baselines: bool = False) -> list[str]:
+    """The cell's overrides of the preset: as the page starts it (its trigger and family, the contrast
+    baseline plain clean fine-tuning), one thread."""
+    return [f"seed={seed}", f"attack.trigger={trigger}", f"attack.family={family(trigger)}", "train.threads=1",
+            *([] if all_baselines else ["defense.baselines=[clean_ft]"])]
 
 
-def run_one(preset: str, seed: int, trigger: str, all_baselines: bool = False) -> Path:
+def _state(run: Path) -> dict:
+    try:
+        return json.loads((run / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def finished_run(root: Path, cfg) -> Path | None:
+    """The cell's finished run of exactly this configuration (a run under other settings, such as
+    an earlier version of the preset, does not count)."""
+    for run in sorted(root.glob("*/"), reverse=True):
+        state = _state(run)
+        if state.get("status") == "done" and state.get("config_sha256") == cfg.sha256():
+            return run
+    return None
+
+
+def reuse_victim(root: Path, cfg) -> str | None:
+    """A new run of ``cfg`` that starts from the clean model and victim of an earlier run of the cell
+    whose victim is this very one (same seed, model, task, attack and train settings:
+    ``victim_fingerprint``), as a run resumed after its victim: only the defense and the baselines
+    run, with what a run from the start would give (each stage has its own seed and starts from its
+    parent's saved weights). Its id, or None."""
+    for run in sorted(root.glob("*/"), reverse=True):
+        state = _state(run)
+        if not {"clean", "victim"} <= set(state.get("finished", [])):
+            continue
+        try:
+            old = load_run_config(run / "config.yaml")
+        except ConfigError:
+            continue
+        if victim_fingerprint(old) != victim_fingerprint(cfg):
+            continue
+        run_id = new_run_id(cfg.name)
+        shutil.copytree(run, root / run_id, ignore=shutil.ignore_patterns("analysis.json", "*.lock", "CANCEL"))
+        keep = ("clean", "victim")
+        atomic_write_text(root / run_id / "config.yaml", cfg.to_yaml())
+        atomic_write_json(root / run_id / "state.json", {
+            **state, "status": "cancelled", "config_sha256": cfg.sha256(), "finished": list(keep),
+            "results": {k: v for k, v in state["results"].items() if k in keep},
+            "seconds": {k: v for k, v in state.get("seconds", {}).items() if k in keep}})
+        return run_id
+    return None
+
+
+def run_one(preset: str, seed: int, trigger: str, all_baselines: bool = False, reuse: bool = False) -> Path:
     root = run_dir(preset, seed, trigger, all_baselines)
-    if not finished(root):
-        sets = [f"seed={seed}", f"attack.trigger={trigger}", f"attack.family={family(trigger)}", "train.threads=1",
-                *([] if all_baselines else ["defense.baselines=[clean_ft]"])]
-        subprocess.run([sys.executable, "-m", "locphylax_core.cli", "--runs", str(root), "run", preset, "--no-analyze",
-                        *[a for s in sets for a in ("--set", s)]], cwd=ROOT, check=True,
+    sets = cell_sets(seed, trigger, all_baselines)
+    cfg = load_config(preset, sets)
+    run = finished_run(root, cfg)
+    if run is None:
+        reused = reuse_victim(root, cfg) if reuse else None
+        args = ["resume", reused] if reused else ["run", preset, "--no-analyze", *[a for s in sets for a in ("--set", s)]]
+        subprocess.run([sys.executable, "-m", "locphylax_core.cli", "--runs", str(root), *args], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return root
+        run = finished_run(root, cfg)
+    return run
 
 
-def scores(root: Path) -> dict:
-    summary = json.loads(sorted(root.glob("*/summary.json"))[-1].read_text())
+def scores(run: Path) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
     out = {}
     parts = {**PARTS, **{b: ("baselines", b) for b in summary.get("baselines") or {}}}
     for part, (where, key) in parts.items():
@@ -97,12 +153,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--all-baselines", action="store_true",
                     help="keep the preset's own baselines (the page runs only plain clean fine-tuning) and report each")
+    ap.add_argument("--reuse-victims", action="store_true",
+                    help="start a cell from the victim of an earlier run of it with the same victim settings (a "
+                         "changed defense: only the defense and baselines run again)")
     ap.add_argument("--measured-only", action="store_true",
                     help="run nothing: summarise the cells whose runs are finished (say which are left out)")
     args = ap.parse_args(argv)
     cells = [(s, t) for t in args.triggers for s in args.seeds]
     if args.measured_only:
-        missing = [c for c in cells if not finished(run_dir(args.preset, *c, args.all_baselines))]
+        missing = [c for c in cells if finished_run(run_dir(args.preset, *c, args.all_baselines),
+                                                     load_config(args.preset, cell_sets(*c, args.all_baselines))) is None]
         cells = [c for c in cells if c not in missing]
         if missing:
             print("left out (not run yet): " + ", ".join(f"seed {s} `{t}`" for s, t in missing))
@@ -110,7 +170,7 @@ def main(argv=None) -> int:
             print("nothing is measured yet")
             return 1
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        roots = list(pool.map(lambda c: run_one(args.preset, *c, args.all_baselines), cells))
+        roots = list(pool.map(lambda c: run_one(args.preset, *c, args.all_baselines, args.reuse_victims), cells))
     runs = [{"seed": s, "trigger": t, **scores(r)} for (s, t), r in zip(cells, roots)]
     parts = {**LABELS, **{p: f"baseline: {p}" for r in runs for p, v in r.items() if p not in LABELS and isinstance(v, dict)}}
     result = {"preset": args.preset, "machine": f"{cpu_name()} ({cpu_flags()})",

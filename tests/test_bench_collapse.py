@@ -314,38 +314,59 @@ def test_live_click_times_the_prepared_path_and_writes_its_table(tmp_path):
 
 
 def test_live_range_summarises_only_the_finished_runs_when_asked(tmp_path, monkeypatch, capsys):
-    """`bench.live_range --measured-only` runs nothing: it states the finished cells' range and
-    names the cells left out."""
+    """`bench.live_range --measured-only` runs nothing: it states the range of the cells whose run of
+    this very configuration is finished (a run under other settings does not count) and names the
+    cells left out."""
     import bench.live_range as lr
+    from locphylax_core import load_config
     monkeypatch.setattr(lr, "CACHE", tmp_path / "cache")
+    block = lambda asr: {"asr": {"unknown": asr}, "cacc": 0.8}  # noqa: E731
 
-    def finished(seed, trigger, stage2, clean_ft):
-        run = lr.run_dir("p", seed, trigger) / "20990101-000000-p-000000"
+    def finished(seed, trigger, stage2, clean_ft, all_baselines=False, sha=None, run_id="20990101-000000-micro-0"):
+        cfg = load_config("micro", lr.cell_sets(seed, trigger, all_baselines))
+        run = lr.run_dir("micro", seed, trigger, all_baselines) / run_id
         run.mkdir(parents=True)
-        block = lambda asr: {"asr": {"unknown": asr}, "cacc": 0.8}  # noqa: E731
+        run.joinpath("state.json").write_text(json.dumps({"status": "done", "config_sha256": sha or cfg.sha256()}))
+        baselines = {"clean_ft": block(clean_ft), **({"unlearn_single": block(0.3)} if all_baselines else {})}
         run.joinpath("summary.json").write_text(json.dumps({
-            "status": "done", "stages": {"victim": block(1.0), "stage1": block(None), "stage2": block(stage2)},
-            "baselines": {"clean_ft": block(clean_ft)}}))
+            "status": "done", "seconds": {"total": 12.0},
+            "stages": {"victim": block(1.0), "stage1": block(None), "stage2": block(stage2)}, "baselines": baselines}))
     finished(0, "cf", 0.02, 0.9)
     finished(1, "cf", 0.06, 0.7)
     finished(0, "§", 0.10, 1.0)
-    assert lr.main(["--preset", "p", "--seeds", "0", "1", "--triggers", "cf", "§", "--measured-only",
+    finished(1, "§", 0.5, 0.5, sha="an earlier version of the preset")
+    assert lr.main(["--preset", "micro", "--seeds", "0", "1", "--triggers", "cf", "§", "--measured-only",
                     "--out", str(tmp_path)]) == 0
     assert "left out (not run yet): seed 1 `§`" in capsys.readouterr().out
-    got = json.loads((tmp_path / "live_range_p.json").read_text())
+    got = json.loads((tmp_path / "live_range_micro.json").read_text())
     assert [(r["seed"], r["trigger"]) for r in got["runs"]] == [(0, "cf"), (1, "cf"), (0, "§")]
     assert got["range"]["stage2"]["asr"] == {"n": 3, "mean": pytest.approx(0.06), "min": 0.02, "max": 0.10}
     assert got["range"]["stage1"]["asr"] == {"n": 0}  # undefined on every run
-    assert "`cf`: seeds 0, 1; `§`: seed 0 (3 runs)" in (tmp_path / "live_range_p.md").read_text()
-    assert lr.main(["--preset", "q", "--measured-only", "--out", str(tmp_path)]) == 1  # nothing measured
+    assert "`cf`: seeds 0, 1; `§`: seed 0 (3 runs)" in (tmp_path / "live_range_micro.md").read_text()
+    assert lr.main(["--preset", "live", "--measured-only", "--out", str(tmp_path)]) == 1  # nothing measured
     # --all-baselines: runs of their own, every baseline of the preset reported
-    run = lr.run_dir("p", 0, "cf", all_baselines=True) / "20990101-000000-p-000001"
-    run.mkdir(parents=True)
-    block = {"asr": {"unknown": 0.3}, "cacc": 0.9}
-    run.joinpath("summary.json").write_text(json.dumps({"status": "done", "seconds": {"total": 12.0},
-                                                        "stages": {"victim": block, "stage2": block},
-                                                        "baselines": {"clean_ft": block, "unlearn_single": block}}))
-    assert lr.main(["--preset", "p", "--seeds", "0", "--triggers", "cf", "--all-baselines", "--measured-only",
+    finished(0, "cf", 0.3, 0.3, all_baselines=True)
+    assert lr.main(["--preset", "micro", "--seeds", "0", "--triggers", "cf", "--all-baselines", "--measured-only",
                     "--out", str(tmp_path)]) == 0
-    table = (tmp_path / "live_range_p_all.md").read_text()
+    table = (tmp_path / "live_range_micro_all.md").read_text()
     assert "baseline: unlearn_single" in table and "A run took 12–12 s." in table
+
+
+def test_live_range_reuses_a_victim_only_when_its_settings_are_the_same(tmp_path, monkeypatch, micro_run):
+    """A changed defense starts a new run from a copy of the cell's earlier victim (only the defense
+    and baselines run again); a changed attack does not."""
+    import shutil
+
+    import bench.live_range as lr
+    from locphylax_core import load_config
+    root = tmp_path / "cell"
+    shutil.copytree(micro_run.path, root / micro_run.path.name)
+    longer = load_config("micro", {"defense.stage2_steps": micro_run.cfg.defense.stage2_steps + 1})
+    run_id = lr.reuse_victim(root, longer)
+    state = json.loads((root / run_id / "state.json").read_text())
+    assert state["finished"] == ["clean", "victim"] and state["status"] == "cancelled"
+    assert state["config_sha256"] == longer.sha256() and set(state["results"]) == {"clean", "victim"}
+    assert load_config(root / run_id / "config.yaml") == longer
+    assert lr.finished_run(root, longer) is None and lr.finished_run(root, micro_run.cfg).name == micro_run.path.name
+    other_attack = load_config("micro", {"attack.steps": micro_run.cfg.attack.steps + 1})
+    assert lr.reuse_victim(root, other_attack) is None
