@@ -67,13 +67,16 @@ else:
     st.write(STORY)
 
 
-# What the page says about time, as measured on 2 CPU cores (bench/live_click.py, docs/results.md)
+# What the page says about time on 2 CPU cores (bench/live_click.py, docs/results.md): measured with
+# Stage 2 of 50 steps (Stage 1 90 s, Stage 2 86 s, plain fine-tuning 270 s); the real LM's Stage 2
+# and plain fine-tuning now take 50 steps more, about 45 s and 70 s
 CLICK_HELP = {"live": "Plants the trigger and runs the defense in a separate process: the headline after about half a "
                       "minute on 2 CPU cores, the plots within a minute or two.",
-              REAL_LM: "Runs the defense on the real model in a separate process: on 2 CPU cores its two stages took "
-                       "about 3 minutes here, the other defense and the plots a few more."}
-PLANTING_NOTE = {REAL_LM: " (SmolLM2-135M and, for “cf”, its shipped backdoored adapter are loaded; about 7 minutes "
-                          "on 2 CPU cores, and about 10 more to plant a trigger of the room's own)"}
+              REAL_LM: "Runs the defense on the real model in a separate process: on 2 CPU cores its two stages take "
+                       "about 3½ minutes, the other defense and the plots a few more."}
+PLANTING_NOTE = {REAL_LM: " (SmolLM2-135M and, for “cf”, its shipped backdoored adapter are loaded, and plain "
+                          "fine-tuning runs on it: about 9 minutes on 2 CPU cores, and about 10 more to plant a "
+                          "trigger of the room's own)"}
 
 
 def room_trigger(text: str) -> str:
