@@ -390,7 +390,7 @@ def test_the_live_demo_states_the_range_measured_beforehand_and_where_this_run_s
     support.measured_range.clear()
     at = app(demo_root, monkeypatch)
     said = texts(at.caption)
-    assert ("Measured beforehand over 2 runs of this demo (2 seeds × 1 triggers, a test CPU): after Stage 2 the hidden "
+    assert ("Measured beforehand over 2 runs of this demo (2 seeds × 1 trigger, a test CPU): after Stage 2 the hidden "
             "trigger works on 2–10% (mean 6%) of the reviews, clean accuracy 52–78%, after plain clean fine-tuning on "
             "50–80% (mean 65%). This run:") in said
     s = run_view.summary

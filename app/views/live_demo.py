@@ -279,16 +279,21 @@ def where_it_sits(preset: str | None, after: float | None, fine_tuning: float | 
     if not (r2.get("n") and rf.get("n")):
         return
 
+    def between(r) -> str:
+        low, high = f"{100 * r['min']:.0f}", f"{100 * r['max']:.0f}"
+        return f"{low}%" if low == high else f"{low}–{high}%"
+
     def span(r):
-        return f"{100 * r['min']:.0f}–{100 * r['max']:.0f}% (mean {100 * r['mean']:.0f}%)"
+        return f"{between(r)} (mean {100 * r['mean']:.0f}%)"
 
     def accuracy(part):  # a low rate from a broken model is no removal: its clean accuracy beside it
         c = measured["range"][part].get("cacc") or {}
-        return f", clean accuracy {100 * c['min']:.0f}–{100 * c['max']:.0f}%" if c.get("n") else ""
+        return f", clean accuracy {between(c)}" if c.get("n") else ""
     runs = measured["runs"]
     seeds = {t: {r["seed"] for r in runs if r["trigger"] == t} for t in measured["triggers"]}
     if len({frozenset(v) for v in seeds.values()}) == 1:  # every seed on every trigger
-        which = f"{len(measured['seeds'])} seeds × {len(measured['triggers'])} triggers"
+        n_seeds, n_triggers = len(measured["seeds"]), len(measured["triggers"])
+        which = f"{n_seeds} seed{'s' * (n_seeds != 1)} × {n_triggers} trigger{'s' * (n_triggers != 1)}"
     else:
         which = ", ".join(f"{len(v)} seed{'s' * (len(v) != 1)} on “{S.esc(t)}”" for t, v in seeds.items())
     st.caption(f"Measured beforehand over {len(runs)} runs of this demo ({which}, {S.esc(measured['machine'])}): "
