@@ -22,7 +22,6 @@ import pytest
 import yaml
 
 from locphylax_core import ConfigError, jobs
-from locphylax_core import runview as R
 from locphylax_core import stage_model as SM
 from test_app import app, demo_root, launched, run_view, texts  # noqa: F401  (fixtures)
 
