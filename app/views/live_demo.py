@@ -67,15 +67,14 @@ else:
     st.write(STORY)
 
 
-# What the page says about time on 2 CPU cores (bench/live_click.py, docs/results.md): measured with
-# Stage 2 of 50 steps (Stage 1 90 s, Stage 2 86 s, plain fine-tuning 270 s); the real LM's Stage 2
-# and plain fine-tuning now take 50 steps more, about 45 s and 70 s
+# What the page says about time on 2 CPU cores (bench/live_click.py, docs/results.md): the real LM's
+# run prepared in 570 s (plain fine-tuning 356 s of it), its click to the headline 254 s
 CLICK_HELP = {"live": "Plants the trigger and runs the defense in a separate process: the headline after about half a "
                       "minute on 2 CPU cores, the plots within a minute or two.",
               REAL_LM: "Runs the defense on the real model in a separate process: on 2 CPU cores its two stages take "
-                       "about 3½ minutes, the other defense and the plots a few more."}
+                       "about 4 minutes, the other defense and the plots a few more."}
 PLANTING_NOTE = {REAL_LM: " (SmolLM2-135M and, for “cf”, its shipped backdoored adapter are loaded, and plain "
-                          "fine-tuning runs on it: about 9 minutes on 2 CPU cores, and about 10 more to plant a "
+                          "fine-tuning runs on it: about 10 minutes on 2 CPU cores, and about 10 more to plant a "
                           "trigger of the room's own)"}
 
 
