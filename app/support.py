@@ -107,12 +107,15 @@ def stage_model(path: str, stage: str, stamp: tuple):
     """A stage checkpoint for answering typed sentences; shared across sessions and never trained.
     The page says which model it loads and how large it is, since the real LM's takes seconds."""
     models, key = _stage_models(), (path, stage, stamp)
-    if key in models:
-        return models.get(key, None)
+
+    def load():
+        return SM.load_stage_model(R.open_run(path), stage)
+    if key in models:  # kept (another session may drop it meanwhile: get() then loads it again)
+        return models.get(key, load)
     weights = RunDir(path).checkpoint(stage) / "model.safetensors"
     size = weights.stat().st_size if weights.is_file() else 0
     with st.spinner(f"Loading the {F.STAGE_TITLES.get(stage, stage)} model ({size / 1e6:,.0f} MB) …"):
-        return models.get(key, lambda: SM.load_stage_model(R.open_run(path), stage))
+        return models.get(key, load)
 
 
 def answer(view: R.RunView, stage: str, texts: list[str]) -> list[str]:

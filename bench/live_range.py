@@ -27,7 +27,7 @@ from bench.common import RESULTS, ROOT
 from bench.shipped_victim import cpu_flags, cpu_name
 from locphylax_core import ConfigError, load_config
 from locphylax_core.config import load_run_config
-from locphylax_core.runs import atomic_write_json, atomic_write_text, new_run_id
+from locphylax_core.runs import atomic_write_json, atomic_write_text, new_run_id, read_record
 from locphylax_core.shipped_victims import victim_fingerprint
 
 CACHE = ROOT / "bench" / ".cache" / "live_range"
@@ -53,18 +53,11 @@ def cell_sets(seed: int, trigger: str, all_baselines: bool = False) -> list[str]
             *([] if all_baselines else ["defense.baselines=[clean_ft]"])]
 
 
-def _state(run: Path) -> dict:
-    try:
-        return json.loads((run / "state.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def finished_run(root: Path, cfg) -> Path | None:
     """The cell's finished run of exactly this configuration (a run under other settings, such as
     an earlier version of the preset, does not count)."""
     for run in sorted(root.glob("*/"), reverse=True):
-        state = _state(run)
+        state = read_record(run / "state.json") or {}
         if state.get("status") == "done" and state.get("config_sha256") == cfg.sha256():
             return run
     return None
@@ -77,7 +70,7 @@ def reuse_victim(root: Path, cfg) -> str | None:
     run, with what a run from the start would give (each stage has its own seed and starts from its
     parent's saved weights). Its id, or None."""
     for run in sorted(root.glob("*/"), reverse=True):
-        state = _state(run)
+        state = read_record(run / "state.json") or {}
         if not {"clean", "victim"} <= set(state.get("finished", [])):
             continue
         try:

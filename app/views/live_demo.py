@@ -325,8 +325,8 @@ def verdict(after: float | None, fine_tuning: float | None, cacc_before: float |
     gap = after - fine_tuning
     credited = gap < -SAME_AS_FINE_TUNING or after <= REMOVED
     if credited and cacc_before is not None and cacc_after is not None and cacc_before - cacc_after > ACCURACY_LOST:
-        return (f"But the defense broke the model: its clean accuracy fell from {100 * cacc_before:.1f}% to "
-                f"{100 * cacc_after:.1f}%, so this low rate does not mean the backdoor was removed.", "off")
+        return (f"But the defense broke the model: its clean accuracy fell from {S.fmt_pct(cacc_before)} to "
+                f"{S.fmt_pct(cacc_after)}, so this low rate does not mean the backdoor was removed.", "off")
     if abs(gap) <= SAME_AS_FINE_TUNING:
         if after <= REMOVED:
             return "The backdoor is gone, but plain fine-tuning removed it as well.", "off"
