@@ -203,11 +203,16 @@ def test_an_undefined_stage1_rate_is_explained_with_what_did_happen(live_root, t
     summary = json.loads((dst / "summary.json").read_text())
     stage1 = summary["stages"]["stage1"]
     stage1["asr"]["unknown"], stage1["asr_raw"]["unknown"], stage1["cacc"] = None, 0.376, 0.395
+    summary["stages"]["victim"]["asr"]["unknown"] = 1.0  # the backdoored model's rate is defined
     (dst / "summary.json").write_text(json.dumps(summary))
     at = app(root, monkeypatch)
     assert {m.label: m.value for m in at.metric}["after Stage 1"] == "n/a"
     said = texts(at.caption)
-    assert "After Stage 1 the rate is undefined" in said and "39.5%" in said and "37.6%" in said, said
+    stage1_said = "After Stage 1 the rate is undefined" in said
+    summary["stages"]["victim"]["asr"]["unknown"] = None  # a run where no rate is defined (a model that never learned)
+    (dst / "summary.json").write_text(json.dumps(summary))
+    assert "After Stage 1" not in texts(app(root, monkeypatch).caption)
+    assert stage1_said and "39.5%" in said and "37.6%" in said, said
 
 
 def test_a_defense_that_broke_the_model_is_not_credited_with_a_low_rate(live_root, tmp_path, monkeypatch):

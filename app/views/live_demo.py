@@ -242,7 +242,7 @@ def headline(view: R.RunView) -> None:
                 delta=None if a2 is None or ft is None else f"{100 * (a2 - ft):+.1f} pts vs fine-tuning",
                 delta_color=colour)
     m[3].metric("plain clean fine-tuning", cell(CONTRAST, ft, base))
-    if "stage1" in stages and a1 is None:
+    if "stage1" in stages and a1 is None and v is not None:  # undefined everywhere: nothing of Stage 1's own to say
         stage1_undefined(view, stages["stage1"])
     if "stage2" in stages and CONTRAST in base:
         where_it_sits((view.state or {}).get("preset") or s.get("preset"), a2, ft)
