@@ -33,7 +33,7 @@ demo: $(STAMP)
 # the layer contracts (.importlinter, docs/architecture.md) first, then the suite
 test: $(DEVSTAMP) browser
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20 $(PYTEST_ARGS) tests
 
 # Debian's chromium for the app's end-to-end browser test (installed when missing and we may use
 # apt-get; otherwise that one test is skipped and says why)

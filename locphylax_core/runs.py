@@ -407,10 +407,20 @@ def write_folder_atomically(folder: Path, write) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _id_part(preset: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in preset)[:40] or "run"
+
+
 def new_run_id(preset: str) -> str:
+    """``<date>-<time>-<preset>-<6 hex digits>``; the preset as :func:`run_of_preset` reads it back."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in preset)[:40] or "run"
-    return f"{stamp}-{safe}-{secrets.token_hex(3)}"
+    return f"{stamp}-{_id_part(preset)}-{secrets.token_hex(3)}"
+
+
+def run_of_preset(run_id: str, preset: str) -> bool:
+    """Whether ``run_id`` (from :func:`new_run_id`) names a run of ``preset``, whose name may itself
+    hold hyphens (``live-smollm2``)."""
+    return "-".join(run_id.split("-")[2:-1]) == _id_part(preset)
 
 
 JOBS_DIR = ".jobs"  # beside the runs: the app's job records and logs, and the warm standby (locphylax_core.jobs)

@@ -19,7 +19,8 @@ from locphylax_core import runview as R
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-HOME = str(Path(__file__).resolve().parent.parent / "app" / "Home.py")
+REPO = Path(__file__).resolve().parent.parent
+HOME = str(REPO / "app" / "Home.py")
 
 
 def app(root: Path, monkeypatch, page: str | None = None, query: dict | None = None,
@@ -63,12 +64,12 @@ def launched(monkeypatch):
 
 
 def test_live_demo_offers_one_click_when_no_demo_run_is_stored(analysed_root, monkeypatch, launched):
-    at = app(analysed_root, monkeypatch, model=None)  # the page's default
-    assert at.sidebar.radio[0].value == "live"
+    at = app(analysed_root, monkeypatch, model=None)  # the page's default: the real LM
+    assert at.sidebar.radio[0].value == "live-smollm2"
     assert "No demo run is stored yet" in texts(at.info)
     (button,) = [b for b in at.button if "Run the live demo" in b.label]
     button.click().run()
-    assert len(launched) == 1 and launched[0]["cfg"].name == "live"
+    assert len(launched) == 1 and launched[0]["cfg"].name == "live-smollm2"
     assert launched[0]["cfg"].attack.trigger == "cf"
     assert launched[0]["root"] == analysed_root
 
@@ -95,8 +96,24 @@ def test_the_live_demo_runs_the_real_lm_when_the_room_picks_it_and_a_link_keeps_
 
 def test_a_link_to_an_unknown_demo_model_falls_back_and_says_so(analysed_root, monkeypatch):
     at = app(analysed_root, monkeypatch, query={"model": "gpt-5"})
-    assert at.sidebar.radio[0].value == "live"
+    assert at.sidebar.radio[0].value == "live-smollm2"
     assert "is not a demo model of this app" in texts(at.info)
+
+
+def test_a_pinned_demo_preset_may_be_a_yaml_file_and_one_that_cannot_load_is_named(analysed_root, monkeypatch,
+                                                                                 launched, tmp_path):
+    preset = tmp_path / "short.yaml"
+    preset.write_text((REPO / "configs" / "live.yaml").read_text().replace("stage2_steps:", "stage2_steps: 3 #"))
+    monkeypatch.setenv("LOCPHYLAX_LIVE_PRESET", str(preset))
+    at = app(analysed_root, monkeypatch, model=None)
+    assert not at.sidebar.radio  # pinned: no choice of model
+    (button,) = [b for b in at.button if "Run the live demo" in b.label]
+    button.click().run()
+    assert launched[0]["cfg"].name == "live" and launched[0]["cfg"].defense.stage2_steps == 3
+    monkeypatch.setenv("LOCPHYLAX_LIVE_PRESET", str(tmp_path / "absent.yaml"))
+    at = app(analysed_root, monkeypatch, model=None)
+    assert "LOCPHYLAX_LIVE_PRESET names no usable preset" in texts(at.error)
+    assert "absent.yaml" in texts(at.error)
 
 
 @pytest.fixture(scope="module")

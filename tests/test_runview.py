@@ -164,3 +164,13 @@ def test_stage_models_are_kept_within_a_memory_budget(micro_run):
     small.get("victim", lambda: load("victim"))
     small.get("stage2", lambda: load("stage2"))
     assert "victim" not in small and "stage2" in small
+
+
+def test_a_run_id_names_its_preset_even_when_the_preset_name_holds_hyphens():
+    from locphylax_core.runs import new_run_id, run_of_preset
+
+    real, tiny = new_run_id("live-smollm2"), new_run_id("live")
+    assert run_of_preset(real, "live-smollm2") and not run_of_preset(real, "live")
+    assert run_of_preset(tiny, "live") and not run_of_preset(tiny, "live-smollm2")
+    assert run_of_preset(new_run_id("my preset/2"), "my preset/2")  # as the id spells it: my-preset-2
+    assert not run_of_preset("not-a-run-id", "live")

@@ -13,15 +13,23 @@ from locphylax_core import ConfigError, load_config
 from locphylax_core import runview as R
 from locphylax_core.analysis import figures as F
 from locphylax_core.registry import DEFENSES, LOCPHYLAX, stage_key
+from locphylax_core.runs import run_of_preset
 
-# What one click runs: the real pretrained LM on real SST-2 reviews, or the tiny model on template
-# reviews (the fast option). LOCPHYLAX_LIVE_PRESET pins one preset and hides the choice (the browser test: micro).
+# What one click runs: the real pretrained LM on real SST-2 reviews (the default: its backdoor for
+# "cf" ships with the project), or the tiny model on template reviews (the fast option).
+# LOCPHYLAX_LIVE_PRESET pins one preset, a name or a YAML file, and hides the choice (the browser
+# tests: micro, and the real LM with a few steps per stage).
 LIVE_MODELS = {"live-smollm2": "SmolLM2-135M, real movie reviews", "live": "tiny model, made-up reviews (fast)"}
-DEFAULT_MODEL = "live"  # the real LM becomes the default once its shipped victim and timings are measured
 REAL_LM = "live-smollm2"
+DEFAULT_MODEL = REAL_LM
 PINNED = os.environ.get("LOCPHYLAX_LIVE_PRESET")
 if PINNED:
-    PRESET = PINNED
+    SOURCE = PINNED
+    try:
+        PRESET = load_config(PINNED).name
+    except ConfigError as e:
+        st.error(f"LOCPHYLAX_LIVE_PRESET names no usable preset: {S.esc(str(e), 600)}")
+        st.stop()
 else:
     S.restore_from_link("demo_model", "model", list(LIVE_MODELS), DEFAULT_MODEL, "demo model",
                         name=LIVE_MODELS.get, where="a demo model of this app")
@@ -29,6 +37,7 @@ else:
                               help="The real pretrained model (135M parameters) on real reviews, or a 1.5M-parameter "
                                    "model on made-up reviews that runs in seconds.")
     st.query_params["model"] = PRESET
+    SOURCE = PRESET
 # a stored run of any of these can be shown (the tiny model's page also shows the `demo` preset's runs)
 SHOWN_PRESETS = (PRESET,) if PRESET == REAL_LM else tuple(dict.fromkeys((PRESET, "live", "demo")))
 DEFAULT_TRIGGER = "cf"
@@ -90,7 +99,7 @@ def trigger_problem(text: str) -> str | None:
         return "Type a trigger word or phrase."
     if len(t) > 40 or len(t.split()) > 6:
         return "Keep the trigger short: at most 6 words and 40 characters."
-    defender = [k.text for k in load_config(PRESET).defense.known_triggers]
+    defender = [k.text for k in load_config(SOURCE).defense.known_triggers]
     if t.lower() in (d.lower() for d in defender):
         return f"“{S.esc(t)}” is one of the defender's own triggers; the hidden trigger must be one it does not know."
     return None
@@ -98,7 +107,7 @@ def trigger_problem(text: str) -> str | None:
 
 def live_config(trigger: str):
     t = room_trigger(trigger)
-    return load_config(PRESET, {"attack.trigger": t, "attack.family": "phrase" if " " in t else "word"})
+    return load_config(SOURCE, {"attack.trigger": t, "attack.family": "phrase" if " " in t else "word"})
 
 
 def latest_shown() -> R.RunView | None:
@@ -109,7 +118,7 @@ def latest_shown() -> R.RunView | None:
     return None
 
 
-live = [j for j in S.live_jobs() if j.run_id.split("-")[2:3] in ([p] for p in SHOWN_PRESETS)]
+live = [j for j in S.live_jobs() if any(run_of_preset(j.run_id, p) for p in SHOWN_PRESETS)]
 if not live:
     S.warm_standby()  # the next click starts training at once instead of importing torch first
 shown = None if live else latest_shown()
