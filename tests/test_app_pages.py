@@ -156,6 +156,16 @@ def test_single_method_curves_keep_the_live_demo_colours():
     assert len(fig.data) == 4
 
 
+def test_a_stage_after_a_victim_of_no_steps_keeps_its_marker():
+    """A shipped victim is loaded, not trained: Stage 1 starts where it was planted, and the line
+    there says Stage 1 (the page's "backdoor planted" mark would otherwise hide it)."""
+    rows = [r for r in curve_rows(["locphylax"]) if r["stage"] != "victim"]
+    rows.append({"key": "victim", "method": "attack", "stage": "victim", "step": 0, "split": "test",
+                 "cacc": 0.8, "asr": {"unknown": 1.0, "t1": 0.0, "t2": 0.0}})
+    fig = F.curves_figure(rows, ["locphylax"])
+    assert [a.text for a in fig.layout.annotations] == ["stage1", "stage2"]
+
+
 def test_casd_csv_names_its_training_column(run_view, tmp_path):
     from locphylax_core.analysis import export_figures
     casd = run_view.analysis["casd"]

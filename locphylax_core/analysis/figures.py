@@ -358,8 +358,8 @@ def curves_figure(rows: Sequence[dict], methods: Sequence[str] = (LOCPHYLAX,)) -
                                    showlegend=False))
         for stage in CURVE_STAGES[1:]:
             part = df[df["stage"] == stage]
-            if len(part):
-                boundaries.setdefault(float(part["global_step"].min() - part["step"].min()), stage)
+            if len(part):  # a stage of no steps (a shipped victim) starts where the next one does: the next names it
+                boundaries[float(part["global_step"].min() - part["step"].min())] = stage
     for x, stage in boundaries.items():
         fig.add_vline(x=x, line_dash="dot", line_color="grey", annotation_text=stage, annotation_position="top")
     fig.update_layout(title="ASR and clean accuracy over training steps", xaxis_title="step (all stages)",
