@@ -280,7 +280,7 @@ def pytest_configure(config):
 # is by number of tests, which puts these one- and few-test files last), the two workers do not
 # end with one of them still running a long file while the other is idle. The second file needs no small_clean_demo: the first one
 # trains it, and a second worker needing it at once would wait on its lock all that time.
-SLOW_FILES_FIRST = ("test_paradigms.py", "test_app_e2e.py", "test_attack_families.py", "test_distributed.py",
+SLOW_FILES_FIRST = ("test_paradigms.py", "test_app_e2e.py", "test_app_e2e_real_lm.py", "test_attack_families.py", "test_distributed.py",
                     "test_jobs.py", "test_bench_collapse.py", "test_architectures.py", "test_generative.py")
 
 
