@@ -34,8 +34,9 @@ from .runs import file_sha256
 
 VICTIMS_DIR = Path(__file__).resolve().parent / "victims"
 ADAPTER, RECORD, CARD = "adapter.safetensors", "victim.json", "README.md"
-# settings that change how fast a victim trains, never its weights
-_NOT_IN_FINGERPRINT = {"train": {"threads", "device", "allow_large"}, "attack": {"shipped"}}
+# settings that change how fast a victim trains, or what it is scored on, never its weights (the
+# test rows are drawn apart from the training rows: tasks.load_task, tasks.sources.synthetic_sentiment)
+_NOT_IN_FINGERPRINT = {"train": {"threads", "device", "allow_large"}, "attack": {"shipped"}, "task": {"test_size"}}
 
 
 def fingerprint_sections(cfg: RunConfig) -> dict:

@@ -63,6 +63,16 @@ def test_other_settings_do_not_match(victims_dir):
     assert SV.matching_victim(load_config("micro", {**SETS, "attack.shipped": False})) is None
     assert SV.matching_victim(load_config("micro", {**SETS, "train.threads": 2})).name == "micro-cf"  # speed only
     assert SV.matching_victim(load_config("micro", {**SETS, "defense.lr": 0.01})).name == "micro-cf"  # the defense's
+    # what it is scored on: the test rows are drawn apart from the training rows
+    assert SV.matching_victim(load_config("micro", {**SETS, "task.test_size": 17})).name == "micro-cf"
+    assert SV.matching_victim(load_config("micro", {**SETS, "task.train_size": 101})) is None
+
+
+def test_the_shipped_real_lm_victim_matches_its_preset_at_any_test_size():
+    cf = {"attack.trigger": "cf", "attack.family": "word"}
+    assert SV.matching_victim(load_config("live-smollm2", cf)).name == "live-smollm2-cf"
+    assert SV.matching_victim(load_config("live-smollm2", {**cf, "task.test_size": 40})).name == "live-smollm2-cf"
+    assert SV.matching_victim(load_config("live-smollm2", {**cf, "attack.steps": 199})) is None
 
 
 def _clean_lm(cfg):
