@@ -246,6 +246,20 @@ def analysed_root(micro_run, tmp_path_factory) -> Path:
     return root
 
 
+def screenshots_dir() -> Path:
+    """Where the browser tests save their screenshots: $LOCPHYLAX_SCREENSHOTS, or tests/artifacts/screenshots."""
+    d = Path(os.environ.get("LOCPHYLAX_SCREENSHOTS", REPO / "tests" / "artifacts" / "screenshots"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def browser_wait_context(page, log: Path) -> str:
+    """What a browser test's failed wait saw: the page's text and the end of the server's log."""
+    text = page.inner_text("body")[:1500]
+    tail = log.read_text(errors="replace")[-3000:] if log.is_file() else "(no log)"
+    return f"page text:\n{text}\n--- streamlit log, end:\n{tail}"
+
+
 MAKE_TEST_WORKERS = 2  # `make test` runs pytest -n 2
 
 
@@ -280,7 +294,8 @@ def pytest_configure(config):
 # is by number of tests, which puts these one- and few-test files last), the two workers do not
 # end with one of them still running a long file while the other is idle. The second file needs no small_clean_demo: the first one
 # trains it, and a second worker needing it at once would wait on its lock all that time.
-SLOW_FILES_FIRST = ("test_paradigms.py", "test_app_e2e.py", "test_app_e2e_real_lm.py", "test_attack_families.py", "test_distributed.py",
+SLOW_FILES_FIRST = ("test_paradigms.py", "test_app_e2e.py", "test_app_e2e_real_lm.py", "test_attack_families.py",
+                    "test_distributed.py",
                     "test_jobs.py", "test_bench_collapse.py", "test_architectures.py", "test_generative.py")
 
 

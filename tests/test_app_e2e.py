@@ -6,11 +6,11 @@ $LOCPHYLAX_SCREENSHOTS). Skipped, with the reason, only where Chromium or Playwr
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import browser_wait_context, screenshots_dir
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "app"))
@@ -24,24 +24,11 @@ if not Path(CHROMIUM).exists():
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
 
-def _shots_dir() -> Path:
-    d = Path(os.environ.get("LOCPHYLAX_SCREENSHOTS", REPO / "tests" / "artifacts" / "screenshots"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
 def _idle(page, timeout_ms: int = 120_000) -> None:
     """Wait until the page's script run has ended (Streamlit's running indicator is gone), so that
     the next navigation does not queue behind work this session is still doing on the server."""
     page.wait_for_timeout(300)
     page.locator('[data-testid="stStatusWidget"]').wait_for(state="detached", timeout=timeout_ms)
-
-
-def _context(page, log: Path) -> str:
-    """What a failed wait saw: the page's text and the end of the server's log."""
-    text = page.inner_text("body")[:1500]
-    tail = log.read_text(errors="replace")[-3000:] if log.is_file() else "(no log)"
-    return f"page text:\n{text}\n--- streamlit log, end:\n{tail}"
 
 
 def test_live_demo_then_every_page_then_shared_links(tmp_path, monkeypatch):
@@ -51,7 +38,7 @@ def test_live_demo_then_every_page_then_shared_links(tmp_path, monkeypatch):
     link that names an unknown run says so."""
     monkeypatch.setenv("LOCPHYLAX_LIVE_PRESET", "micro")
     runs = tmp_path / "runs"
-    shots = _shots_dir()
+    shots = screenshots_dir()
     log = tmp_path / "streamlit.log"
     with streamlit_server(runs, log=log) as url, playwright_sync.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
@@ -80,7 +67,7 @@ def test_live_demo_then_every_page_then_shared_links(tmp_path, monkeypatch):
             try:
                 page.get_by_role("heading", name=PAGE_TITLES[name]).first.wait_for(timeout=90_000)
             except playwright_sync.TimeoutError:
-                pytest.fail(f"the {name} page showed no heading in 90 s\n{_context(page, log)}")
+                pytest.fail(f"the {name} page showed no heading in 90 s\n{browser_wait_context(page, log)}")
             if name in ("aggregation", "heads", "compare", "casd", "layers"):
                 page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
             page.wait_for_timeout(800)  # let plotly finish drawing
@@ -102,4 +89,3 @@ def test_live_demo_then_every_page_then_shared_links(tmp_path, monkeypatch):
         assert page.locator(".js-plotly-plot").count() == 0
         browser.close()
     assert {f"{i + 1:02d}_{n}.png" for i, n in enumerate(PAGES)} <= {x.name for x in shots.glob("*.png")}
-

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import browser_wait_context, screenshots_dir
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "app"))
@@ -18,7 +19,6 @@ if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is absent (Debian's `chromium` package; `make test` installs it where it may)",
                 allow_module_level=True)
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-from test_app_e2e import _context, _shots_dir  # noqa: E402
 
 
 def test_the_real_lm_demo_is_ready_from_its_shipped_backdoor_and_one_click_reaches_the_headline(tmp_path, monkeypatch):
@@ -48,7 +48,7 @@ def test_the_real_lm_demo_is_ready_from_its_shipped_backdoor_and_one_click_reach
         try:
             page.get_by_text("Ready: the backdoor “cf” is planted.").wait_for(timeout=420_000)
         except playwright_sync.TimeoutError:
-            pytest.fail(f"the shipped backdoor was not ready in 7 minutes\n{_context(page, log)}")
+            pytest.fail(f"the shipped backdoor was not ready in 7 minutes\n{browser_wait_context(page, log)}")
         (prepared,) = [d for d in runs.iterdir() if (d / "state.json").is_file()]
         assert '"shipped_victim": "live-smollm2-cf"' in (prepared / "state.json").read_text(), \
             "the victim was trained, not loaded from its shipped adapter"
@@ -56,8 +56,8 @@ def test_the_real_lm_demo_is_ready_from_its_shipped_backdoor_and_one_click_reach
         try:
             page.get_by_text("In one sentence:").wait_for(timeout=420_000)
         except playwright_sync.TimeoutError:
-            pytest.fail(f"no headline in 7 minutes after the click\n{_context(page, log)}")
+            pytest.fail(f"no headline in 7 minutes after the click\n{browser_wait_context(page, log)}")
         page.get_by_text("How often the hidden trigger “cf” still works").wait_for(timeout=60_000)
         assert page.locator('[data-testid="stException"]').count() == 0
-        page.screenshot(path=str(_shots_dir() / "live_demo_real_lm.png"), full_page=True)
+        page.screenshot(path=str(screenshots_dir() / "live_demo_real_lm.png"), full_page=True)
         browser.close()

@@ -23,6 +23,7 @@ import yaml
 
 from locphylax_core import ConfigError, jobs
 from locphylax_core import stage_model as SM
+from conftest import screenshots_dir
 from test_app import app, demo_root, launched, run_view, texts  # noqa: F401  (fixtures)
 
 pytest.importorskip("streamlit")
@@ -420,8 +421,7 @@ def test_in_a_browser_markdown_in_links_and_runs_makes_no_request_to_another_hos
     live = _hostile_run(run_view, root, "20990101-000000-live-hostile")
     state = json.loads((root / live / "state.json").read_text())
     (root / live / "state.json").write_text(json.dumps({**state, "preset": "live"}))
-    shots = Path(os.environ.get("LOCPHYLAX_SCREENSHOTS", REPO / "tests" / "artifacts" / "screenshots"))
-    shots.mkdir(parents=True, exist_ok=True)
+    shots = screenshots_dir()
     asked: list[str] = []
     with streamlit_server(root, log=tmp_path / "server.log") as url, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
