@@ -41,13 +41,22 @@ _NOT_IN_FINGERPRINT = {"train": {"threads", "device", "allow_large"}, "attack": 
 
 def fingerprint_sections(cfg: RunConfig) -> dict:
     """The configuration a victim's weights depend on: the run seed and the model, task, attack
-    and train sections (less what only changes speed), as plain data. Fields at their default are
-    left out, so a field added later with a default that keeps today's behaviour changes no
+    and train sections (less what only changes speed), as plain data, with the attack's effective
+    trigger (and decoy) filled in. Other fields at their default are left out, so a field added later with a default that keeps today's behaviour changes no
     fingerprint."""
     data = cfg.model_dump(mode="json", exclude_defaults=True)
     out = {"seed": cfg.seed}
     for section in ("model", "task", "attack", "train"):
         out[section] = {k: v for k, v in data.get(section, {}).items() if k not in _NOT_IN_FINGERPRINT.get(section, ())}
+    # the trigger the victim is trained with, whether named or the family's default: a preset that
+    # leaves attack.trigger empty builds the same victim as one that names its default
+    a = cfg.attack
+    if a.family in ("ctba", "mtba"):
+        out["attack"]["parts"] = a.trigger_parts
+    else:
+        out["attack"]["trigger"] = a.trigger_text
+    if a.decoy_text is not None:
+        out["attack"]["decoy"] = a.decoy_text
     return out
 
 

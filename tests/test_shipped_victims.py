@@ -73,6 +73,10 @@ def test_the_shipped_real_lm_victim_matches_its_preset_at_any_test_size():
     assert SV.matching_victim(load_config("live-smollm2", cf)).name == "live-smollm2-cf"
     assert SV.matching_victim(load_config("live-smollm2", {**cf, "task.test_size": 40})).name == "live-smollm2-cf"
     assert SV.matching_victim(load_config("live-smollm2", {**cf, "attack.steps": 199})) is None
+    # the preset alone (`locphylax run live-smollm2`) leaves the trigger to the family's default, `cf`:
+    # the same victim
+    assert SV.matching_victim(load_config("live-smollm2")).name == "live-smollm2-cf"
+    assert SV.matching_victim(load_config("live-smollm2", {"attack.trigger": "zq"})) is None
 
 
 def _clean_lm(cfg):
