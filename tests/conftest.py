@@ -169,6 +169,16 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+def cli_in_process(capsys, *args: str) -> tuple[int, str]:
+    """``locphylax ARGS`` in this process (its exit status, stdout + stderr): the CLI's behaviour
+    without a new interpreter's seconds of imports. :func:`cli` runs the installed command itself."""
+    from locphylax_core import cli as cli_mod
+    capsys.readouterr()
+    rc = cli_mod.main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
 def numbers(summary: dict) -> dict:
     """The metric part of a summary (everything except ids, status and timings)."""
     return {"stages": summary["stages"], "baselines": summary["baselines"], "alpha": summary.get("alpha"),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, load_tensors
+from conftest import cli_in_process, load_tensors
 from locphylax_core import ConfigError, load_config, start_run
 from locphylax_core import model as M
 from locphylax_core.architectures import ARCHITECTURES, lora_targets
@@ -89,13 +89,13 @@ def test_grouped_query_heads_and_width_fields(micro_prepared):
     assert "model.n_kv_head" in str(e.value)
 
 
-def test_cli_dry_run_validates_an_architecture_and_names_a_bad_one():
-    r = cli("run", "micro", "--set", "model.arch=llama", "--dry-run")
-    assert r.returncode == 0, r.stderr
-    assert "arch: llama" in r.stdout and "config is valid" in r.stdout
-    bad = cli("run", "micro", "--set", "model.arch=gpt5", "--dry-run")
-    assert bad.returncode != 0
-    assert "model.arch" in bad.stderr + bad.stdout and "gpt5" in bad.stderr + bad.stdout
+def test_cli_dry_run_validates_an_architecture_and_names_a_bad_one(capsys):
+    rc, out = cli_in_process(capsys, "run", "micro", "--set", "model.arch=llama", "--dry-run")
+    assert rc == 0, out
+    assert "arch: llama" in out and "config is valid" in out
+    rc, out = cli_in_process(capsys, "run", "micro", "--set", "model.arch=gpt5", "--dry-run")
+    assert rc != 0
+    assert "model.arch" in out and "gpt5" in out
 
 
 # ----------------------------------------------------------------------------------------------

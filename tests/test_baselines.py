@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli
+from conftest import cli_in_process
 from locphylax_core import ConfigError, load_config
 from locphylax_core.defenses.base import DefenderData, clean_samples, method_plans
 from locphylax_core.defenses.crow import CrowConfig, crow, layer_consistency
@@ -45,10 +45,10 @@ def test_plans_for_the_new_baselines():
     assert [p.fn for p in cr] == [crow, crow] and cr[0].cfg == CrowConfig(d.stage1_steps, 5.5, 0.1, "peer")
 
 
-def test_dry_run_validates_the_new_baselines_and_rejects_bad_values():
-    r = cli("run", "demo", "--set", "defense.baselines=[p2p, fine_pruning, crow]", "--dry-run")
-    assert r.returncode == 0, r.stderr
-    assert "fine_pruning/stage1" in r.stdout and "crow/stage2" in r.stdout and "p2p/stage1" in r.stdout
+def test_dry_run_validates_the_new_baselines_and_rejects_bad_values(capsys):
+    rc, out = cli_in_process(capsys, "run", "demo", "--set", "defense.baselines=[p2p, fine_pruning, crow]", "--dry-run")
+    assert rc == 0, out
+    assert "fine_pruning/stage1" in out and "crow/stage2" in out and "p2p/stage1" in out
     for over, field in [({"defense.baselines": ["fine_pruning"], "defense.options": {"fine_pruning": {"prune_rate": 1.0}}},
                          "defense.options.fine_pruning.prune_rate"),
                         ({"defense.baselines": ["crow"], "defense.crow_weight": -1}, "defense.options.crow.weight"),

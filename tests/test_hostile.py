@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, cli_env, read_jsonl
-from locphylax_core import cli as cli_mod
+from conftest import REPO, cli_env, cli_in_process, read_jsonl
 from locphylax_core import jobs, load_config, resume_run, start_run
 from locphylax_core import model as M
 from locphylax_core import runview as R
@@ -48,11 +47,6 @@ def _partial_copy(micro_run, root: Path, name: str = "partial") -> RunDir:
     return run
 
 
-def _cli(capsys, *args) -> tuple[int, str]:
-    rc = cli_mod.main(list(args))
-    out = capsys.readouterr()
-    return rc, out.out + out.err
-
 
 # ----------------------------------------------------------------------------------------------
 # 1, 12, 11: configuration
@@ -68,7 +62,7 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
     t0 = time.perf_counter()
     with pytest.raises(ConfigError, match="aliases expand to more than"):
         load_config(bomb)
-    rc, out = _cli(capsys, "--runs", str(tmp_path / "runs"), "run", str(bomb), "--dry-run")
+    rc, out = cli_in_process(capsys, "--runs", str(tmp_path / "runs"), "run", str(bomb), "--dry-run")
     assert time.perf_counter() - t0 < 5
     assert rc == 2 and "aliases expand" in out and "Traceback" not in out
     recursive = tmp_path / "recursive.yaml"
@@ -87,7 +81,7 @@ def test_empty_override_is_an_error_naming_the_field(tmp_path, capsys):
     """Fault 12: `--set attack.trigger=` (empty) silently meant the family's default trigger."""
     with pytest.raises(ConfigError, match=r"--set attack\.trigger: no value"):
         load_config("micro", ["attack.trigger="])
-    rc, out = _cli(capsys, "--runs", str(tmp_path), "run", "micro", "--set", "attack.trigger=", "--dry-run")
+    rc, out = cli_in_process(capsys, "--runs", str(tmp_path), "run", "micro", "--set", "attack.trigger=", "--dry-run")
     assert rc == 2 and "attack.trigger" in out and "no value" in out
     assert load_config("micro", ["attack.trigger=null"]).attack.trigger_text == "cf"  # the explicit default
 
@@ -113,7 +107,7 @@ def test_binary_files_give_clear_errors(micro_run, tmp_path, capsys):
     binary config.yaml."""
     cfg = tmp_path / "binary.yaml"
     cfg.write_bytes(BINARY)
-    rc, out = _cli(capsys, "--runs", str(tmp_path), "run", str(cfg), "--dry-run")
+    rc, out = cli_in_process(capsys, "--runs", str(tmp_path), "run", str(cfg), "--dry-run")
     assert rc == 2 and "not a text file" in out and "Traceback" not in out
 
     root = tmp_path / "runs"
@@ -124,12 +118,12 @@ def test_binary_files_give_clear_errors(micro_run, tmp_path, capsys):
         (bad / name).write_bytes(BINARY)
     listed = {i["run_id"]: i["status"] for i in list_runs(root)}
     assert listed["good"] == "done" and listed["bad-state.json"] == "corrupt (state.json unreadable)"
-    rc, out = _cli(capsys, "--runs", str(root), "runs")
+    rc, out = cli_in_process(capsys, "--runs", str(root), "runs")
     assert rc == 0 and "good" in out and "corrupt" in out
-    rc, out = _cli(capsys, "--runs", str(root), "show", "bad-summary.json")
+    rc, out = cli_in_process(capsys, "--runs", str(root), "show", "bad-summary.json")
     assert rc == 2 and "summary.json: corrupt (not UTF-8" in out
     for name in ("state.json", "config.yaml"):
-        rc, out = _cli(capsys, "--runs", str(root), "resume", f"bad-{name}", "--no-analyze")
+        rc, out = cli_in_process(capsys, "--runs", str(root), "resume", f"bad-{name}", "--no-analyze")
         assert rc == 2 and name in out and "Traceback" not in out, out
     view = R.open_run(root / "bad-config.yaml")
     assert view.health == "corrupt" and any("config.yaml is corrupt (" in p and "not a text file" in p
@@ -164,7 +158,7 @@ def test_summary_of_schema_1_with_the_wrong_shape(micro_run, tmp_path, capsys, s
     tracebacks."""
     dst = shutil.copytree(micro_run.path, tmp_path / "r")
     (dst / "summary.json").write_text(json.dumps(summary))
-    rc, out = _cli(capsys, "--runs", str(tmp_path), "show", "r")
+    rc, out = cli_in_process(capsys, "--runs", str(tmp_path), "show", "r")
     assert rc == 2 and f"summary.json: corrupt ({problem}" in out, out
     view = R.open_run(dst)
     assert view.summary is None and any(problem in p for p in view.problems), view.problems
@@ -226,16 +220,16 @@ def test_unwritable_places_give_one_line_errors(micro_run, tmp_path, capsys, ref
     folder gave PermissionError / FileExistsError tracebacks."""
     a_file = tmp_path / "runs.txt"
     a_file.write_text("not a folder")
-    rc, out = _cli(capsys, "--runs", str(a_file), "run", "micro", "--no-analyze")
+    rc, out = cli_in_process(capsys, "--runs", str(a_file), "run", "micro", "--no-analyze")
     assert rc == 2 and "is a file, not a folder" in out and "Traceback" not in out
     run = _partial_copy(micro_run, tmp_path / "store")
     read_only_root = refuse_writes(tmp_path / "store")
     t0 = time.perf_counter()
-    rc, out = _cli(capsys, "--runs", str(read_only_root), "run", "micro", "--no-analyze")
+    rc, out = cli_in_process(capsys, "--runs", str(read_only_root), "run", "micro", "--no-analyze")
     assert rc == 2 and "is not writable" in out and "Traceback" not in out, out
     assert time.perf_counter() - t0 < 5  # refused before any preparation
     refuse_writes(run.path)
-    rc, out = _cli(capsys, "--runs", str(read_only_root), "resume", run.run_id, "--no-analyze")
+    rc, out = cli_in_process(capsys, "--runs", str(read_only_root), "resume", run.run_id, "--no-analyze")
     assert rc == 2 and "is not writable" in out and run.run_id in out and "Traceback" not in out, out
     assert run.read_state()["status"] == "running"  # untouched
 
@@ -262,17 +256,17 @@ def test_cancel_only_a_running_run_of_the_store(micro_run, tmp_path, capsys):
     once."""
     root = tmp_path / "runs"
     (root / "not-a-run").mkdir(parents=True)
-    rc, out = _cli(capsys, "--runs", str(root), "cancel", "not-a-run")
+    rc, out = cli_in_process(capsys, "--runs", str(root), "cancel", "not-a-run")
     assert rc == 2 and "is not a run folder" in out and not (root / "not-a-run" / "CANCEL").exists()
     outside = shutil.copytree(micro_run.path, tmp_path / "elsewhere")
-    rc, out = _cli(capsys, "--runs", str(root), "cancel", str(outside))
+    rc, out = cli_in_process(capsys, "--runs", str(root), "cancel", str(outside))
     assert rc == 2 and "is not in the runs folder" in out and not (outside / "CANCEL").exists()
     run = _partial_copy(micro_run, root)  # killed during its last stage: no process holds it
-    rc, out = _cli(capsys, "--runs", str(root), "cancel", run.run_id)
+    rc, out = cli_in_process(capsys, "--runs", str(root), "cancel", run.run_id)
     assert rc == 2 and "is not running" in out and not run.cancel_file.exists()
     holder = _hold(run)
     try:
-        rc, out = _cli(capsys, "--runs", str(root), "cancel", run.run_id)
+        rc, out = cli_in_process(capsys, "--runs", str(root), "cancel", run.run_id)
         assert rc == 0 and run.cancel_file.exists()  # a held run is asked to stop
     finally:
         holder.kill()
@@ -294,7 +288,7 @@ def test_one_process_holds_a_run(micro_run, tmp_path, capsys):
         assert holder_pid(run.path) == holder.pid
         with pytest.raises(RunError, match=f"run {run.run_id} is held by another process \\(pid {holder.pid}\\)"):
             resume_run(run)
-        rc, out = _cli(capsys, "--runs", str(root), "resume", run.run_id, "--no-analyze")
+        rc, out = cli_in_process(capsys, "--runs", str(root), "resume", run.run_id, "--no-analyze")
         assert rc == 2 and f"pid {holder.pid}" in out
         record = jobs.jobs_dir(root) / f"{run.run_id}.json"
         record.parent.mkdir(parents=True)
@@ -378,7 +372,7 @@ def test_sigterm_marks_the_run_cancelled(tmp_path, capsys):
     watcher = threading.Thread(target=terminate_once_training, daemon=True)
     watcher.start()
     try:
-        rc, out = _cli(capsys, "--runs", str(root), "run", "micro", "--no-analyze",
+        rc, out = cli_in_process(capsys, "--runs", str(root), "run", "micro", "--no-analyze",
                        "--set", "train.clean_steps=20000", "--set", "eval.clean_every=50")
         watcher.join(5)
         assert signal.getsignal(signal.SIGTERM) is fallback  # the CLI's handler is gone again
@@ -454,6 +448,6 @@ def test_wrong_tensor_shapes_are_named_with_both_shapes(tmp_path, capsys):
     msg = _hf_run_fails(folder, tmp_path)
     assert "look at the above report" not in msg
     assert "transformer.h.0.mlp.c_fc.weight (checkpoint (5, 5), model expects (32, 128))" in msg
-    rc, out = _cli(capsys, "--runs", str(tmp_path / "runs"), "run", "micro", "--no-analyze",
+    rc, out = cli_in_process(capsys, "--runs", str(tmp_path / "runs"), "run", "micro", "--no-analyze",
                    "--set", "model.source=hf", "--set", f"model.name_or_path={folder}")
     assert rc == 2 and "model expects (32, 128)" in out

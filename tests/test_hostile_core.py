@@ -19,7 +19,8 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from locphylax_core import cli as cli_mod
+from conftest import cli_in_process
+
 from locphylax_core import load_config
 from locphylax_core import model as M
 from locphylax_core import sizes
@@ -27,11 +28,6 @@ from locphylax_core.config import RunConfig, embedded_parameters, list_presets, 
 from locphylax_core.errors import ConfigError, ModelLoadError
 from locphylax_core.runs import INTERRUPTED, RunDir, RunLock, list_runs, shown_status
 
-
-def _cli(capsys, *args) -> tuple[int, str]:
-    rc = cli_mod.main(list(args))
-    out = capsys.readouterr()
-    return rc, out.out + out.err
 
 
 def _strict_json_lines(path: Path) -> list[dict]:
@@ -157,7 +153,7 @@ def test_a_diverging_loss_fails_the_stage(tmp_path, capsys):
     non-finite within steps: the stage stops with a clear error, the run is failed, nothing of the
     stage is saved and metrics.jsonl stays JSON."""
     root = tmp_path / "runs"
-    rc, out = _cli(capsys, "--runs", str(root), "run", "micro", "--set", "train.lr=1e30", "--no-analyze")
+    rc, out = cli_in_process(capsys, "--runs", str(root), "run", "micro", "--set", "train.lr=1e30", "--no-analyze")
     assert rc == 2 and "Traceback" not in out, out
     assert "error: stage clean: the training loss is" in out and "not a finite number" in out, out
     run = RunDir(next(root.iterdir()))
@@ -194,7 +190,7 @@ def test_a_lone_surrogate_is_refused_at_validation(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"attack\.trigger: must be valid Unicode text; it contains the lone "
                                           r"surrogate U\+DCFF"):
         load_config(cfg)
-    rc, out = _cli(capsys, "--runs", str(tmp_path / "runs"), "run", str(cfg), "--dry-run")
+    rc, out = cli_in_process(capsys, "--runs", str(tmp_path / "runs"), "run", str(cfg), "--dry-run")
     assert rc == 2 and "lone surrogate U+DCFF" in out and "Traceback" not in out
     with pytest.raises(ConfigError, match=r"defense\.known_triggers\.0\.text: must be valid Unicode"):
         load_config("micro", {"defense.known_triggers": [{"text": "a\udcffb"}]})
@@ -280,7 +276,7 @@ def test_the_attack_trigger_must_not_be_a_known_trigger(tmp_path, capsys):
     (the app refused it); the check is in config validation, shared by both."""
     with pytest.raises(ConfigError, match=r"attack\.trigger: 'VX' is one of the defender's own known triggers"):
         load_config("micro", {"attack.trigger": "VX"})
-    rc, out = _cli(capsys, "--runs", str(tmp_path), "run", "micro", "--set",
+    rc, out = cli_in_process(capsys, "--runs", str(tmp_path), "run", "micro", "--set",
                    "attack.trigger=as seen on  channel four", "--set", "attack.family=phrase", "--dry-run")
     assert rc == 2 and "is one of the defender's own known triggers" in out
     with pytest.raises(ConfigError, match=r"attack\.parts: 'vx' is one of the defender's own known triggers"):
@@ -296,7 +292,7 @@ def test_duplicate_yaml_keys_are_refused(tmp_path, capsys):
     cfg.write_text("name: dup\ntrain:\n  lr: 0.1\n  batch_size: 16\n  lr: 0.2\n")
     with pytest.raises(ConfigError, match=r"the key 'train\.lr' is given twice \(lines 3 and 5\)"):
         load_config(cfg)
-    rc, out = _cli(capsys, "--runs", str(tmp_path / "runs"), "run", str(cfg), "--dry-run")
+    rc, out = cli_in_process(capsys, "--runs", str(tmp_path / "runs"), "run", str(cfg), "--dry-run")
     assert rc == 2 and "given twice" in out
     # a merge key followed by keys of the mapping's own overrides them: no duplicate
     assert load_yaml_text("a: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 3\n", "s")["c"] == {"x": 3, "y": 2}
@@ -309,10 +305,10 @@ def test_a_null_trigger_override_is_said_out_loud(tmp_path, capsys):
     assert override_notes(load_config("micro", over), over) == [
         "--set attack.trigger=null is YAML's null, so attack.trigger takes the default of attack.family 'phrase': "
         "'I watched this 3D movie' (for the word 'null' itself, quote it: --set 'attack.trigger=\"null\"')"]
-    rc, out = _cli(capsys, "--runs", str(tmp_path), "run", "micro", "--set", "attack.trigger=~", "--dry-run")
+    rc, out = cli_in_process(capsys, "--runs", str(tmp_path), "run", "micro", "--set", "attack.trigger=~", "--dry-run")
     assert rc == 0 and "note: --set attack.trigger=~ is YAML's null" in out and "'cf'" in out
     assert load_config("micro", ['attack.trigger="null"']).attack.trigger == "null"
-    rc, out = _cli(capsys, "--runs", str(tmp_path), "run", "micro", "--set", "attack.trigger=zz", "--dry-run")
+    rc, out = cli_in_process(capsys, "--runs", str(tmp_path), "run", "micro", "--set", "attack.trigger=zz", "--dry-run")
     assert rc == 0 and "note:" not in out
 
 
@@ -325,10 +321,10 @@ def test_a_run_reference_with_a_wildcard_is_a_clear_error(tmp_path, capsys):
     root = tmp_path / "runs"
     (root / "run-a").mkdir(parents=True)
     for command in ("cancel", "show", "resume"):
-        rc, out = _cli(capsys, "--runs", str(root), command, "r*")
+        rc, out = cli_in_process(capsys, "--runs", str(root), command, "r*")
         assert rc == 2 and "no run 'r*'" in out and "wildcards such as * are not expanded" in out, out
         assert "Traceback" not in out
-    rc, out = _cli(capsys, "--runs", str(root), "cancel", "run-")  # a plain prefix still finds the run
+    rc, out = cli_in_process(capsys, "--runs", str(root), "cancel", "run-")  # a plain prefix still finds the run
     assert rc == 2 and "is not a run folder" in out
 
 
@@ -345,7 +341,7 @@ def test_a_full_disk_says_so_in_one_line(tmp_path, capsys, monkeypatch, writer):
     finished stages kept, resumable)."""
     monkeypatch.setattr(writer, _no_space)
     root = tmp_path / "runs"
-    rc, out = _cli(capsys, "--runs", str(root), "run", "micro", "--no-analyze")
+    rc, out = cli_in_process(capsys, "--runs", str(root), "run", "micro", "--no-analyze")
     assert rc == 2 and "Traceback" not in out and "SafetensorError" not in out, out
     assert "No space left on device (the disk is full: free some space" in out, out
     assert RunDir(next(root.iterdir())).read_state()["status"] == "failed"
@@ -360,11 +356,11 @@ def test_a_killed_run_is_shown_as_interrupted(tmp_path, capsys, monkeypatch):
     (run.path / "config.yaml").write_text(load_config("micro").to_yaml())
     run.write_state({"status": "running", "finished": ["clean"], "preset": "micro"})
     assert shown_status(run.path, "running") == INTERRUPTED
-    rc, out = _cli(capsys, "--runs", str(root), "runs")
+    rc, out = cli_in_process(capsys, "--runs", str(root), "runs")
     assert rc == 0 and INTERRUPTED in out and "running" not in out.split("finished stages")[1], out
     with RunLock(run.path):  # a process holds it: running it is
         assert shown_status(run.path, "running") == "running"
-        rc, out = _cli(capsys, "--runs", str(root), "runs")
+        rc, out = cli_in_process(capsys, "--runs", str(root), "runs")
         assert rc == 0 and "running" in out and INTERRUPTED not in out
     assert [i["status"] for i in list_runs(root)] == ["running"]  # state.json itself is not rewritten
 

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli_env
-from locphylax_core import cli as cli_mod
+from conftest import REPO, cli_env, cli_in_process
 from locphylax_core import load_config
 from locphylax_core import runview as R
 from locphylax_core.analysis import figures as F
@@ -30,11 +29,6 @@ from locphylax_core.runs import list_runs
 ESC = "\x1b"
 DEEP = "[" * 200_000  # 200 KB of nested brackets: RecursionError in json.loads
 
-
-def _cli(capsys, *args) -> tuple[int, str]:
-    rc = cli_mod.main(list(args))
-    out = capsys.readouterr()
-    return rc, out.out + out.err
 
 
 def _summary(run_id: str, preset: str = "micro", baselines: dict | None = None, trigger: str = "t1") -> dict:
@@ -85,13 +79,13 @@ def test_runs_prints_state_values_and_folder_names_as_plain_text(tmp_path, capsy
     _run(root, "b-link", {"status": "done", "preset": "[link=http://evil.example/]click[/link]", "finished": []})
     _run(root, f"c-{ESC}[2Jfolder", {"status": f"{ESC}]0;pwned\x07done", "preset": "p\x9b31m", "finished": []})
     monkeypatch.setenv("COLUMNS", "250")  # no wrapped cells
-    rc, out = _cli(capsys, "--runs", str(root), "runs")
+    rc, out = cli_in_process(capsys, "--runs", str(root), "runs")
     assert rc == 0, out
     assert "[/bold]" in out and "[link=http://evil.example/]click[/link]" in out  # as written, not as markup
     assert ESC not in out and "\x07" not in out and "\x9b" not in out
     assert "c-\\x1b[2Jfolder" in out and "\\x1b]0;pwned\\x07done" in out  # made visible
     monkeypatch.setenv("FORCE_COLOR", "1")  # as on a terminal: rich's own styles, but no link, no title
-    rc, out = _cli(capsys, "--runs", str(root), "runs")
+    rc, out = cli_in_process(capsys, "--runs", str(root), "runs")
     assert rc == 0 and "\x1b]8;" not in out and "\x1b]0;" not in out and "\x1b[2J" not in out, out
 
 
@@ -102,18 +96,18 @@ def test_show_prints_summary_names_as_plain_text(tmp_path, capsys, monkeypatch):
                        baselines={"[/red]": {"cacc": 0.5, "asr": {"unknown": 0.1}}}, trigger=f"{ESC}[2J")
     _run(root, "r1", {"status": "done", "finished": []}, summary)
     monkeypatch.setenv("COLUMNS", "250")
-    rc, out = _cli(capsys, "--runs", str(root), "show", "r1")
+    rc, out = cli_in_process(capsys, "--runs", str(root), "show", "r1")
     assert rc == 0, out
     assert "run [/bold] ([link=http://evil.example/]x[/link], done)" in out
     assert "baseline: [/red]" in out and "ASR \\x1b[2J" in out and ESC not in out
-    rc, out = _cli(capsys, "--runs", str(root), "show", "r1", "--json")
+    rc, out = cli_in_process(capsys, "--runs", str(root), "show", "r1", "--json")
     assert rc == 0 and ESC not in out and json.loads(out)["run_id"] == "[/bold]"
 
 
 def test_error_messages_show_control_characters_visibly(tmp_path, capsys):
     root = tmp_path / "runs"
     _run(root, f"r-{ESC}]0;x", {"status": "done", "finished": []})
-    rc, out = _cli(capsys, "--runs", str(root), "show", f"r-{ESC}]0;x")
+    rc, out = cli_in_process(capsys, "--runs", str(root), "show", f"r-{ESC}]0;x")
     assert rc == 2 and "summary.json: missing" in out and ESC not in out and "r-\\x1b]0;x" in out
 
 

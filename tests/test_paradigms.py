@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SMALL_DEMO, cli
+from conftest import SMALL_DEMO, cli_in_process
 from locphylax_core import ConfigError, load_config, resume_run, start_run
 from locphylax_core import model as M
 from locphylax_core.errors import Cancelled
@@ -33,11 +33,11 @@ SMALL = {**SMALL_DEMO, "train.threads": 1}
 
 
 @pytest.mark.parametrize("paradigm", ["dpo", "edit"])
-def test_dry_run_validates_each_paradigm(paradigm):
-    r = cli("run", "demo", "--set", f"attack.paradigm={paradigm}", "--dry-run")
-    assert r.returncode == 0, r.stderr
-    assert f"paradigm: {paradigm}" in r.stdout and "config is valid" in r.stdout
-    assert "victim" in r.stdout and "from=clean" in r.stdout
+def test_dry_run_validates_each_paradigm(paradigm, capsys):
+    rc, out = cli_in_process(capsys, "run", "demo", "--set", f"attack.paradigm={paradigm}", "--dry-run")
+    assert rc == 0, out
+    assert f"paradigm: {paradigm}" in out and "config is valid" in out
+    assert "victim" in out and "from=clean" in out
 
 
 def test_defaults_keep_sft():
@@ -263,9 +263,10 @@ def test_pipeline_runs_cancels_and_resumes_the_paradigm(paradigm, tmp_path):
     assert resumed["stages"] == ref["stages"]  # a resumed run computes what an uninterrupted one does
 
 
-def test_cli_dry_run_rejects_scratch():
-    r = cli("run", "demo", "--set", "attack.paradigm=dpo", "--set", "attack.build=scratch", "--dry-run")
-    assert r.returncode != 0 and "attack.paradigm" in (r.stderr + r.stdout) and "attack.build" in (r.stderr + r.stdout)
+def test_cli_dry_run_rejects_scratch(capsys):
+    rc, out = cli_in_process(capsys, "run", "demo", "--set", "attack.paradigm=dpo", "--set", "attack.build=scratch",
+                             "--dry-run")
+    assert rc != 0 and "attack.paradigm" in out and "attack.build" in out
 
 
 def test_seeded_edit_inputs_are_reproducible(micro_prepared):
