@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 import typing
 from pathlib import Path
@@ -367,7 +366,6 @@ def test_a_killed_run_is_shown_as_interrupted(tmp_path, capsys, monkeypatch):
 
 def test_a_config_that_is_a_named_pipe_is_refused_not_read(tmp_path):
     """A config.yaml replaced by a FIFO blocked the reader (the Run page's Resume) forever."""
-    import os
 
     from locphylax_core.config import read_config_text
     fifo = tmp_path / "config.yaml"
