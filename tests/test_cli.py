@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import REPO, cli
+from conftest import REPO, cli, cli_in_process
 from locphylax_core.cli import main
 
 
@@ -40,7 +40,8 @@ def test_bad_override_exits_2_naming_the_field(tmp_path):
     assert not root.exists()
 
 
-# The cheaper cases below call the CLI's main() in-process (same code path, no interpreter start-up).
+# The two above run the command in a new interpreter (its exit status and streams as a shell sees
+# them); the cases below call the CLI's main() in-process (same code path, no interpreter start-up).
 
 
 def test_unknown_preset_exits_2(tmp_path, capsys):
@@ -49,10 +50,11 @@ def test_unknown_preset_exits_2(tmp_path, capsys):
     assert "unknown preset 'nonexistent_preset'" in err and "micro" in err
 
 
-def test_runs_lists_the_run(micro_run):
-    res = cli("--runs", str(micro_run.root), "runs")
-    assert res.returncode == 0, res.stderr
-    line = next(line for line in res.stdout.splitlines() if micro_run.path.name in line)
+def test_runs_lists_the_run(micro_run, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich tables: no truncated cells
+    rc, out = cli_in_process(capsys, "--runs", str(micro_run.root), "runs")
+    assert rc == 0, out
+    line = next(line for line in out.splitlines() if micro_run.path.name in line)
     assert "micro" in line and "done" in line and "10" in line  # 10 finished stages
 
 
@@ -65,10 +67,10 @@ def _pct(x):
     return "n/a" if x is None else f"{100 * x:5.1f}%".strip()
 
 
-def test_show_prints_the_results_table(micro_run):
-    res = cli("--runs", str(micro_run.root), "show", micro_run.path.name)
-    assert res.returncode == 0, res.stderr
-    out = res.stdout
+def test_show_prints_the_results_table(micro_run, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    rc, out = cli_in_process(capsys, "--runs", str(micro_run.root), "show", micro_run.path.name)
+    assert rc == 0, out
     s = micro_run.summary
     rows = {"victim": s["stages"]["victim"], "Stage 1": s["stages"]["stage1"],
             "Stage 2 (Locphylax)": s["stages"]["stage2"],
@@ -88,10 +90,9 @@ def test_show_prints_the_results_table(micro_run):
     assert micro_run.path.name in out and "raw ASR" in out
 
 
-def test_show_json_and_prefix(micro_run):
-    res = cli("--runs", str(micro_run.root), "show", micro_run.path.name[:-2], "--json")
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout) == micro_run.summary
+def test_show_json_and_prefix(micro_run, capsys):
+    assert main(["--runs", str(micro_run.root), "show", micro_run.path.name[:-2], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == micro_run.summary
 
 
 def test_show_unknown_run(tmp_path, capsys):
