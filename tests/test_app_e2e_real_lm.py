@@ -26,14 +26,15 @@ def test_the_real_lm_demo_is_ready_from_its_shipped_backdoor_and_one_click_reach
     loaded from the shipped adapter, not trained, so the page says "Ready" once the waiting process
     has loaded it and run the contrast; one click then reaches the headline and the verdict. The
     preset is live-smollm2 with a few steps per stage (the page is what is tested; the timing is
-    bench/app_live_demo.py's) and 16 test reviews, with its victim's settings, so the shipped adapter
+    bench/app_live_demo.py's) and 10 test reviews, with its victim's settings, so the shipped adapter
     still fits."""
     import yaml
 
     data = yaml.safe_load((REPO / "configs" / "live-smollm2.yaml").read_text())
-    data["defense"].update(stage1_steps=2, stage2_steps=2, baselines=["clean_ft"])
-    data["task"].update(test_size=16)  # what it is scored on: not part of the victim's fingerprint
-    data["train"].update(threads=1)  # beside the other test worker on 2 cores; not part of it either
+    # the defense's stages on 4 rows a step: the defense is not part of the victim's fingerprint
+    data["defense"].update(stage1_steps=2, stage2_steps=2, baselines=["clean_ft"], batch_size=4)
+    data["task"].update(test_size=10)  # what it is scored on: not part of it either
+    data["train"].update(threads=1)  # beside the other test worker on 2 cores; nor is this
     data["eval"].update(projections=["pca"], probe_per_group=4, head_probe=4, curve_examples=10)
     preset = tmp_path / "live-smollm2-short.yaml"
     preset.write_text(yaml.safe_dump(data))
