@@ -192,6 +192,32 @@ def test_live_demo_plants_the_backdoor_of_the_trigger_in_the_box_before_the_clic
     assert asked == [] and "Ready: the backdoor" not in texts(at.success)
 
 
+def test_a_failed_run_of_the_demo_is_said_and_not_planted_again_and_again(run_view, tmp_path, monkeypatch):
+    """A run of the trigger in the box failed (planted ahead or clicked; here: a full disk): the page
+    names it and its error, and does not ask the waiting process to plant the same configuration
+    again (every poll did, and each attempt left another failed run folder)."""
+    root = tmp_path / "runs"
+    failed = root / "20261207-221812-live-b794f9"
+    shutil.copytree(run_view.path, failed)
+    state = json.loads((failed / "state.json").read_text())
+    cfg = load_config("live", {"attack.trigger": "cf", "attack.family": "word"})
+    error = "OSError: [Errno 28] No space left on device: 'checkpoints/stage2'"
+    (failed / "state.json").write_text(json.dumps({**state, "status": "failed", "preset": "live", "error": error,
+                                                   "config_sha256": cfg.sha256()}))
+    asked = []
+    monkeypatch.setenv("LOCPHYLAX_STANDBY", "1")
+    monkeypatch.setattr(jobs, "ensure_standby", lambda _root: True)
+    monkeypatch.setattr(jobs, "standby_alive", lambda _root: True)
+    monkeypatch.setattr(jobs, "prepare", lambda cfg, _root, stop_after: asked.append(cfg) or "prep-2")
+    monkeypatch.setattr(jobs, "prepared_run", lambda _root, cfg: ("prep-2", False))
+    at = app(root, monkeypatch)
+    said = texts(at.error)
+    assert "The last run of this demo" in said and failed.name in said and "No space left on device" in said
+    assert asked == [] and not at.exception
+    # another trigger has no failed run: it is planted as usual
+    at.text_input(key="demo_trigger").set_value("zq").run()
+    assert [c.attack.trigger for c in asked][-1:] == ["zq"]
+
 def test_setup_shows_validation_errors_beside_the_field(analysed_root, monkeypatch):
     at = app(analysed_root, monkeypatch, "setup")
     at.selectbox(key="setup_preset").set_value("micro").run()

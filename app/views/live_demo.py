@@ -158,11 +158,26 @@ def planted_line(run_id: str, trigger: str) -> None:
     st.success(f"Ready: the backdoor “{S.esc(trigger)}” is planted.{said}{'.' if said else ''} One click runs the defense.")
 
 
+def failure_of(cfg) -> tuple[str, str] | None:
+    """The newest run of exactly ``cfg`` (planted ahead or clicked), when it failed: its id and its
+    error. The page says so, rather than asking the waiting process to plant the same configuration
+    again every few seconds (a full disk once left a new failed run folder every 6 s)."""
+    sha = cfg.sha256()
+    for r in S.all_runs():
+        if r["preset"] not in SHOWN_PRESETS or r["status"] not in ("done", "failed", "prepared"):
+            continue
+        view = S.load_view(r["path"])
+        state = (view.state or {}) if view is not None else {}
+        if state.get("config_sha256") == sha:
+            return (r["run_id"], state.get("error") or "no error was recorded") if r["status"] == "failed" else None
+    return None
+
+
 @st.fragment(run_every=3.0)
 def planting_line(cfg, trigger: str) -> None:
     got = S.prepare_job(cfg, ahead_stage(cfg))  # asked again until the waiting job process, once ready, takes it
-    if (got is not None and got[1]) or (got is None and not S.standby_alive()):
-        st.rerun(scope="app")  # planted (or nobody can plant it): the page shows it once, without polling
+    if (got is not None and got[1]) or (got is None and not S.standby_alive()) or failure_of(cfg) is not None:
+        st.rerun(scope="app")  # planted, failed, or nobody can plant it: the page shows it once, without polling
     st.caption(f"Planting the backdoor “{S.esc(trigger)}” and trying plain fine-tuning on it while the page waits, so "
                f"that the click only has to run the defense{PLANTING_NOTE.get(PRESET, '')} …")
 
@@ -173,6 +188,11 @@ def plant_ahead(trigger: str) -> bool:
     when the page says it is planted."""
     cfg = live_config(trigger)
     if shown is not None and (shown.state or {}).get("config_sha256") == cfg.sha256():
+        return False
+    failure = failure_of(cfg)
+    if failure is not None:
+        st.error(f"The last run of this demo ({S.code(failure[0])}) failed: {S.esc(failure[1], 400)}. Nothing is "
+                 "planted ahead again; a click on **Run the live demo** runs it from the start.")
         return False
     got = S.prepare_job(cfg, ahead_stage(cfg))
     if got is not None and got[1]:
