@@ -71,8 +71,9 @@ once and shipped, so that a run with exactly this configuration loads it instead
 Rebuild: `{rec['command']}` (the same command on the same kind of CPU gives the same weights).
 
 The fingerprint (`victim.json`) is the sha256 of the run seed and the model, task, attack and train
-settings it was built with (fields at their defaults, and what changes only the speed or the test
-rows it is scored on, left out); `adapter_sha256` is checked every time it is loaded.
+settings it was built with (the trigger as trained, whether named or the family's default; other
+fields at their defaults, and what changes only the speed or the test rows it is scored on, left
+out); `adapter_sha256` is checked every time it is loaded.
 """
 
 
