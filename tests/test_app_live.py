@@ -146,6 +146,8 @@ def _with_rates(live_root, tmp_path, victim, stage2, fine_tuning, cacc=(0.9, 0.9
     ((0.99, 0.03, 0.60), "-57.0 pts vs fine-tuning", "GREEN", "removed the backdoor; plain fine-tuning did not"),
     ((0.99, 0.30, 0.60), "-30.0 pts vs fine-tuning", "GREEN", "weakened the backdoor more than plain"),
     ((0.99, 0.02, 0.05), "-3.0 pts vs fine-tuning", "GRAY", "plain fine-tuning removed it as well"),
+    # a tie: no arrow, which an instructor could read as a rise
+    ((0.99, 0.40, 0.40), "same as fine-tuning", "GRAY", "did no better than plain fine-tuning"),
 ])
 def test_the_stage2_badge_and_sentence_follow_the_comparison_with_fine_tuning(live_root, tmp_path, monkeypatch,
                                                                               rates, badge, colour, sentence):
@@ -153,6 +155,7 @@ def test_the_stage2_badge_and_sentence_follow_the_comparison_with_fine_tuning(li
     at = app(_with_rates(live_root, tmp_path, *rates), monkeypatch)
     (after,) = [m for m in at.metric if m.label == "after Stage 2"]
     assert after.proto.delta == badge
+    assert (Metric.MetricDirection.Name(after.proto.direction) == "NONE") == (badge == "same as fine-tuning")
     assert Metric.MetricColor.Name(after.proto.color) == colour
     assert sentence in texts(at.markdown)
 

@@ -267,9 +267,10 @@ def headline(view: R.RunView) -> None:
     m[0].metric("backdoored model", cell("victim", v, stages))
     m[1].metric("after Stage 1", cell("stage1", a1, stages))
     sentence, colour = verdict(a2, ft, (stages.get("victim") or {}).get("cacc"), (stages.get("stage2") or {}).get("cacc"))
+    gap = None if a2 is None or ft is None else round(100 * (a2 - ft), 1)
     m[2].metric("after Stage 2", cell("stage2", a2, stages),
-                delta=None if a2 is None or ft is None else f"{100 * (a2 - ft):+.1f} pts vs fine-tuning",
-                delta_color=colour)
+                delta=None if gap is None else "same as fine-tuning" if gap == 0 else f"{gap:+.1f} pts vs fine-tuning",
+                delta_color=colour, delta_arrow="off" if gap == 0 else "auto")  # no rise for a tie
     m[3].metric("plain clean fine-tuning", cell(CONTRAST, ft, base))
     if "stage1" in stages and a1 is None and v is not None:  # undefined everywhere: nothing of Stage 1's own to say
         stage1_undefined(view, stages["stage1"])
