@@ -42,8 +42,8 @@ _NOT_IN_FINGERPRINT = {"train": {"threads", "device", "allow_large"}, "attack": 
 def fingerprint_sections(cfg: RunConfig) -> dict:
     """The configuration a victim's weights depend on: the run seed and the model, task, attack
     and train sections (less what only changes speed), as plain data, with the attack's effective
-    trigger (and decoy) filled in. Other fields at their default are left out, so a field added later with a default that keeps today's behaviour changes no
-    fingerprint."""
+    trigger (and decoy) filled in. Other fields at their default are left out, so a field added
+    later with a default that keeps today's behaviour changes no fingerprint."""
     data = cfg.model_dump(mode="json", exclude_defaults=True)
     out = {"seed": cfg.seed}
     for section in ("model", "task", "attack", "train"):
