@@ -9,7 +9,10 @@ show where a run sits in it.
 
 One thread per run (two runs at a time on 2 cores), so a run's numbers do not depend on the load;
 finished runs are kept under bench/.cache/live_range/ and not run again. Writes
-bench/results/live_range_<preset>.json (read by the app's Live demo page) and .md.
+bench/results/live_range_<preset>.json (read by the app's Live demo page) and .md. The runs already
+in that file for other cells are kept, each with the machine that measured it (a cell measured now
+replaces its old row), so cells measured on different machines add up to one range that names them;
+``--fresh`` starts the file anew.
 """
 
 from __future__ import annotations
@@ -137,6 +140,31 @@ def seconds_said(runs: list[dict]) -> str:
     return f" A run took {min(took):.0f}–{max(took):.0f} s." if took else ""
 
 
+def kept_runs(path: Path, preset: str, measured_now: set) -> list[dict]:
+    """The runs of other cells in an earlier results file of ``preset``, each naming its machine."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(old, dict) or old.get("preset") != preset:
+        return []
+    return [{**r, "machine": r.get("machine") or old.get("machine", "machine not recorded"),
+             "command": r.get("command") or old.get("command", "not recorded")}
+            for r in old.get("runs", []) if (r.get("seed"), r.get("trigger")) not in measured_now]
+
+
+def trigger_rank(trigger: str) -> int:
+    return TRIGGERS.index(trigger) if trigger in TRIGGERS else len(TRIGGERS)
+
+
+def machines_said(runs: list[dict]) -> str:
+    """The machine of every run: one name, or each with its number of runs."""
+    counts = {m: sum(r["machine"] == m for r in runs) for m in dict.fromkeys(r["machine"] for r in runs)}
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "; ".join(f"{n} run{'s' * (n != 1)} on {m}" for m, n in counts.items())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="live")
@@ -149,6 +177,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse-victims", action="store_true",
                     help="start a cell from the victim of an earlier run of it with the same victim settings (a "
                          "changed defense: only the defense and baselines run again)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="do not keep the runs of other cells already in the results file")
     ap.add_argument("--measured-only", action="store_true",
                     help="run nothing: summarise the cells whose runs are finished (say which are left out)")
     args = ap.parse_args(argv)
@@ -164,17 +194,23 @@ def main(argv=None) -> int:
             return 1
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         roots = list(pool.map(lambda c: run_one(args.preset, *c, args.all_baselines, args.reuse_victims), cells))
-    runs = [{"seed": s, "trigger": t, **scores(r)} for (s, t), r in zip(cells, roots)]
+    here = f"{cpu_name()} ({cpu_flags()})"
+    command = (f"python -m bench.live_range --preset {args.preset} --seeds {' '.join(map(str, args.seeds))} "
+               f"--triggers {' '.join(repr(t) for t in args.triggers)}" + " --all-baselines" * args.all_baselines
+               + " --measured-only" * args.measured_only)
+    name = f"live_range_{args.preset}{'_all' * args.all_baselines}"
+    runs = [{"seed": s, "trigger": t, "machine": here, "command": command, **scores(r)} for (s, t), r in zip(cells, roots)]
+    if not args.fresh:
+        runs = kept_runs(args.out / f"{name}.json", args.preset, set(cells)) + runs
+    runs.sort(key=lambda r: (trigger_rank(r["trigger"]), r["seed"]))
     parts = {**LABELS, **{p: f"baseline: {p}" for r in runs for p, v in r.items() if p not in LABELS and isinstance(v, dict)}}
-    result = {"preset": args.preset, "machine": f"{cpu_name()} ({cpu_flags()})",
-              "seeds": sorted({s for s, _ in cells}), "triggers": list(dict.fromkeys(t for _, t in cells)), "runs": runs,
+    result = {"preset": args.preset, "machine": machines_said(runs),
+              "seeds": sorted({r["seed"] for r in runs}), "triggers": list(dict.fromkeys(r["trigger"] for r in runs)),
+              "runs": runs,
               "range": {part: {"asr": spread([r.get(part, {}).get("asr") for r in runs]),
                                "cacc": spread([r.get(part, {}).get("cacc") for r in runs])} for part in parts},
-              "command": f"python -m bench.live_range --preset {args.preset} --seeds {' '.join(map(str, args.seeds))} "
-                         f"--triggers {' '.join(repr(t) for t in args.triggers)}" + " --all-baselines" * args.all_baselines
-                         + " --measured-only" * args.measured_only}
+              "commands": list(dict.fromkeys(r["command"] for r in runs))}
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"live_range_{args.preset}{'_all' * args.all_baselines}"
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
 
     def pct(v):
@@ -186,10 +222,14 @@ def main(argv=None) -> int:
     for stat in ("mean", "min", "max"):
         lines.append(f"| {stat} | " + " | ".join(
             f"{pct(result['range'][p]['asr'].get(stat))} ({pct(result['range'][p]['cacc'].get(stat))})" for p in parts) + " |")
-    lines += ["", "| trigger | seed | " + " | ".join(parts.values()) + " |", "| --- | ---: |" + " ---: |" * len(parts)]
+    several = len({r["machine"] for r in runs}) > 1
+    lines += ["", "| trigger | seed | " + " | ".join(parts.values()) + " |" + " machine |" * several,
+              "| --- | ---: |" + " ---: |" * len(parts) + " --- |" * several]
     for r in runs:
         lines.append(f"| `{r['trigger']}` | {r['seed']} | " + " | ".join(
-            f"{pct(r.get(p, {}).get('asr'))} ({pct(r.get(p, {}).get('cacc'))})" for p in parts) + " |")
+            f"{pct(r.get(p, {}).get('asr'))} ({pct(r.get(p, {}).get('cacc'))})" for p in parts) + " |"
+            + f" {r['machine']} |" * several)
+    lines += ["", "Reproduce: " + "; ".join(f"`{c}`" for c in result["commands"])]
     (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

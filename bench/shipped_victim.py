@@ -7,6 +7,11 @@ atomically to ``locphylax_core/victims/<name>/``. The adapter is loaded back int
 and its merged weights compared with the trained victim's before anything is written.
 
     python -m bench.shipped_victim live-smollm2 --trigger cf      # the Live demo's default victim
+    python -m bench.shipped_victim live-smollm2 --trigger cf --baseline clean_ft   # its contrast, on it
+
+``--baseline METHOD`` builds that baseline's stages on the folder's shipped victim (which must fit the
+preset) the way a run's stages build them (the defender's code, each stage's own seed), and adds
+their adapters to the folder: the Live demo's contrast is then loaded, not trained, before the click.
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ from safetensors.torch import save_file
 
 from locphylax_core import load_config
 from locphylax_core.evaluation import evaluate
-from locphylax_core.experiment import fresh_model, owner_context, owner_trains, prepare, train_owner_model
+from locphylax_core.defenses.base import method_plans, run_stage
+from locphylax_core.experiment import (defense_context, fresh_model, owner_context, owner_trains, prepare,
+                                       train_owner_model)
+from locphylax_core.registry import stage_key
 from locphylax_core.runs import atomic_write_json, atomic_write_text, file_sha256, write_folder_atomically
 from locphylax_core.shipped_victims import (ADAPTER, CARD, RECORD, VICTIMS_DIR, ShippedVictim, fingerprint_sections,
-                                            load_victim, victim_fingerprint)
+                                            load_stage, load_victim, matching_victim, stage_file, stage_fingerprint,
+                                            stage_fingerprint_sections, victim_fingerprint)
 
 
 def cpu_name() -> str:
@@ -74,7 +83,115 @@ The fingerprint (`victim.json`) is the sha256 of the run seed and the model, tas
 settings it was built with (the trigger as trained, whether named or the family's default; other
 fields at their defaults, and what changes only the speed or the test rows it is scored on, left
 out); `adapter_sha256` is checked every time it is loaded.
-"""
+""" + stages_card_text(rec)
+
+
+def stages_card_text(rec: dict) -> str:
+    stages = rec.get("stages") or {}
+    if not stages:
+        return ""
+    first = next(iter(stages.values()))
+    lines = [f"""
+## Shipped baseline stages on this victim
+
+Plain `{first['method']}` on this backdoored model, as a run's baseline stages compute it (the
+defender's code, each stage's own seed, the preset's defense settings), so that the Live demo's
+contrast is loaded, not trained, before the click. A run loads a stage only when its victim fits
+(above) and its stage key and defense settings are the ones recorded (`stages` in `victim.json`,
+`stage_fingerprint`); the defense itself is always computed.
+"""]
+    for key, e in stages.items():
+        lines.append(f"- `{key}`: `{e['file']}`, {e['steps']} steps, built in {e['seconds']:.0f} s")
+    last = list(stages.values())[-1]
+    lines.append(f"""
+Measured on the preset's {last['n_test']} test reviews after the last stage: clean accuracy
+**{100 * last['cacc']:.1f}%**, the victim's trigger's attack success rate **{100 * last['asr']:.1f}%**.
+Built on {first['machine']} (torch {first['torch']}).
+
+Rebuild: `{first['command']}`.
+""")
+    return "\n".join(lines)
+
+
+def run_clean_model(prep):
+    """A run's clean stage: the base itself, or trained from it with the run's seed."""
+    lm = fresh_model(prep, torch.device("cpu"))
+    if owner_trains(prep.cfg, "clean"):
+        train_owner_model(prep, lm, "clean", owner_context(prep, "clean", from_scratch=True), from_scratch=True)
+    return lm
+
+
+def machine() -> str:
+    n = torch.get_num_threads()
+    return f"{cpu_name()}, {cpu_flags()}, {n} thread{'s' * (n != 1)}"
+
+
+def build_baseline_stages(args) -> int:
+    """``--baseline``: the baseline's stages trained on the shipped victim of ``args``' preset and
+    trigger, their adapters checked by loading them back, then added to the victim's folder."""
+    name = args.name or f"{args.preset}-{args.trigger}".replace(" ", "_")
+    chosen = load_config(args.preset, args.set).model_dump(mode="json")
+    cfg = load_config(chosen, {"attack.trigger": args.trigger, "attack.shipped": True})
+    victim = matching_victim(cfg, args.out)
+    if victim is None or victim.name != name:
+        raise SystemExit(f"{args.out / name}: no shipped victim there fits {args.preset} with the trigger "
+                         f"{args.trigger!r} (build it first, without --baseline)")
+    if args.baseline not in cfg.defense.baselines:
+        raise SystemExit(f"--baseline: {args.baseline!r} is not one of {args.preset}'s baselines "
+                         f"({', '.join(cfg.defense.baselines) or 'none'})")
+    prep = prepare(cfg)
+
+    def victim_model():
+        lm = run_clean_model(prep)
+        load_victim(lm, victim, cfg.model.lora)
+        return lm
+
+    lm = victim_model()
+    adapters, stages = {}, {}
+    sets = "".join(f" --set {s}" for s in args.set)
+    for plan in method_plans(cfg.defense, cfg.task.labels)[args.baseline]:
+        key = stage_key(args.baseline, plan.name)
+        t0 = time.perf_counter()
+        sink: dict = {}
+        run_stage(plan, lm, prep.defender, defense_context(prep, key).replace(adapter_sink=sink.update))
+        if not sink:
+            raise SystemExit(f"{key}: this stage trained no LoRA adapter; only LoRA stages can ship")
+        adapters[key] = sink
+        stages[key] = {"method": args.baseline, "file": stage_file(key), "fingerprint": stage_fingerprint(cfg, key),
+                       "defense": stage_fingerprint_sections(cfg, key)["defense"], "steps": plan.steps,
+                       "seconds": round(time.perf_counter() - t0, 1), "machine": machine(), "torch": torch.__version__,
+                       "command": f"python -m bench.shipped_victim {args.preset} --trigger {args.trigger}{sets} "
+                                  f"--baseline {args.baseline}"}
+    scores = evaluate(lm, prep.task.template, prep.evalset, cfg.eval.batch_size, prep.max_length)
+    for e in stages.values():
+        e.update(cacc=scores["cacc"], asr=scores["asr"]["unknown"], n_test=len(prep.evalset.clean))
+    rec = dict(victim.record)
+
+    def write(tmp: Path) -> None:
+        for f in victim.folder.iterdir():
+            if f.is_file() and not (f.name.endswith(".safetensors") and f.name != ADAPTER):
+                (tmp / f.name).write_bytes(f.read_bytes())
+        for key, tensors in adapters.items():
+            save_file(tensors, str(tmp / stage_file(key)))
+            stages[key]["adapter_sha256"] = file_sha256(tmp / stage_file(key))
+        rec["stages"] = stages
+        check = victim_model()
+        shipped = ShippedVictim(name, tmp, rec)
+        for key in stages:
+            load_stage(check, (shipped, stages[key]), key, cfg.model.lora)
+        trained = lm.model.state_dict()
+        exact = all(torch.equal(v, trained[k]) for k, v in check.model.state_dict().items())
+        if not exact and not all(torch.allclose(v, trained[k], atol=1e-6) for k, v in check.model.state_dict().items()):
+            raise SystemExit("the stages' adapters loaded back do not give the trained model's weights")
+        for e in stages.values():
+            e["reload_exact"] = exact
+        atomic_write_json(tmp / RECORD, rec)
+        atomic_write_text(tmp / CARD, card_text(rec))
+
+    write_folder_atomically(args.out / name, write)
+    print(f"{args.out / name}: {args.baseline} stages {', '.join(stages)} added; after them CACC "
+          f"{100 * scores['cacc']:.1f}%, the trigger's ASR {100 * scores['asr']['unknown']:.1f}%")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -84,18 +201,19 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default=None, help="folder name (default: <preset>-<trigger>)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override, as `locphylax run`'s")
     ap.add_argument("--out", type=Path, default=VICTIMS_DIR)
+    ap.add_argument("--baseline", default=None, metavar="METHOD",
+                    help="build this baseline's stages on the folder's shipped victim and add them to it")
     args = ap.parse_args(argv)
+    if args.baseline is not None:
+        return build_baseline_stages(args)
     name = args.name or f"{args.preset}-{args.trigger}".replace(" ", "_")
     chosen = load_config(args.preset, args.set).model_dump(mode="json")
     cfg = load_config(chosen, {"attack.trigger": args.trigger, "attack.shipped": False})
     prep = prepare(cfg)
     t0 = time.perf_counter()
 
-    def clean_model():  # the run's clean stage: the base itself, or trained from it with the run's seed
-        lm = fresh_model(prep, torch.device("cpu"))
-        if owner_trains(cfg, "clean"):
-            train_owner_model(prep, lm, "clean", owner_context(prep, "clean", from_scratch=True), from_scratch=True)
-        return lm
+    def clean_model():
+        return run_clean_model(prep)
 
     lm = clean_model()
     adapter: dict = {}
@@ -112,7 +230,7 @@ def main(argv=None) -> int:
            "steps": cfg.attack.steps, "adapter_parameters": sum(t.numel() for t in adapter.values()),
            "adapter_bytes": sum(t.numel() * t.element_size() for t in adapter.values()),
            "cacc": scores["cacc"], "asr": scores["asr"]["unknown"], "n_test": len(prep.evalset.clean),
-           "seconds": round(seconds, 1), "machine": f"{cpu_name()}, {cpu_flags()}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}",
+           "seconds": round(seconds, 1), "machine": machine(),
            "torch": torch.__version__, "sets": args.set,
            "command": f"python -m bench.shipped_victim {args.preset} --trigger {args.trigger}"
                       + "".join(f" --set {s}" for s in args.set)}

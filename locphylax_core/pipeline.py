@@ -33,7 +33,7 @@ from .evaluation import EvalSet, encoded_batches, evaluate, evaluate_with_subset
 from .experiment import (ATTACK, Prepared, as_lm, defended_eval_set, fresh_model, owner_context, owner_trains, prepare,
                          run_device, train_owner_model, victim_steps, defense_context)
 from .registry import LOCPHYLAX, stage_key
-from .shipped_victims import matching_victim
+from .shipped_victims import load_stage, matching_stage, matching_victim
 from .runs import SUMMARY_SCHEMA, RunDir, RunLock, atomic_write_text, check_runs_root, wrapped_os_error
 from .tasks import task_spec
 from .trainer import CancelFile, Reporter, StageContext
@@ -249,10 +249,14 @@ class Pipeline:
             extra = train_owner_model(self.p, lm, spec.stage, ctx, from_scratch=spec.parent is None)
         else:
             plan = next(p for p in plans[spec.method] if p.name == spec.stage)
-            self.reporter.stage_started(spec.key, plan.steps)
-            # The defender's code gets the model, the defender's data and its stage's context;
-            # what the stage reports is stored whole.
-            extra = dict(run_stage(plan, lm, self.p.defender, ctx))
+            shipped = self._shipped_stage(spec, plan)
+            if shipped is not None:  # this very computation, shipped (the Live demo's contrast)
+                extra = load_stage(lm, shipped, spec.key, self.cfg.model.lora)
+            else:
+                self.reporter.stage_started(spec.key, plan.steps)
+                # The defender's code gets the model, the defender's data and its stage's context;
+                # what the stage reports is stored whole.
+                extra = dict(run_stage(plan, lm, self.p.defender, ctx))
             if plan.input_filter is not None:
                 evalset, extra["input_filter_bar"] = defended_eval_set(plan, lm, self.p.defender, self.p.evalset,
                                                                       self.p.max_length)
@@ -343,7 +347,15 @@ class Pipeline:
             if spec.parent is None:
                 return self.cfg.train.clean_steps
             return 0 if matching_victim(self.cfg) is not None else victim_steps(self.cfg)
-        return next(p for p in plans[spec.method] if p.name == spec.stage).steps  # 0 for a stage that trains nothing
+        plan = next(p for p in plans[spec.method] if p.name == spec.stage)
+        return 0 if self._shipped_stage(spec, plan) is not None else plan.steps  # 0: a stage that trains nothing
+
+    def _shipped_stage(self, spec: StageSpec, plan):
+        """The shipped adapter of the baseline stage ``spec`` (shipped_victims.matching_stage), if
+        one fits this run; the defense's own stages and input-side defenses are always computed."""
+        if spec.method == LOCPHYLAX or plan.input_filter is not None or plan.steps == 0:
+            return None
+        return matching_stage(self.cfg, spec.key)
 
 
 def _write_probe(run: RunDir, probe: list[dict]) -> None:

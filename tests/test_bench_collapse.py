@@ -352,6 +352,38 @@ def test_live_range_summarises_only_the_finished_runs_when_asked(tmp_path, monke
     assert "baseline: unlearn_single" in table and "A run took 12–12 s." in table
 
 
+def test_live_range_keeps_the_cells_measured_elsewhere_each_naming_its_machine(tmp_path, monkeypatch):
+    """Cells measured on another machine (an earlier results file) stay in the range, each with its
+    machine; a cell measured now replaces its old row; --fresh keeps none."""
+    import bench.live_range as lr
+    from locphylax_core import load_config
+    monkeypatch.setattr(lr, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(lr, "cpu_name", lambda: "Here CPU")
+    cfg = load_config("micro", lr.cell_sets(0, "cf"))
+    run = lr.run_dir("micro", 0, "cf") / "20990101-000000-micro-0"
+    run.mkdir(parents=True)
+    run.joinpath("state.json").write_text(json.dumps({"status": "done", "config_sha256": cfg.sha256()}))
+    block = lambda asr: {"asr": {"unknown": asr}, "cacc": 0.8}  # noqa: E731
+    run.joinpath("summary.json").write_text(json.dumps({"status": "done", "seconds": {"total": 5.0}, "stages": {
+        "victim": block(1.0), "stage1": block(0.0), "stage2": block(0.04)}, "baselines": {"clean_ft": block(0.9)}}))
+    old_row = {"asr": 0.5, "cacc": 0.7}
+    (tmp_path / "live_range_micro.json").write_text(json.dumps({
+        "preset": "micro", "machine": "Old CPU (flags avx2)", "command": "python -m bench.live_range --seeds 0 2",
+        "runs": [{"seed": s, "trigger": "cf", **{p: old_row for p in ("victim", "stage1", "stage2", "clean_ft")}}
+                 for s in (0, 2)]}))
+    args = ["--preset", "micro", "--seeds", "0", "--triggers", "cf", "--measured-only", "--out", str(tmp_path)]
+    assert lr.main(args) == 0
+    got = json.loads((tmp_path / "live_range_micro.json").read_text())
+    assert [(r["seed"], r["machine"].split(" (")[0]) for r in got["runs"]] == [(0, "Here CPU"), (2, "Old CPU")]
+    assert got["range"]["stage2"]["asr"] == {"n": 2, "mean": pytest.approx(0.27), "min": 0.04, "max": 0.5}
+    assert got["machine"].startswith("1 run on Here CPU (") and got["machine"].endswith("; 1 run on Old CPU (flags avx2)")
+    assert len(got["commands"]) == 2
+    table = (tmp_path / "live_range_micro.md").read_text()
+    assert "| machine |" in table and "| `cf` | 2 |" in table
+    assert lr.main([*args, "--fresh"]) == 0
+    assert [r["seed"] for r in json.loads((tmp_path / "live_range_micro.json").read_text())["runs"]] == [0]
+
+
 def test_live_range_reuses_a_victim_only_when_its_settings_are_the_same(tmp_path, monkeypatch, micro_run):
     """A changed defense starts a new run from a copy of the cell's earlier victim (only the defense
     and baselines run again); a changed attack does not."""

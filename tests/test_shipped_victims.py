@@ -1,6 +1,7 @@
 """Shipped victims (locphylax_core/shipped_victims.py): a backdoored LoRA adapter built by
 bench/shipped_victim.py is loaded by a run whose victim settings are exactly the ones that built
-it, gives the trained victim's weights, and is refused when damaged or not fitting."""
+it, gives the trained victim's weights, and is refused when damaged or not fitting; so are the
+baseline stages shipped on it (the Live demo's contrast)."""
 
 import json
 
@@ -23,6 +24,8 @@ SETS = {"model.lora.enabled": True, "attack.trigger": "cf"}
 def shipped(tmp_path_factory):
     root = tmp_path_factory.mktemp("victims")
     assert builder.main(["micro", "--trigger", "cf", "--set", "model.lora.enabled=true", "--out", str(root)]) == 0
+    assert builder.main(["micro", "--trigger", "cf", "--set", "model.lora.enabled=true", "--out", str(root),
+                         "--baseline", "clean_ft"]) == 0
     return root
 
 
@@ -121,3 +124,59 @@ def test_an_adapter_that_does_not_fit_names_the_weights(shipped, tmp_path):
         SV.load_victim(_clean_lm(cfg), SV.shipped_victims(tmp_path)[0], cfg.model.lora)
     assert "unexpected: base_model.model.extra.lora_A.weight" in str(e.value)
     assert f"mis-shaped: {first} (3, 3)" in str(e.value)
+
+
+def test_the_builder_adds_a_baselines_stages_to_its_victims_folder(shipped):
+    folder = shipped / "micro-cf"
+    rec = json.loads((folder / SV.RECORD).read_text())
+    assert list(rec["stages"]) == ["clean_ft/stage1", "clean_ft/stage2"]
+    for key, entry in rec["stages"].items():
+        assert entry["adapter_sha256"] == file_sha256(folder / SV.stage_file(key)) and entry["reload_exact"] is True
+    assert "## Shipped baseline stages on this victim" in (folder / SV.CARD).read_text()
+    with pytest.raises(SystemExit, match="not one of micro's baselines"):
+        builder.main(["micro", "--trigger", "cf", "--set", "model.lora.enabled=true", "--out", str(shipped),
+                      "--baseline", "crow"])
+    with pytest.raises(SystemExit, match="no shipped victim there fits"):
+        builder.main(["micro", "--trigger", "zq", "--set", "model.lora.enabled=true", "--out", str(shipped),
+                      "--baseline", "clean_ft"])
+
+
+def test_a_run_loads_the_shipped_contrast_and_scores_what_training_it_scores(victims_dir, tmp_path):
+    cfg = load_config("micro", SETS)
+    run, summary = start_run(cfg, tmp_path / "a", stop_after="clean_ft/stage2")
+    state = run.read_state()
+    for key in ("clean_ft/stage1", "clean_ft/stage2"):
+        assert state["results"][key]["shipped_stage"] == f"micro-cf/{key}" and state["total_steps"][key] == 0
+    assert state["total_steps"]["stage1"] > 0  # the defense itself is always computed
+    trained_run, trained = start_run(load_config("micro", {**SETS, "attack.shipped": False}), tmp_path / "b",
+                                     stop_after="clean_ft/stage2")
+    assert "shipped_stage" not in trained_run.read_state()["results"]["clean_ft/stage2"]
+    assert summary["baselines"]["clean_ft"] == trained["baselines"]["clean_ft"]  # the same weights, the same scores
+
+
+def test_a_shipped_stage_fits_only_its_victim_and_defense_settings(victims_dir):
+    key = "clean_ft/stage2"
+    assert SV.matching_stage(load_config("micro", SETS), key)[0].name == "micro-cf"
+    # which other baselines run beside it does not change it; what it is scored on neither
+    assert SV.matching_stage(load_config("micro", {**SETS, "defense.baselines": ["clean_ft"]}), key) is not None
+    assert SV.matching_stage(load_config("micro", {**SETS, "task.test_size": 17}), key) is not None
+    assert SV.matching_stage(load_config("micro", {**SETS, "defense.lr": 0.01}), key) is None
+    assert SV.matching_stage(load_config("micro", {**SETS, "defense.stage2_steps": 5}), key) is None
+    assert SV.matching_stage(load_config("micro", {**SETS, "attack.trigger": "zq"}), key) is None
+    assert SV.matching_stage(load_config("micro", {**SETS, "attack.shipped": False}), key) is None
+    assert SV.matching_stage(load_config("micro", SETS), "stage2") is None
+
+
+def test_a_damaged_shipped_stage_is_refused_by_its_sha256(shipped, tmp_path):
+    folder = _copy(shipped, tmp_path)
+    key = "clean_ft/stage1"
+    data = bytearray((shipped / "micro-cf" / SV.stage_file(key)).read_bytes())
+    data[-1] ^= 1
+    (folder / SV.stage_file(key)).write_bytes(bytes(data))
+    cfg = load_config("micro", SETS)
+    found = SV.matching_stage(cfg, key, tmp_path)
+    with pytest.raises(ModelLoadError, match="sha256 .* is not the recorded"):
+        SV.load_stage(_clean_lm(cfg), found, key, cfg.model.lora)
+    (folder / SV.stage_file(key)).unlink()
+    with pytest.raises(ModelLoadError, match="shipped adapter file is missing"):
+        SV.load_stage(_clean_lm(cfg), found, key, cfg.model.lora)
