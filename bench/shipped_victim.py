@@ -90,25 +90,25 @@ def stages_card_text(rec: dict) -> str:
     stages = rec.get("stages") or {}
     if not stages:
         return ""
-    first = next(iter(stages.values()))
+    methods = list(dict.fromkeys(e["method"] for e in stages.values()))
     lines = [f"""
 ## Shipped baseline stages on this victim
 
-Plain `{first['method']}` on this backdoored model, as a run's baseline stages compute it (the
-defender's code, each stage's own seed, the preset's defense settings), so that the Live demo's
-contrast is loaded, not trained, before the click. A run loads a stage only when its victim fits
-(above) and its stage key and defense settings are the ones recorded (`stages` in `victim.json`,
-`stage_fingerprint`); the defense itself is always computed.
+{', '.join(f'`{m}`' for m in methods)} on this backdoored model, as a run's baseline stages compute
+them (the defender's code, each stage's own seed, the preset's defense settings), so that the Live
+demo's contrast and other baselines are loaded, not trained. A run loads a stage only when its
+victim fits (above) and its stage key and defense settings are the ones recorded (`stages` in
+`victim.json`, `stage_fingerprint`); the defense itself is always computed.
 """]
-    for key, e in stages.items():
-        lines.append(f"- `{key}`: `{e['file']}`, {e['steps']} steps, built in {e['seconds']:.0f} s")
-    last = list(stages.values())[-1]
-    lines.append(f"""
-Measured on the preset's {last['n_test']} test reviews after the last stage: clean accuracy
+    for method in methods:
+        mine = {k: e for k, e in stages.items() if e["method"] == method}
+        last = list(mine.values())[-1]
+        lines.append(f"**`{method}`**, built on {last['machine']} (torch {last['torch']}):\n")
+        lines += [f"- `{k}`: `{e['file']}`, {e['steps']} steps, built in {e['seconds']:.0f} s" for k, e in mine.items()]
+        lines.append(f"""
+Measured on the preset's {last['n_test']} test reviews after its last stage: clean accuracy
 **{100 * last['cacc']:.1f}%**, the victim's trigger's attack success rate **{100 * last['asr']:.1f}%**.
-Built on {first['machine']} (torch {first['torch']}).
-
-Rebuild: `{first['command']}`.
+Rebuild: `{last['command']}`.
 """)
     return "\n".join(lines)
 
@@ -166,15 +166,16 @@ def build_baseline_stages(args) -> int:
     for e in stages.values():
         e.update(cacc=scores["cacc"], asr=scores["asr"]["unknown"], n_test=len(prep.evalset.clean))
     rec = dict(victim.record)
+    # the other baselines' stages stay; this baseline's are replaced
+    kept = {k: e for k, e in (rec.get("stages") or {}).items() if e.get("method") != args.baseline}
 
     def write(tmp: Path) -> None:
-        for f in victim.folder.iterdir():
-            if f.is_file() and not (f.name.endswith(".safetensors") and f.name != ADAPTER):
-                (tmp / f.name).write_bytes(f.read_bytes())
+        for f in [victim.adapter, *(victim.folder / e["file"] for e in kept.values())]:
+            (tmp / f.name).write_bytes(f.read_bytes())
         for key, tensors in adapters.items():
             save_file(tensors, str(tmp / stage_file(key)))
             stages[key]["adapter_sha256"] = file_sha256(tmp / stage_file(key))
-        rec["stages"] = stages
+        rec["stages"] = {**kept, **stages}
         check = victim_model()
         shipped = ShippedVictim(name, tmp, rec)
         for key in stages:

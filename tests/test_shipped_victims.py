@@ -24,8 +24,9 @@ SETS = {"model.lora.enabled": True, "attack.trigger": "cf"}
 def shipped(tmp_path_factory):
     root = tmp_path_factory.mktemp("victims")
     assert builder.main(["micro", "--trigger", "cf", "--set", "model.lora.enabled=true", "--out", str(root)]) == 0
-    assert builder.main(["micro", "--trigger", "cf", "--set", "model.lora.enabled=true", "--out", str(root),
-                         "--baseline", "clean_ft"]) == 0
+    for baseline in ("no_cluster", "clean_ft", "clean_ft"):  # built again: replaced, the other one kept
+        assert builder.main(["micro", "--trigger", "cf", "--set", "model.lora.enabled=true", "--out", str(root),
+                             "--baseline", baseline]) == 0
     return root
 
 
@@ -129,10 +130,13 @@ def test_an_adapter_that_does_not_fit_names_the_weights(shipped, tmp_path):
 def test_the_builder_adds_a_baselines_stages_to_its_victims_folder(shipped):
     folder = shipped / "micro-cf"
     rec = json.loads((folder / SV.RECORD).read_text())
-    assert list(rec["stages"]) == ["clean_ft/stage1", "clean_ft/stage2"]
+    assert list(rec["stages"]) == ["no_cluster/stage1", "no_cluster/stage2", "clean_ft/stage1", "clean_ft/stage2"]
     for key, entry in rec["stages"].items():
         assert entry["adapter_sha256"] == file_sha256(folder / SV.stage_file(key)) and entry["reload_exact"] is True
-    assert "## Shipped baseline stages on this victim" in (folder / SV.CARD).read_text()
+    assert sorted(f.name for f in folder.glob("*.safetensors")) == sorted(
+        [SV.ADAPTER, *(SV.stage_file(k) for k in rec["stages"])])
+    card = (folder / SV.CARD).read_text()
+    assert "## Shipped baseline stages on this victim" in card and "**`no_cluster`**" in card and "**`clean_ft`**" in card
     with pytest.raises(SystemExit, match="not one of micro's baselines"):
         builder.main(["micro", "--trigger", "cf", "--set", "model.lora.enabled=true", "--out", str(shipped),
                       "--baseline", "crow"])
