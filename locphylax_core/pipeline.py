@@ -250,10 +250,10 @@ class Pipeline:
         else:
             plan = next(p for p in plans[spec.method] if p.name == spec.stage)
             shipped = self._shipped_stage(spec, plan)
+            self.reporter.stage_started(spec.key, state["total_steps"][spec.key])
             if shipped is not None:  # this very computation, shipped (the Live demo's contrast)
                 extra = load_stage(lm, shipped, spec.key, self.cfg.model.lora)
             else:
-                self.reporter.stage_started(spec.key, plan.steps)
                 # The defender's code gets the model, the defender's data and its stage's context;
                 # what the stage reports is stored whole.
                 extra = dict(run_stage(plan, lm, self.p.defender, ctx))
