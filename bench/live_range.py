@@ -215,14 +215,14 @@ def main(argv=None) -> int:
 
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.1f}"
+    several = len({r["machine"] for r in runs}) > 1
     lines = [f"# The Live demo over seeds and room-style triggers (bench/live_range.py, preset `{args.preset}`)", "",
-             f"Measured on {result['machine']}, one thread per run; {runs_described(runs)} ({len(runs)} runs). "
+             f"Measured {'' if several else 'on '}{result['machine']}, one thread per run; {runs_described(runs)} ({len(runs)} runs). "
              "Hidden trigger's ASR % (CACC %)." + seconds_said(runs), "",
              "| | " + " | ".join(parts.values()) + " |", "| --- |" + " ---: |" * len(parts)]
     for stat in ("mean", "min", "max"):
         lines.append(f"| {stat} | " + " | ".join(
             f"{pct(result['range'][p]['asr'].get(stat))} ({pct(result['range'][p]['cacc'].get(stat))})" for p in parts) + " |")
-    several = len({r["machine"] for r in runs}) > 1
     lines += ["", "| trigger | seed | " + " | ".join(parts.values()) + " |" + " machine |" * several,
               "| --- | ---: |" + " ---: |" * len(parts) + " --- |" * several]
     for r in runs:
