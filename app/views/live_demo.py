@@ -76,15 +76,17 @@ else:
     st.write(STORY)
 
 
-# What the page says about time on 2 CPU cores (bench/live_click.py, docs/results.md): the real LM's
-# run prepared in 570 s (plain fine-tuning 356 s of it), its click to the headline 254 s
+# What the page says about time on 2 CPU cores (bench/results/app_live_demo.md, median of 3, an AVX-512
+# EPYC with bf16): the real LM "Ready" 167 s after the page opens (its backdoor for "cf" and the
+# baselines on it ship), the click to the headline 81 s, the whole page 98 s; on an AVX2-only CPU
+# (float32) the click took 285 s to the headline
 CLICK_HELP = {"live": "Plants the trigger and runs the defense in a separate process: the headline after about half a "
                       "minute on 2 CPU cores, the plots within a minute or two.",
               REAL_LM: "Runs the defense on the real model in a separate process: on 2 CPU cores its two stages take "
-                       "about 4 minutes, the other defense and the plots a few more."}
-PLANTING_NOTE = {REAL_LM: " (SmolLM2-135M and, for “cf”, its shipped backdoored adapter are loaded, and plain "
-                          "fine-tuning runs on it: about 10 minutes on 2 CPU cores, and about 10 more to plant a "
-                          "trigger of the room's own)"}
+                       "about a minute and a half (about five minutes on a CPU without bf16), the plots a little more."}
+PLANTING_NOTE = {REAL_LM: " (SmolLM2-135M is loaded with, for “cf”, its shipped backdoored adapter and the plain "
+                          "fine-tuning shipped with it: about 3 minutes on 2 CPU cores; a trigger of the room's own is "
+                          "planted and fine-tuned here: about 5 minutes more, about 15 on a CPU without bf16)"}
 
 
 def room_trigger(text: str) -> str:
