@@ -187,6 +187,10 @@ class Pipeline:
     def _final_eval(self, spec: StageSpec, lm: M.LM, step: int, extra: dict, evalset: EvalSet | None = None) -> dict:
         args = (self.cfg.eval.batch_size, self.p.max_length)
         last = self._last_curve.pop(spec.key, None)
+        if last is None and evalset is None and ("shipped_victim" in extra or "shipped_stage" in extra):
+            # a stage loaded, not trained, changed the model all the same: its one curve point, at
+            # step 0, so the curve starts where the backdoor was planted
+            last = (0, {})
         if last is not None and evalset is None:
             r, curve = evaluate_with_subset(lm, self.p.task.template, self.p.evalset, self.cfg.eval.curve_examples, *args)
             self._append_curve(spec, *last, curve)

@@ -16,6 +16,7 @@ from locphylax_core.errors import ModelLoadError
 from locphylax_core.experiment import fresh_model, owner_trains, prepare, train_owner_model, owner_context
 from locphylax_core.pipeline import start_run
 from locphylax_core.runs import file_sha256
+from conftest import read_jsonl
 
 SETS = {"model.lora.enabled": True, "attack.trigger": "cf"}
 
@@ -58,6 +59,9 @@ def test_a_run_with_the_same_settings_loads_it_and_scores_what_training_scores(v
     assert summary["stages"]["victim"] == trained["stages"]["victim"]  # the same weights, the same scores
     rec = json.loads((victims_dir / "micro-cf" / SV.RECORD).read_text())
     assert summary["stages"]["victim"]["asr"]["unknown"] == rec["asr"]
+    # its one curve point: the curve starts where the backdoor was planted
+    curve = [r for r in read_jsonl(run.path / "metrics.jsonl") if r["split"] == "curve" and r["key"] == "victim"]
+    assert [r["step"] for r in curve] == [0] and curve[0]["cacc"] is not None
 
 
 def test_other_settings_do_not_match(victims_dir):
@@ -156,6 +160,8 @@ def test_a_run_loads_the_shipped_contrast_and_scores_what_training_it_scores(vic
                                      stop_after="clean_ft/stage2")
     assert "shipped_stage" not in trained_run.read_state()["results"]["clean_ft/stage2"]
     assert summary["baselines"]["clean_ft"] == trained["baselines"]["clean_ft"]  # the same weights, the same scores
+    curve = {r["key"]: r["step"] for r in read_jsonl(run.path / "metrics.jsonl") if r["split"] == "curve"}
+    assert curve["clean_ft/stage1"] == curve["clean_ft/stage2"] == 0
 
 
 def test_a_shipped_stage_fits_only_its_victim_and_defense_settings(victims_dir):
