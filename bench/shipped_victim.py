@@ -170,7 +170,7 @@ def build_baseline_stages(args) -> int:
     kept = {k: e for k, e in (rec.get("stages") or {}).items() if e.get("method") != args.baseline}
 
     def write(tmp: Path) -> None:
-        for f in [victim.adapter, *(victim.folder / e["file"] for e in kept.values())]:
+        for f in [victim.adapter, *(victim.folder / stage_file(k) for k in kept)]:
             (tmp / f.name).write_bytes(f.read_bytes())
         for key, tensors in adapters.items():
             save_file(tensors, str(tmp / stage_file(key)))

@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--victim", type=Path, default=None,
                     help="a victim checkpoint folder (a run's checkpoints/victim) to score in fp32 and bf16 "
                          "(default: the base model, which has no backdoor)")
-    ap.add_argument("--parts", nargs="+", choices=["steps", "eval", "scores"], default=["steps", "eval", "scores"],
+    ap.add_argument("--parts", nargs="*", choices=["steps", "eval", "scores"], default=["steps", "eval", "scores"],
                     help="which measurements to take (the report keeps the sections of the others as they were)")
     ap.add_argument("--stored-last-blocks", nargs="*", type=int, default=[4, 2],
                     help="further adapter depths timed on stored rows (train.reuse_frozen_states)")
@@ -232,8 +232,8 @@ def main(argv=None) -> int:
     previous = _sections(args.out / "smollm2_speed.md")
     md = [f"# SmolLM2-135M on this CPU (`bench/smollm2_speed.py`, preset `{args.preset}`)", "",
           f"Measured on {where}; batch {cfg.train.batch_size}, SST-2 prompts (median about 30 tokens)."
-          + ("" if len(args.parts) == 3 else f" This run measured {', '.join(args.parts)}; the other sections "
-             "are an earlier run's, each with its own CPU line."), ""]
+          + ("" if len(args.parts) == 3 else f" This run measured {', '.join(args.parts) or 'only the cell'}; the "
+             "other sections are an earlier run's, each with its own CPU line."), ""]
     steps = [r for r in rows if r["what"] == "lora step"]
     if steps:
         md += ["## One LoRA training step (median of "
@@ -277,6 +277,7 @@ def main(argv=None) -> int:
         s = cell["summary"]
         md += ["## One SST-2 cell through the pipeline (`locphylax run sst2-smollm2 --set "
                "'defense.baselines=[clean_ft]' --no-analyze`)", "",
+               f"Measured on {where}, {cfg.train.threads} threads, nothing else running.", "",
                f"Wall time {cell['total'] / 60:.1f} min: victim {cell['victim']:.0f} s, Stage 1 {cell['stage1']:.0f} s, "
                f"Stage 2 {cell['stage2']:.0f} s, clean fine-tuning {cell.get('clean_ft', 0):.0f} s (each with its "
                "evaluations and checkpoint), the rest preparation.", "",
