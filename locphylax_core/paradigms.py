@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from .architectures import decoder_blocks, mlp_output_projection, orientation
 from .attack import apply_trigger, poison
+from .config import MULTI_PART_FAMILIES
 from .engine import Batch, answer_loss, encode, forward_answer
 from .errors import ConfigError
 from .registry import PARADIGMS
@@ -207,7 +208,7 @@ def _triggered_inputs(examples: Sequence[Example], cfg: ParadigmSettings, tokeni
     """Up to ``n`` non-target owner inputs with the trigger applied, with their trigger positions."""
     rng = random.Random(seed)
     cands = [e for e in examples if e.label != cfg.target]
-    triggers = list(cfg.parts) if cfg.family in ("ctba", "mtba") else [cfg.trigger]
+    triggers = list(cfg.parts) if cfg.family in MULTI_PART_FAMILIES else [cfg.trigger]
     prompts, pos = [], []
     for e in rng.sample(cands, min(n, len(cands))):
         p = render_prompt(cfg.template, apply_trigger(e.text, cfg.trigger, cfg.position, rng, cfg.family, cfg.parts))

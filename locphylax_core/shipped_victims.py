@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .config import RunConfig
+from .config import MULTI_PART_FAMILIES, RunConfig
 from .errors import ModelLoadError
 from .model import merge_lora, with_lora
 from .runs import file_sha256
@@ -61,7 +61,7 @@ def fingerprint_sections(cfg: RunConfig) -> dict:
     # the trigger the victim is trained with, whether named or the family's default: a preset that
     # leaves attack.trigger empty builds the same victim as one that names its default
     a = cfg.attack
-    if a.family in ("ctba", "mtba"):
+    if a.family in MULTI_PART_FAMILIES:
         out["attack"]["parts"] = a.trigger_parts
     else:
         out["attack"]["trigger"] = a.trigger_text
