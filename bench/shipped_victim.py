@@ -113,6 +113,26 @@ Rebuild: `{last['command']}`.
     return "\n".join(lines)
 
 
+def named_config(args, shipped: bool):
+    """The folder name and the configuration the builder works on: the preset with ``--set`` and
+    the trigger; ``shipped`` false trains the victim, true loads the shipped one."""
+    name = args.name or f"{args.preset}-{args.trigger}".replace(" ", "_")
+    chosen = load_config(args.preset, args.set).model_dump(mode="json")
+    return name, load_config(chosen, {"attack.trigger": args.trigger, "attack.shipped": shipped})
+
+
+def reloaded_exactly(loaded, trained, what: str) -> bool:
+    """Whether ``loaded`` (a model with the written adapters applied) has ``trained``'s weights bit for
+    bit; up to float rounding is accepted and said (False), anything else stops the build."""
+    want = trained.model.state_dict()
+    got = loaded.model.state_dict()
+    if all(torch.equal(v, want[k]) for k, v in got.items()):
+        return True
+    if all(torch.allclose(v, want[k], atol=1e-6) for k, v in got.items()):
+        return False
+    raise SystemExit(f"{what} loaded back did not give the trained model's weights")
+
+
 def run_clean_model(prep):
     """A run's clean stage: the base itself, or trained from it with the run's seed."""
     lm = fresh_model(prep, torch.device("cpu"))
@@ -129,9 +149,7 @@ def machine() -> str:
 def build_baseline_stages(args) -> int:
     """``--baseline``: the baseline's stages trained on the shipped victim of ``args``' preset and
     trigger, their adapters checked by loading them back, then added to the victim's folder."""
-    name = args.name or f"{args.preset}-{args.trigger}".replace(" ", "_")
-    chosen = load_config(args.preset, args.set).model_dump(mode="json")
-    cfg = load_config(chosen, {"attack.trigger": args.trigger, "attack.shipped": True})
+    name, cfg = named_config(args, shipped=True)
     victim = matching_victim(cfg, args.out)
     if victim is None or victim.name != name:
         raise SystemExit(f"{args.out / name}: no shipped victim there fits {args.preset} with the trigger "
@@ -180,10 +198,7 @@ def build_baseline_stages(args) -> int:
         shipped = ShippedVictim(name, tmp, rec)
         for key in stages:
             load_stage(check, (shipped, stages[key]), key, cfg.model.lora)
-        trained = lm.model.state_dict()
-        exact = all(torch.equal(v, trained[k]) for k, v in check.model.state_dict().items())
-        if not exact and not all(torch.allclose(v, trained[k], atol=1e-6) for k, v in check.model.state_dict().items()):
-            raise SystemExit("the stages' adapters loaded back do not give the trained model's weights")
+        exact = reloaded_exactly(check, lm, "the stages' adapters")
         for e in stages.values():
             e["reload_exact"] = exact
         atomic_write_json(tmp / RECORD, rec)
@@ -207,16 +222,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.baseline is not None:
         return build_baseline_stages(args)
-    name = args.name or f"{args.preset}-{args.trigger}".replace(" ", "_")
-    chosen = load_config(args.preset, args.set).model_dump(mode="json")
-    cfg = load_config(chosen, {"attack.trigger": args.trigger, "attack.shipped": False})
+    name, cfg = named_config(args, shipped=False)
     prep = prepare(cfg)
     t0 = time.perf_counter()
 
-    def clean_model():
-        return run_clean_model(prep)
-
-    lm = clean_model()
+    lm = run_clean_model(prep)
     adapter: dict = {}
     ctx = owner_context(prep, "victim", from_scratch=False).replace(adapter_sink=adapter.update)
     train_owner_model(prep, lm, "victim", ctx, from_scratch=False)
@@ -239,13 +249,9 @@ def main(argv=None) -> int:
     def write(tmp: Path) -> None:
         save_file(adapter, str(tmp / ADAPTER))
         rec["adapter_sha256"] = file_sha256(tmp / ADAPTER)
-        check = clean_model()  # what a run's victim stage starts from
+        check = run_clean_model(prep)  # what a run's victim stage starts from
         load_victim(check, ShippedVictim(name, tmp, rec), lora)
-        trained = lm.model.state_dict()
-        rec["reload_exact"] = all(torch.equal(v, trained[k]) for k, v in check.model.state_dict().items())
-        if not rec["reload_exact"] and not all(torch.allclose(v, trained[k], atol=1e-6)
-                                               for k, v in check.model.state_dict().items()):
-            raise SystemExit("the adapter loaded back does not give the trained victim's weights")
+        rec["reload_exact"] = reloaded_exactly(check, lm, "the adapter")
         atomic_write_json(tmp / RECORD, rec)
         atomic_write_text(tmp / CARD, card_text(rec))
 
