@@ -84,9 +84,8 @@ CLICK_HELP = {"live": "Plants the trigger and runs the defense in a separate pro
                       "minute on 2 CPU cores, the plots within a minute or two.",
               REAL_LM: "Runs the defense on the real model in a separate process: on 2 CPU cores its two stages take "
                        "about a minute and a half (about five minutes on a CPU without bf16), the plots a little more."}
-PLANTING_NOTE = {REAL_LM: " (SmolLM2-135M is loaded with, for “cf”, its shipped backdoored adapter and the plain "
-                          "fine-tuning shipped with it: about 3 minutes on 2 CPU cores; a trigger of the room's own is "
-                          "planted and fine-tuned here: about 6 minutes more, about 17 on a CPU without bf16)"}
+PLANTING_NOTE = {REAL_LM: " (for “cf” both ship with the project and are only loaded: about 3 minutes on 2 CPU "
+                          "cores; a trigger of the room's own takes about 6 minutes more, about 17 on a CPU without bf16)"}
 
 
 def room_trigger(text: str) -> str:
